@@ -1,0 +1,110 @@
+//! Forward-pass and training-step timings of every model, fast kernels vs candle's stock ops, in one run.
+//!
+//! `cargo bench --bench models` (add `-- --quick` for fewer repetitions, `-- --no-reference` to skip the
+//! slow stock-op runs). Prints images/s (forward) and ms/step (training), median of several runs after
+//! a warm-up, and the fast/stock ratio measured in the same process.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::loss::cross_entropy;
+use mnist_challenge::layers::init::SeededVarMap;
+use mnist_challenge::layers::Kernels;
+use mnist_challenge::models::{build, dropout_rng, is_trainable, ModelConfig, Net, Solution, Variant};
+use mnist_challenge::optim::{Adam, AdamConfig};
+
+struct Opts {
+    quick: bool,
+    reference: bool,
+}
+
+/// Median seconds of `f` over repetitions that last about `budget` seconds (at least 3), after one warm-up.
+fn median_secs(budget: f64, min_reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < min_reps || (start.elapsed().as_secs_f64() < budget && times.len() < 200) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+fn model(cfg: ModelConfig) -> (Net, SeededVarMap) {
+    let vars = SeededVarMap::new(1);
+    let net = build(&cfg, vars.var_builder(DType::F32, &Device::Cpu), dropout_rng(1)).expect("build");
+    (net, vars)
+}
+
+fn forward_ips(cfg: ModelConfig, batch: usize, opts: &Opts) -> f64 {
+    let (net, _vars) = model(cfg);
+    let xs = Tensor::rand(0f32, 1f32, (batch, 1, 28, 28), &Device::Cpu).expect("input");
+    let budget = if opts.quick { 0.3 } else { 1.5 };
+    let secs = median_secs(budget, 3, || {
+        net.forward_t(&xs, false).expect("forward");
+    });
+    batch as f64 / secs
+}
+
+fn train_step_ms(cfg: ModelConfig, batch: usize, opts: &Opts) -> f64 {
+    let (net, vars) = model(cfg);
+    let mut named: Vec<_> = vars
+        .var_map()
+        .data()
+        .lock()
+        .expect("vars")
+        .iter()
+        .filter(|(n, _)| is_trainable(n))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut opt = Adam::new(named, AdamConfig::default()).expect("adam");
+    let xs = Tensor::rand(0f32, 1f32, (batch, 1, 28, 28), &Device::Cpu).expect("input");
+    let ys = Tensor::from_iter((0..batch as u32).map(|i| i % 10), &Device::Cpu).expect("labels");
+    let budget = if opts.quick { 0.5 } else { 2.0 };
+    1e3 * median_secs(budget, 3, || {
+        let logits = net.forward_t(&xs, true).expect("forward");
+        let loss = cross_entropy(&logits, &ys).expect("loss");
+        opt.backward_step(&loss).expect("step");
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let opts = Opts {
+        quick: args.iter().any(|a| a == "--quick"),
+        reference: !args.iter().any(|a| a == "--no-reference"),
+    };
+    println!("threads: {}", rayon::current_num_threads());
+    println!(
+        "{:<22}{:>10}{:>16}{:>16}{:>9}",
+        "model", "what", "fast", "stock candle", "ratio"
+    );
+    for variant in [Variant::Seed, Variant::Improved] {
+        for solution in Solution::ALL {
+            let name = format!("{solution}/{variant}");
+            let fast = ModelConfig::new(solution, variant);
+            let stock = fast.with_kernels(Kernels::Reference);
+            for batch in [1usize, 32, 1000] {
+                let f = forward_ips(fast, batch, &opts);
+                let (s, ratio) = if opts.reference {
+                    let s = forward_ips(stock, batch, &opts);
+                    (format!("{s:.0} img/s"), format!("{:.1}x", f / s))
+                } else {
+                    ("-".into(), "-".into())
+                };
+                println!("{name:<22}{:>10}{:>16}{s:>16}{ratio:>9}", format!("fwd b{batch}"), format!("{f:.0} img/s"));
+            }
+            let f = train_step_ms(fast, 32, &opts);
+            let (s, ratio) = if opts.reference {
+                let s = train_step_ms(stock, 32, &opts);
+                (format!("{s:.2} ms"), format!("{:.1}x", s / f))
+            } else {
+                ("-".into(), "-".into())
+            };
+            println!("{name:<22}{:>10}{:>16}{s:>16}{ratio:>9}", "step b32", format!("{f:.2} ms"));
+        }
+    }
+}

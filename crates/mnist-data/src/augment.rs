@@ -1,0 +1,368 @@
+//! Random affine augmentation of 28x28 images: rotation, scale and shift about the image centre, applied
+//! as one inverse map with bilinear sampling (zero outside the image), written straight to `f32 / 255`.
+
+use rand::Rng;
+
+use crate::error::{DataError, Result};
+use crate::{IMAGE_PIXELS, IMAGE_SIDE};
+
+/// How much to perturb each training image. `Default` is off: no rotation, no shift, scale 1.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AugmentConfig {
+    /// Rotation is uniform in `[-max_rotation_deg, max_rotation_deg]` degrees.
+    pub max_rotation_deg: f32,
+    /// Shift is uniform in `[-max_shift_px, max_shift_px]` pixels, drawn separately for x and y.
+    pub max_shift_px: f32,
+    /// Zoom factor is uniform in `[scale_range.0, scale_range.1]` (> 1 enlarges the digit).
+    pub scale_range: (f32, f32),
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self {
+            max_rotation_deg: 0.0,
+            max_shift_px: 0.0,
+            scale_range: (1.0, 1.0),
+        }
+    }
+}
+
+impl AugmentConfig {
+    /// True when every draw is the identity map (the default).
+    pub fn is_identity(&self) -> bool {
+        self.max_rotation_deg == 0.0 && self.max_shift_px == 0.0 && self.scale_range == (1.0, 1.0)
+    }
+
+    /// Rejects non-finite or negative ranges and non-positive or reversed scales.
+    pub fn validate(&self) -> Result<()> {
+        let AugmentConfig {
+            max_rotation_deg: r,
+            max_shift_px: t,
+            scale_range: (s0, s1),
+        } = *self;
+        let ok = r.is_finite()
+            && r >= 0.0
+            && t.is_finite()
+            && t >= 0.0
+            && s0.is_finite()
+            && s1.is_finite()
+            && s0 > 0.0
+            && s0 <= s1;
+        if ok {
+            Ok(())
+        } else {
+            Err(DataError::Config(format!(
+                "augmentation {self:?}: need max_rotation_deg >= 0, max_shift_px >= 0, 0 < scale_range.0 <= scale_range.1, all finite"
+            )))
+        }
+    }
+
+    /// Draws one transform: four uniforms from `rng`, in the order rotation, scale, shift x, shift y.
+    pub fn sample(&self, rng: &mut impl Rng) -> Affine {
+        let (u_rot, u_scale, u_x, u_y): (f32, f32, f32, f32) =
+            (rng.random(), rng.random(), rng.random(), rng.random());
+        let (s0, s1) = self.scale_range;
+        Affine {
+            rotation_deg: (2.0 * u_rot - 1.0) * self.max_rotation_deg,
+            scale: s0 + u_scale * (s1 - s0),
+            shift_x: (2.0 * u_x - 1.0) * self.max_shift_px,
+            shift_y: (2.0 * u_y - 1.0) * self.max_shift_px,
+        }
+    }
+}
+
+/// One concrete transform: `dst = centre + shift + scale * R(rotation) * (src - centre)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine {
+    /// Rotation in degrees; positive turns the digit clockwise on screen (see [`warp_into`]).
+    pub rotation_deg: f32,
+    /// Zoom factor (> 1 enlarges).
+    pub scale: f32,
+    /// Shift to the right, in pixels.
+    pub shift_x: f32,
+    /// Shift downwards, in pixels.
+    pub shift_y: f32,
+}
+
+impl Default for Affine {
+    fn default() -> Self {
+        Self {
+            rotation_deg: 0.0,
+            scale: 1.0,
+            shift_x: 0.0,
+            shift_y: 0.0,
+        }
+    }
+}
+
+/// `i as f32 / 255.0` for every byte, computed once (a division per pixel is measurably slower).
+fn div255_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|i| i as f32 / 255.0))
+}
+
+/// Row stride of the zero-padded copy of the source used for sampling: at least one pixel of zeros on
+/// each side (28 + 2 = 30 needed), rounded to 32 so that the buffer holds 1024 values and indices masked
+/// with `PAD_MASK` need no bounds checks in the inner loop.
+const PAD: usize = 32;
+const PAD_LEN: usize = PAD * PAD;
+const PAD_MASK: usize = PAD_LEN - 1;
+
+/// Applies `t` to one 28x28 `u8` image, writing `pixel / 255` values to `dst` (784 floats).
+///
+/// Each output pixel samples the source at the inverse-mapped position with bilinear weights; positions
+/// outside the image read zero. The identity transform reproduces `src[i] as f32 / 255.0` exactly.
+/// The rotation matrix is applied in (x = column, y = row) coordinates with y pointing down, so a
+/// positive angle turns the digit clockwise on screen. If either slice is shorter than 784, `dst` is
+/// left unchanged (callers in this crate always pass whole images).
+pub fn warp_into(src: &[u8], dst: &mut [f32], t: &Affine) {
+    let (Some(src), Some(dst)) = (src.get(..IMAGE_PIXELS), dst.get_mut(..IMAGE_PIXELS)) else {
+        tracing::warn!(
+            src = src.len(),
+            dst = dst.len(),
+            "warp_into: slices shorter than 784"
+        );
+        return;
+    };
+    let lut = div255_table();
+    let mut pad = [0f32; PAD_LEN];
+    for (row, src_row) in src.chunks_exact(IMAGE_SIDE).enumerate() {
+        let start = (row + 1) * PAD + 1;
+        for (p, &s) in pad[start..start + IMAGE_SIDE].iter_mut().zip(src_row) {
+            *p = lut[s as usize];
+        }
+    }
+    let c = (IMAGE_SIDE as f32 - 1.0) / 2.0; // 13.5: the centre between pixels 13 and 14
+    let (sin, cos) = t.rotation_deg.to_radians().sin_cos();
+    let a = cos / t.scale;
+    let b = sin / t.scale;
+    // Inverse map: src = c + (1/scale) * R(-θ) * (dst - c - shift), in padded coordinates (+1).
+    let dx0 = -c - t.shift_x;
+    let limit = (IMAGE_SIDE + 1) as f32; // 29: the last padded index that still has a right neighbour
+    for (y, dst_row) in dst.chunks_exact_mut(IMAGE_SIDE).enumerate() {
+        let dy = y as f32 - c - t.shift_y;
+        let u0 = c + 1.0 + a * dx0 + b * dy;
+        let v0 = c + 1.0 - b * dx0 + a * dy;
+        for (x, out) in dst_row.iter_mut().enumerate() {
+            let xf = x as f32;
+            let u = u0 + a * xf;
+            let v = v0 - b * xf;
+            *out = if u >= 0.0 && v >= 0.0 && u < limit && v < limit {
+                let (x0, y0) = (u as usize, v as usize);
+                let (fx, fy) = (u - x0 as f32, v - y0 as f32);
+                // x0, y0 <= 28, so every index is below 29 * 32 + 30 < 1024: the masks change nothing.
+                let i = y0 * PAD + x0;
+                let (p00, p01) = (pad[i & PAD_MASK], pad[(i + 1) & PAD_MASK]);
+                let (p10, p11) = (pad[(i + PAD) & PAD_MASK], pad[(i + PAD + 1) & PAD_MASK]);
+                let top = p00 + fx * (p01 - p00);
+                let bottom = p10 + fx * (p11 - p10);
+                top + fy * (bottom - top)
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// Augments one 28x28 `u8` image into `dst` as `f32 / 255`, drawing a transform from `cfg` with `rng`.
+///
+/// With an identity config (the default) nothing is drawn and `dst[i] == src[i] as f32 / 255.0` exactly;
+/// otherwise four uniforms are drawn per image, so the result depends only on `cfg` and the rng state.
+pub fn augment_into(src: &[u8], dst: &mut [f32], cfg: &AugmentConfig, rng: &mut impl Rng) {
+    if cfg.is_identity() {
+        for (d, &s) in dst.iter_mut().zip(src.iter().take(IMAGE_PIXELS)) {
+            *d = s as f32 / 255.0;
+        }
+    } else {
+        warp_into(src, dst, &cfg.sample(rng));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    /// A 10x6 bar of 200s with a bright corner, centred-ish.
+    fn blob() -> Vec<u8> {
+        let mut img = vec![0u8; 784];
+        for y in 9..19 {
+            for x in 11..17 {
+                img[y * 28 + x] = 200;
+            }
+        }
+        img[9 * 28 + 11] = 255;
+        img
+    }
+
+    fn div255(src: &[u8]) -> Vec<f32> {
+        src.iter().map(|&p| p as f32 / 255.0).collect()
+    }
+
+    #[test]
+    fn identity_is_exact() {
+        let src: Vec<u8> = (0..784).map(|i| (i * 31 % 256) as u8).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut dst = vec![f32::NAN; 784];
+        augment_into(&src, &mut dst, &AugmentConfig::default(), &mut rng);
+        assert_eq!(dst, div255(&src));
+        // The general warp with an identity transform is exact too.
+        let mut dst2 = vec![f32::NAN; 784];
+        warp_into(&src, &mut dst2, &Affine::default());
+        assert_eq!(dst2, div255(&src));
+    }
+
+    #[test]
+    fn integer_shift_moves_pixels() {
+        let src = blob();
+        let mut dst = vec![0.0; 784];
+        let t = Affine {
+            shift_x: 3.0,
+            shift_y: -2.0,
+            ..Affine::default()
+        };
+        warp_into(&src, &mut dst, &t);
+        for y in 0..28 {
+            for x in 0..28 {
+                let (sx, sy) = (x as i32 - 3, y as i32 + 2);
+                let want = if (0..28).contains(&sx) && (0..28).contains(&sy) {
+                    src[sy as usize * 28 + sx as usize] as f32 / 255.0
+                } else {
+                    0.0
+                };
+                assert_eq!(dst[y * 28 + x], want, "pixel ({x}, {y})");
+            }
+        }
+    }
+
+    #[test]
+    fn rotation_by_90_degrees_turns_the_grid() {
+        let src = blob();
+        let mut dst = vec![0.0; 784];
+        warp_into(
+            &src,
+            &mut dst,
+            &Affine {
+                rotation_deg: 90.0,
+                ..Affine::default()
+            },
+        );
+        // Clockwise on screen about (13.5, 13.5): src (x, y) lands on (27 - y, x).
+        for y in 0..28 {
+            for x in 0..28 {
+                let want = src[y * 28 + x] as f32 / 255.0;
+                let got = dst[x * 28 + (27 - y)];
+                assert!((got - want).abs() < 1e-4, "src ({x}, {y}): {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn keeps_mass_and_is_deterministic() {
+        let src = blob();
+        let mass: f32 = div255(&src).iter().sum();
+        let cfg = AugmentConfig {
+            max_rotation_deg: 15.0,
+            max_shift_px: 2.0,
+            scale_range: (1.0, 1.0),
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut changed = 0;
+        for _ in 0..50 {
+            let mut dst = vec![0.0; 784];
+            augment_into(&src, &mut dst, &cfg, &mut rng);
+            let m: f32 = dst.iter().sum();
+            assert!((m - mass).abs() / mass < 0.05, "mass {m} vs {mass}");
+            assert!(dst.iter().all(|&v| (0.0..=1.0).contains(&v)));
+            changed += (dst != div255(&src)) as usize;
+        }
+        assert!(changed >= 49, "only {changed} of 50 images changed");
+        // Scaling by s multiplies mass by about s^2.
+        let mut dst = vec![0.0; 784];
+        warp_into(
+            &src,
+            &mut dst,
+            &Affine {
+                scale: 1.2,
+                ..Affine::default()
+            },
+        );
+        let m: f32 = dst.iter().sum();
+        assert!(
+            (m / mass - 1.44).abs() < 0.1,
+            "scaled mass ratio {}",
+            m / mass
+        );
+
+        let run = |seed| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut out = vec![0.0; 784 * 4];
+            for d in out.chunks_exact_mut(784) {
+                augment_into(&src, d, &cfg, &mut rng);
+            }
+            out
+        };
+        assert_eq!(run(3), run(3));
+        assert_ne!(run(3), run(4));
+    }
+
+    #[test]
+    fn sample_stays_in_range() {
+        let cfg = AugmentConfig {
+            max_rotation_deg: 10.0,
+            max_shift_px: 2.5,
+            scale_range: (0.9, 1.1),
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        for _ in 0..1000 {
+            let t = cfg.sample(&mut rng);
+            assert!(t.rotation_deg.abs() <= 10.0);
+            assert!(t.shift_x.abs() <= 2.5 && t.shift_y.abs() <= 2.5);
+            assert!((0.9..=1.1).contains(&t.scale));
+        }
+    }
+
+    #[test]
+    fn validate_rejects_bad_configs() {
+        assert!(AugmentConfig::default().validate().is_ok());
+        for bad in [
+            AugmentConfig {
+                max_rotation_deg: -1.0,
+                ..Default::default()
+            },
+            AugmentConfig {
+                max_shift_px: f32::NAN,
+                ..Default::default()
+            },
+            AugmentConfig {
+                scale_range: (0.0, 1.0),
+                ..Default::default()
+            },
+            AugmentConfig {
+                scale_range: (1.2, 1.1),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(DataError::Config(_))),
+                "{bad:?}"
+            );
+        }
+        let json = serde_json::to_string(&AugmentConfig::default()).unwrap();
+        assert_eq!(
+            serde_json::from_str::<AugmentConfig>(&json).unwrap(),
+            AugmentConfig::default()
+        );
+        let partial: AugmentConfig = serde_json::from_str(r#"{"max_rotation_deg": 10.0}"#).unwrap();
+        assert_eq!(partial.scale_range, (1.0, 1.0));
+    }
+
+    #[test]
+    fn short_slices_do_not_panic() {
+        let mut dst = vec![0.5; 10];
+        warp_into(&[0; 784], &mut dst, &Affine::default());
+        assert_eq!(dst, vec![0.5; 10]);
+    }
+}

@@ -1,0 +1,464 @@
+//! Seeded training batches: shuffle (Fisher-Yates from our own ChaCha rng), optional augmentation,
+//! `u8 -> f32 / 255` images `[b, 1, 28, 28]` and `u32 [b]` labels.
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::augment::{augment_into, AugmentConfig};
+use crate::dataset::Split;
+use crate::error::{DataError, Result};
+use crate::{IMAGE_PIXELS, IMAGE_SIDE};
+
+/// A deterministic rng for one purpose (`stream`) in one epoch of a run seeded with `seed`.
+///
+/// Different `(seed, stream, epoch)` triples give independent ChaCha8 streams: the three numbers form
+/// the 256-bit key, so e.g. the shuffle of epoch 3 never depends on how many numbers epoch 2 used.
+pub fn epoch_rng(seed: u64, stream: u64, epoch: u64) -> ChaCha8Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&stream.to_le_bytes());
+    key[16..24].copy_from_slice(&epoch.to_le_bytes());
+    key[24..].copy_from_slice(b"mnistrng");
+    ChaCha8Rng::from_seed(key)
+}
+
+/// A uniformly random permutation of `0..n` (Fisher-Yates driven by `rng`).
+pub fn permutation(n: usize, rng: &mut impl Rng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.random_range(0..=i);
+        order.swap(i, j);
+    }
+    order
+}
+
+/// How to cut a split into batches.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BatcherConfig {
+    /// Examples per batch (the last one may be smaller unless `drop_last`).
+    pub batch_size: usize,
+    /// Visit the examples in a seeded random order.
+    pub shuffle: bool,
+    /// Randomly perturb each image (`None`: plain `/ 255`).
+    pub augment: Option<AugmentConfig>,
+    /// Drop the last partial batch (Keras keeps it: default `false`).
+    pub drop_last: bool,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 128,
+            shuffle: true,
+            augment: None,
+            drop_last: false,
+        }
+    }
+}
+
+impl BatcherConfig {
+    /// A plain, in-order config for evaluation: no shuffle, no augmentation, partial last batch kept.
+    pub fn eval(batch_size: usize) -> Self {
+        Self {
+            batch_size,
+            shuffle: false,
+            augment: None,
+            drop_last: false,
+        }
+    }
+
+    fn augments(&self) -> bool {
+        self.augment.is_some_and(|a| !a.is_identity())
+    }
+
+    /// Checks the batch size and augmentation ranges.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(DataError::Config("batch_size must be at least 1".into()));
+        }
+        if let Some(a) = &self.augment {
+            a.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// One batch of examples on a device.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `f32 [b, 1, 28, 28]`, pixels / 255 (augmented if asked).
+    pub images: Tensor,
+    /// `u32 [b]` class indices.
+    pub labels: Tensor,
+    /// The same labels on the host.
+    pub labels_u8: Vec<u8>,
+}
+
+impl Batch {
+    /// Number of examples in the batch.
+    pub fn len(&self) -> usize {
+        self.labels_u8.len()
+    }
+
+    /// True for a batch without examples (never yielded by [`Batcher`]).
+    pub fn is_empty(&self) -> bool {
+        self.labels_u8.is_empty()
+    }
+}
+
+/// An iterator over the batches of one epoch of a [`Split`].
+pub struct Batcher<'a> {
+    split: &'a Split,
+    order: Vec<usize>,
+    pos: usize,
+    end: usize,
+    batch_size: usize,
+    augment: Option<(AugmentConfig, ChaCha8Rng)>,
+    device: Device,
+}
+
+impl<'a> Batcher<'a> {
+    /// Prepares one epoch. When `cfg.shuffle` the order is drawn from `rng` now; when augmenting, a child
+    /// rng for the per-image transforms is also seeded from `rng`. Either needs `rng` (error otherwise),
+    /// as does an invalid config.
+    pub fn new(
+        split: &'a Split,
+        cfg: &BatcherConfig,
+        rng: Option<&mut ChaCha8Rng>,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let needs_rng = cfg.shuffle || cfg.augments();
+        let (order, augment) = match rng {
+            None if needs_rng => {
+                return Err(DataError::Config(
+                    "shuffling or augmenting needs an rng (see epoch_rng)".into(),
+                ))
+            }
+            None => ((0..split.len()).collect(), None),
+            Some(rng) => {
+                let order = if cfg.shuffle {
+                    permutation(split.len(), rng)
+                } else {
+                    (0..split.len()).collect()
+                };
+                let augment = match cfg.augment {
+                    Some(a) if !a.is_identity() => Some((a, ChaCha8Rng::from_rng(rng))),
+                    _ => None,
+                };
+                (order, augment)
+            }
+        };
+        let end = if cfg.drop_last {
+            split.len() - split.len() % cfg.batch_size
+        } else {
+            split.len()
+        };
+        Ok(Self {
+            split,
+            order,
+            pos: 0,
+            end,
+            batch_size: cfg.batch_size,
+            augment,
+            device: device.clone(),
+        })
+    }
+
+    /// Total number of batches this epoch yields.
+    pub fn num_batches(&self) -> usize {
+        self.end.div_ceil(self.batch_size)
+    }
+
+    /// Total number of examples this epoch yields (less than the split with `drop_last`).
+    pub fn num_examples(&self) -> usize {
+        self.end
+    }
+
+    fn make(&mut self, idx: &[usize]) -> candle_core::Result<Batch> {
+        let b = idx.len();
+        let mut pixels = vec![0f32; b * IMAGE_PIXELS];
+        let mut labels_u8 = Vec::with_capacity(b);
+        for (dst, &i) in pixels.chunks_exact_mut(IMAGE_PIXELS).zip(idx) {
+            let src = self.split.image(i);
+            match &mut self.augment {
+                Some((cfg, rng)) => augment_into(src, dst, cfg, rng),
+                None => {
+                    for (d, &s) in dst.iter_mut().zip(src) {
+                        *d = s as f32 / 255.0;
+                    }
+                }
+            }
+            labels_u8.push(self.split.label(i));
+        }
+        let images = Tensor::from_vec(pixels, (b, 1, IMAGE_SIDE, IMAGE_SIDE), &self.device)?; // [b, 1, 28, 28]
+        let labels: Vec<u32> = labels_u8.iter().map(|&l| l as u32).collect();
+        let labels = Tensor::from_vec(labels, b, &self.device)?; // [b]
+        Ok(Batch {
+            images,
+            labels,
+            labels_u8,
+        })
+    }
+}
+
+impl Iterator for Batcher<'_> {
+    type Item = candle_core::Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let stop = (self.pos + self.batch_size).min(self.end);
+        let idx = std::mem::take(&mut self.order);
+        let batch = self.make(&idx[self.pos..stop]);
+        self.order = idx;
+        self.pos = stop;
+        Some(batch)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = (self.end - self.pos).div_ceil(self.batch_size);
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Batcher<'_> {}
+
+/// Shorthand for [`Batcher::new`].
+pub fn batches<'a>(
+    split: &'a Split,
+    cfg: &BatcherConfig,
+    rng: Option<&mut ChaCha8Rng>,
+    device: &Device,
+) -> Result<Batcher<'a>> {
+    Batcher::new(split, cfg, rng, device)
+}
+
+/// `n` images of 784 `u8` pixels as an `f32 [n, 1, 28, 28]` tensor of pixels / 255 (for evaluation).
+pub fn to_tensor(images: &[u8], n: usize, device: &Device) -> candle_core::Result<Tensor> {
+    if n.checked_mul(IMAGE_PIXELS) != Some(images.len()) {
+        candle_core::bail!(
+            "to_tensor: {} pixel bytes for {n} images of 28x28 (expected {})",
+            images.len(),
+            n.saturating_mul(IMAGE_PIXELS)
+        );
+    }
+    let pixels: Vec<f32> = images.iter().map(|&p| p as f32 / 255.0).collect();
+    Tensor::from_vec(pixels, (n, 1, IMAGE_SIDE, IMAGE_SIDE), device) // [n, 1, 28, 28]
+}
+
+/// Labels as a `u32 [n]` tensor.
+pub fn labels_to_tensor(labels: &[u8], device: &Device) -> candle_core::Result<Tensor> {
+    let labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+    let n = labels.len();
+    Tensor::from_vec(labels, n, device) // [n]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(n: usize) -> Split {
+        // Image i is filled with the value i (mod 256), label i % 10.
+        let images: Vec<u8> = (0..n * 784).map(|k| (k / 784 % 256) as u8).collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        Split::from_parts(images, labels).unwrap()
+    }
+
+    /// The example indices of a batch, recovered from the constant pixel value of each image.
+    fn ids(b: &Batch) -> Vec<usize> {
+        let v = b.images.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+        v.iter()
+            .map(|row| (row[0] * 255.0).round() as usize)
+            .collect()
+    }
+
+    #[test]
+    fn epoch_rng_is_deterministic_and_distinct() {
+        let draw = |s, t, e| {
+            let mut r = epoch_rng(s, t, e);
+            (0..4).map(|_| r.random::<u64>()).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(1, 2, 3), draw(1, 2, 3));
+        assert_ne!(draw(1, 2, 3), draw(1, 2, 4));
+        assert_ne!(draw(1, 2, 3), draw(1, 3, 3));
+        assert_ne!(draw(1, 2, 3), draw(2, 2, 3));
+        // Swapping the roles of the numbers gives another stream.
+        assert_ne!(draw(3, 2, 1), draw(1, 2, 3));
+    }
+
+    #[test]
+    fn shuffle_is_a_deterministic_permutation() {
+        let p1 = permutation(1000, &mut epoch_rng(42, 1, 0));
+        let p2 = permutation(1000, &mut epoch_rng(42, 1, 0));
+        let p3 = permutation(1000, &mut epoch_rng(42, 1, 1));
+        assert_eq!(p1, p2);
+        assert_ne!(p1, p3);
+        let mut sorted = p1.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        // Not the identity, and roughly uniform: about 1 fixed point expected.
+        assert!(p1.iter().enumerate().filter(|(i, &v)| *i == v).count() < 10);
+    }
+
+    #[test]
+    fn in_order_batches_keep_the_partial_tail() {
+        let s = split(10);
+        let cfg = BatcherConfig::eval(4);
+        let b = Batcher::new(&s, &cfg, None, &Device::Cpu).unwrap();
+        assert_eq!(b.num_batches(), 3);
+        assert_eq!(b.len(), 3);
+        let all: Vec<Batch> = b.map(|r| r.unwrap()).collect();
+        assert_eq!(
+            all.iter().map(Batch::len).collect::<Vec<_>>(),
+            vec![4, 4, 2]
+        );
+        assert_eq!(all[0].images.dims(), &[4, 1, 28, 28]);
+        assert_eq!(all[0].labels.dtype(), candle_core::DType::U32);
+        assert_eq!(all[2].labels.to_vec1::<u32>().unwrap(), vec![8, 9]);
+        assert_eq!(all[2].labels_u8, vec![8, 9]);
+        assert_eq!(ids(&all[1]), vec![4, 5, 6, 7]);
+        // Pixels are exactly /255.
+        let v = all[0]
+            .images
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(v[784], 1.0 / 255.0);
+        let dropped = Batcher::new(
+            &s,
+            &BatcherConfig {
+                drop_last: true,
+                ..cfg
+            },
+            None,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!((dropped.num_batches(), dropped.num_examples()), (2, 8));
+        assert_eq!(dropped.count(), 2);
+    }
+
+    #[test]
+    fn shuffled_epoch_visits_each_example_once_and_repeats_with_the_seed() {
+        let s = split(103);
+        let cfg = BatcherConfig {
+            batch_size: 16,
+            ..BatcherConfig::default()
+        };
+        let epoch = |e| {
+            let mut rng = epoch_rng(9, 1, e);
+            let b = Batcher::new(&s, &cfg, Some(&mut rng), &Device::Cpu).unwrap();
+            let mut seen = Vec::new();
+            for batch in b {
+                let batch = batch.unwrap();
+                let id = ids(&batch);
+                // Labels travel with their images.
+                let labels: Vec<u8> = id.iter().map(|&i| (i % 10) as u8).collect();
+                assert_eq!(batch.labels_u8, labels);
+                seen.extend(id);
+            }
+            seen
+        };
+        let a = epoch(0);
+        assert_eq!(a, epoch(0));
+        assert_ne!(a, epoch(1));
+        assert_ne!(a, (0..103).collect::<Vec<_>>());
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..103).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn augmented_batches_are_deterministic_and_differ_from_plain() {
+        let s = split(20);
+        let cfg = BatcherConfig {
+            batch_size: 8,
+            shuffle: false,
+            augment: Some(AugmentConfig {
+                max_rotation_deg: 10.0,
+                max_shift_px: 2.0,
+                scale_range: (0.9, 1.1),
+            }),
+            drop_last: false,
+        };
+        let run = |seed| {
+            let mut rng = epoch_rng(seed, 2, 0);
+            let b = Batcher::new(&s, &cfg, Some(&mut rng), &Device::Cpu).unwrap();
+            b.map(|r| {
+                r.unwrap()
+                    .images
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+            .concat()
+        };
+        let a = run(5);
+        assert_eq!(a, run(5));
+        assert_ne!(a, run(6));
+        let plain: Vec<f32> = s.images().iter().map(|&p| p as f32 / 255.0).collect();
+        assert_eq!(a.len(), plain.len());
+        assert_ne!(a, plain);
+    }
+
+    #[test]
+    fn config_errors() {
+        let s = split(3);
+        let dev = Device::Cpu;
+        let zero = BatcherConfig {
+            batch_size: 0,
+            ..BatcherConfig::eval(1)
+        };
+        assert!(matches!(
+            Batcher::new(&s, &zero, None, &dev),
+            Err(DataError::Config(_))
+        ));
+        let shuffled = BatcherConfig::default();
+        assert!(matches!(
+            Batcher::new(&s, &shuffled, None, &dev),
+            Err(DataError::Config(_))
+        ));
+        let bad_aug = BatcherConfig {
+            augment: Some(AugmentConfig {
+                scale_range: (2.0, 1.0),
+                ..Default::default()
+            }),
+            ..BatcherConfig::eval(2)
+        };
+        let mut rng = epoch_rng(0, 0, 0);
+        assert!(matches!(
+            Batcher::new(&s, &bad_aug, Some(&mut rng), &dev),
+            Err(DataError::Config(_))
+        ));
+        // An identity augmentation needs no rng.
+        let id_aug = BatcherConfig {
+            augment: Some(AugmentConfig::default()),
+            ..BatcherConfig::eval(2)
+        };
+        assert_eq!(Batcher::new(&s, &id_aug, None, &dev).unwrap().count(), 2);
+        // Empty split: no batches.
+        let empty = Split::default();
+        assert_eq!(
+            Batcher::new(&empty, &BatcherConfig::eval(4), None, &dev)
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn to_tensor_checks_length() {
+        let t = to_tensor(&[255; 784 * 2], 2, &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[2, 1, 28, 28]);
+        assert_eq!(t.max_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
+        assert!(to_tensor(&[0; 700], 1, &Device::Cpu).is_err());
+        let l = labels_to_tensor(&[3, 4], &Device::Cpu).unwrap();
+        assert_eq!(l.to_vec1::<u32>().unwrap(), vec![3, 4]);
+    }
+}

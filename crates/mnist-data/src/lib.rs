@@ -1,0 +1,45 @@
+//! MNIST data for the workspace: IDX files (gzipped or raw) -> validated `u8` splits -> seeded batches.
+//!
+//! ```no_run
+//! use mnist_data::{batches, epoch_rng, BatcherConfig, DataSource, Dataset};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let data = DataSource::new(Dataset::Mnist).load()?; // train 54,000 / val 6,000 / test 10,000
+//! let cfg = BatcherConfig { batch_size: 128, ..BatcherConfig::default() };
+//! let mut rng = epoch_rng(42, 1, 0);
+//! for batch in batches(&data.train, &cfg, Some(&mut rng), &candle_core::Device::Cpu)? {
+//!     let batch = batch?; // images f32 [b, 1, 28, 28], labels u32 [b]
+//! #   let _ = batch;
+//! }
+//! # Ok(()) }
+//! ```
+
+mod augment;
+mod batcher;
+mod dataset;
+mod error;
+mod idx;
+mod source;
+
+pub use augment::{augment_into, warp_into, Affine, AugmentConfig};
+pub use batcher::{
+    batches, epoch_rng, labels_to_tensor, permutation, to_tensor, Batch, Batcher, BatcherConfig,
+};
+pub use dataset::{
+    load_dir, Dataset, Mnist, Split, FILE_NAMES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES,
+    TRAIN_LABELS,
+};
+pub use error::{DataError, Result};
+pub use idx::{
+    read_idx_images, read_idx_labels, write_idx_images, write_idx_labels, IMAGES_MAGIC,
+    LABELS_MAGIC,
+};
+pub use source::{DataSource, DEBIAN_FASHION_DIR};
+
+/// Side of an MNIST image, in pixels.
+pub const IMAGE_SIDE: usize = 28;
+/// Pixels per image (28 * 28).
+pub const IMAGE_PIXELS: usize = IMAGE_SIDE * IMAGE_SIDE;
+/// Number of classes.
+pub const NUM_CLASSES: usize = 10;
+/// Examples held out from the end of the 60,000-example training file for validation.
+pub const VALIDATION_SIZE: usize = 6_000;

@@ -1,0 +1,176 @@
+//! Layer blocks for tiny MNIST models on candle, and the fast CPU kernels behind them.
+//!
+//! Every layer follows candle-nn's shape: a `Copy + Default` config struct, a free constructor taking a
+//! [`candle_nn::VarBuilder`], and `Module` (stateless layers) or `ModuleT` (BatchNorm, Dropout).
+//!
+//! Each layer picks its implementation once per call through [`Kernels`]: with [`Kernels::Auto`] a tensor
+//! that lives on the CPU as `f32` goes through the fused custom ops of [`ops`] (im2col + `gemm`, direct
+//! depthwise loops, one-pass BatchNorm, max-pool with saved argmax); anything else, or
+//! [`Kernels::Reference`], goes through the `*_reference` twins built from plain candle ops.
+//!
+//! Weights are initialised as Keras does (glorot-uniform, zero bias) from a seeded RNG through
+//! [`init::SeededVarMap`], because candle's own CPU RNG cannot be seeded.
+
+pub mod conv;
+pub mod dropout;
+pub mod error;
+pub mod inception;
+pub mod init;
+pub mod linear;
+pub mod norm;
+pub mod ops;
+pub mod pool;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use conv::{
+    conv2d, depthwise_conv2d, separable_conv2d, Conv2d, Conv2dConfig, DepthwiseConv2d,
+    SeparableConv2d,
+};
+pub use dropout::{dropout, Dropout};
+pub use error::LayerError;
+pub use inception::{inception_module, BranchLayer, InceptionConfig, InceptionModule};
+pub use linear::linear;
+pub use norm::{batch_norm, BatchNorm, BatchNormConfig};
+pub use pool::{global_avg_pool, max_pool2d, MaxPool2d, MaxPool2dConfig};
+
+/// A seeded random generator shared by every layer that draws random numbers (dropout masks).
+pub type SharedRng = std::sync::Arc<std::sync::Mutex<rand_chacha::ChaCha8Rng>>;
+
+/// Builds a [`SharedRng`] from a seed.
+pub fn shared_rng(seed: u64) -> SharedRng {
+    use rand::SeedableRng;
+    std::sync::Arc::new(std::sync::Mutex::new(
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+    ))
+}
+
+/// Which implementation a layer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// The fast custom ops of [`ops`] when the input is an `f32` tensor on the CPU, candle's ops otherwise.
+    #[default]
+    Auto,
+    /// Always candle's own ops (the `*_reference` twins).
+    Reference,
+}
+
+impl Kernels {
+    /// True when `xs` should go through the fast custom ops.
+    pub fn use_fast(self, xs: &Tensor) -> bool {
+        self == Kernels::Auto && xs.device().is_cpu() && xs.dtype() == DType::F32
+    }
+}
+
+/// Spatial padding, with Keras/TensorFlow semantics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Padding {
+    /// No padding: `out = (in - k) / stride + 1`.
+    #[default]
+    Valid,
+    /// TF 'same': `out = ceil(in / stride)`, total pad `max((out-1)*stride + k - in, 0)`,
+    /// top/left = total / 2, bottom/right = the rest.
+    Same,
+}
+
+impl Padding {
+    /// Resolves the padding of one spatial dimension: `(pad_before, pad_after, out_len)`.
+    pub fn resolve(
+        self,
+        input: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<(usize, usize, usize), LayerError> {
+        if kernel == 0 || stride == 0 {
+            return Err(LayerError::Config(format!(
+                "kernel ({kernel}) and stride ({stride}) must be positive"
+            )));
+        }
+        match self {
+            Padding::Valid => {
+                if input < kernel {
+                    return Err(LayerError::Config(format!(
+                        "valid padding: input size {input} is smaller than kernel {kernel}"
+                    )));
+                }
+                Ok((0, 0, (input - kernel) / stride + 1))
+            }
+            Padding::Same => {
+                if input == 0 {
+                    return Err(LayerError::Config("same padding: empty input".into()));
+                }
+                let out = input.div_ceil(stride);
+                let total = ((out - 1) * stride + kernel).saturating_sub(input);
+                Ok((total / 2, total - total / 2, out))
+            }
+        }
+    }
+
+    /// Resolves both spatial dims of an `[h, w]` input: `((top, left, bottom, right), (out_h, out_w))`.
+    pub fn resolve2d(
+        self,
+        h: usize,
+        w: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<(ops::Pad4, (usize, usize)), LayerError> {
+        let (t, b, oh) = self.resolve(h, kernel, stride)?;
+        let (l, r, ow) = self.resolve(w, kernel, stride)?;
+        Ok(((t, l, b, r), (oh, ow)))
+    }
+}
+
+/// Activation fused after a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// Identity.
+    #[default]
+    None,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+impl Activation {
+    /// True for [`Activation::Relu`].
+    pub fn is_relu(self) -> bool {
+        self == Activation::Relu
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_padding_matches_tensorflow() {
+        // 28, k7, s1 -> total 6, 3/3
+        assert_eq!(Padding::Same.resolve(28, 7, 1).unwrap(), (3, 3, 28));
+        // 28, k2, s1 -> total 1, 0/1 (TF puts the extra pad at the bottom/right)
+        assert_eq!(Padding::Same.resolve(28, 2, 1).unwrap(), (0, 1, 28));
+        // 28, k3, s2 -> out 14, total (13*2+3-28)=1 -> 0/1
+        assert_eq!(Padding::Same.resolve(28, 3, 2).unwrap(), (0, 1, 14));
+        // 5, k3, s2 -> out 3, total 2*2+3-5=2 -> 1/1
+        assert_eq!(Padding::Same.resolve(5, 3, 2).unwrap(), (1, 1, 3));
+        // stride larger than kernel never gives negative pad
+        assert_eq!(Padding::Same.resolve(7, 1, 3).unwrap(), (0, 0, 3));
+    }
+
+    #[test]
+    fn valid_padding() {
+        assert_eq!(Padding::Valid.resolve(28, 3, 2).unwrap(), (0, 0, 13));
+        assert_eq!(Padding::Valid.resolve(14, 5, 1).unwrap(), (0, 0, 10));
+        assert!(Padding::Valid.resolve(2, 3, 1).is_err());
+        assert!(Padding::Valid.resolve(5, 3, 0).is_err());
+    }
+
+    #[test]
+    fn kernels_serde_lowercase() {
+        assert_eq!(serde_json::to_string(&Kernels::Auto).unwrap(), "\"auto\"");
+        let k: Kernels = serde_json::from_str("\"reference\"").unwrap();
+        assert_eq!(k, Kernels::Reference);
+    }
+}

@@ -1,0 +1,192 @@
+//! Keras-style BatchNorm over the channel dim of `[b, c, h, w]`.
+
+use candle_core::{ModuleT, Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+use crate::error::shape_err;
+use crate::{ops, Kernels, LayerError};
+
+/// BatchNorm hyper-parameters, Keras defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchNormConfig {
+    /// Added to the variance (default 1e-3).
+    pub eps: f64,
+    /// Keras momentum: `running = momentum * running + (1 - momentum) * batch` (default 0.99).
+    pub momentum: f64,
+    /// Learnable `gamma`/`beta` (default true); without them gamma = 1, beta = 0.
+    pub affine: bool,
+    /// Implementation choice (default [`Kernels::Auto`]).
+    pub kernels: Kernels,
+}
+
+impl Default for BatchNormConfig {
+    fn default() -> Self {
+        Self { eps: 1e-3, momentum: 0.99, affine: true, kernels: Kernels::Auto }
+    }
+}
+
+/// BatchNorm with running statistics.
+///
+/// Training mode normalises with the batch mean and biased variance and updates the running statistics
+/// (no gradient flows through that update); eval mode uses the running statistics.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    c: usize,
+    config: BatchNormConfig,
+}
+
+/// Builds a [`BatchNorm`] over `c` channels: `"gamma"` ones, `"beta"` zeros (only when `cfg.affine`),
+/// `"running_mean"` zeros and `"running_var"` ones (non-trainable: optimisers must skip vars whose names
+/// end with `running_mean` / `running_var`).
+pub fn batch_norm(c: usize, cfg: BatchNormConfig, vb: VarBuilder) -> Result<BatchNorm> {
+    if c == 0 {
+        return Err(LayerError::Config("batch_norm: channels must be positive".into()).into());
+    }
+    if !(cfg.eps > 0.0) || !(0.0..=1.0).contains(&cfg.momentum) {
+        return Err(LayerError::Config(format!(
+            "batch_norm: eps ({}) must be > 0 and momentum ({}) in [0, 1]",
+            cfg.eps, cfg.momentum
+        ))
+        .into());
+    }
+    let (gamma, beta) = if cfg.affine {
+        (
+            vb.get_with_hints(c, "gamma", Init::Const(1.0))?,
+            vb.get_with_hints(c, "beta", Init::Const(0.0))?,
+        )
+    } else {
+        (
+            Tensor::ones(c, vb.dtype(), vb.device())?,
+            Tensor::zeros(c, vb.dtype(), vb.device())?,
+        )
+    };
+    let running_mean = Var::from_tensor(&vb.get_with_hints(c, "running_mean", Init::Const(0.0))?)?;
+    let running_var = Var::from_tensor(&vb.get_with_hints(c, "running_var", Init::Const(1.0))?)?;
+    Ok(BatchNorm { gamma, beta, running_mean, running_var, c, config: cfg })
+}
+
+impl BatchNorm {
+    /// Scale `[c]` (ones when not affine).
+    pub fn gamma(&self) -> &Tensor {
+        &self.gamma
+    }
+    /// Shift `[c]` (zeros when not affine).
+    pub fn beta(&self) -> &Tensor {
+        &self.beta
+    }
+    /// Running mean `[c]`.
+    pub fn running_mean(&self) -> &Tensor {
+        self.running_mean.as_tensor()
+    }
+    /// Running (biased) variance `[c]`.
+    pub fn running_var(&self) -> &Tensor {
+        self.running_var.as_tensor()
+    }
+    /// The configuration.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.config
+    }
+
+    fn update_running(&self, mean: &Tensor, var: &Tensor) -> Result<()> {
+        let m = self.config.momentum;
+        let dt = self.running_mean.dtype();
+        let upd = |run: &Var, batch: &Tensor| -> Result<()> {
+            let new = ((run.as_tensor().detach() * m)? + (batch.detach().to_dtype(dt)? * (1.0 - m))?)?;
+            run.set(&new)
+        };
+        upd(&self.running_mean, mean)?;
+        upd(&self.running_var, var)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if xs.rank() != 4 || xs.dim(1)? != self.c {
+            return Err(shape_err("batch_norm", format!("[b, {}, h, w]", self.c), xs.dims()));
+        }
+        let fast = self.config.kernels.use_fast(xs);
+        if train {
+            let (ys, mean, var) = if fast {
+                ops::batch_norm_train(xs, &self.gamma, &self.beta, self.config.eps)?
+            } else {
+                ops::batch_norm_train_reference(xs, &self.gamma, &self.beta, self.config.eps)?
+            };
+            self.update_running(&mean, &var)?;
+            Ok(ys)
+        } else {
+            let rm = self.running_mean.as_tensor().detach();
+            let rv = self.running_var.as_tensor().detach();
+            let scale = self.gamma.div(&(rv + self.config.eps)?.sqrt()?)?;
+            let shift = self.beta.sub(&(rm * &scale)?)?;
+            if fast {
+                ops::batch_norm_eval(xs, &scale, &shift)
+            } else {
+                ops::batch_norm_eval_reference(xs, &scale, &shift)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::SeededVarMap;
+    use crate::ops::test_util::{assert_close, rand_t};
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn running_stats_follow_keras_formula() {
+        for kernels in [Kernels::Auto, Kernels::Reference] {
+            let m = SeededVarMap::new(0);
+            let vb = m.var_builder(DType::F32, &Device::Cpu);
+            let cfg = BatchNormConfig { kernels, ..Default::default() };
+            let bn = batch_norm(3, cfg, vb.pp("bn")).unwrap();
+            let x1 = rand_t(&[4, 3, 5, 5], 1).affine(3.0, 1.0).unwrap();
+            let x2 = (rand_t(&[4, 3, 5, 5], 2) - 2.0).unwrap();
+            let stats = |x: &Tensor| {
+                let mean = x.mean_keepdim((0, 2, 3)).unwrap();
+                let var = x.broadcast_sub(&mean).unwrap().sqr().unwrap().mean((0, 2, 3)).unwrap();
+                (mean.flatten_all().unwrap(), var)
+            };
+            let (m1, v1) = stats(&x1);
+            let (m2, v2) = stats(&x2);
+            let mut rm = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+            let mut rv = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+            for (mb, vb_) in [(&m1, &v1), (&m2, &v2)] {
+                rm = ((rm * 0.99).unwrap() + (mb * 0.01).unwrap()).unwrap();
+                rv = ((rv * 0.99).unwrap() + (vb_ * 0.01).unwrap()).unwrap();
+            }
+            bn.forward_t(&x1, true).unwrap();
+            bn.forward_t(&x2, true).unwrap();
+            assert_close(bn.running_mean(), &rm, 1e-6, "running mean");
+            assert_close(bn.running_var(), &rv, 1e-6, "running var");
+            // The VarMap sees the update (it is what gets saved).
+            let data = m.var_map().data().lock().unwrap();
+            assert_close(data["bn.running_mean"].as_tensor(), &rm, 1e-6, "varmap running mean");
+            drop(data);
+            // Eval uses the running statistics.
+            let y = bn.forward_t(&x1, false).unwrap();
+            let expect = x1
+                .broadcast_sub(&rm.reshape((1, 3, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_div(&(rv + 1e-3).unwrap().sqrt().unwrap().reshape((1, 3, 1, 1)).unwrap())
+                .unwrap();
+            assert_close(&y, &expect, 1e-5, "eval");
+        }
+    }
+
+    #[test]
+    fn training_output_is_normalised() {
+        let m = SeededVarMap::new(0);
+        let bn = batch_norm(2, BatchNormConfig::default(), m.var_builder(DType::F32, &Device::Cpu)).unwrap();
+        let x = rand_t(&[8, 2, 4, 4], 9).affine(5.0, 3.0).unwrap();
+        let y = bn.forward_t(&x, true).unwrap();
+        let mean = y.mean((0, 2, 3)).unwrap().to_vec1::<f32>().unwrap();
+        assert!(mean.iter().all(|m| m.abs() < 1e-5), "{mean:?}");
+        assert!(bn.forward_t(&rand_t(&[1, 3, 2, 2], 1), true).is_err());
+    }
+}

@@ -1,0 +1,355 @@
+//! BatchNorm over `[b, c, h, w]` (statistics per channel over batch and space).
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{cpu_data, dims4, fwd_slice, sum_f32};
+use crate::error::shape_err;
+
+const OP_TRAIN: &str = "batch_norm_train";
+const OP_EVAL: &str = "batch_norm_eval";
+
+/// `sum((x - m)^2)` with 16 f32 lanes, lanes added in f64.
+#[inline]
+fn sum_sq_dev(xs: &[f32], m: f32) -> f64 {
+    let mut acc = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            let d = c[i] - m;
+            acc[i] += d * d;
+        }
+    }
+    let mut s: f64 = acc.iter().map(|&v| v as f64).sum();
+    for &v in rest {
+        s += ((v - m) * (v - m)) as f64;
+    }
+    s
+}
+
+/// `sum(a * (b - m))` with 16 f32 lanes, lanes added in f64.
+#[inline]
+fn dot_dev(a: &[f32], b: &[f32], m: f32) -> f64 {
+    let mut acc = [0f32; 16];
+    let ca = a.chunks_exact(16);
+    let cb = b.chunks_exact(16);
+    let mut s = 0f64;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += (x * (y - m)) as f64;
+    }
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * (y[i] - m);
+        }
+    }
+    s + acc.iter().map(|&v| v as f64).sum::<f64>()
+}
+
+/// Per-channel `(mean, biased variance)` of `x [b, c, hw]`, two passes, f64 across planes.
+fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = (b * hw) as f64;
+    let stats: Vec<(f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let plane = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+            let mean = ((0..b).map(|i| sum_f32(plane(i))).sum::<f64>() / n) as f32;
+            let var = (0..b).map(|i| sum_sq_dev(plane(i), mean)).sum::<f64>() / n;
+            (mean, var as f32)
+        })
+        .collect();
+    stats.into_iter().unzip()
+}
+
+/// `y = x * scale[c] + shift[c]` over planes of `x [b, c, hw]`.
+fn affine(x: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usize) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .with_min_len(8)
+        .for_each(|(p, (yp, xp))| {
+            let (a, s) = (scale[p % c], shift[p % c]);
+            for (yv, &xv) in yp.iter_mut().zip(xp) {
+                *yv = xv * a + s;
+            }
+        });
+    y
+}
+
+struct BnTrainOp {
+    b: usize,
+    c: usize,
+    hw: usize,
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+}
+
+impl CustomOp3 for BnTrainOp {
+    fn name(&self) -> &'static str {
+        OP_TRAIN
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = fwd_slice(s1, l1, OP_TRAIN)?;
+        let gamma = fwd_slice(s2, l2, OP_TRAIN)?;
+        let beta = fwd_slice(s3, l3, OP_TRAIN)?;
+        let scale: Vec<f32> = (0..self.c).map(|ch| gamma[ch] * self.invstd[ch]).collect();
+        let shift: Vec<f32> = (0..self.c).map(|ch| beta[ch] - self.mean[ch] * scale[ch]).collect();
+        let y = affine(x, &scale, &shift, self.c, self.hw);
+        Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, c, hw) = (self.b, self.c, self.hw);
+        let need_dx = x.track_op();
+        cpu_data!(x, xg, xs, OP_TRAIN);
+        cpu_data!(gamma, gg, gs, OP_TRAIN);
+        cpu_data!(grad, dyg, dys, OP_TRAIN);
+        // Per channel: sum(dy), sum(dy * (x - mean)), in image order (thread-count independent).
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let mut sdy = 0f64;
+                let mut sdyx = 0f64;
+                for i in 0..b {
+                    let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                    sdy += sum_f32(&dys[r.clone()]);
+                    sdyx += dot_dev(&dys[r.clone()], &xs[r], self.mean[ch]);
+                }
+                (sdy, sdyx)
+            })
+            .collect();
+        let n = (b * hw) as f64;
+        let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+        let dgamma: Vec<f32> = sums
+            .iter()
+            .zip(&self.invstd)
+            .map(|(s, &is)| (s.1 * is as f64) as f32)
+            .collect();
+        let dev = x.device();
+        let dx = if need_dx {
+            // dx = gamma*invstd * (dy - sum_dy/N - (x - mean) * invstd * dgamma / N)
+            let a: Vec<f32> = (0..c).map(|ch| gs[ch] * self.invstd[ch]).collect();
+            let mdy: Vec<f32> = sums.iter().map(|s| (s.0 / n) as f32).collect();
+            let q: Vec<f32> = (0..c)
+                .map(|ch| (self.invstd[ch] as f64 * dgamma[ch] as f64 / n) as f32)
+                .collect();
+            let mut dx = vec![0f32; xs.len()];
+            dx.par_chunks_mut(hw)
+                .enumerate()
+                .with_min_len(8)
+                .for_each(|(p, dxp)| {
+                    let ch = p % c;
+                    let (a, m, q, mean) = (a[ch], mdy[ch], q[ch], self.mean[ch]);
+                    let r = p * hw..(p + 1) * hw;
+                    for ((d, &g), &xv) in dxp.iter_mut().zip(&dys[r.clone()]).zip(&xs[r]) {
+                        *d = a * (g - m - (xv - mean) * q);
+                    }
+                });
+            Some(Tensor::from_vec(dx, x.shape(), dev)?)
+        } else {
+            None
+        };
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dgamma, c, dev)?),
+            Some(Tensor::from_vec(dbeta, c, dev)?),
+        ))
+    }
+}
+
+fn check_vec(t: &Tensor, c: usize, op: &'static str, name: &str) -> Result<()> {
+    if t.dims() != [c] {
+        return Err(shape_err(op, format!("{name} [{c}]"), t.dims()));
+    }
+    if t.dtype() != candle_core::DType::F32 || !t.device().is_cpu() {
+        return Err(candle_core::Error::UnsupportedDTypeForOp(t.dtype(), op).bt());
+    }
+    Ok(())
+}
+
+/// Fast training-mode BatchNorm on `f32` CPU tensors: `x [b, c, h, w]`, `gamma`, `beta` `[c]`.
+///
+/// Returns `(y, batch_mean [c], batch_var [c])`; the variance is the biased one (as Keras) and the two
+/// statistics carry no gradient (they are meant for the running-average update). Statistics are computed
+/// in two passes with f64 accumulation across planes.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, c, h, w) = dims4(x, OP_TRAIN)?;
+    check_vec(gamma, c, OP_TRAIN, "gamma")?;
+    check_vec(beta, c, OP_TRAIN, "beta")?;
+    let x = x.contiguous()?;
+    let (mean, var) = {
+        cpu_data!(x, xg, xs, OP_TRAIN);
+        channel_stats(xs, b, c, h * w)
+    };
+    let invstd: Vec<f32> = var.iter().map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32).collect();
+    let dev = x.device().clone();
+    let mean_t = Tensor::from_vec(mean.clone(), c, &dev)?;
+    let var_t = Tensor::from_vec(var, c, &dev)?;
+    let op = BnTrainOp { b, c, hw: h * w, mean, invstd };
+    let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    Ok((y, mean_t, var_t))
+}
+
+/// The reference twin of [`batch_norm_train`], from candle ops (gradient by autograd).
+pub fn batch_norm_train_reference(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = x.dim(1)?;
+    let mean = x.mean_keepdim((0, 2, 3))?; // [1, c, 1, 1]
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim((0, 2, 3))?; // [1, c, 1, 1]
+    let y = xc
+        .broadcast_div(&(var.clone() + eps)?.sqrt()?)?
+        .broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&beta.reshape((1, c, 1, 1))?)?;
+    Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
+}
+
+struct BnEvalOp {
+    c: usize,
+    hw: usize,
+}
+
+impl CustomOp3 for BnEvalOp {
+    fn name(&self) -> &'static str {
+        OP_EVAL
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = fwd_slice(s1, l1, OP_EVAL)?;
+        let scale = fwd_slice(s2, l2, OP_EVAL)?;
+        let shift = fwd_slice(s3, l3, OP_EVAL)?;
+        Ok((CpuStorage::F32(affine(x, scale, shift, self.c, self.hw)), Shape::from(l1.dims())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _shift: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (c, hw) = (self.c, self.hw);
+        cpu_data!(x, xg, xs, OP_EVAL);
+        cpu_data!(scale, sg, ss, OP_EVAL);
+        cpu_data!(grad, dyg, dys, OP_EVAL);
+        let b = xs.len() / (c * hw).max(1);
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut sdy, mut sdyx) = (0f64, 0f64);
+                for i in 0..b {
+                    let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                    sdy += sum_f32(&dys[r.clone()]);
+                    sdyx += dot_dev(&dys[r.clone()], &xs[r], 0.0);
+                }
+                (sdy, sdyx)
+            })
+            .collect();
+        let zeros = vec![0f32; c];
+        let dx = affine(dys, ss, &zeros, c, hw);
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(sums.iter().map(|s| s.1 as f32).collect::<Vec<_>>(), c, dev)?),
+            Some(Tensor::from_vec(sums.iter().map(|s| s.0 as f32).collect::<Vec<_>>(), c, dev)?),
+        ))
+    }
+}
+
+/// Fast inference-mode BatchNorm, a fused per-channel affine `y = x * scale[c] + shift[c]` on `f32` CPU
+/// tensors (`scale = gamma / sqrt(running_var + eps)`, `shift = beta - running_mean * scale`).
+pub fn batch_norm_eval(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let (_b, c, h, w) = dims4(x, OP_EVAL)?;
+    check_vec(scale, c, OP_EVAL, "scale")?;
+    check_vec(shift, c, OP_EVAL, "shift")?;
+    x.contiguous()?
+        .apply_op3(&scale.contiguous()?, &shift.contiguous()?, BnEvalOp { c, hw: h * w })
+}
+
+/// The reference twin of [`batch_norm_eval`].
+pub fn batch_norm_eval_reference(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&shift.reshape((1, c, 1, 1))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::{assert_close, rand_t};
+    use candle_core::Var;
+
+    #[test]
+    fn bn_train_matches_reference() {
+        for (i, dims) in [[5usize, 20, 28, 28], [1, 3, 5, 7], [5, 10, 10, 10], [2, 4, 1, 1]].iter().enumerate() {
+            let seed = 20 + 4 * i as u64;
+            // Offset so the mean is not ~0.
+            let x = Var::from_tensor(&rand_t(dims, seed).affine(2.0, 0.7).unwrap()).unwrap();
+            let gamma = Var::from_tensor(&rand_t(&[dims[1]], seed + 1)).unwrap();
+            let beta = Var::from_tensor(&rand_t(&[dims[1]], seed + 2)).unwrap();
+            let (yf, mf, vf) = batch_norm_train(&x, &gamma, &beta, 1e-3).unwrap();
+            let (yr, mr, vr) = batch_norm_train_reference(&x, &gamma, &beta, 1e-3).unwrap();
+            let what = format!("{dims:?}");
+            assert_close(&yf, &yr, 1e-4, &format!("y {what}"));
+            assert_close(&mf, &mr, 1e-5, &format!("mean {what}"));
+            assert_close(&vf, &vr, 1e-5, &format!("var {what}"));
+            let r = rand_t(yf.dims(), seed + 3);
+            let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
+                assert_close(gf.get(v).unwrap(), gr.get(v).unwrap(), 1e-4, &format!("{name} {what}"));
+            }
+        }
+    }
+
+    #[test]
+    fn bn_eval_matches_reference() {
+        let x = Var::from_tensor(&rand_t(&[3, 4, 5, 6], 40)).unwrap();
+        let s = Var::from_tensor(&rand_t(&[4], 41)).unwrap();
+        let t = Var::from_tensor(&rand_t(&[4], 42)).unwrap();
+        let yf = batch_norm_eval(&x, &s, &t).unwrap();
+        let yr = batch_norm_eval_reference(&x, &s, &t).unwrap();
+        assert_close(&yf, &yr, 1e-6, "eval y");
+        let r = rand_t(yf.dims(), 43);
+        let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("dx", &x), ("dscale", &s), ("dshift", &t)] {
+            assert_close(gf.get(v).unwrap(), gr.get(v).unwrap(), 1e-5, name);
+        }
+    }
+}

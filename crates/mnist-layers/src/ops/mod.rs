@@ -1,0 +1,185 @@
+//! Fast CPU kernels as candle custom ops, each beside a `*_reference` twin built from plain candle ops.
+//!
+//! The fast ops take `f32` tensors on the CPU (other dtypes fail with `UnsupportedDTypeForOp`), make their
+//! inputs contiguous, spread work over images / channels with rayon's global pool (so
+//! `RAYON_NUM_THREADS` applies) and have a real backward pass. Reductions over the batch (weight and
+//! BatchNorm gradients) are done in a fixed order (fixed-size chunks of images summed in chunk order, or
+//! per channel), so results do not depend on the number of threads.
+//!
+//! The reference twins work on any device and dtype and get their gradient from candle's autograd.
+
+mod bn;
+mod conv;
+mod depthwise;
+mod pool;
+
+pub use bn::{
+    batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
+};
+pub use conv::{conv2d_fused, conv2d_fused_reference};
+pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
+pub use pool::{max_pool2d, max_pool2d_reference};
+
+use std::cell::RefCell;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+
+/// Explicit spatial padding `(top, left, bottom, right)`.
+pub type Pad4 = (usize, usize, usize, usize);
+
+/// Batch images per chunk in the deterministic weight-gradient reduction.
+pub(crate) const GRAD_CHUNK: usize = 4;
+
+/// The contiguous `f32` slice of a custom op's input.
+pub(crate) fn fwd_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &'static str,
+) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => return Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), op).bt()),
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// The contiguous `f32` slice of a tensor's storage (`t` must be contiguous; see [`contig`]).
+pub(crate) fn storage_slice<'a>(
+    s: &'a Storage,
+    l: &Layout,
+    op: &'static str,
+) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => fwd_slice(c, l, op),
+        _ => candle_core::bail!("{op}: the fast op only runs on the CPU"),
+    }
+}
+
+/// Borrow the `f32` data of a tensor: `let g = t.contiguous()?; let (s, l) = g.storage_and_layout();
+/// let data = storage_slice(&s, l, op)?;` wrapped as a macro to keep the guard alive in the caller.
+macro_rules! cpu_data {
+    ($t:expr, $guard:ident, $data:ident, $op:expr) => {
+        let $guard = $t.contiguous()?;
+        let (__s, __l) = $guard.storage_and_layout();
+        let $data: &[f32] = $crate::ops::storage_slice(&__s, __l, $op)?;
+    };
+}
+pub(crate) use cpu_data;
+
+thread_local! {
+    static SCRATCH: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+}
+
+/// Runs `f` with three thread-local scratch buffers of at least the given lengths (contents unspecified).
+pub(crate) fn with_scratch<R>(
+    lens: [usize; 3],
+    f: impl FnOnce(&mut [f32], &mut [f32], &mut [f32]) -> R,
+) -> R {
+    SCRATCH.with(|cell| {
+        // A re-entrant call (not expected) gets fresh buffers instead of a panic.
+        match cell.try_borrow_mut() {
+            Ok(mut bufs) => {
+                for (b, &n) in bufs.iter_mut().zip(lens.iter()) {
+                    if b.len() < n {
+                        b.resize(n, 0.0);
+                    }
+                }
+                let [a, b, c] = &mut *bufs;
+                f(&mut a[..lens[0]], &mut b[..lens[1]], &mut c[..lens[2]])
+            }
+            Err(_) => {
+                let mut a = vec![0.0; lens[0]];
+                let mut b = vec![0.0; lens[1]];
+                let mut c = vec![0.0; lens[2]];
+                f(&mut a, &mut b, &mut c)
+            }
+        }
+    })
+}
+
+/// Sum of a slice with 16 independent f32 lanes (vectorises), the lanes added in f64.
+#[inline]
+pub(crate) fn sum_f32(xs: &[f32]) -> f64 {
+    let mut acc = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    let mut s: f64 = acc.iter().map(|&v| v as f64).sum();
+    for &v in rest {
+        s += v as f64;
+    }
+    s
+}
+
+/// Requires an `f32` CPU tensor of rank 4 and returns its dims.
+pub(crate) fn dims4(t: &Tensor, op: &'static str) -> Result<(usize, usize, usize, usize)> {
+    if t.rank() != 4 {
+        return Err(crate::error::shape_err(op, "[b, c, h, w]", t.dims()));
+    }
+    if !t.device().is_cpu() {
+        candle_core::bail!("{op}: the fast op only runs on the CPU, got {:?}", t.device())
+    }
+    if t.dtype() != candle_core::DType::F32 {
+        return Err(candle_core::Error::UnsupportedDTypeForOp(t.dtype(), op).bt());
+    }
+    t.dims4()
+}
+
+/// Output length of a padded window sweep, or an error if the window does not fit.
+pub(crate) fn out_len(
+    input: usize,
+    before: usize,
+    after: usize,
+    k: usize,
+    stride: usize,
+    op: &'static str,
+) -> Result<usize> {
+    let padded = input + before + after;
+    if k == 0 || stride == 0 || padded < k {
+        candle_core::bail!(
+            "{op}: window {k} with stride {stride} does not fit input {input} padded by ({before}, {after})"
+        )
+    }
+    Ok((padded - k) / stride + 1)
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    /// A deterministic random tensor in [-1, 1).
+    pub fn rand_t(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// max |a - b| and max |b| over two tensors of the same shape.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
+        assert_eq!(a.dims(), b.dims());
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let m = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        (d, m)
+    }
+
+    /// Asserts max |a - b| <= tol * max(1, max |b|).
+    pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+        let (d, m) = max_diff(a, b);
+        assert!(
+            d <= tol * m.max(1.0),
+            "{what}: max|diff| = {d:e} (max|ref| = {m:e}, tol {tol:e})"
+        );
+    }
+}

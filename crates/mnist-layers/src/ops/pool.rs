@@ -1,0 +1,269 @@
+//! Max pooling with any kernel / stride / padding and a correct gradient.
+//!
+//! candle 0.11's own `max_pool2d` backward is wrong: it scales every gradient by `1/k^2` (it multiplies by
+//! the average of the max-mask instead of dividing by the number of maxima), it upsamples the output
+//! gradient with `upsample_nearest2d` so on odd input sizes the gradient lands on the wrong pixels, and it
+//! refuses `kernel != stride`. The fast op here saves the argmax of every window and routes each output's
+//! gradient to it (the first maximum in row-major window order wins); the reference twin unfolds the
+//! windows with `narrow`s and takes candle's `max`, whose gradient goes to the maximum.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{cpu_data, dims4, fwd_slice, out_len, Pad4};
+
+const OP: &str = "max_pool2d";
+
+#[derive(Debug, Clone, Copy)]
+struct PoolGeom {
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    pt: usize,
+    pl: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl PoolGeom {
+    /// Clipped kernel range `[lo, hi)` along one axis for output index `o`.
+    #[inline]
+    fn window(o: usize, s: usize, pad: usize, k: usize, len: usize) -> (usize, usize) {
+        let start = o * s;
+        let lo = pad.saturating_sub(start);
+        let hi = k.min(len + pad - start.min(len + pad));
+        (lo, hi.max(lo))
+    }
+
+    /// One plane: output values and argmax (index in the plane).
+    fn plane_fwd(&self, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
+        let (k, s, w) = (self.k, self.stride, self.w);
+        if k == 2 && s == 2 && self.pt == 0 && self.pl == 0 {
+            // The common 2x2/2 pool, unrolled.
+            for oy in 0..self.oh {
+                let r0 = 2 * oy * w;
+                let r1 = r0 + w;
+                for ox in 0..self.ow {
+                    let i = r0 + 2 * ox;
+                    let cand = [i, i + 1, r1 + 2 * ox, r1 + 2 * ox + 1];
+                    let mut bi = cand[0];
+                    let mut bv = x[bi];
+                    for &c in &cand[1..] {
+                        if x[c] > bv {
+                            bv = x[c];
+                            bi = c;
+                        }
+                    }
+                    out[oy * self.ow + ox] = bv;
+                    arg[oy * self.ow + ox] = bi as u32;
+                }
+            }
+            return;
+        }
+        for oy in 0..self.oh {
+            let (ky0, ky1) = Self::window(oy, s, self.pt, k, self.h);
+            for ox in 0..self.ow {
+                let (kx0, kx1) = Self::window(ox, s, self.pl, k, self.w);
+                let mut best = f32::NEG_INFINITY;
+                let mut bi = usize::MAX;
+                for ky in ky0..ky1 {
+                    let iy = oy * s + ky - self.pt;
+                    for kx in kx0..kx1 {
+                        let idx = iy * w + ox * s + kx - self.pl;
+                        let v = x[idx];
+                        if bi == usize::MAX || v > best {
+                            best = v;
+                            bi = idx;
+                        }
+                    }
+                }
+                out[oy * self.ow + ox] = best;
+                arg[oy * self.ow + ox] = if bi == usize::MAX { u32::MAX } else { bi as u32 };
+            }
+        }
+    }
+}
+
+struct MaxPoolOp {
+    g: PoolGeom,
+    dims: (usize, usize, usize, usize),
+    /// Argmax (index within its plane) of every output, filled by the forward pass.
+    argmax: Mutex<Vec<u32>>,
+}
+
+impl CustomOp1 for MaxPoolOp {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = fwd_slice(s, l, OP)?;
+        let g = self.g;
+        let (b, c, _, _) = self.dims;
+        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+        let mut out = vec![0f32; b * c * ohw];
+        let mut arg = vec![0u32; b * c * ohw];
+        out.par_chunks_mut(ohw)
+            .zip(arg.par_chunks_mut(ohw))
+            .enumerate()
+            .with_min_len(8)
+            .for_each(|(p, (o, a))| g.plane_fwd(&x[p * hw..(p + 1) * hw], o, a));
+        *self
+            .argmax
+            .lock()
+            .map_err(|_| candle_core::Error::msg("max_pool2d: argmax mutex poisoned"))? = arg;
+        Ok((CpuStorage::F32(out), Shape::from((b, c, g.oh, g.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = self.g;
+        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+        cpu_data!(grad, dyg, dys, OP);
+        let arg = self
+            .argmax
+            .lock()
+            .map_err(|_| candle_core::Error::msg("max_pool2d: argmax mutex poisoned"))?;
+        if arg.len() != dys.len() {
+            candle_core::bail!("max_pool2d backward: {} saved argmax for {} gradients", arg.len(), dys.len())
+        }
+        let mut dx = vec![0f32; x.elem_count()];
+        dx.par_chunks_mut(hw)
+            .enumerate()
+            .with_min_len(8)
+            .for_each(|(p, d)| {
+                for (&a, &gv) in arg[p * ohw..(p + 1) * ohw].iter().zip(&dys[p * ohw..(p + 1) * ohw]) {
+                    if let Some(slot) = d.get_mut(a as usize) {
+                        *slot += gv;
+                    }
+                }
+            });
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+fn check_pad(kernel: usize, pad: Pad4) -> Result<()> {
+    let (t, l, b, r) = pad;
+    if t >= kernel || l >= kernel || b >= kernel || r >= kernel {
+        candle_core::bail!("{OP}: padding {pad:?} must be smaller than the kernel {kernel} on every side")
+    }
+    Ok(())
+}
+
+/// Fast max pooling on `f32` CPU tensors: `x [b, c, h, w]`, square `kernel`, `stride`, padding
+/// `(top, left, bottom, right)` that counts as `-inf` (each side must be smaller than the kernel).
+/// The backward pass sends each output's gradient to its window's argmax (first maximum wins).
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
+    let dims = dims4(x, OP)?;
+    check_pad(kernel, pad)?;
+    let (_, _, h, w) = dims;
+    let (pt, pl, pb, pr) = pad;
+    let oh = out_len(h, pt, pb, kernel, stride, OP)?;
+    let ow = out_len(w, pl, pr, kernel, stride, OP)?;
+    let g = PoolGeom { h, w, k: kernel, stride, pt, pl, oh, ow };
+    x.contiguous()?.apply_op1(MaxPoolOp { g, dims, argmax: Mutex::new(Vec::new()) })
+}
+
+/// Pads dimension `dim` with `-inf` (`before`, `after`).
+fn pad_neg_inf(x: &Tensor, dim: usize, before: usize, after: usize) -> Result<Tensor> {
+    let mut parts = Vec::with_capacity(3);
+    let mk = |n: usize| -> Result<Tensor> {
+        let mut d = x.dims().to_vec();
+        d[dim] = n;
+        Tensor::full(f64::NEG_INFINITY, d, x.device())?.to_dtype(x.dtype())
+    };
+    if before > 0 {
+        parts.push(mk(before)?);
+    }
+    parts.push(x.clone());
+    if after > 0 {
+        parts.push(mk(after)?);
+    }
+    if parts.len() == 1 {
+        Ok(x.clone())
+    } else {
+        Tensor::cat(&parts, dim)
+    }
+}
+
+/// The reference twin of [`max_pool2d`], from candle ops (any device / float dtype): pad with `-inf`,
+/// gather the `k*k` window offsets with `narrow` (plus a reshape to subsample for stride > 1), stack
+/// them and take `max`; candle's `max` gradient goes to the maximum (to every tied maximum).
+pub fn max_pool2d_reference(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
+    check_pad(kernel, pad)?;
+    let (b, c, h, w) = x.dims4()?;
+    let (pt, pl, pb, pr) = pad;
+    let oh = out_len(h, pt, pb, kernel, stride, OP)?;
+    let ow = out_len(w, pl, pr, kernel, stride, OP)?;
+    // Extra -inf rows/cols at the end so every offset can take oh*stride rows (never inside a window).
+    let need_h = kernel - 1 + oh * stride;
+    let need_w = kernel - 1 + ow * stride;
+    let hp = h + pt + pb;
+    let wp = w + pl + pr;
+    let xp = pad_neg_inf(x, 2, pt, pb + need_h.saturating_sub(hp))?;
+    let xp = pad_neg_inf(&xp, 3, pl, pr + need_w.saturating_sub(wp))?;
+    let mut wins = Vec::with_capacity(kernel * kernel);
+    for ky in 0..kernel {
+        for kx in 0..kernel {
+            let t = xp.narrow(2, ky, oh * stride)?.narrow(3, kx, ow * stride)?;
+            let t = if stride == 1 {
+                t
+            } else {
+                t.contiguous()?
+                    .reshape((b, c, oh, stride, ow, stride))?
+                    .narrow(3, 0, 1)?
+                    .narrow(5, 0, 1)?
+                    .reshape((b, c, oh, ow))?
+            };
+            wins.push(t);
+        }
+    }
+    Tensor::stack(&wins, 4)?.max(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::{assert_close, rand_t};
+    use candle_core::{DType, Var};
+
+    fn check(dims: [usize; 4], k: usize, s: usize, pad: Pad4) {
+        let x = Var::from_tensor(&rand_t(&dims, 50)).unwrap();
+        let yf = max_pool2d(&x, k, s, pad).unwrap();
+        let yr = max_pool2d_reference(&x, k, s, pad).unwrap();
+        let what = format!("{dims:?} k{k} s{s} {pad:?}");
+        assert_close(&yf, &yr, 0.0, &format!("fwd {what}"));
+        let r = rand_t(yf.dims(), 51);
+        let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close(gf.get(&x).unwrap(), gr.get(&x).unwrap(), 1e-6, &format!("dx {what}"));
+    }
+
+    #[test]
+    fn pool_matches_reference() {
+        check([5, 20, 28, 28], 2, 2, (0, 0, 0, 0));
+        check([1, 3, 11, 9], 2, 2, (0, 0, 0, 0));
+        check([5, 2, 28, 28], 2, 1, (0, 0, 1, 1));
+        check([2, 2, 13, 13], 2, 1, (0, 0, 0, 0));
+        check([3, 4, 10, 7], 3, 2, (1, 1, 1, 1));
+        check([2, 1, 5, 6], 3, 3, (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn first_max_wins_on_ties() {
+        let x = Var::from_tensor(&Tensor::ones((1, 1, 2, 2), DType::F32, &candle_core::Device::Cpu).unwrap()).unwrap();
+        let y = max_pool2d(&x, 2, 2, (0, 0, 0, 0)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let dx = g.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(dx, vec![1.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn rejects_pad_not_smaller_than_kernel() {
+        let x = rand_t(&[1, 1, 4, 4], 1);
+        assert!(max_pool2d(&x, 2, 2, (2, 0, 0, 0)).is_err());
+        assert!(max_pool2d_reference(&x, 2, 2, (0, 0, 0, 2)).is_err());
+    }
+}

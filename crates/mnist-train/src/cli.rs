@@ -1,0 +1,356 @@
+//! The command line shared by `solution-conv`, `solution-separable` and `solution-inception`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use mnist_data::{DataSource, Dataset};
+use mnist_layers::init::SeededVarMap;
+use mnist_layers::Kernels;
+use mnist_models::{ModelConfig, Solution, Variant};
+use mnist_optim::ScheduleConfig;
+
+use crate::{
+    default_run_dir, evaluate, load_weights, read_json, run_training, LogReporter,
+    ProgressReporter, Reporter, TrainConfig, CONFIG_FILE,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Train, evaluate and inspect a tiny (<10k parameter) MNIST model",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train the model (the default when no subcommand is given), then evaluate it on the test split.
+    Train(TrainArgs),
+    /// Evaluate saved weights on the test split.
+    Evaluate(EvalArgs),
+    /// Print the model's layers and parameter counts, like Keras's model.summary().
+    Summary(SummaryArgs),
+}
+
+fn positive_f64(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a positive number, got {v}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+fn positive_usize(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(format!("not a positive whole number: {e}")),
+    }
+}
+
+fn parse_kernels(s: &str) -> std::result::Result<Kernels, String> {
+    match s {
+        "auto" | "fast" => Ok(Kernels::Auto),
+        "reference" | "candle" => Ok(Kernels::Reference),
+        _ => Err(format!("expected auto or reference, got '{s}'")),
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ScheduleArg {
+    /// The learning rate stays at --lr.
+    Constant,
+    /// The original plateau rule (divide by --plateau-factor).
+    Plateau,
+    /// One-cycle: warm up to --lr, then cosine-anneal.
+    OneCycle,
+}
+
+#[derive(Args, Debug, Clone)]
+struct DataArgs {
+    /// Folder with the four IDX files (.gz or raw). Default: $MNIST_DIR, then the cache folder, then a download.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Which data set: mnist or fashion (Fashion-MNIST).
+    #[arg(long, default_value = "mnist")]
+    dataset: Dataset,
+}
+
+#[derive(Args, Debug, Clone)]
+struct TrainArgs {
+    /// seed = the original architecture and recipe; improved = ours (the default).
+    #[arg(long, default_value = "improved")]
+    variant: Variant,
+    /// Number of epochs [recipe: 10].
+    #[arg(long, value_parser = positive_usize)]
+    epochs: Option<usize>,
+    /// Batch size [recipe: 32 for seed, 64 for improved].
+    #[arg(long, value_parser = positive_usize)]
+    batch_size: Option<usize>,
+    /// Learning rate: Adam's for seed; the peak of the schedule for improved [recipe].
+    #[arg(long, value_parser = positive_f64)]
+    lr: Option<f64>,
+    /// Learning-rate schedule [recipe: plateau for seed, one-cycle for improved].
+    #[arg(long, value_enum)]
+    schedule: Option<ScheduleArg>,
+    /// Divide the learning rate by this when validation accuracy plateaus (1 = off, as the original).
+    #[arg(long, value_parser = positive_f64)]
+    plateau_factor: Option<f64>,
+    /// Turn on-the-fly augmentation (rotation, shift, scale) on.
+    #[arg(long, conflicts_with = "no_augment")]
+    augment: bool,
+    /// Turn augmentation off.
+    #[arg(long)]
+    no_augment: bool,
+    /// Seed of every random draw (weights, dropout, shuffles, augmentation).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output folder [default: runs/<solution>-<variant>-seed<seed>].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Train on the first N training images only (quick trials).
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    limit_train: Option<usize>,
+    /// Kernels: auto (fast CPU kernels where possible) or reference (candle's own ops).
+    #[arg(long, default_value = "auto", value_parser = parse_kernels)]
+    kernels: Kernels,
+    /// No progress bar; one log line per epoch.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// The weights file (model.safetensors of a run folder).
+    #[arg(long, value_name = "FILE")]
+    weights: PathBuf,
+    /// The variant, when no config.json lies beside the weights.
+    #[arg(long)]
+    variant: Option<Variant>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args, Debug)]
+struct SummaryArgs {
+    /// Which variant.
+    #[arg(long, default_value = "improved")]
+    variant: Variant,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Entry point of a solution binary: parses the command line, sets up logging, runs, and turns any
+/// error into one line on stderr and a non-zero exit code.
+pub fn main(solution: Solution) -> ExitCode {
+    let name: &'static str = match solution {
+        Solution::Conv => "solution-conv",
+        Solution::Separable => "solution-separable",
+        Solution::Inception => "solution-inception",
+    };
+    let matches = Cli::command().name(name).bin_name(name).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    init_logging();
+    match run(solution, cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(solution: Solution, cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Train(args)) => train(solution, args),
+        None => train(solution, cli.train),
+        Some(Command::Evaluate(args)) => evaluate_cmd(solution, args),
+        Some(Command::Summary(args)) => summary_cmd(solution, args),
+    }
+}
+
+fn train_config(solution: Solution, args: &TrainArgs) -> TrainConfig {
+    let mut cfg = TrainConfig::recipe(solution, args.variant);
+    cfg.model.kernels = args.kernels;
+    cfg.dataset = args.data.dataset;
+    cfg.seed = args.seed;
+    cfg.limit_train = args.limit_train;
+    if let Some(e) = args.epochs {
+        cfg.epochs = e;
+    }
+    if let Some(b) = args.batch_size {
+        cfg.batch_size = b;
+    }
+    if let Some(lr) = args.lr {
+        cfg.adam.lr = lr;
+        if let ScheduleConfig::OneCycle { max_lr, .. } = &mut cfg.schedule {
+            *max_lr = lr;
+        }
+    }
+    match args.schedule {
+        Some(ScheduleArg::Constant) => cfg.schedule = ScheduleConfig::Constant,
+        Some(ScheduleArg::Plateau) => {
+            cfg.schedule = ScheduleConfig::Plateau {
+                factor: args.plateau_factor.unwrap_or(1.0),
+            }
+        }
+        Some(ScheduleArg::OneCycle) => {
+            cfg.schedule = ScheduleConfig::OneCycle {
+                max_lr: cfg.adam.lr,
+                pct_start: 0.25,
+                div_factor: 25.0,
+                final_div_factor: 1e3,
+            }
+        }
+        None => {}
+    }
+    if let (Some(f), ScheduleConfig::Plateau { factor }) = (args.plateau_factor, &mut cfg.schedule) {
+        *factor = f;
+    }
+    if args.augment && cfg.augment.is_none() {
+        cfg.augment = TrainConfig::recipe(solution, Variant::Improved).augment;
+    }
+    if args.no_augment {
+        cfg.augment = None;
+    }
+    cfg
+}
+
+fn load_data(args: &DataArgs) -> Result<mnist_data::Mnist> {
+    let source = DataSource {
+        dir: args.data_dir.clone(),
+        dataset: args.dataset,
+    };
+    Ok(source.load()?)
+}
+
+fn train(solution: Solution, args: TrainArgs) -> Result<()> {
+    if args.plateau_factor.is_some_and(|f| f < 1.0) {
+        bail!("--plateau-factor must be at least 1 (1 = off), got {}", args.plateau_factor.unwrap_or(0.0));
+    }
+    let cfg = train_config(solution, &args);
+    cfg.validate()?;
+    let out = args.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
+    let data = load_data(&args.data)?;
+    let device = Device::Cpu;
+    let mut reporter: Box<dyn Reporter> = if args.quiet {
+        Box::new(LogReporter::default())
+    } else {
+        Box::new(ProgressReporter::new())
+    };
+    let results = run_training(&cfg, &data, &out, &device, reporter.as_mut())
+        .with_context(|| format!("training {solution} ({}) into {}", cfg.model.variant, out.display()))?;
+    let mean_epoch = results.epoch_seconds.iter().sum::<f64>() / results.epoch_seconds.len().max(1) as f64;
+    println!(
+        "{solution} ({}), {} params, seed {}: test accuracy {:.2}% (loss {:.4}) after {} epochs, {:.1} s/epoch; saved to {}",
+        results.variant,
+        results.params_total,
+        results.seed,
+        100.0 * results.test_accuracy,
+        results.test_loss,
+        results.epochs,
+        mean_epoch,
+        out.display()
+    );
+    Ok(())
+}
+
+/// The model config of a weights file: `config.json` beside it, or the flags.
+fn model_config_for(solution: Solution, weights: &Path, variant: Option<Variant>) -> Result<ModelConfig> {
+    let config_path = weights.with_file_name(CONFIG_FILE);
+    let model = if config_path.is_file() {
+        let cfg: TrainConfig = read_json(&config_path)?;
+        if let Some(v) = variant {
+            if v != cfg.model.variant {
+                bail!(
+                    "{} says variant '{}', but --variant {v} was given",
+                    config_path.display(),
+                    cfg.model.variant
+                );
+            }
+        }
+        cfg.model
+    } else {
+        ModelConfig::new(solution, variant.unwrap_or_default())
+    };
+    if model.solution != solution {
+        bail!(
+            "{} holds a '{}' model, not '{solution}': use solution-{}",
+            weights.display(),
+            model.solution,
+            model.solution
+        );
+    }
+    Ok(model)
+}
+
+fn evaluate_cmd(solution: Solution, args: EvalArgs) -> Result<()> {
+    let model = model_config_for(solution, &args.weights, args.variant)?;
+    let device = Device::Cpu;
+    let vars = SeededVarMap::new(0);
+    let net = mnist_models::build(&model, vars.var_builder(DType::F32, &device), mnist_models::dropout_rng(0))?;
+    let mut map = vars.var_map().clone();
+    load_weights(&args.weights, &mut map)?;
+    let data = load_data(&args.data)?;
+    let eval = evaluate(&net, &data.test, &device)?;
+    let per_class = eval.confusion.per_class();
+    if args.json {
+        let json = serde_json::json!({
+            "solution": model.solution,
+            "variant": model.variant,
+            "test_accuracy": eval.accuracy,
+            "test_loss": eval.loss,
+            "per_class": per_class,
+            "confusion": eval.confusion.counts(),
+        });
+        println!("{json}");
+    } else {
+        println!(
+            "{} ({}): test accuracy {:.2}%, loss {:.4} on {} images",
+            model.solution,
+            model.variant,
+            100.0 * eval.accuracy,
+            eval.loss,
+            data.test.len()
+        );
+        println!("{}", eval.confusion);
+    }
+    Ok(())
+}
+
+fn summary_cmd(solution: Solution, args: SummaryArgs) -> Result<()> {
+    let summary = mnist_models::summary(&ModelConfig::new(solution, args.variant))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("{summary}");
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The training configuration (saved as `config.json` beside the weights) and each variant's recipe.
+
+use std::path::PathBuf;
+
+use mnist_data::{AugmentConfig, Dataset};
+use mnist_models::{ModelConfig, Solution, Variant};
+use mnist_optim::{AdamConfig, ScheduleConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+/// Everything that defines a training run. Saved as `config.json` so a run can be rebuilt and resumed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The model.
+    pub model: ModelConfig,
+    /// Which data set.
+    pub dataset: Dataset,
+    /// Number of passes over the training split.
+    pub epochs: usize,
+    /// Images per optimizer step.
+    pub batch_size: usize,
+    /// The optimizer (its `lr` is the base learning rate of the schedule).
+    pub adam: AdamConfig,
+    /// How the learning rate changes over training.
+    pub schedule: ScheduleConfig,
+    /// On-the-fly augmentation of training images (`None` = off).
+    pub augment: Option<AugmentConfig>,
+    /// The seed of every random draw: initial weights, dropout masks, shuffles, augmentation.
+    pub seed: u64,
+    /// Use only the first N training images (quick trials).
+    pub limit_train: Option<usize>,
+}
+
+impl TrainConfig {
+    /// The recipe a variant trains with by default.
+    ///
+    /// `seed` is the original notebook's: Adam 1e-3, batch 32, plateau scheduler with factor 1 (off), no
+    /// augmentation. `improved` was chosen on the validation split (see the README): batch 64, one-cycle
+    /// learning rate peaking at `max_lr`, mild rotation/shift/scale augmentation.
+    pub fn recipe(solution: Solution, variant: Variant) -> Self {
+        let model = ModelConfig::new(solution, variant);
+        match variant {
+            Variant::Seed => Self {
+                model,
+                dataset: Dataset::Mnist,
+                epochs: 10,
+                batch_size: 32,
+                adam: AdamConfig::default(),
+                schedule: ScheduleConfig::Plateau { factor: 1.0 },
+                augment: None,
+                seed: 42,
+                limit_train: None,
+            },
+            Variant::Improved => {
+                let max_lr = match solution {
+                    Solution::Conv => 1e-2,
+                    Solution::Separable => 1e-2,
+                    Solution::Inception => 1e-2,
+                };
+                Self {
+                    model,
+                    dataset: Dataset::Mnist,
+                    epochs: 10,
+                    batch_size: 64,
+                    adam: AdamConfig {
+                        lr: max_lr,
+                        ..AdamConfig::default()
+                    },
+                    schedule: ScheduleConfig::OneCycle {
+                        max_lr,
+                        pct_start: 0.25,
+                        div_factor: 25.0,
+                        final_div_factor: 1e3,
+                    },
+                    augment: Some(AugmentConfig {
+                        max_rotation_deg: 10.0,
+                        max_shift_px: 2.0,
+                        scale_range: (0.9, 1.1),
+                    }),
+                    seed: 42,
+                    limit_train: None,
+                }
+            }
+        }
+    }
+
+    /// Rejects invalid settings once, before any work starts.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        if self.epochs == 0 {
+            return Err(TrainError::Config("epochs must be at least 1".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(TrainError::Config("batch size must be at least 1".into()));
+        }
+        if self.limit_train == Some(0) {
+            return Err(TrainError::Config("--limit-train must be at least 1".into()));
+        }
+        self.adam
+            .validate()
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        self.schedule
+            .validate()
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Where a run writes its outputs by default: `runs/<solution>-<variant>-seed<seed>`.
+pub fn default_run_dir(cfg: &TrainConfig) -> PathBuf {
+    PathBuf::from("runs").join(format!(
+        "{}-{}-{}seed{}",
+        cfg.model.solution,
+        cfg.model.variant,
+        match cfg.dataset {
+            Dataset::Mnist => "",
+            Dataset::Fashion => "fashion-",
+        },
+        cfg.seed
+    ))
+}

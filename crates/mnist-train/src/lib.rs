@@ -1,0 +1,125 @@
+//! Training, evaluation, run outputs and the command line shared by the three solution binaries.
+//!
+//! A binary is one call: `mnist_train::cli::main(Solution::Conv)`.
+
+pub mod cli;
+mod config;
+mod fit;
+mod outputs;
+mod report;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use mnist_data::Mnist;
+
+pub use config::{default_run_dir, TrainConfig};
+pub use fit::{evaluate, fit, EpochRecord, Evaluation, Trained, EVAL_BATCH};
+pub use outputs::{
+    history_csv, load_weights, read_json, save_weights, write_atomic, write_bytes_atomic,
+    write_json, RunResults, CONFIG_FILE, HISTORY_FILE, RESULTS_FILE, WEIGHTS_FILE,
+};
+pub use report::{LogReporter, ProgressReporter, Reporter};
+
+/// Errors of training and evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// An invalid setting, rejected before work starts.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The loss became NaN or infinite.
+    #[error("loss became {value} at epoch {epoch}, batch {batch}: training stopped (lower the learning rate?)")]
+    NonFinite {
+        /// 1-based epoch.
+        epoch: usize,
+        /// 1-based batch within the epoch.
+        batch: usize,
+        /// The loss value.
+        value: f64,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A JSON file could not be read or written.
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// A weights file is missing, corrupt or of another model.
+    #[error("weights {}: {reason}", path.display())]
+    Weights {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Loading the data failed.
+    #[error(transparent)]
+    Data(#[from] mnist_data::DataError),
+    /// The optimizer or scheduler failed.
+    #[error(transparent)]
+    Optim(#[from] mnist_optim::OptimError),
+    /// A metrics computation failed.
+    #[error(transparent)]
+    Metrics(#[from] mnist_metrics::MetricsError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Trains a model as `cfg` says, evaluates it on the test split once, and writes the run folder
+/// (`model.safetensors`, `config.json`, `history.csv`, `results.json`).
+pub fn run_training(
+    cfg: &TrainConfig,
+    data: &Mnist,
+    out_dir: &Path,
+    device: &Device,
+    reporter: &mut dyn Reporter,
+) -> Result<RunResults, TrainError> {
+    cfg.validate()?;
+    outputs::prepare_run_dir(out_dir)?;
+    outputs::write_config(out_dir, cfg)?;
+    let trained = Trained::init(cfg, device)?;
+    let summary = mnist_models::summarize(&trained.net, trained.vars.var_map())?;
+    tracing::info!(
+        "{} ({}): {} params ({} trainable), {} training images, writing to {}",
+        cfg.model.solution,
+        cfg.model.variant,
+        summary.params_total,
+        summary.params_trainable,
+        cfg.limit_train.unwrap_or(data.train.len()).min(data.train.len()),
+        out_dir.display()
+    );
+    let history = fit(cfg, &trained, data, device, reporter)?;
+    save_weights(&out_dir.join(WEIGHTS_FILE), trained.vars.var_map())?;
+    write_bytes_atomic(&out_dir.join(HISTORY_FILE), history_csv(&history).as_bytes())?;
+    let test = evaluate(&trained.net, &data.test, device)?;
+    let results = RunResults {
+        solution: cfg.model.solution.to_string(),
+        variant: cfg.model.variant.to_string(),
+        dataset: cfg.dataset.to_string(),
+        params_total: summary.params_total,
+        params_trainable: summary.params_trainable,
+        params_non_trainable: summary.params_non_trainable,
+        epochs: history.len(),
+        seed: cfg.seed,
+        batch_size: cfg.batch_size,
+        test_accuracy: test.accuracy,
+        test_loss: test.loss,
+        best_val_accuracy: history.iter().map(|r| r.val_accuracy).fold(0.0, f64::max),
+        final_val_accuracy: history.last().map(|r| r.val_accuracy).unwrap_or(0.0),
+        epoch_seconds: history.iter().map(|r| r.seconds).collect(),
+        confusion: test.confusion.counts().to_vec(),
+        threads: rayon::current_num_threads(),
+    };
+    write_json(&out_dir.join(RESULTS_FILE), &results)?;
+    Ok(results)
+}

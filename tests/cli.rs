@@ -1,0 +1,109 @@
+//! The three binaries end to end: summary, a tiny training run, evaluate, and clear errors.
+
+mod common;
+
+use common::{mnist_dir, run};
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[test]
+fn summary_json_reports_the_original_parameter_counts() {
+    for (bin, total, trainable, non_trainable) in [
+        ("solution-conv", 8_640, 8_580, 60),
+        ("solution-separable", 4_967, 4_879, 88),
+        ("solution-inception", 3_077, 3_077, 0),
+    ] {
+        let out = run(bin, &["summary", "--variant", "seed", "--json"]);
+        assert!(out.status.success(), "{bin}: {}", String::from_utf8_lossy(&out.stderr));
+        let v = json(&out);
+        assert_eq!(v["params_total"], total, "{bin}");
+        assert_eq!(v["params_trainable"], trainable, "{bin}");
+        assert_eq!(v["params_non_trainable"], non_trainable, "{bin}");
+    }
+    let out = run("solution-conv", &["summary", "--variant", "seed"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Total params: 8,640"), "{text}");
+    assert!(text.contains("Non-trainable params: 60"), "{text}");
+}
+
+#[test]
+fn train_then_evaluate_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let data = mnist_dir();
+    let out = run(
+        "solution-conv",
+        &[
+            "train", "--variant", "seed", "--epochs", "1", "--limit-train", "2000", "--quiet",
+            "--data-dir", data.to_str().unwrap(), "--out", run_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("test accuracy"), "{stdout}");
+
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap()).unwrap();
+    for key in [
+        "solution", "params_total", "params_trainable", "params_non_trainable", "epochs", "seed",
+        "test_accuracy", "test_loss", "best_val_accuracy", "epoch_seconds",
+    ] {
+        assert!(results.get(key).is_some(), "results.json lacks {key}");
+    }
+    let history = std::fs::read_to_string(run_dir.join("history.csv")).unwrap();
+    assert!(history.starts_with("epoch,lr,loss,accuracy,val_loss,val_accuracy,seconds\n"));
+    assert_eq!(history.lines().count(), 2);
+
+    let weights = run_dir.join("model.safetensors");
+    let out = run(
+        "solution-conv",
+        &["evaluate", "--weights", weights.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--json"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out);
+    let acc = v["test_accuracy"].as_f64().unwrap();
+    assert!((acc - results["test_accuracy"].as_f64().unwrap()).abs() < 1e-9, "{v}");
+    assert!(v["test_loss"].as_f64().unwrap() > 0.0);
+
+    // The weights of one solution are refused by another.
+    let out = run(
+        "solution-separable",
+        &["evaluate", "--weights", weights.to_str().unwrap(), "--data-dir", data.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'conv' model"), "{err}");
+}
+
+#[test]
+fn bad_input_gives_one_clear_line_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere");
+    let out = run("solution-conv", &["--data-dir", missing.to_str().unwrap(), "--quiet"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nowhere"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    for (flag, value) in [("--epochs", "0"), ("--batch-size", "0"), ("--lr", "-1"), ("--lr", "nan")] {
+        let out = run("solution-conv", &[flag, value]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+
+    let bogus = dir.path().join("model.safetensors");
+    std::fs::write(&bogus, b"not a safetensors file").unwrap();
+    let data = mnist_dir();
+    let out = run(
+        "solution-conv",
+        &["evaluate", "--weights", bogus.to_str().unwrap(), "--data-dir", data.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
