@@ -11,8 +11,8 @@ use candle_core::{DType, Device, ModuleT, Tensor, Var, D};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder};
 use mnist_challenge::layers::{
     self, batch_norm, conv2d, dropout, init::SeededVarMap, linear, max_pool2d, ops, shared_rng,
-    Activation, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Dropout, Kernels, MaxPool2dConfig,
-    Padding,
+    Activation, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Dropout, Kernels,
+    MaxPool2dConfig, Padding,
 };
 use rand::{Rng, SeedableRng};
 
@@ -52,6 +52,11 @@ fn bench_op(
     fast: &dyn Fn(&[Var]) -> candle_core::Result<Tensor>,
     reference: &dyn Fn(&[Var]) -> candle_core::Result<Tensor>,
 ) -> Result<()> {
+    if let Ok(filter) = std::env::var("LAYERS_BENCH_FILTER") {
+        if !name.contains(&filter) {
+            return Ok(());
+        }
+    }
     let y = fast(inputs)?;
     let r = rand_tensor(y.dims(), 99)?;
     let (warm, n) = (5, 31);
@@ -73,6 +78,18 @@ fn bench_op(
         Ok(())
     })?;
     report(&format!("{name} fwd+bwd"), bf, br);
+    // What the harness itself costs on this output shape ((v * r).sum().backward() for a Var v).
+    let v = Var::from_tensor(&y.detach())?;
+    let harness = median_ms(warm, n, || {
+        (v.as_tensor() * &r)?.sum_all()?.backward()?;
+        Ok(())
+    })?;
+    println!(
+        "{:<44} backward alone ~ fast {:>8.3} ms   reference {:>8.3} ms   (harness {harness:.3} ms subtracted)",
+        "",
+        bf - ff - harness,
+        br - fr - harness
+    );
     Ok(())
 }
 
@@ -93,7 +110,11 @@ fn op_benches() -> Result<()> {
         &|v| ops::conv2d_fused(&x_plain, &v[1], Some(&v[2]), 1, (3, 3, 3, 3), true),
         &|v| ops::conv2d_fused_reference(&x_plain, &v[1], Some(&v[2]), 1, (3, 3, 3, 3), true),
     )?;
-    let inputs = [var(&[b, 20, 14, 14], 4)?, var(&[10, 20, 5, 5], 5)?, var(&[10], 6)?];
+    let inputs = [
+        var(&[b, 20, 14, 14], 4)?,
+        var(&[10, 20, 5, 5], 5)?,
+        var(&[10], 6)?,
+    ];
     bench_op(
         "conv 20->10 5x5 valid relu",
         &inputs,
@@ -133,7 +154,11 @@ fn op_benches() -> Result<()> {
             &|v| ops::depthwise_conv2d_reference(&v[0], &v[1], s, (0, 0, 0, 0)),
         )?;
     }
-    let inputs = [var(&[b, 28, 13, 13], 14)?, var(&[16, 28, 1, 1], 15)?, var(&[16], 16)?];
+    let inputs = [
+        var(&[b, 28, 13, 13], 14)?,
+        var(&[16, 28, 1, 1], 15)?,
+        var(&[16], 16)?,
+    ];
     bench_op(
         "pointwise 28->16 1x1 relu",
         &inputs,
@@ -156,16 +181,35 @@ struct Model1 {
 
 impl Model1 {
     fn new(kernels: Kernels, vb: VarBuilder) -> Result<Self> {
-        let relu = Conv2dConfig { activation: Activation::Relu, kernels, ..Default::default() };
-        let bn = BatchNormConfig { kernels, ..Default::default() };
+        let relu = Conv2dConfig {
+            activation: Activation::Relu,
+            kernels,
+            ..Default::default()
+        };
+        let bn = BatchNormConfig {
+            kernels,
+            ..Default::default()
+        };
         Ok(Self {
-            c1: conv2d(1, 20, 7, Conv2dConfig { padding: Padding::Same, ..relu }, vb.pp("c1"))?,
+            c1: conv2d(
+                1,
+                20,
+                7,
+                Conv2dConfig {
+                    padding: Padding::Same,
+                    ..relu
+                },
+                vb.pp("c1"),
+            )?,
             bn1: batch_norm(20, bn, vb.pp("bn1"))?,
             c2: conv2d(20, 10, 5, relu, vb.pp("c2"))?,
             bn2: batch_norm(10, bn, vb.pp("bn2"))?,
             drop: dropout(0.5, shared_rng(1)),
             fc: linear(250, 10, vb.pp("fc"))?,
-            pool: MaxPool2dConfig { kernels, ..Default::default() },
+            pool: MaxPool2dConfig {
+                kernels,
+                ..Default::default()
+            },
         })
     }
 }
@@ -192,9 +236,22 @@ struct StockModel1 {
 
 impl StockModel1 {
     fn new(vb: VarBuilder) -> Result<Self> {
-        let bn = candle_nn::BatchNormConfig { eps: 1e-3, momentum: 0.01, ..Default::default() };
+        let bn = candle_nn::BatchNormConfig {
+            eps: 1e-3,
+            momentum: 0.01,
+            ..Default::default()
+        };
         Ok(Self {
-            c1: candle_nn::conv2d(1, 20, 7, candle_nn::Conv2dConfig { padding: 3, ..Default::default() }, vb.pp("c1"))?,
+            c1: candle_nn::conv2d(
+                1,
+                20,
+                7,
+                candle_nn::Conv2dConfig {
+                    padding: 3,
+                    ..Default::default()
+                },
+                vb.pp("c1"),
+            )?,
             bn1: candle_nn::batch_norm(20, bn, vb.pp("bn1"))?,
             c2: candle_nn::conv2d(20, 10, 5, Default::default(), vb.pp("c2"))?,
             bn2: candle_nn::batch_norm(10, bn, vb.pp("bn2"))?,
@@ -205,27 +262,54 @@ impl StockModel1 {
 
 impl ModuleT for StockModel1 {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let xs = xs.apply(&self.c1)?.relu()?.apply_t(&self.bn1, train)?.max_pool2d(2)?;
-        let xs = xs.apply(&self.c2)?.relu()?.apply_t(&self.bn2, train)?.max_pool2d(2)?;
-        let xs = if train { candle_nn::ops::dropout(&xs, 0.5)? } else { xs };
+        let xs = xs
+            .apply(&self.c1)?
+            .relu()?
+            .apply_t(&self.bn1, train)?
+            .max_pool2d(2)?;
+        let xs = xs
+            .apply(&self.c2)?
+            .relu()?
+            .apply_t(&self.bn2, train)?
+            .max_pool2d(2)?;
+        let xs = if train {
+            candle_nn::ops::dropout(&xs, 0.5)?
+        } else {
+            xs
+        };
         xs.flatten_from(1)?.apply(&self.fc)
     }
 }
 
 fn trainable(map: &candle_nn::VarMap) -> Vec<Var> {
     let data = map.data().lock().expect("varmap lock");
-    let mut names: Vec<_> = data.keys().filter(|k| !k.contains("running")).cloned().collect();
+    let mut names: Vec<_> = data
+        .keys()
+        .filter(|k| !k.contains("running"))
+        .cloned()
+        .collect();
     names.sort();
     names.iter().map(|k| data[k].clone()).collect()
 }
 
-fn step_bench(name: &str, model: &dyn ModuleT, map: &candle_nn::VarMap, batch: usize) -> Result<(f64, f64)> {
+fn step_bench(
+    name: &str,
+    model: &dyn ModuleT,
+    map: &candle_nn::VarMap,
+    batch: usize,
+) -> Result<(f64, f64)> {
     let x = rand_tensor(&[batch, 1, 28, 28], 3)?.affine(0.5, 0.5)?;
     let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
     let y = Tensor::from_vec(labels, batch, &Device::Cpu)?;
     let mut opt = candle_nn::AdamW::new(
         trainable(map),
-        ParamsAdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-7, weight_decay: 0.0 },
+        ParamsAdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-7,
+            weight_decay: 0.0,
+        },
     )?;
     let step = median_ms(5, 41, || {
         let logits = model.forward_t(&x, true)?;
@@ -246,7 +330,9 @@ fn step_bench(name: &str, model: &dyn ModuleT, map: &candle_nn::VarMap, batch: u
 }
 
 fn model_benches() -> Result<()> {
-    println!("== model 1, full training step (fwd + bwd + Adam) at batch 32, eval at batch 1000 ==");
+    println!(
+        "== model 1, full training step (fwd + bwd + Adam) at batch 32, eval at batch 1000 =="
+    );
     let m = SeededVarMap::new(0);
     let fast = Model1::new(Kernels::Auto, m.var_builder(DType::F32, &Device::Cpu))?;
     let (sf, ef) = step_bench("mnist-layers, Kernels::Auto", &fast, m.var_map(), 32)?;
@@ -267,6 +353,8 @@ fn model_benches() -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    let tuned = std::env::var_os("LAYERS_NO_MALLOC_TUNE").is_none() && layers::tune_allocator();
+    println!("glibc malloc tuned (mnist_layers::tune_allocator): {tuned}");
     println!(
         "rayon threads: {}  (layers crate: {})",
         rayon::current_num_threads(),
@@ -278,6 +366,45 @@ fn main() -> Result<()> {
     }
     if only.as_deref().is_none_or(|a| a == "model") {
         model_benches()?;
+    }
+    if only.as_deref() == Some("fast") {
+        // Only the fast model, many steps (for profiling).
+        let m = SeededVarMap::new(0);
+        let fast = Model1::new(Kernels::Auto, m.var_builder(DType::F32, &Device::Cpu))?;
+        let x = rand_tensor(&[32, 1, 28, 28], 3)?.affine(0.5, 0.5)?;
+        let y = Tensor::from_vec(
+            (0..32u32).map(|i| i % 10).collect::<Vec<_>>(),
+            32,
+            &Device::Cpu,
+        )?;
+        let mut opt = candle_nn::AdamW::new(
+            trainable(m.var_map()),
+            ParamsAdamW {
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )?;
+        let mut phase = [0f64; 3];
+        let n = 300;
+        for _ in 0..n {
+            let t0 = Instant::now();
+            let logits = fast.forward_t(&x, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            let t2 = Instant::now();
+            opt.step(&grads)?;
+            let t3 = Instant::now();
+            phase[0] += (t1 - t0).as_secs_f64();
+            phase[1] += (t2 - t1).as_secs_f64();
+            phase[2] += (t3 - t2).as_secs_f64();
+        }
+        println!(
+            "mean over {n} steps: forward+loss {:.3} ms, backward {:.3} ms, adam {:.3} ms",
+            phase[0] * 1e3 / n as f64,
+            phase[1] * 1e3 / n as f64,
+            phase[2] * 1e3 / n as f64
+        );
     }
     Ok(())
 }

@@ -23,25 +23,29 @@ pub const LABELS_MAGIC: u32 = 0x0000_0801;
 const MAX_PREALLOC: usize = 64 << 20;
 
 /// An open IDX stream that maps read errors to the right [`DataError`] variant.
-struct IdxReader {
+struct IdxReader<'a> {
     path: PathBuf,
     gz: bool,
-    inner: Box<dyn Read>,
+    inner: Box<dyn Read + 'a>,
 }
 
-impl IdxReader {
+impl<'a> IdxReader<'a> {
     fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|source| DataError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut buf = BufReader::with_capacity(1 << 16, file);
+        Self::from_buf(path, BufReader::with_capacity(1 << 16, file))
+    }
+
+    /// Wraps an already open stream; `path` only names it in errors.
+    fn from_buf(path: &Path, mut buf: impl BufRead + 'a) -> Result<Self> {
         let head = buf.fill_buf().map_err(|source| DataError::Io {
             path: path.to_path_buf(),
             source,
         })?;
         let gz = head.starts_with(&[0x1f, 0x8b]);
-        let inner: Box<dyn Read> = if gz {
+        let inner: Box<dyn Read + 'a> = if gz {
             Box::new(MultiGzDecoder::new(buf))
         } else {
             Box::new(buf)
@@ -151,7 +155,16 @@ impl IdxReader {
 /// Returns `(pixels, n, rows, cols)` with `pixels.len() == n * rows * cols`, row-major. The dimensions are
 /// not checked against 28x28 here ([`crate::load_dir`] does that); the file length is checked exactly.
 pub fn read_idx_images(path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
-    let mut r = IdxReader::open(path)?;
+    images_from(IdxReader::open(path)?, path)
+}
+
+/// Parses the bytes of an IDX image file (gzipped or raw) like [`read_idx_images`]; `name` only names
+/// the data in errors.
+pub fn parse_idx_images(bytes: &[u8], name: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
+    images_from(IdxReader::from_buf(name, bytes)?, name)
+}
+
+fn images_from(mut r: IdxReader<'_>, path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
     let dims = r.header(IMAGES_MAGIC, 3)?;
     let (n, rows, cols) = (dims[0], dims[1], dims[2]);
     let len = (n as u64)
@@ -164,7 +177,16 @@ pub fn read_idx_images(path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
 
 /// Reads an IDX label file (magic 0x00000801), gzipped or raw. Values are not range-checked here.
 pub fn read_idx_labels(path: &Path) -> Result<Vec<u8>> {
-    let mut r = IdxReader::open(path)?;
+    labels_from(IdxReader::open(path)?, path)
+}
+
+/// Parses the bytes of an IDX label file (gzipped or raw) like [`read_idx_labels`]; `name` only names
+/// the data in errors.
+pub fn parse_idx_labels(bytes: &[u8], name: &Path) -> Result<Vec<u8>> {
+    labels_from(IdxReader::from_buf(name, bytes)?, name)
+}
+
+fn labels_from(mut r: IdxReader<'_>, path: &Path) -> Result<Vec<u8>> {
     let n = r.header(LABELS_MAGIC, 1)?[0];
     let data = r.payload(8, Some(n as u64))?;
     tracing::debug!(path = %path.display(), n, gz = r.gz, "read IDX labels");
@@ -182,7 +204,7 @@ pub fn write_idx_images(path: &Path, images: &[u8], rows: usize, cols: usize) ->
             path.display()
         ))
     })?;
-    if images.len() % size != 0 {
+    if !images.len().is_multiple_of(size) {
         return Err(DataError::Config(format!(
             "{}: {} pixel bytes is not a whole number of {rows}x{cols} images",
             path.display(),

@@ -30,10 +30,10 @@ pub use dataset::{
 };
 pub use error::{DataError, Result};
 pub use idx::{
-    read_idx_images, read_idx_labels, write_idx_images, write_idx_labels, IMAGES_MAGIC,
-    LABELS_MAGIC,
+    parse_idx_images, parse_idx_labels, read_idx_images, read_idx_labels, write_idx_images,
+    write_idx_labels, IMAGES_MAGIC, LABELS_MAGIC,
 };
-pub use source::{DataSource, DEBIAN_FASHION_DIR};
+pub use source::{save_tensors, DataSource, DEBIAN_FASHION_DIR};
 
 /// Side of an MNIST image, in pixels.
 pub const IMAGE_SIDE: usize = 28;

@@ -200,12 +200,10 @@ fn tensors_to_u8(images: &Tensor, labels: &Tensor, what: &str) -> Result<(Vec<u8
     Ok((pixels, labels.into_iter().map(|l| l as u8).collect()))
 }
 
-/// Saves train and test tensors (candle-datasets layout) as the four gzipped IDX files in `dir`.
-pub(crate) fn save_tensors(
-    dir: &Path,
-    train: (&Tensor, &Tensor),
-    test: (&Tensor, &Tensor),
-) -> Result<()> {
+/// Saves train and test `(images, labels)` tensors in candle-datasets' layout (`f32 [n, 784]` pixels
+/// / 255, integer labels `[n]`) as the four gzipped IDX files in `dir` (created if needed; each file is
+/// written to a temporary name and renamed). Pixels are rounded back to `u8` exactly.
+pub fn save_tensors(dir: &Path, train: (&Tensor, &Tensor), test: (&Tensor, &Tensor)) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| DataError::Io {
         path: dir.to_path_buf(),
         source,

@@ -63,8 +63,18 @@ pub struct Conv2d {
 
 /// Builds a [`Conv2d`]: `"weight" [out_c, in_c, k, k]` glorot-uniform (fan_in = in_c*k*k,
 /// fan_out = out_c*k*k), `"bias" [out_c]` zeros when `cfg.bias`.
-pub fn conv2d(in_c: usize, out_c: usize, k: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
-    check_config("conv2d", &[("in_c", in_c), ("out_c", out_c), ("kernel", k)], &cfg)?;
+pub fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    check_config(
+        "conv2d",
+        &[("in_c", in_c), ("out_c", out_c), ("kernel", k)],
+        &cfg,
+    )?;
     let weight = vb.get_with_hints(
         (out_c, in_c, k, k),
         "weight",
@@ -75,7 +85,13 @@ pub fn conv2d(in_c: usize, out_c: usize, k: usize, cfg: Conv2dConfig, vb: VarBui
     } else {
         None
     };
-    Ok(Conv2d { weight, bias, in_c, k, config: cfg })
+    Ok(Conv2d {
+        weight,
+        bias,
+        in_c,
+        k,
+        config: cfg,
+    })
 }
 
 impl Conv2d {
@@ -120,7 +136,12 @@ pub struct DepthwiseConv2d {
 
 /// Builds a [`DepthwiseConv2d`]: `"weight" [c, 1, k, k]` glorot-uniform with fan_in = fan_out = k*k
 /// (Keras depthwise, multiplier 1), `"bias" [c]` zeros when `cfg.bias`.
-pub fn depthwise_conv2d(c: usize, k: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<DepthwiseConv2d> {
+pub fn depthwise_conv2d(
+    c: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<DepthwiseConv2d> {
     check_config("depthwise_conv2d", &[("channels", c), ("kernel", k)], &cfg)?;
     let weight = vb.get_with_hints((c, 1, k, k), "weight", glorot_uniform(k * k, k * k))?;
     let bias = if cfg.bias {
@@ -128,7 +149,13 @@ pub fn depthwise_conv2d(c: usize, k: usize, cfg: Conv2dConfig, vb: VarBuilder) -
     } else {
         None
     };
-    Ok(DepthwiseConv2d { weight, bias, c, k, config: cfg })
+    Ok(DepthwiseConv2d {
+        weight,
+        bias,
+        c,
+        k,
+        config: cfg,
+    })
 }
 
 impl DepthwiseConv2d {
@@ -183,11 +210,22 @@ pub fn separable_conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<SeparableConv2d> {
-    let dw_cfg = Conv2dConfig { activation: Activation::None, bias: false, ..cfg };
-    let pw_cfg = Conv2dConfig { stride: 1, padding: Padding::Valid, ..cfg };
+    let dw_cfg = Conv2dConfig {
+        activation: Activation::None,
+        bias: false,
+        ..cfg
+    };
+    let pw_cfg = Conv2dConfig {
+        stride: 1,
+        padding: Padding::Valid,
+        ..cfg
+    };
     let depthwise = depthwise_conv2d(in_c, k, dw_cfg, vb.pp("depthwise"))?;
     let pointwise = conv2d(in_c, out_c, 1, pw_cfg, vb.pp("pointwise"))?;
-    Ok(SeparableConv2d { depthwise, pointwise })
+    Ok(SeparableConv2d {
+        depthwise,
+        pointwise,
+    })
 }
 
 impl SeparableConv2d {
@@ -218,18 +256,38 @@ mod tests {
     fn conv_layer_shapes_and_params() {
         let m = SeededVarMap::new(0);
         let vb = m.var_builder(DType::F32, &Device::Cpu);
-        let cfg = Conv2dConfig { padding: Padding::Same, activation: Activation::Relu, ..Default::default() };
+        let cfg = Conv2dConfig {
+            padding: Padding::Same,
+            activation: Activation::Relu,
+            ..Default::default()
+        };
         let c1 = conv2d(1, 20, 7, cfg, vb.pp("c1")).unwrap();
         let x = rand_t(&[2, 1, 28, 28], 1);
         assert_eq!(x.apply(&c1).unwrap().dims(), &[2, 20, 28, 28]);
         let s = separable_conv2d(1, 28, 3, Conv2dConfig::default(), vb.pp("s1")).unwrap();
         assert_eq!(x.apply(&s).unwrap().dims(), &[2, 28, 26, 26]);
-        let s2 = separable_conv2d(7, 2, 3, Conv2dConfig { stride: 2, ..Default::default() }, vb.pp("s2")).unwrap();
-        assert_eq!(rand_t(&[2, 7, 28, 28], 2).apply(&s2).unwrap().dims(), &[2, 2, 13, 13]);
+        let s2 = separable_conv2d(
+            7,
+            2,
+            3,
+            Conv2dConfig {
+                stride: 2,
+                ..Default::default()
+            },
+            vb.pp("s2"),
+        )
+        .unwrap();
+        assert_eq!(
+            rand_t(&[2, 7, 28, 28], 2).apply(&s2).unwrap().dims(),
+            &[2, 2, 13, 13]
+        );
         // 1000 conv + 65 + 79 parameters
         let n: usize = m.var_map().all_vars().iter().map(|v| v.elem_count()).sum();
         assert_eq!(n, 1000 + 65 + 79);
-        assert!(x.apply(&s2).is_err(), "wrong channel count must be rejected");
+        assert!(
+            x.apply(&s2).is_err(),
+            "wrong channel count must be rejected"
+        );
         assert!(conv2d(1, 2, 0, cfg, vb.pp("bad")).is_err());
     }
 
@@ -237,10 +295,29 @@ mod tests {
     fn fast_and_reference_layers_agree() {
         let m = SeededVarMap::new(1);
         let vb = m.var_builder(DType::F32, &Device::Cpu);
-        let cfg = Conv2dConfig { padding: Padding::Same, activation: Activation::Relu, ..Default::default() };
+        let cfg = Conv2dConfig {
+            padding: Padding::Same,
+            activation: Activation::Relu,
+            ..Default::default()
+        };
         let fast = separable_conv2d(3, 5, 5, cfg, vb.pp("s")).unwrap();
-        let refr = separable_conv2d(3, 5, 5, Conv2dConfig { kernels: Kernels::Reference, ..cfg }, vb.pp("s")).unwrap();
+        let refr = separable_conv2d(
+            3,
+            5,
+            5,
+            Conv2dConfig {
+                kernels: Kernels::Reference,
+                ..cfg
+            },
+            vb.pp("s"),
+        )
+        .unwrap();
         let x = rand_t(&[3, 3, 12, 11], 3);
-        assert_close(&x.apply(&fast).unwrap(), &x.apply(&refr).unwrap(), 1e-5, "separable");
+        assert_close(
+            &x.apply(&fast).unwrap(),
+            &x.apply(&refr).unwrap(),
+            1e-5,
+            "separable",
+        );
     }
 }

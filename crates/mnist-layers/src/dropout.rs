@@ -29,7 +29,9 @@ impl Dropout {
 impl ModuleT for Dropout {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if !(0.0..1.0).contains(&self.p) {
-            return Err(LayerError::Config(format!("dropout: p = {} must be in [0, 1)", self.p)).into());
+            return Err(
+                LayerError::Config(format!("dropout: p = {} must be in [0, 1)", self.p)).into(),
+            );
         }
         if !train || self.p == 0.0 {
             return Ok(xs.clone());
@@ -38,7 +40,13 @@ impl ModuleT for Dropout {
         let mask: Vec<f32> = {
             let mut rng = self.rng.lock().map_err(|_| LayerError::RngPoisoned)?;
             (0..xs.elem_count())
-                .map(|_| if rng.random::<f32>() < self.p { 0.0 } else { scale })
+                .map(|_| {
+                    if rng.random::<f32>() < self.p {
+                        0.0
+                    } else {
+                        scale
+                    }
+                })
                 .collect()
         };
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;

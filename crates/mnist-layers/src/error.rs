@@ -29,7 +29,11 @@ impl From<LayerError> for candle_core::Error {
 }
 
 /// Shorthand to build a [`LayerError::Shape`] wrapped in a candle error.
-pub(crate) fn shape_err(op: &'static str, expected: impl Into<String>, got: &[usize]) -> candle_core::Error {
+pub(crate) fn shape_err(
+    op: &'static str,
+    expected: impl Into<String>,
+    got: &[usize],
+) -> candle_core::Error {
     LayerError::Shape {
         op,
         expected: expected.into(),

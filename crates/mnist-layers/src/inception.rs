@@ -114,14 +114,14 @@ pub fn inception_module(
                     c = out;
                     BranchOp::Layer(Box::new(m))
                 }
-                BranchLayer::MaxPool { k } => BranchOp::Layer(Box::new(MaxPool2d(
-                    MaxPool2dConfig {
+                BranchLayer::MaxPool { k } => {
+                    BranchOp::Layer(Box::new(MaxPool2d(MaxPool2dConfig {
                         kernel: k,
                         stride: 1,
                         padding: Padding::Same,
                         kernels: cfg.kernels,
-                    },
-                ))),
+                    })))
+                }
                 BranchLayer::BatchNorm => {
                     BranchOp::LayerT(Box::new(batch_norm(c, cfg.batch_norm, vb_l)?))
                 }

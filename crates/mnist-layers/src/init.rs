@@ -98,7 +98,11 @@ impl SeededVarMap {
 impl SimpleBackend for SeededVarMap {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
         {
-            let data = self.map.data().lock().map_err(|_| LayerError::RngPoisoned)?;
+            let data = self
+                .map
+                .data()
+                .lock()
+                .map_err(|_| LayerError::RngPoisoned)?;
             if let Some(var) = data.get(name) {
                 if var.shape() != &s {
                     candle_core::bail!(
@@ -142,9 +146,17 @@ mod tests {
     fn build(seed: u64) -> Vec<(String, Vec<f32>)> {
         let m = SeededVarMap::new(seed);
         let vb = m.var_builder(DType::F32, &Device::Cpu);
-        vb.get_with_hints((4, 3), "a", glorot_uniform(3, 4)).unwrap();
-        vb.get_with_hints(5, "b", Init::Randn { mean: 1.0, stdev: 2.0 })
+        vb.get_with_hints((4, 3), "a", glorot_uniform(3, 4))
             .unwrap();
+        vb.get_with_hints(
+            5,
+            "b",
+            Init::Randn {
+                mean: 1.0,
+                stdev: 2.0,
+            },
+        )
+        .unwrap();
         vb.get_with_hints(2, "c", Init::Const(0.5)).unwrap();
         let data = m.var_map().data().lock().unwrap();
         let mut out: Vec<_> = data
@@ -152,7 +164,11 @@ mod tests {
             .map(|(k, v)| {
                 (
                     k.clone(),
-                    v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    v.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
                 )
             })
             .collect();
@@ -189,7 +205,14 @@ mod tests {
         let m = SeededVarMap::new(3);
         let vb = m.var_builder(DType::F32, &Device::Cpu);
         let t = vb
-            .get_with_hints(20_000, "n", Init::Randn { mean: 1.0, stdev: 2.0 })
+            .get_with_hints(
+                20_000,
+                "n",
+                Init::Randn {
+                    mean: 1.0,
+                    stdev: 2.0,
+                },
+            )
             .unwrap();
         let v = t.to_vec1::<f32>().unwrap();
         let mean = v.iter().sum::<f32>() / v.len() as f32;

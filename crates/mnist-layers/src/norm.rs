@@ -21,7 +21,12 @@ pub struct BatchNormConfig {
 
 impl Default for BatchNormConfig {
     fn default() -> Self {
-        Self { eps: 1e-3, momentum: 0.99, affine: true, kernels: Kernels::Auto }
+        Self {
+            eps: 1e-3,
+            momentum: 0.99,
+            affine: true,
+            kernels: Kernels::Auto,
+        }
     }
 }
 
@@ -46,7 +51,7 @@ pub fn batch_norm(c: usize, cfg: BatchNormConfig, vb: VarBuilder) -> Result<Batc
     if c == 0 {
         return Err(LayerError::Config("batch_norm: channels must be positive".into()).into());
     }
-    if !(cfg.eps > 0.0) || !(0.0..=1.0).contains(&cfg.momentum) {
+    if cfg.eps.is_nan() || cfg.eps <= 0.0 || !(0.0..=1.0).contains(&cfg.momentum) {
         return Err(LayerError::Config(format!(
             "batch_norm: eps ({}) must be > 0 and momentum ({}) in [0, 1]",
             cfg.eps, cfg.momentum
@@ -64,9 +69,17 @@ pub fn batch_norm(c: usize, cfg: BatchNormConfig, vb: VarBuilder) -> Result<Batc
             Tensor::zeros(c, vb.dtype(), vb.device())?,
         )
     };
-    let running_mean = Var::from_tensor(&vb.get_with_hints(c, "running_mean", Init::Const(0.0))?)?;
+    let running_mean =
+        Var::from_tensor(&vb.get_with_hints(c, "running_mean", Init::Const(0.0))?)?;
     let running_var = Var::from_tensor(&vb.get_with_hints(c, "running_var", Init::Const(1.0))?)?;
-    Ok(BatchNorm { gamma, beta, running_mean, running_var, c, config: cfg })
+    Ok(BatchNorm {
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        c,
+        config: cfg,
+    })
 }
 
 impl BatchNorm {
@@ -95,7 +108,8 @@ impl BatchNorm {
         let m = self.config.momentum;
         let dt = self.running_mean.dtype();
         let upd = |run: &Var, batch: &Tensor| -> Result<()> {
-            let new = ((run.as_tensor().detach() * m)? + (batch.detach().to_dtype(dt)? * (1.0 - m))?)?;
+            let new =
+                ((run.as_tensor().detach() * m)? + (batch.detach().to_dtype(dt)? * (1.0 - m))?)?;
             run.set(&new)
         };
         upd(&self.running_mean, mean)?;
@@ -106,7 +120,11 @@ impl BatchNorm {
 impl ModuleT for BatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if xs.rank() != 4 || xs.dim(1)? != self.c {
-            return Err(shape_err("batch_norm", format!("[b, {}, h, w]", self.c), xs.dims()));
+            return Err(shape_err(
+                "batch_norm",
+                format!("[b, {}, h, w]", self.c),
+                xs.dims(),
+            ));
         }
         let fast = self.config.kernels.use_fast(xs);
         if train {
@@ -143,13 +161,22 @@ mod tests {
         for kernels in [Kernels::Auto, Kernels::Reference] {
             let m = SeededVarMap::new(0);
             let vb = m.var_builder(DType::F32, &Device::Cpu);
-            let cfg = BatchNormConfig { kernels, ..Default::default() };
+            let cfg = BatchNormConfig {
+                kernels,
+                ..Default::default()
+            };
             let bn = batch_norm(3, cfg, vb.pp("bn")).unwrap();
             let x1 = rand_t(&[4, 3, 5, 5], 1).affine(3.0, 1.0).unwrap();
             let x2 = (rand_t(&[4, 3, 5, 5], 2) - 2.0).unwrap();
             let stats = |x: &Tensor| {
                 let mean = x.mean_keepdim((0, 2, 3)).unwrap();
-                let var = x.broadcast_sub(&mean).unwrap().sqr().unwrap().mean((0, 2, 3)).unwrap();
+                let var = x
+                    .broadcast_sub(&mean)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .mean((0, 2, 3))
+                    .unwrap();
                 (mean.flatten_all().unwrap(), var)
             };
             let (m1, v1) = stats(&x1);
@@ -166,14 +193,26 @@ mod tests {
             assert_close(bn.running_var(), &rv, 1e-6, "running var");
             // The VarMap sees the update (it is what gets saved).
             let data = m.var_map().data().lock().unwrap();
-            assert_close(data["bn.running_mean"].as_tensor(), &rm, 1e-6, "varmap running mean");
+            assert_close(
+                data["bn.running_mean"].as_tensor(),
+                &rm,
+                1e-6,
+                "varmap running mean",
+            );
             drop(data);
             // Eval uses the running statistics.
             let y = bn.forward_t(&x1, false).unwrap();
             let expect = x1
                 .broadcast_sub(&rm.reshape((1, 3, 1, 1)).unwrap())
                 .unwrap()
-                .broadcast_div(&(rv + 1e-3).unwrap().sqrt().unwrap().reshape((1, 3, 1, 1)).unwrap())
+                .broadcast_div(
+                    &(rv + 1e-3)
+                        .unwrap()
+                        .sqrt()
+                        .unwrap()
+                        .reshape((1, 3, 1, 1))
+                        .unwrap(),
+                )
                 .unwrap();
             assert_close(&y, &expect, 1e-5, "eval");
         }
@@ -182,7 +221,12 @@ mod tests {
     #[test]
     fn training_output_is_normalised() {
         let m = SeededVarMap::new(0);
-        let bn = batch_norm(2, BatchNormConfig::default(), m.var_builder(DType::F32, &Device::Cpu)).unwrap();
+        let bn = batch_norm(
+            2,
+            BatchNormConfig::default(),
+            m.var_builder(DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         let x = rand_t(&[8, 2, 4, 4], 9).affine(5.0, 3.0).unwrap();
         let y = bn.forward_t(&x, true).unwrap();
         let mean = y.mean((0, 2, 3)).unwrap().to_vec1::<f32>().unwrap();

@@ -20,7 +20,12 @@ pub struct MaxPool2dConfig {
 
 impl Default for MaxPool2dConfig {
     fn default() -> Self {
-        Self { kernel: 2, stride: 2, padding: Padding::Valid, kernels: Kernels::Auto }
+        Self {
+            kernel: 2,
+            stride: 2,
+            padding: Padding::Valid,
+            kernels: Kernels::Auto,
+        }
     }
 }
 
@@ -67,10 +72,21 @@ mod tests {
     #[test]
     fn same_padding_stride_one_keeps_size() {
         let x = rand_t(&[2, 2, 28, 28], 1);
-        let cfg = MaxPool2dConfig { stride: 1, padding: Padding::Same, ..Default::default() };
+        let cfg = MaxPool2dConfig {
+            stride: 1,
+            padding: Padding::Same,
+            ..Default::default()
+        };
         let y = max_pool2d(&x, cfg).unwrap();
         assert_eq!(y.dims(), &[2, 2, 28, 28]);
-        let yr = max_pool2d(&x, MaxPool2dConfig { kernels: Kernels::Reference, ..cfg }).unwrap();
+        let yr = max_pool2d(
+            &x,
+            MaxPool2dConfig {
+                kernels: Kernels::Reference,
+                ..cfg
+            },
+        )
+        .unwrap();
         assert_close(&y, &yr, 0.0, "same pool");
         let y = x.apply(&MaxPool2d(MaxPool2dConfig::default())).unwrap();
         assert_eq!(y.dims(), &[2, 2, 14, 14]);

@@ -13,7 +13,11 @@ use mnist_models::{ModelConfig, Solution, Variant};
 use mnist_optim::ScheduleConfig;
 
 use crate::{
-    default_run_dir, evaluate, load_weights, read_json, run_training, LogReporter,
+    load_checkpoint, run_training_with, Checkpoint, Interrupt, RunOptions, TrainError,
+    INTERRUPTED_EXIT_CODE,
+};
+use crate::{
+    default_run_dir, evaluate, load_weights, read_json, LogReporter,
     ProgressReporter, Reporter, TrainConfig, CONFIG_FILE,
 };
 
@@ -38,6 +42,12 @@ enum Command {
     Evaluate(EvalArgs),
     /// Print the model's layers and parameter counts, like Keras's model.summary().
     Summary(SummaryArgs),
+    /// Classify image files (PNG or JPEG, any size, grey or colour) with saved weights. Exit code 1 when any
+    /// file could not be classified (after printing the results of all the others).
+    Predict(PredictArgs),
+    /// Compare finished runs (run folders, or folders of runs): a table, and per configuration trained
+    /// with several seeds the mean, standard deviation and min of the test accuracy.
+    Compare(CompareArgs),
 }
 
 fn positive_f64(s: &str) -> std::result::Result<f64, String> {
@@ -125,6 +135,17 @@ struct TrainArgs {
     /// No progress bar; one log line per epoch.
     #[arg(long)]
     quiet: bool,
+    /// Continue the run in DIR from its last complete epoch (its config.json gives every setting;
+    /// only --epochs may change, to extend the run).
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = [
+            "variant", "batch_size", "lr", "schedule", "plateau_factor", "augment", "no_augment",
+            "seed", "out", "limit_train", "kernels", "dataset",
+        ]
+    )]
+    resume: Option<PathBuf>,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -172,7 +193,14 @@ pub fn main(solution: Solution) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            let interrupted = e.chain().any(|c| {
+                matches!(c.downcast_ref::<TrainError>(), Some(TrainError::Interrupted { .. }))
+            });
+            if interrupted {
+                ExitCode::from(INTERRUPTED_EXIT_CODE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -193,6 +221,8 @@ fn run(solution: Solution, cli: Cli) -> Result<()> {
         None => train(solution, cli.train),
         Some(Command::Evaluate(args)) => evaluate_cmd(solution, args),
         Some(Command::Summary(args)) => summary_cmd(solution, args),
+        Some(Command::Predict(args)) => predict_cmd(solution, args),
+        Some(Command::Compare(args)) => compare_cmd(args),
     }
 }
 
@@ -255,18 +285,48 @@ fn train(solution: Solution, args: TrainArgs) -> Result<()> {
     if args.plateau_factor.is_some_and(|f| f < 1.0) {
         bail!("--plateau-factor must be at least 1 (1 = off), got {}", args.plateau_factor.unwrap_or(0.0));
     }
-    let cfg = train_config(solution, &args);
-    cfg.validate()?;
-    let out = args.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
-    let data = load_data(&args.data)?;
+    // Installed first, so Ctrl-C while the data loads also stops cleanly.
+    let interrupt = Interrupt::install()?;
+    let (cfg, out, resume) = match &args.resume {
+        Some(dir) => resume_config(solution, &args, dir)?,
+        None => {
+            let cfg = train_config(solution, &args);
+            cfg.validate()?;
+            let out = args.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
+            (cfg, out, None)
+        }
+    };
+    let data = load_data(&DataArgs {
+        data_dir: args.data.data_dir.clone(),
+        dataset: cfg.dataset,
+    })?;
     let device = Device::Cpu;
     let mut reporter: Box<dyn Reporter> = if args.quiet {
         Box::new(LogReporter::default())
     } else {
         Box::new(ProgressReporter::new())
     };
-    let results = run_training(&cfg, &data, &out, &device, reporter.as_mut())
-        .with_context(|| format!("training {solution} ({}) into {}", cfg.model.variant, out.display()))?;
+    let stop = interrupt.flag();
+    let options = RunOptions {
+        resume,
+        stop: Some(stop.as_ref()),
+    };
+    let what = format!("training {solution} ({}) into {}", cfg.model.variant, out.display());
+    let results = match run_training_with(&cfg, &data, &out, &device, reporter.as_mut(), options) {
+        Ok(results) => results,
+        Err(e @ TrainError::Interrupted { completed, .. }) => {
+            let hint = if completed > 0 {
+                format!(
+                    "the checkpoint of epoch {completed} is kept: resume with `solution-{solution} train --resume {}`",
+                    out.display()
+                )
+            } else {
+                "no epoch was complete, so there is nothing to resume: start again".to_string()
+            };
+            return Err(anyhow::Error::new(e).context(format!("{what} stopped by a signal; {hint}")));
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(what)),
+    };
     let mean_epoch = results.epoch_seconds.iter().sum::<f64>() / results.epoch_seconds.len().max(1) as f64;
     println!(
         "{solution} ({}), {} params, seed {}: test accuracy {:.2}% (loss {:.4}) after {} epochs, {:.1} s/epoch; saved to {}",
@@ -280,6 +340,51 @@ fn train(solution: Solution, args: TrainArgs) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// The settings of `train --resume DIR`: `DIR/config.json` with `--epochs` as the only change, and the
+/// checkpoint of the last complete epoch.
+fn resume_config(
+    solution: Solution,
+    args: &TrainArgs,
+    dir: &Path,
+) -> Result<(TrainConfig, PathBuf, Option<Checkpoint>)> {
+    let config_path = dir.join(CONFIG_FILE);
+    let mut cfg: TrainConfig = read_json(&config_path)
+        .with_context(|| format!("--resume {}: not a run folder", dir.display()))?;
+    if cfg.model.solution != solution {
+        bail!(
+            "{} is a '{}' run, not '{solution}': use solution-{} train --resume {}",
+            dir.display(),
+            cfg.model.solution,
+            cfg.model.solution,
+            dir.display()
+        );
+    }
+    let ckpt = load_checkpoint(dir, &Device::Cpu)?;
+    if let Some(epochs) = args.epochs {
+        if epochs < ckpt.state.epoch {
+            bail!(
+                "--epochs {epochs} is fewer than the {} epochs {} has already completed",
+                ckpt.state.epoch,
+                dir.display()
+            );
+        }
+        let depends_on_length = !matches!(
+            cfg.schedule,
+            ScheduleConfig::Constant | ScheduleConfig::Plateau { .. }
+        );
+        if epochs != cfg.epochs && depends_on_length {
+            tracing::warn!(
+                "--epochs {epochs} changes the length of the {:?} schedule (was {} epochs): the learning rates from here on differ from those of an uninterrupted run",
+                cfg.schedule,
+                cfg.epochs
+            );
+        }
+        cfg.epochs = epochs;
+    }
+    cfg.validate()?;
+    Ok((cfg, dir.to_path_buf(), Some(ckpt)))
 }
 
 /// The model config of a weights file: `config.json` beside it, or the flags.
@@ -351,6 +456,114 @@ fn summary_cmd(solution: Solution, args: SummaryArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!("{summary}");
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+struct PredictArgs {
+    /// The weights file (model.safetensors of a run folder; its config.json says which model).
+    #[arg(long, value_name = "FILE")]
+    weights: PathBuf,
+    /// The variant, when no config.json lies beside the weights.
+    #[arg(long)]
+    variant: Option<Variant>,
+    /// How many of the most probable classes to print per file.
+    #[arg(long, default_value_t = 3, value_parser = positive_usize)]
+    top: usize,
+    /// Print one JSON list with an object per file: {file, digit, class, probabilities} or {file, error}.
+    #[arg(long)]
+    json: bool,
+    /// Image files, one digit (or Fashion-MNIST item) each.
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// Run folders (each holding results.json), or folders whose sub-folders are runs.
+    #[arg(required = true, value_name = "RUN_DIR")]
+    runs: Vec<PathBuf>,
+    /// Print one JSON object ({runs, groups}) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The data set a weights file was trained on: config.json beside it says, else MNIST.
+fn dataset_for(weights: &Path) -> Result<Dataset> {
+    let config_path = weights.with_file_name(CONFIG_FILE);
+    if config_path.is_file() {
+        let cfg: TrainConfig = read_json(&config_path)?;
+        Ok(cfg.dataset)
+    } else {
+        Ok(Dataset::Mnist)
+    }
+}
+
+fn predict_cmd(solution: Solution, args: PredictArgs) -> Result<()> {
+    let model = model_config_for(solution, &args.weights, args.variant)?;
+    let names = crate::plots::class_names(dataset_for(&args.weights)?);
+    let predictor = crate::predict::Predictor::load(&model, &args.weights, &Device::Cpu)?;
+    let loaded: Vec<_> = args
+        .images
+        .iter()
+        .map(|path| crate::predict::load_mnist_image(path))
+        .collect();
+    let good: Vec<Vec<u8>> = loaded.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+    let mut predictions = predictor.predict(&good)?.into_iter();
+    let mut failed = 0usize;
+    let mut json = Vec::with_capacity(args.images.len());
+    for (path, image) in args.images.iter().zip(&loaded) {
+        let file = path.display().to_string();
+        let prediction = match image {
+            Ok(_) => predictions.next(),
+            Err(_) => None,
+        };
+        match (image, prediction) {
+            (Ok(_), Some(p)) => {
+                let class = names.get(p.digit as usize).copied().unwrap_or("?");
+                if args.json {
+                    json.push(serde_json::json!({
+                        "file": file,
+                        "digit": p.digit,
+                        "class": class,
+                        "probabilities": p.probabilities,
+                    }));
+                } else {
+                    let top: Vec<String> = p
+                        .top(args.top)
+                        .iter()
+                        .map(|(c, prob)| format!("{} {:.1}%", names.get(*c as usize).copied().unwrap_or("?"), 100.0 * prob))
+                        .collect();
+                    println!("{file}: {class} (top: {})", top.join(", "));
+                }
+            }
+            (Err(e), _) => {
+                failed += 1;
+                if args.json {
+                    json.push(serde_json::json!({ "file": file, "error": e.to_string() }));
+                } else {
+                    eprintln!("error: {e}");
+                }
+            }
+            (Ok(_), None) => bail!("{file}: the model returned no prediction"),
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Array(json));
+    }
+    if failed > 0 {
+        bail!("{failed} of {} files could not be classified", args.images.len());
+    }
+    Ok(())
+}
+
+fn compare_cmd(args: CompareArgs) -> Result<()> {
+    let comparison = crate::compare::compare(&args.runs)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&comparison)?);
+    } else {
+        println!("{comparison}");
     }
     Ok(())
 }

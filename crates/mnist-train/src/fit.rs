@@ -1,5 +1,6 @@
 //! The training loop and evaluation.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
@@ -9,7 +10,7 @@ use mnist_layers::init::SeededVarMap;
 use mnist_layers::SharedRng;
 use mnist_metrics::{argmax_rows, Accuracy, ConfusionMatrix, MeanLoss};
 use mnist_models::{build, is_trainable, Net};
-use mnist_optim::{Adam, Scheduler};
+use mnist_optim::{Adam, AdamState, Scheduler, SchedulerState};
 use serde::{Deserialize, Serialize};
 
 use crate::{Reporter, TrainConfig, TrainError};
@@ -55,7 +56,11 @@ impl Trained {
     pub fn init(cfg: &TrainConfig, device: &Device) -> Result<Self, TrainError> {
         let vars = SeededVarMap::new(cfg.seed);
         let dropout = mnist_models::dropout_rng(cfg.seed);
-        let net = build(&cfg.model, vars.var_builder(DType::F32, device), dropout.clone())?;
+        let net = build(
+            &cfg.model,
+            vars.var_builder(DType::F32, device),
+            dropout.clone(),
+        )?;
         Ok(Self { net, vars, dropout })
     }
 
@@ -118,8 +123,49 @@ pub fn evaluate(net: &Net, split: &Split, device: &Device) -> Result<Evaluation,
     })
 }
 
+/// Where a resumed run starts: the state after its last complete epoch (see [`crate::Checkpoint`]).
+///
+/// The random generators need no state of their own: the shuffle and dropout generators are derived
+/// from `(seed, stream, epoch)` at each epoch start, so `epoch` is their state.
+#[derive(Debug, Clone)]
+pub struct ResumeState {
+    /// Epochs completed so far (the 1-based number of the last one; 0 = none).
+    pub epoch: usize,
+    /// The optimizer's moments, step count and learning rate.
+    pub adam: AdamState,
+    /// The scheduler's state (plateau learning rate, validation history).
+    pub scheduler: SchedulerState,
+    /// One record per completed epoch.
+    pub history: Vec<EpochRecord>,
+}
+
+/// The state at the end of an epoch (validation included), handed to [`FitControl::on_epoch`].
+pub struct EpochEnd<'a> {
+    /// One record per completed epoch; the last is the epoch just finished.
+    pub history: &'a [EpochRecord],
+    /// The optimizer after the epoch's last step.
+    pub adam: &'a Adam,
+    /// The scheduler after the epoch's plateau rule.
+    pub scheduler: &'a Scheduler,
+}
+
+/// A callback run after every epoch (e.g. to write a checkpoint); an error stops training.
+pub type OnEpoch<'a> = &'a mut dyn FnMut(&EpochEnd<'_>) -> Result<(), TrainError>;
+
+/// How [`fit_with`] starts and stops, and what it does after each epoch. The default trains from scratch,
+/// never stops early and does nothing between epochs.
+#[derive(Default)]
+pub struct FitControl<'a> {
+    /// Continue after this state instead of starting at epoch 1.
+    pub resume: Option<ResumeState>,
+    /// Polled before every batch: once true, training stops with [`TrainError::Interrupted`], leaving the
+    /// epoch in progress unfinished (and not reported to `on_epoch`).
+    pub stop: Option<&'a AtomicBool>,
+    /// Called after every completed epoch.
+    pub on_epoch: Option<OnEpoch<'a>>,
+}
+
 /// Trains `trained` for the epochs of `cfg` on `data.train`, validating on `data.val` after each epoch.
-/// Calls `on_epoch` after every epoch (e.g. to checkpoint) with the history so far.
 pub fn fit(
     cfg: &TrainConfig,
     trained: &Trained,
@@ -127,6 +173,27 @@ pub fn fit(
     device: &Device,
     reporter: &mut dyn Reporter,
 ) -> Result<Vec<EpochRecord>, TrainError> {
+    fit_with(cfg, trained, data, device, reporter, FitControl::default())
+}
+
+/// [`fit`] with a start state, a stop flag and a per-epoch callback (see [`FitControl`]).
+///
+/// Resuming from the state after epoch `k` and training to epoch `n` gives the same weights and history
+/// (bit for bit, `seconds` aside) as training to `n` in one go, provided the weights were restored too
+/// and the schedule does not depend on the total number of epochs (or `cfg.epochs` is unchanged).
+pub fn fit_with(
+    cfg: &TrainConfig,
+    trained: &Trained,
+    data: &Mnist,
+    device: &Device,
+    reporter: &mut dyn Reporter,
+    control: FitControl<'_>,
+) -> Result<Vec<EpochRecord>, TrainError> {
+    let FitControl {
+        resume,
+        stop,
+        mut on_epoch,
+    } = control;
     cfg.validate()?;
     let train = match cfg.limit_train {
         Some(n) if n > data.train.len() => {
@@ -138,6 +205,11 @@ pub fn fit(
         Some(n) => data.train.take(n),
         None => data.train.clone(),
     };
+    if train.is_empty() {
+        return Err(TrainError::Config(
+            "the training split is empty: nothing to train on".into(),
+        ));
+    }
     let batcher = BatcherConfig {
         batch_size: cfg.batch_size,
         shuffle: true,
@@ -146,10 +218,36 @@ pub fn fit(
     };
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let mut opt = Adam::new(trained.trainable_vars(), cfg.adam)?;
-    let mut scheduler = Scheduler::new(cfg.schedule.clone(), cfg.adam.lr, steps_per_epoch, cfg.epochs)?;
+    let mut scheduler = Scheduler::new(
+        cfg.schedule.clone(),
+        cfg.adam.lr,
+        steps_per_epoch,
+        cfg.epochs,
+    )?;
     let mut history = Vec::with_capacity(cfg.epochs);
+    let mut first_epoch0 = 0;
+    if let Some(state) = resume {
+        if state.epoch > cfg.epochs {
+            return Err(TrainError::Config(format!(
+                "{} epochs were asked for, but the run has already completed {}",
+                cfg.epochs, state.epoch
+            )));
+        }
+        if state.history.len() != state.epoch {
+            return Err(TrainError::Config(format!(
+                "the resume state is at epoch {} but holds {} history records",
+                state.epoch,
+                state.history.len()
+            )));
+        }
+        opt.load_state(state.adam)?;
+        scheduler.load_state(state.scheduler)?;
+        history = state.history;
+        first_epoch0 = state.epoch;
+    }
+    let stop_requested = || stop.is_some_and(|s| s.load(Ordering::SeqCst));
 
-    for epoch0 in 0..cfg.epochs {
+    for epoch0 in first_epoch0..cfg.epochs {
         let epoch = epoch0 + 1;
         reporter.epoch_start(epoch, cfg.epochs, steps_per_epoch);
         {
@@ -163,7 +261,14 @@ pub fn fit(
         let mut loss_sum = MeanLoss::default();
         let mut acc = Accuracy::default();
         let started = Instant::now();
-        for (step, batch) in batches(&train, &batcher, Some(&mut shuffle_rng), device)?.enumerate() {
+        for (step, batch) in batches(&train, &batcher, Some(&mut shuffle_rng), device)?.enumerate()
+        {
+            if stop_requested() {
+                return Err(TrainError::Interrupted {
+                    completed: epoch0,
+                    epochs: cfg.epochs,
+                });
+            }
             let batch = batch?;
             opt.set_lr(scheduler.lr_at(epoch0, step));
             let logits = trained.net.forward_t(&batch.images, true)?;
@@ -196,6 +301,226 @@ pub fn fit(
         scheduler.on_epoch_end(epoch, val.accuracy);
         reporter.epoch_end(&record);
         history.push(record);
+        if let Some(callback) = on_epoch.as_mut() {
+            callback(&EpochEnd {
+                history: &history,
+                adam: &opt,
+                scheduler: &scheduler,
+            })?;
+        }
     }
     Ok(history)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{load_checkpoint, save_checkpoint, LogReporter};
+    use mnist_data::Split;
+    use mnist_models::{Solution, Variant};
+
+    /// A tiny synthetic data set: each image is bright in a band that depends on its label.
+    fn tiny_data(n: usize) -> Mnist {
+        let split = |n: usize, offset: usize| {
+            let mut images = Vec::with_capacity(n * 784);
+            let mut labels = Vec::with_capacity(n);
+            for i in 0..n {
+                let label = ((i + offset) % 10) as u8;
+                for p in 0..784 {
+                    let row = p / 28;
+                    let on = row / 3 == label as usize;
+                    images.push(if on { 200 } else { ((p * 7 + i) % 31) as u8 });
+                }
+                labels.push(label);
+            }
+            Split::from_parts(images, labels).unwrap()
+        };
+        Mnist {
+            train: split(n, 0),
+            val: split(40, 3),
+            test: split(20, 5),
+        }
+    }
+
+    fn cfg(epochs: usize) -> TrainConfig {
+        let mut cfg = TrainConfig::recipe(Solution::Conv, Variant::Improved);
+        cfg.epochs = epochs;
+        cfg.batch_size = 16;
+        cfg
+    }
+
+    fn weights(t: &Trained) -> Vec<(String, Vec<u32>)> {
+        let data = t.vars.var_map().data().lock().unwrap();
+        let mut out: Vec<_> = data
+            .iter()
+            .map(|(name, var)| {
+                let v: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                (name.clone(), v.iter().map(|x| x.to_bits()).collect())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn stop_flag_interrupts_before_the_next_batch() {
+        let data = tiny_data(64);
+        let cfg = cfg(2);
+        let trained = Trained::init(&cfg, &Device::Cpu).unwrap();
+        let before = weights(&trained);
+        let stop = AtomicBool::new(true);
+        let mut calls = 0;
+        let mut on_epoch = |_: &EpochEnd<'_>| {
+            calls += 1;
+            Ok(())
+        };
+        let control = FitControl {
+            stop: Some(&stop),
+            on_epoch: Some(&mut on_epoch),
+            ..FitControl::default()
+        };
+        let err = fit_with(
+            &cfg,
+            &trained,
+            &data,
+            &Device::Cpu,
+            &mut LogReporter::default(),
+            control,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TrainError::Interrupted {
+                    completed: 0,
+                    epochs: 2
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(calls, 0, "no epoch completed");
+        assert_eq!(
+            weights(&trained),
+            before,
+            "no step may run after the stop request"
+        );
+    }
+
+    #[test]
+    fn resuming_from_a_checkpoint_matches_an_uninterrupted_fit() {
+        // The improved recipe: one-cycle schedule, augmentation and BatchNorm all carry state.
+        let data = tiny_data(64);
+        let cfg = cfg(3);
+        let device = Device::Cpu;
+
+        let straight = Trained::init(&cfg, &device).unwrap();
+        let full = fit(&cfg, &straight, &data, &device, &mut LogReporter::default()).unwrap();
+
+        // The same run, stopped after epoch 1 by the callback, checkpointed, and resumed in a new model.
+        let dir = tempfile::tempdir().unwrap();
+        let first = Trained::init(&cfg, &device).unwrap();
+        let stop = AtomicBool::new(false);
+        let mut on_epoch = |end: &EpochEnd<'_>| {
+            save_checkpoint(dir.path(), &cfg, first.vars.var_map(), end)?;
+            stop.store(true, Ordering::SeqCst);
+            Ok(())
+        };
+        let control = FitControl {
+            stop: Some(&stop),
+            on_epoch: Some(&mut on_epoch),
+            ..FitControl::default()
+        };
+        let err = fit_with(
+            &cfg,
+            &first,
+            &data,
+            &device,
+            &mut LogReporter::default(),
+            control,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, TrainError::Interrupted { completed: 1, .. }),
+            "{err}"
+        );
+
+        let ckpt = load_checkpoint(dir.path(), &device).unwrap();
+        let resumed = Trained::init(&cfg, &device).unwrap();
+        ckpt.restore_weights(&cfg, resumed.vars.var_map()).unwrap();
+        let control = FitControl {
+            resume: Some(ckpt.state),
+            ..FitControl::default()
+        };
+        let rest = fit_with(
+            &cfg,
+            &resumed,
+            &data,
+            &device,
+            &mut LogReporter::default(),
+            control,
+        )
+        .unwrap();
+
+        assert_eq!(weights(&resumed), weights(&straight));
+        assert_eq!(rest.len(), full.len());
+        for (a, b) in rest.iter().zip(&full) {
+            assert_eq!(
+                (
+                    a.epoch,
+                    a.lr,
+                    a.loss,
+                    a.accuracy,
+                    a.val_loss,
+                    a.val_accuracy
+                ),
+                (
+                    b.epoch,
+                    b.lr,
+                    b.loss,
+                    b.accuracy,
+                    b.val_loss,
+                    b.val_accuracy
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn resume_state_past_the_last_epoch_is_refused() {
+        let data = tiny_data(32);
+        let cfg1 = cfg(1);
+        let trained = Trained::init(&cfg1, &Device::Cpu).unwrap();
+        let history = fit(
+            &cfg1,
+            &trained,
+            &data,
+            &Device::Cpu,
+            &mut LogReporter::default(),
+        )
+        .unwrap();
+        let opt = Adam::new(trained.trainable_vars(), cfg1.adam).unwrap();
+        let state = ResumeState {
+            epoch: 2,
+            adam: opt.state().unwrap(),
+            scheduler: Scheduler::new(cfg1.schedule, cfg1.adam.lr, 2, 1)
+                .unwrap()
+                .state(),
+            history: vec![history[0].clone(), history[0].clone()],
+        };
+        let control = FitControl {
+            resume: Some(state),
+            ..FitControl::default()
+        };
+        let err = fit_with(
+            &cfg1,
+            &trained,
+            &data,
+            &Device::Cpu,
+            &mut LogReporter::default(),
+            control,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("already completed 2"), "{err}");
+    }
 }

@@ -2,10 +2,15 @@
 //!
 //! A binary is one call: `mnist_train::cli::main(Solution::Conv)`.
 
+mod checkpoint;
 pub mod cli;
+pub mod compare;
 mod config;
 mod fit;
+mod interrupt;
 mod outputs;
+pub mod plots;
+pub mod predict;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +19,14 @@ use candle_core::Device;
 use mnist_data::Mnist;
 
 pub use config::{default_run_dir, TrainConfig};
-pub use fit::{evaluate, fit, EpochRecord, Evaluation, Trained, EVAL_BATCH};
+pub use checkpoint::{
+    load_checkpoint, save_checkpoint, Checkpoint, RngState, RunOptions, CHECKPOINT_FILE,
+};
+pub use fit::{
+    evaluate, fit, fit_with, EpochEnd, EpochRecord, Evaluation, FitControl, OnEpoch, ResumeState,
+    Trained, EVAL_BATCH,
+};
+pub use interrupt::{Interrupt, INTERRUPTED_EXIT_CODE};
 pub use outputs::{
     history_csv, load_weights, read_json, save_weights, write_atomic, write_bytes_atomic,
     write_json, RunResults, CONFIG_FILE, HISTORY_FILE, RESULTS_FILE, WEIGHTS_FILE,
@@ -36,6 +48,22 @@ pub enum TrainError {
         batch: usize,
         /// The loss value.
         value: f64,
+    },
+    /// SIGINT or SIGTERM stopped training at a batch boundary.
+    #[error("interrupted after {completed} of {epochs} complete epochs (the unfinished epoch was dropped)")]
+    Interrupted {
+        /// Epochs completed (and checkpointed) before the signal.
+        completed: usize,
+        /// Epochs asked for.
+        epochs: usize,
+    },
+    /// A checkpoint is missing, corrupt or of another run.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
     },
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
@@ -76,7 +104,8 @@ pub enum TrainError {
 }
 
 /// Trains a model as `cfg` says, evaluates it on the test split once, and writes the run folder
-/// (`model.safetensors`, `config.json`, `history.csv`, `results.json`).
+/// (`model.safetensors`, `config.json`, `history.csv`, `results.json`, and `checkpoint.safetensors`
+/// after every epoch).
 pub fn run_training(
     cfg: &TrainConfig,
     data: &Mnist,
@@ -84,10 +113,36 @@ pub fn run_training(
     device: &Device,
     reporter: &mut dyn Reporter,
 ) -> Result<RunResults, TrainError> {
+    run_training_with(cfg, data, out_dir, device, reporter, RunOptions::default())
+}
+
+/// [`run_training`] that may resume from a checkpoint and stop on request (see [`RunOptions`]).
+/// A stop returns [`TrainError::Interrupted`] with the last complete epoch's checkpoint in `out_dir`.
+pub fn run_training_with(
+    cfg: &TrainConfig,
+    data: &Mnist,
+    out_dir: &Path,
+    device: &Device,
+    reporter: &mut dyn Reporter,
+    options: RunOptions<'_>,
+) -> Result<RunResults, TrainError> {
     cfg.validate()?;
     outputs::prepare_run_dir(out_dir)?;
     outputs::write_config(out_dir, cfg)?;
     let trained = Trained::init(cfg, device)?;
+    let resume = match options.resume {
+        Some(ckpt) => {
+            ckpt.restore_weights(cfg, trained.vars.var_map())?;
+            tracing::info!(
+                "resuming from {} after epoch {} of {}",
+                ckpt.path.display(),
+                ckpt.state.epoch,
+                cfg.epochs
+            );
+            Some(ckpt.state)
+        }
+        None => None,
+    };
     let summary = mnist_models::summarize(&trained.net, trained.vars.var_map())?;
     tracing::info!(
         "{} ({}): {} params ({} trainable), {} training images, writing to {}",
@@ -98,7 +153,13 @@ pub fn run_training(
         cfg.limit_train.unwrap_or(data.train.len()).min(data.train.len()),
         out_dir.display()
     );
-    let history = fit(cfg, &trained, data, device, reporter)?;
+    let mut on_epoch = |end: &EpochEnd<'_>| checkpoint::save_epoch(out_dir, cfg, &trained, end);
+    let control = FitControl {
+        resume,
+        stop: options.stop,
+        on_epoch: Some(&mut on_epoch),
+    };
+    let history = fit_with(cfg, &trained, data, device, reporter, control)?;
     save_weights(&out_dir.join(WEIGHTS_FILE), trained.vars.var_map())?;
     write_bytes_atomic(&out_dir.join(HISTORY_FILE), history_csv(&history).as_bytes())?;
     let test = evaluate(&trained.net, &data.test, device)?;
@@ -121,5 +182,10 @@ pub fn run_training(
         threads: rayon::current_num_threads(),
     };
     write_json(&out_dir.join(RESULTS_FILE), &results)?;
+    // Pictures are a by-product: a failure is logged, never fatal.
+    let (_, failed) = plots::write_run_plots(out_dir, &history, &data.test, &test, cfg.dataset);
+    for e in failed {
+        tracing::warn!("plot not written: {e}");
+    }
     Ok(results)
 }

@@ -103,7 +103,9 @@ impl CustomOp3 for BnTrainOp {
         let gamma = fwd_slice(s2, l2, OP_TRAIN)?;
         let beta = fwd_slice(s3, l3, OP_TRAIN)?;
         let scale: Vec<f32> = (0..self.c).map(|ch| gamma[ch] * self.invstd[ch]).collect();
-        let shift: Vec<f32> = (0..self.c).map(|ch| beta[ch] - self.mean[ch] * scale[ch]).collect();
+        let shift: Vec<f32> = (0..self.c)
+            .map(|ch| beta[ch] - self.mean[ch] * scale[ch])
+            .collect();
         let y = affine(x, &scale, &shift, self.c, self.hw);
         Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
     }
@@ -203,11 +205,20 @@ pub fn batch_norm_train(
         cpu_data!(x, xg, xs, OP_TRAIN);
         channel_stats(xs, b, c, h * w)
     };
-    let invstd: Vec<f32> = var.iter().map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32).collect();
+    let invstd: Vec<f32> = var
+        .iter()
+        .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+        .collect();
     let dev = x.device().clone();
     let mean_t = Tensor::from_vec(mean.clone(), c, &dev)?;
     let var_t = Tensor::from_vec(var, c, &dev)?;
-    let op = BnTrainOp { b, c, hw: h * w, mean, invstd };
+    let op = BnTrainOp {
+        b,
+        c,
+        hw: h * w,
+        mean,
+        invstd,
+    };
     let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
     Ok((y, mean_t, var_t))
 }
@@ -252,7 +263,10 @@ impl CustomOp3 for BnEvalOp {
         let x = fwd_slice(s1, l1, OP_EVAL)?;
         let scale = fwd_slice(s2, l2, OP_EVAL)?;
         let shift = fwd_slice(s3, l3, OP_EVAL)?;
-        Ok((CpuStorage::F32(affine(x, scale, shift, self.c, self.hw)), Shape::from(l1.dims())))
+        Ok((
+            CpuStorage::F32(affine(x, scale, shift, self.c, self.hw)),
+            Shape::from(l1.dims()),
+        ))
     }
 
     fn bwd(
@@ -285,8 +299,16 @@ impl CustomOp3 for BnEvalOp {
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(sums.iter().map(|s| s.1 as f32).collect::<Vec<_>>(), c, dev)?),
-            Some(Tensor::from_vec(sums.iter().map(|s| s.0 as f32).collect::<Vec<_>>(), c, dev)?),
+            Some(Tensor::from_vec(
+                sums.iter().map(|s| s.1 as f32).collect::<Vec<_>>(),
+                c,
+                dev,
+            )?),
+            Some(Tensor::from_vec(
+                sums.iter().map(|s| s.0 as f32).collect::<Vec<_>>(),
+                c,
+                dev,
+            )?),
         ))
     }
 }
@@ -297,8 +319,11 @@ pub fn batch_norm_eval(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Ten
     let (_b, c, h, w) = dims4(x, OP_EVAL)?;
     check_vec(scale, c, OP_EVAL, "scale")?;
     check_vec(shift, c, OP_EVAL, "shift")?;
-    x.contiguous()?
-        .apply_op3(&scale.contiguous()?, &shift.contiguous()?, BnEvalOp { c, hw: h * w })
+    x.contiguous()?.apply_op3(
+        &scale.contiguous()?,
+        &shift.contiguous()?,
+        BnEvalOp { c, hw: h * w },
+    )
 }
 
 /// The reference twin of [`batch_norm_eval`].
@@ -316,7 +341,15 @@ mod tests {
 
     #[test]
     fn bn_train_matches_reference() {
-        for (i, dims) in [[5usize, 20, 28, 28], [1, 3, 5, 7], [5, 10, 10, 10], [2, 4, 1, 1]].iter().enumerate() {
+        for (i, dims) in [
+            [5usize, 20, 28, 28],
+            [1, 3, 5, 7],
+            [5, 10, 10, 10],
+            [2, 4, 1, 1],
+        ]
+        .iter()
+        .enumerate()
+        {
             let seed = 20 + 4 * i as u64;
             // Offset so the mean is not ~0.
             let x = Var::from_tensor(&rand_t(dims, seed).affine(2.0, 0.7).unwrap()).unwrap();
@@ -332,7 +365,12 @@ mod tests {
             let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gr = (yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
-                assert_close(gf.get(v).unwrap(), gr.get(v).unwrap(), 1e-4, &format!("{name} {what}"));
+                assert_close(
+                    gf.get(v).unwrap(),
+                    gr.get(v).unwrap(),
+                    1e-4,
+                    &format!("{name} {what}"),
+                );
             }
         }
     }

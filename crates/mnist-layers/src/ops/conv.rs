@@ -93,7 +93,7 @@ impl ConvGeom {
                         if lo < hi {
                             let ix0 = lo * s + kx - self.pl;
                             if s == 1 {
-                                dst[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
+                                copy_short(&mut dst[lo..hi], &src[ix0..ix0 + hi - lo]);
                             } else {
                                 for (j, d) in dst[lo..hi].iter_mut().enumerate() {
                                     *d = src[ix0 + j * s];
@@ -138,6 +138,24 @@ impl ConvGeom {
                 }
             }
         }
+    }
+}
+
+/// `dst.copy_from_slice(src)` for the short rows of im2col (10-30 floats) without a `memcpy` call:
+/// fixed-size 8-float blocks, then the tail.
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    if dst.len() != src.len() {
+        return;
+    }
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (a, b) in (&mut d).zip(&mut s) {
+        let b: &[f32; 8] = b.try_into().unwrap_or(&[0.0; 8]);
+        a.copy_from_slice(b);
+    }
+    for (a, b) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *a = *b;
     }
 }
 
@@ -308,9 +326,27 @@ impl ConvOp {
                             let dxi = &mut dxc[(i - i0) * chw..(i - i0 + 1) * chw];
                             // dcol[ckk, ohw] = w^T[ckk, o] · g[o, ohw]
                             if g.direct {
-                                sgemm((ckk, ohw, o), dxi, (ohw, 1), false, w, (1, ckk), gi, (ohw, 1));
+                                sgemm(
+                                    (ckk, ohw, o),
+                                    dxi,
+                                    (ohw, 1),
+                                    false,
+                                    w,
+                                    (1, ckk),
+                                    gi,
+                                    (ohw, 1),
+                                );
                             } else {
-                                sgemm((ckk, ohw, o), dcol, (ohw, 1), false, w, (1, ckk), gi, (ohw, 1));
+                                sgemm(
+                                    (ckk, ohw, o),
+                                    dcol,
+                                    (ohw, 1),
+                                    false,
+                                    w,
+                                    (1, ckk),
+                                    gi,
+                                    (ohw, 1),
+                                );
                                 g.col2im(dcol, dxi);
                             }
                         }
@@ -364,13 +400,25 @@ impl CustomOp2 for ConvOp {
         OP
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = fwd_slice(s1, l1, OP)?;
         let w = fwd_slice(s2, l2, OP)?;
         Ok((CpuStorage::F32(self.forward(x, w, None)), self.out_shape()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = self.grads(x, w, res, grad)?;
         Ok((dx, Some(dw)))
     }
@@ -393,7 +441,10 @@ impl CustomOp3 for ConvOp {
         let x = fwd_slice(s1, l1, OP)?;
         let w = fwd_slice(s2, l2, OP)?;
         let b = fwd_slice(s3, l3, OP)?;
-        Ok((CpuStorage::F32(self.forward(x, w, Some(b))), self.out_shape()))
+        Ok((
+            CpuStorage::F32(self.forward(x, w, Some(b))),
+            self.out_shape(),
+        ))
     }
 
     fn bwd(
@@ -410,7 +461,13 @@ impl CustomOp3 for ConvOp {
 }
 
 /// Validates shapes and builds the geometry of a convolution.
-fn geometry(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: Pad4) -> Result<ConvGeom> {
+fn geometry(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: Pad4,
+) -> Result<ConvGeom> {
     let (b, c, h, wd) = dims4(x, OP)?;
     let (o, wc, k, k2) = dims4(w, OP)?;
     if wc != c || k != k2 {
@@ -475,8 +532,7 @@ pub fn conv2d_fused_reference(
     pad: Pad4,
     relu: bool,
 ) -> Result<Tensor> {
-    let (pt, pl, pb, pr) = pad;
-    let xp = x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?;
+    let xp = super::pad_for_window(x, w.dim(3)?, stride, pad)?;
     let mut y = xp.conv2d(w, 0, stride, 1, 1)?;
     if let Some(b) = bias {
         y = y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?;
@@ -492,7 +548,19 @@ mod tests {
     use super::*;
     use crate::ops::test_util::{assert_close, rand_t};
 
-    fn check(b: usize, c: usize, h: usize, w: usize, o: usize, k: usize, s: usize, pad: Pad4, relu: bool, bias: bool) {
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        b: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        o: usize,
+        k: usize,
+        s: usize,
+        pad: Pad4,
+        relu: bool,
+        bias: bool,
+    ) {
         let x = candle_core::Var::from_tensor(&rand_t(&[b, c, h, w], 1)).unwrap();
         let wt = candle_core::Var::from_tensor(&rand_t(&[o, c, k, k], 2)).unwrap();
         let bt = candle_core::Var::from_tensor(&rand_t(&[o], 3)).unwrap();
@@ -508,7 +576,12 @@ mod tests {
             if name == "db" && !bias {
                 continue;
             }
-            assert_close(gf.get(v).unwrap(), gr.get(v).unwrap(), 1e-4, &format!("{name} {what}"));
+            assert_close(
+                gf.get(v).unwrap(),
+                gr.get(v).unwrap(),
+                1e-4,
+                &format!("{name} {what}"),
+            );
         }
     }
 
@@ -529,11 +602,19 @@ mod tests {
         let run = || {
             let y = conv2d_fused(&x, &w, None, 1, (1, 1, 1, 1), true).unwrap();
             let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-            g.get(&w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            g.get(&w)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
         };
         let a = run();
         let b = run();
-        assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -541,8 +622,24 @@ mod tests {
         let x = rand_t(&[1, 2, 5, 5], 1);
         assert!(conv2d_fused(&x, &rand_t(&[3, 1, 3, 3], 2), None, 1, (0, 0, 0, 0), false).is_err());
         assert!(conv2d_fused(&x, &rand_t(&[3, 2, 7, 7], 2), None, 1, (0, 0, 0, 0), false).is_err());
-        assert!(conv2d_fused(&x, &rand_t(&[3, 2, 3, 3], 2), Some(&rand_t(&[2], 3)), 1, (0, 0, 0, 0), false).is_err());
+        assert!(conv2d_fused(
+            &x,
+            &rand_t(&[3, 2, 3, 3], 2),
+            Some(&rand_t(&[2], 3)),
+            1,
+            (0, 0, 0, 0),
+            false
+        )
+        .is_err());
         let x64 = x.to_dtype(candle_core::DType::F64).unwrap();
-        assert!(conv2d_fused(&x64, &rand_t(&[3, 2, 3, 3], 2), None, 1, (0, 0, 0, 0), false).is_err());
+        assert!(conv2d_fused(
+            &x64,
+            &rand_t(&[3, 2, 3, 3], 2),
+            None,
+            1,
+            (0, 0, 0, 0),
+            false
+        )
+        .is_err());
     }
 }

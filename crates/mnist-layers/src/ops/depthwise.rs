@@ -149,20 +149,35 @@ impl CustomOp2 for DepthwiseOp {
         OP
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = fwd_slice(s1, l1, OP)?;
         let f = fwd_slice(s2, l2, OP)?;
         let g = self.g;
         let (hw, ohw, kk) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
         let mut out = vec![0f32; g.b * g.c * ohw];
-        out.par_chunks_mut(ohw).enumerate().with_min_len(4).for_each(|(p, dst)| {
-            let ch = p % g.c;
-            g.plane_fwd(&x[p * hw..(p + 1) * hw], &f[ch * kk..(ch + 1) * kk], dst);
-        });
+        out.par_chunks_mut(ohw)
+            .enumerate()
+            .with_min_len(4)
+            .for_each(|(p, dst)| {
+                let ch = p % g.c;
+                g.plane_fwd(&x[p * hw..(p + 1) * hw], &f[ch * kk..(ch + 1) * kk], dst);
+            });
         Ok((CpuStorage::F32(out), Shape::from((g.b, g.c, g.oh, g.ow))))
     }
 
-    fn bwd(&self, x: &Tensor, f: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        f: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.g;
         let need_dx = x.track_op();
         cpu_data!(x, xg, xs, OP);
@@ -212,15 +227,31 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Pad4) -> Res
     let (pt, pl, pb, pr) = pad;
     let oh = out_len(h, pt, pb, k, stride, OP)?;
     let ow = out_len(wd, pl, pr, k, stride, OP)?;
-    let g = DwGeom { b, c, h, w: wd, k, stride, pt, pl, oh, ow };
-    x.contiguous()?.apply_op2(&w.contiguous()?, DepthwiseOp { g })
+    let g = DwGeom {
+        b,
+        c,
+        h,
+        w: wd,
+        k,
+        stride,
+        pt,
+        pl,
+        oh,
+        ow,
+    };
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, DepthwiseOp { g })
 }
 
 /// The reference twin of [`depthwise_conv2d`]: candle's grouped convolution (`groups = c`).
-pub fn depthwise_conv2d_reference(x: &Tensor, w: &Tensor, stride: usize, pad: Pad4) -> Result<Tensor> {
-    let (pt, pl, pb, pr) = pad;
+pub fn depthwise_conv2d_reference(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: Pad4,
+) -> Result<Tensor> {
     let c = x.dim(1)?;
-    let xp = x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?;
+    let xp = super::pad_for_window(x, w.dim(3)?, stride, pad)?;
     xp.conv2d(w, 0, stride, 1, c)
 }
 
@@ -239,8 +270,18 @@ mod tests {
         let r = rand_t(yf.dims(), 13);
         let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gr = (yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        assert_close(gf.get(&x).unwrap(), gr.get(&x).unwrap(), 1e-4, &format!("dx {what}"));
-        assert_close(gf.get(&f).unwrap(), gr.get(&f).unwrap(), 1e-4, &format!("dw {what}"));
+        assert_close(
+            gf.get(&x).unwrap(),
+            gr.get(&x).unwrap(),
+            1e-4,
+            &format!("dx {what}"),
+        );
+        assert_close(
+            gf.get(&f).unwrap(),
+            gr.get(&f).unwrap(),
+            1e-4,
+            &format!("dw {what}"),
+        );
     }
 
     #[test]

@@ -32,11 +32,7 @@ pub type Pad4 = (usize, usize, usize, usize);
 pub(crate) const GRAD_CHUNK: usize = 4;
 
 /// The contiguous `f32` slice of a custom op's input.
-pub(crate) fn fwd_slice<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &'static str,
-) -> Result<&'a [f32]> {
+pub(crate) fn fwd_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
         other => return Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), op).bt()),
@@ -48,11 +44,7 @@ pub(crate) fn fwd_slice<'a>(
 }
 
 /// The contiguous `f32` slice of a tensor's storage (`t` must be contiguous; see [`contig`]).
-pub(crate) fn storage_slice<'a>(
-    s: &'a Storage,
-    l: &Layout,
-    op: &'static str,
-) -> Result<&'a [f32]> {
+pub(crate) fn storage_slice<'a>(s: &'a Storage, l: &Layout, op: &'static str) -> Result<&'a [f32]> {
     match s {
         Storage::Cpu(c) => fwd_slice(c, l, op),
         _ => candle_core::bail!("{op}: the fast op only runs on the CPU"),
@@ -125,7 +117,10 @@ pub(crate) fn dims4(t: &Tensor, op: &'static str) -> Result<(usize, usize, usize
         return Err(crate::error::shape_err(op, "[b, c, h, w]", t.dims()));
     }
     if !t.device().is_cpu() {
-        candle_core::bail!("{op}: the fast op only runs on the CPU, got {:?}", t.device())
+        candle_core::bail!(
+            "{op}: the fast op only runs on the CPU, got {:?}",
+            t.device()
+        )
     }
     if t.dtype() != candle_core::DType::F32 {
         return Err(candle_core::Error::UnsupportedDTypeForOp(t.dtype(), op).bt());
@@ -151,6 +146,19 @@ pub(crate) fn out_len(
     Ok((padded - k) / stride + 1)
 }
 
+/// Zero-pads `x [b, c, h, w]` by `pad` and crops the rows / columns that no window reaches, so that
+/// `(padded - k) % stride == 0`: candle 0.11's conv backward (a transposed conv) returns a gradient of
+/// the wrong size otherwise.
+pub(crate) fn pad_for_window(x: &Tensor, k: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
+    let (pt, pl, pb, pr) = pad;
+    let (_, _, h, w) = x.dims4()?;
+    let oh = out_len(h, pt, pb, k, stride, "reference conv")?;
+    let ow = out_len(w, pl, pr, k, stride, "reference conv")?;
+    let xp = x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?;
+    xp.narrow(2, 0, (oh - 1) * stride + k)?
+        .narrow(3, 0, (ow - 1) * stride + k)
+}
+
 #[cfg(test)]
 pub(crate) mod test_util {
     use candle_core::{Device, Tensor};
@@ -169,7 +177,11 @@ pub(crate) mod test_util {
         assert_eq!(a.dims(), b.dims());
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         let m = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
         (d, m)
     }

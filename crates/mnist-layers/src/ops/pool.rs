@@ -81,7 +81,11 @@ impl PoolGeom {
                     }
                 }
                 out[oy * self.ow + ox] = best;
-                arg[oy * self.ow + ox] = if bi == usize::MAX { u32::MAX } else { bi as u32 };
+                arg[oy * self.ow + ox] = if bi == usize::MAX {
+                    u32::MAX
+                } else {
+                    bi as u32
+                };
             }
         }
     }
@@ -127,14 +131,21 @@ impl CustomOp1 for MaxPoolOp {
             .lock()
             .map_err(|_| candle_core::Error::msg("max_pool2d: argmax mutex poisoned"))?;
         if arg.len() != dys.len() {
-            candle_core::bail!("max_pool2d backward: {} saved argmax for {} gradients", arg.len(), dys.len())
+            candle_core::bail!(
+                "max_pool2d backward: {} saved argmax for {} gradients",
+                arg.len(),
+                dys.len()
+            )
         }
         let mut dx = vec![0f32; x.elem_count()];
         dx.par_chunks_mut(hw)
             .enumerate()
             .with_min_len(8)
             .for_each(|(p, d)| {
-                for (&a, &gv) in arg[p * ohw..(p + 1) * ohw].iter().zip(&dys[p * ohw..(p + 1) * ohw]) {
+                for (&a, &gv) in arg[p * ohw..(p + 1) * ohw]
+                    .iter()
+                    .zip(&dys[p * ohw..(p + 1) * ohw])
+                {
                     if let Some(slot) = d.get_mut(a as usize) {
                         *slot += gv;
                     }
@@ -147,7 +158,9 @@ impl CustomOp1 for MaxPoolOp {
 fn check_pad(kernel: usize, pad: Pad4) -> Result<()> {
     let (t, l, b, r) = pad;
     if t >= kernel || l >= kernel || b >= kernel || r >= kernel {
-        candle_core::bail!("{OP}: padding {pad:?} must be smaller than the kernel {kernel} on every side")
+        candle_core::bail!(
+            "{OP}: padding {pad:?} must be smaller than the kernel {kernel} on every side"
+        )
     }
     Ok(())
 }
@@ -162,8 +175,21 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result
     let (pt, pl, pb, pr) = pad;
     let oh = out_len(h, pt, pb, kernel, stride, OP)?;
     let ow = out_len(w, pl, pr, kernel, stride, OP)?;
-    let g = PoolGeom { h, w, k: kernel, stride, pt, pl, oh, ow };
-    x.contiguous()?.apply_op1(MaxPoolOp { g, dims, argmax: Mutex::new(Vec::new()) })
+    let g = PoolGeom {
+        h,
+        w,
+        k: kernel,
+        stride,
+        pt,
+        pl,
+        oh,
+        ow,
+    };
+    x.contiguous()?.apply_op1(MaxPoolOp {
+        g,
+        dims,
+        argmax: Mutex::new(Vec::new()),
+    })
 }
 
 /// Pads dimension `dim` with `-inf` (`before`, `after`).
@@ -238,7 +264,12 @@ mod tests {
         let r = rand_t(yf.dims(), 51);
         let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gr = (yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        assert_close(gf.get(&x).unwrap(), gr.get(&x).unwrap(), 1e-6, &format!("dx {what}"));
+        assert_close(
+            gf.get(&x).unwrap(),
+            gr.get(&x).unwrap(),
+            1e-6,
+            &format!("dx {what}"),
+        );
     }
 
     #[test]
@@ -253,10 +284,19 @@ mod tests {
 
     #[test]
     fn first_max_wins_on_ties() {
-        let x = Var::from_tensor(&Tensor::ones((1, 1, 2, 2), DType::F32, &candle_core::Device::Cpu).unwrap()).unwrap();
+        let x = Var::from_tensor(
+            &Tensor::ones((1, 1, 2, 2), DType::F32, &candle_core::Device::Cpu).unwrap(),
+        )
+        .unwrap();
         let y = max_pool2d(&x, 2, 2, (0, 0, 0, 0)).unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
-        let dx = g.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dx = g
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(dx, vec![1.0, 0.0, 0.0, 0.0]);
     }
 

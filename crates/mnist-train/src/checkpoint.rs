@@ -1,0 +1,566 @@
+//! Checkpoints: the complete training state after an epoch, in one file written atomically.
+//!
+//! `checkpoint.safetensors` holds the model's variables (`model/<name>`, BatchNorm statistics
+//! included) and Adam's moments (`adam_m/<name>`, `adam_v/<name>`, flat f32) as tensors, and in its
+//! metadata (key `mnist_checkpoint`) a JSON record of everything else: the epoch, Adam's step and
+//! learning rate, the scheduler's state, the random state and the history. Being one file renamed into
+//! place, the tensors and the record always belong to the same epoch, and a kill at any moment leaves
+//! the previous checkpoint intact.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use mnist_optim::{AdamState, MomentState, SchedulerState};
+use serde::{Deserialize, Serialize};
+
+use crate::fit::{EpochEnd, ResumeState, STREAM_DROPOUT, STREAM_SHUFFLE};
+use crate::{history_csv, write_atomic, write_bytes_atomic, EpochRecord, TrainConfig, TrainError};
+use crate::{Trained, HISTORY_FILE};
+
+/// The checkpoint's file name inside a run folder.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// The safetensors metadata key of the JSON record.
+const META_KEY: &str = "mnist_checkpoint";
+/// Version of the record's layout.
+const FORMAT: u32 = 1;
+const MODEL_PREFIX: &str = "model/";
+const ADAM_M_PREFIX: &str = "adam_m/";
+const ADAM_V_PREFIX: &str = "adam_v/";
+
+/// The state of the random generators. They are re-derived from `(seed, stream, epoch)` with
+/// `mnist_data::epoch_rng` at each epoch start, so this is all there is to restore.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RngState {
+    /// The run's seed.
+    pub seed: u64,
+    /// The 0-based epoch whose generators come next (= completed epochs).
+    pub next_epoch: u64,
+    /// Stream of the shuffle (and augmentation) generator.
+    pub shuffle_stream: u64,
+    /// Stream of the dropout generator.
+    pub dropout_stream: u64,
+}
+
+/// An `f64` stored as its shortest round-trip decimal string: serde_json's default float parser may be
+/// one unit in the last place off, and a resumed run must see exactly the numbers it saved.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+struct Exact(f64);
+
+impl From<Exact> for String {
+    fn from(x: Exact) -> String {
+        format!("{:?}", x.0)
+    }
+}
+
+impl TryFrom<String> for Exact {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse::<f64>()
+            .map(Exact)
+            .map_err(|e| format!("'{s}' is not a number: {e}"))
+    }
+}
+
+/// [`EpochRecord`] with exact floats.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ExactEpoch {
+    epoch: usize,
+    lr: Exact,
+    loss: Exact,
+    accuracy: Exact,
+    val_loss: Exact,
+    val_accuracy: Exact,
+    seconds: Exact,
+}
+
+impl From<&EpochRecord> for ExactEpoch {
+    fn from(r: &EpochRecord) -> Self {
+        Self {
+            epoch: r.epoch,
+            lr: Exact(r.lr),
+            loss: Exact(r.loss),
+            accuracy: Exact(r.accuracy),
+            val_loss: Exact(r.val_loss),
+            val_accuracy: Exact(r.val_accuracy),
+            seconds: Exact(r.seconds),
+        }
+    }
+}
+
+impl From<ExactEpoch> for EpochRecord {
+    fn from(r: ExactEpoch) -> Self {
+        Self {
+            epoch: r.epoch,
+            lr: r.lr.0,
+            loss: r.loss.0,
+            accuracy: r.accuracy.0,
+            val_loss: r.val_loss.0,
+            val_accuracy: r.val_accuracy.0,
+            seconds: r.seconds.0,
+        }
+    }
+}
+
+/// [`SchedulerState`] with exact floats.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ExactScheduler {
+    lr: Exact,
+    last_reduce: usize,
+    val_acc: Vec<Option<Exact>>,
+}
+
+impl From<SchedulerState> for ExactScheduler {
+    fn from(s: SchedulerState) -> Self {
+        Self {
+            lr: Exact(s.lr),
+            last_reduce: s.last_reduce,
+            val_acc: s.val_acc.into_iter().map(|v| v.map(Exact)).collect(),
+        }
+    }
+}
+
+impl From<ExactScheduler> for SchedulerState {
+    fn from(s: ExactScheduler) -> Self {
+        Self {
+            lr: s.lr.0,
+            last_reduce: s.last_reduce,
+            val_acc: s.val_acc.into_iter().map(|v| v.map(|x| x.0)).collect(),
+        }
+    }
+}
+
+/// The JSON record stored in the checkpoint's metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    format: u32,
+    solution: String,
+    variant: String,
+    epoch: usize,
+    adam_step: u64,
+    adam_lr: Exact,
+    scheduler: ExactScheduler,
+    rng: RngState,
+    history: Vec<ExactEpoch>,
+}
+
+/// A checkpoint read back from a run folder.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// conv, separable or inception.
+    pub solution: String,
+    /// seed or improved.
+    pub variant: String,
+    /// The random state.
+    pub rng: RngState,
+    /// The model's variables by name.
+    pub weights: HashMap<String, Tensor>,
+    /// Optimizer, scheduler and history after the last complete epoch.
+    pub state: ResumeState,
+}
+
+/// How [`crate::run_training_with`] starts and stops.
+#[derive(Debug, Default)]
+pub struct RunOptions<'a> {
+    /// Continue from this checkpoint (its weights are loaded into the fresh model).
+    pub resume: Option<Checkpoint>,
+    /// Stop at the next batch boundary once this is true (see [`crate::Interrupt`]).
+    pub stop: Option<&'a AtomicBool>,
+}
+
+fn ckpt_err(path: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Writes `dir/checkpoint.safetensors` for the epoch that just ended, atomically.
+pub fn save_checkpoint(
+    dir: &Path,
+    cfg: &TrainConfig,
+    vars: &VarMap,
+    end: &EpochEnd<'_>,
+) -> Result<(), TrainError> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let epoch = end.history.len();
+    let adam = end.adam.state()?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    {
+        let data = match vars.data().lock() {
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (name, var) in data.iter() {
+            tensors.push((format!("{MODEL_PREFIX}{name}"), var.as_tensor().copy()?));
+        }
+    }
+    for (name, ms) in &adam.moments {
+        let n = ms.m.len();
+        tensors.push((
+            format!("{ADAM_M_PREFIX}{name}"),
+            Tensor::from_slice(&ms.m, n, &Device::Cpu)?,
+        ));
+        tensors.push((
+            format!("{ADAM_V_PREFIX}{name}"),
+            Tensor::from_slice(&ms.v, ms.v.len(), &Device::Cpu)?,
+        ));
+    }
+    let record = Record {
+        format: FORMAT,
+        solution: cfg.model.solution.to_string(),
+        variant: cfg.model.variant.to_string(),
+        epoch,
+        adam_step: adam.step,
+        adam_lr: Exact(adam.lr),
+        scheduler: end.scheduler.state().into(),
+        rng: RngState {
+            seed: cfg.seed,
+            next_epoch: epoch as u64,
+            shuffle_stream: STREAM_SHUFFLE,
+            dropout_stream: STREAM_DROPOUT,
+        },
+        history: end.history.iter().map(ExactEpoch::from).collect(),
+    };
+    let json = serde_json::to_string(&record).map_err(|e| TrainError::Json {
+        path: path.clone(),
+        source: e,
+    })?;
+    let meta = HashMap::from([(META_KEY.to_string(), json)]);
+    write_atomic(&path, |tmp| {
+        safetensors::serialize_to_file(tensors, Some(meta), tmp)
+            .map_err(|e| ckpt_err(tmp, e.to_string()))
+    })?;
+    tracing::debug!(path = %path.display(), epoch, "checkpoint written");
+    Ok(())
+}
+
+/// The per-epoch work of a run: the checkpoint, then `history.csv` so far.
+pub(crate) fn save_epoch(
+    dir: &Path,
+    cfg: &TrainConfig,
+    trained: &Trained,
+    end: &EpochEnd<'_>,
+) -> Result<(), TrainError> {
+    save_checkpoint(dir, cfg, trained.vars.var_map(), end)?;
+    write_bytes_atomic(&dir.join(HISTORY_FILE), history_csv(end.history).as_bytes())
+}
+
+/// Reads `dir/checkpoint.safetensors`, checking that its tensors and record fit together.
+pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint, TrainError> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ckpt_err(
+                &path,
+                "no such file: nothing to resume (a run writes it after each complete epoch)",
+            )
+        } else {
+            TrainError::Io {
+                path: path.clone(),
+                source: e,
+            }
+        }
+    })?;
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| ckpt_err(&path, format!("not a safetensors file: {e}")))?;
+    let json = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .ok_or_else(|| ckpt_err(&path, format!("no '{META_KEY}' record: not a checkpoint")))?;
+    let record: Record = serde_json::from_str(json)
+        .map_err(|e| ckpt_err(&path, format!("invalid '{META_KEY}' record: {e}")))?;
+    if record.format != FORMAT {
+        return Err(ckpt_err(
+            &path,
+            format!("format {} is not the supported {FORMAT}", record.format),
+        ));
+    }
+    if record.history.len() != record.epoch || record.rng.next_epoch != record.epoch as u64 {
+        return Err(ckpt_err(
+            &path,
+            format!(
+                "the record is at epoch {} but holds {} history rows and the random state of epoch {}",
+                record.epoch,
+                record.history.len(),
+                record.rng.next_epoch
+            ),
+        ));
+    }
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| ckpt_err(&path, format!("unreadable tensors: {e}")))?;
+    let mut weights = HashMap::new();
+    let mut m = HashMap::new();
+    let mut v = HashMap::new();
+    for (name, tensor) in tensors {
+        if let Some(n) = name.strip_prefix(MODEL_PREFIX) {
+            weights.insert(n.to_string(), tensor);
+        } else if let Some(n) = name.strip_prefix(ADAM_M_PREFIX) {
+            m.insert(n.to_string(), tensor);
+        } else if let Some(n) = name.strip_prefix(ADAM_V_PREFIX) {
+            v.insert(n.to_string(), tensor);
+        } else {
+            return Err(ckpt_err(&path, format!("unexpected tensor '{name}'")));
+        }
+    }
+    let mut moments = std::collections::BTreeMap::new();
+    for (name, m) in m {
+        let v = v.remove(&name).ok_or_else(|| {
+            ckpt_err(
+                &path,
+                format!("Adam moment m of '{name}' has no matching v"),
+            )
+        })?;
+        let flat = |t: Tensor, which: &str| -> Result<Vec<f32>, TrainError> {
+            t.to_vec1::<f32>()
+                .map_err(|e| ckpt_err(&path, format!("Adam moment {which} of '{name}': {e}")))
+        };
+        moments.insert(
+            name.clone(),
+            MomentState {
+                m: flat(m, "m")?,
+                v: flat(v, "v")?,
+            },
+        );
+    }
+    if let Some(name) = v.keys().next() {
+        return Err(ckpt_err(
+            &path,
+            format!("Adam moment v of '{name}' has no matching m"),
+        ));
+    }
+    Ok(Checkpoint {
+        path,
+        solution: record.solution,
+        variant: record.variant,
+        rng: record.rng,
+        weights,
+        state: ResumeState {
+            epoch: record.epoch,
+            adam: AdamState {
+                step: record.adam_step,
+                lr: record.adam_lr.0,
+                moments,
+            },
+            scheduler: record.scheduler.into(),
+            history: record.history.into_iter().map(EpochRecord::from).collect(),
+        },
+    })
+}
+
+impl Checkpoint {
+    /// Checks that the checkpoint belongs to a run of `cfg` and copies its weights into `vars`
+    /// (every variable must be present with its shape; nothing is changed on error).
+    pub fn restore_weights(&self, cfg: &TrainConfig, vars: &VarMap) -> Result<(), TrainError> {
+        let (solution, variant) = (
+            cfg.model.solution.to_string(),
+            cfg.model.variant.to_string(),
+        );
+        if self.solution != solution || self.variant != variant {
+            return Err(ckpt_err(
+                &self.path,
+                format!(
+                    "holds a {} ({}) model, the run's config says {solution} ({variant})",
+                    self.solution, self.variant
+                ),
+            ));
+        }
+        if self.rng.seed != cfg.seed {
+            return Err(ckpt_err(
+                &self.path,
+                format!(
+                    "was written with seed {}, the run's config says {}",
+                    self.rng.seed, cfg.seed
+                ),
+            ));
+        }
+        let data = match vars.data().lock() {
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(extra) = self.weights.keys().find(|k| !data.contains_key(*k)) {
+            return Err(ckpt_err(
+                &self.path,
+                format!("has a tensor '{extra}' the model does not"),
+            ));
+        }
+        let mut pairs = Vec::with_capacity(data.len());
+        for (name, var) in data.iter() {
+            let t = self
+                .weights
+                .get(name)
+                .ok_or_else(|| ckpt_err(&self.path, format!("tensor '{name}' is missing")))?;
+            if t.dims() != var.dims() || t.dtype() != var.dtype() {
+                return Err(ckpt_err(
+                    &self.path,
+                    format!(
+                        "tensor '{name}' is {:?} {:?}, the model's is {:?} {:?}",
+                        t.dtype(),
+                        t.dims(),
+                        var.dtype(),
+                        var.dims()
+                    ),
+                ));
+            }
+            pairs.push((var, t));
+        }
+        for (var, t) in pairs {
+            var.set(t)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mnist_models::{Solution, Variant};
+    use mnist_optim::{Adam, Scheduler};
+
+    fn setup() -> (TrainConfig, Trained, Adam, Scheduler, Vec<EpochRecord>) {
+        let cfg = TrainConfig::recipe(Solution::Conv, Variant::Seed);
+        let trained = Trained::init(&cfg, &Device::Cpu).unwrap();
+        let mut adam = Adam::new(trained.trainable_vars(), cfg.adam).unwrap();
+        // One real step so the moments are not all zero.
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu).unwrap();
+        let logits = candle_core::ModuleT::forward_t(&trained.net, &x, true).unwrap();
+        let labels = Tensor::new(&[3u32, 7], &Device::Cpu).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
+        adam.backward_step(&loss).unwrap();
+        let mut sched = Scheduler::new(cfg.schedule, cfg.adam.lr, 10, 3).unwrap();
+        sched.on_epoch_end(1, 0.5);
+        let history = vec![EpochRecord {
+            epoch: 1,
+            lr: 1e-3,
+            loss: 0.7,
+            accuracy: 0.8,
+            val_loss: 0.6,
+            val_accuracy: 0.5,
+            seconds: 1.5,
+        }];
+        (cfg, trained, adam, sched, history)
+    }
+
+    #[test]
+    fn round_trip_restores_weights_moments_and_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, trained, adam, sched, history) = setup();
+        let end = EpochEnd {
+            history: &history,
+            adam: &adam,
+            scheduler: &sched,
+        };
+        save_checkpoint(dir.path(), &cfg, trained.vars.var_map(), &end).unwrap();
+        let ckpt = load_checkpoint(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(ckpt.state.epoch, 1);
+        assert_eq!(ckpt.state.history, history);
+        assert_eq!(ckpt.state.adam, adam.state().unwrap());
+        assert_eq!(ckpt.state.scheduler, sched.state());
+        assert_eq!(ckpt.rng.seed, cfg.seed);
+        assert_eq!(ckpt.rng.next_epoch, 1);
+
+        // Restoring into a model with other weights makes them equal, bit for bit.
+        let mut other_cfg = cfg.clone();
+        other_cfg.seed += 1;
+        let other = Trained::init(&other_cfg, &Device::Cpu).unwrap();
+        assert!(
+            ckpt.restore_weights(&other_cfg, other.vars.var_map())
+                .is_err(),
+            "seed differs"
+        );
+        ckpt.restore_weights(&cfg, other.vars.var_map()).unwrap();
+        let a = trained.vars.var_map().data().lock().unwrap();
+        let b = other.vars.var_map().data().lock().unwrap();
+        assert_eq!(a.len(), b.len());
+        for (name, va) in a.iter() {
+            let x: Vec<f32> = va.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = b[name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(x, y, "{name}");
+        }
+    }
+
+    #[test]
+    fn floats_survive_the_record_bit_for_bit() {
+        for x in [
+            0.009698475165405384,
+            0.1 + 0.2,
+            1e-300,
+            5e-324,
+            f64::MAX,
+            -0.0,
+            f64::INFINITY,
+        ] {
+            let json = serde_json::to_string(&Exact(x)).unwrap();
+            let back: Exact = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.0.to_bits(), x.to_bits(), "{x:e} via {json}");
+        }
+        let nan: Exact = serde_json::from_str("\"NaN\"").unwrap();
+        assert!(nan.0.is_nan());
+        assert!(serde_json::from_str::<Exact>("\"fast\"").is_err());
+    }
+
+    #[test]
+    fn refuses_other_models_and_broken_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, trained, adam, sched, history) = setup();
+        let end = EpochEnd {
+            history: &history,
+            adam: &adam,
+            scheduler: &sched,
+        };
+        save_checkpoint(dir.path(), &cfg, trained.vars.var_map(), &end).unwrap();
+        let ckpt = load_checkpoint(dir.path(), &Device::Cpu).unwrap();
+
+        let sep = TrainConfig::recipe(Solution::Separable, Variant::Seed);
+        let sep_model = Trained::init(&sep, &Device::Cpu).unwrap();
+        let err = ckpt
+            .restore_weights(&sep, sep_model.vars.var_map())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("conv (seed)") && err.contains("separable"),
+            "{err}"
+        );
+
+        let mut missing = ckpt.clone();
+        let name = missing.weights.keys().next().unwrap().clone();
+        missing.weights.remove(&name);
+        let err = missing
+            .restore_weights(&cfg, trained.vars.var_map())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&name) && err.contains("missing"), "{err}");
+
+        let empty = tempfile::tempdir().unwrap();
+        let err = load_checkpoint(empty.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nothing to resume"), "{err}");
+
+        let path = dir.path().join(CHECKPOINT_FILE);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = load_checkpoint(dir.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(CHECKPOINT_FILE), "{err}");
+
+        // A plain weights file is not a checkpoint.
+        trained.vars.var_map().save(&path).unwrap();
+        let err = load_checkpoint(dir.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a checkpoint"), "{err}");
+    }
+}
