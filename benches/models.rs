@@ -72,6 +72,7 @@ fn train_step_ms(cfg: ModelConfig, batch: usize, opts: &Opts) -> f64 {
 }
 
 fn main() {
+    mnist_challenge::layers::init_runtime();
     let args: Vec<String> = std::env::args().collect();
     let opts = Opts {
         quick: args.iter().any(|a| a == "--quick"),

@@ -287,6 +287,38 @@ mod tests {
     }
 
     #[test]
+    fn parse_from_bytes_matches_the_file_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (images, labels) = sample(3);
+        let name = Path::new("in-memory");
+        for file in ["x-idx3-ubyte", "x-idx3-ubyte.gz"] {
+            let p = dir.path().join(file);
+            write_idx_images(&p, &images, 28, 28).unwrap();
+            let bytes = std::fs::read(&p).unwrap();
+            assert_eq!(
+                parse_idx_images(&bytes, name).unwrap(),
+                read_idx_images(&p).unwrap()
+            );
+            let err = parse_idx_images(&bytes[..bytes.len() - 1], name).unwrap_err();
+            assert!(err.to_string().contains("in-memory"), "{err}");
+            assert!(
+                parse_idx_labels(&bytes, name).is_err(),
+                "image bytes are no labels"
+            );
+        }
+        let p = dir.path().join("y-idx1-ubyte.gz");
+        write_idx_labels(&p, &labels).unwrap();
+        assert_eq!(
+            parse_idx_labels(&std::fs::read(&p).unwrap(), name).unwrap(),
+            labels
+        );
+        assert!(matches!(
+            parse_idx_labels(&[], name),
+            Err(DataError::Empty { .. })
+        ));
+    }
+
+    #[test]
     fn round_trip_gz_and_raw() {
         let dir = tempfile::tempdir().unwrap();
         let (images, labels) = sample(5);

@@ -13,12 +13,9 @@ use mnist_models::{ModelConfig, Solution, Variant};
 use mnist_optim::ScheduleConfig;
 
 use crate::{
-    load_checkpoint, run_training_with, Checkpoint, Interrupt, RunOptions, TrainError,
-    INTERRUPTED_EXIT_CODE,
-};
-use crate::{
-    default_run_dir, evaluate, load_weights, read_json, LogReporter,
-    ProgressReporter, Reporter, TrainConfig, CONFIG_FILE,
+    default_run_dir, evaluate, load_checkpoint, load_weights, read_json, run_training_with,
+    Checkpoint, Interrupt, LogReporter, ProgressReporter, Reporter, RunOptions, TrainConfig,
+    TrainError, CONFIG_FILE, INTERRUPTED_EXIT_CODE,
 };
 
 #[derive(Parser, Debug)]
@@ -178,6 +175,7 @@ struct SummaryArgs {
 /// Entry point of a solution binary: parses the command line, sets up logging, runs, and turns any
 /// error into one line on stderr and a non-zero exit code.
 pub fn main(solution: Solution) -> ExitCode {
+    mnist_layers::init_runtime();
     let name: &'static str = match solution {
         Solution::Conv => "solution-conv",
         Solution::Separable => "solution-separable",
@@ -194,7 +192,10 @@ pub fn main(solution: Solution) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             let interrupted = e.chain().any(|c| {
-                matches!(c.downcast_ref::<TrainError>(), Some(TrainError::Interrupted { .. }))
+                matches!(
+                    c.downcast_ref::<TrainError>(),
+                    Some(TrainError::Interrupted { .. })
+                )
             });
             if interrupted {
                 ExitCode::from(INTERRUPTED_EXIT_CODE)
@@ -311,7 +312,11 @@ fn train(solution: Solution, args: TrainArgs) -> Result<()> {
         resume,
         stop: Some(stop.as_ref()),
     };
-    let what = format!("training {solution} ({}) into {}", cfg.model.variant, out.display());
+    let what = format!(
+        "training {solution} ({}) into {}",
+        cfg.model.variant,
+        out.display()
+    );
     let results = match run_training_with(&cfg, &data, &out, &device, reporter.as_mut(), options) {
         Ok(results) => results,
         Err(e @ TrainError::Interrupted { completed, .. }) => {
@@ -323,7 +328,9 @@ fn train(solution: Solution, args: TrainArgs) -> Result<()> {
             } else {
                 "no epoch was complete, so there is nothing to resume: start again".to_string()
             };
-            return Err(anyhow::Error::new(e).context(format!("{what} stopped by a signal; {hint}")));
+            return Err(
+                anyhow::Error::new(e).context(format!("{what} stopped by a signal; {hint}"))
+            );
         }
         Err(e) => return Err(anyhow::Error::new(e).context(what)),
     };

@@ -219,7 +219,7 @@ pub fn fit_with(
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let mut opt = Adam::new(trained.trainable_vars(), cfg.adam)?;
     let mut scheduler = Scheduler::new(
-        cfg.schedule.clone(),
+        cfg.schedule,
         cfg.adam.lr,
         steps_per_epoch,
         cfg.epochs,

@@ -105,7 +105,8 @@ pub enum TrainError {
 
 /// Trains a model as `cfg` says, evaluates it on the test split once, and writes the run folder
 /// (`model.safetensors`, `config.json`, `history.csv`, `results.json`, and `checkpoint.safetensors`
-/// after every epoch).
+/// after every epoch), then the pictures of [`plots::write_run_plots`] (a picture that cannot be made is
+/// logged as a warning; it never fails the run).
 pub fn run_training(
     cfg: &TrainConfig,
     data: &Mnist,

@@ -67,7 +67,7 @@ impl Reporter for ProgressReporter {
     fn step(&mut self, step: usize, loss: f64, accuracy: f64) {
         if let Some(bar) = &self.bar {
             bar.set_position(step as u64);
-            if step % 16 == 0 {
+            if step.is_multiple_of(16) {
                 bar.set_message(format!("loss {loss:.4} accuracy {accuracy:.4}"));
             }
         }
