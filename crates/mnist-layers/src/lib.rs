@@ -11,6 +11,7 @@
 //! Weights are initialised as Keras does (glorot-uniform, zero bias) from a seeded RNG through
 //! [`init::SeededVarMap`], because candle's own CPU RNG cannot be seeded.
 
+pub mod block;
 pub mod conv;
 pub mod dropout;
 pub mod error;
@@ -24,6 +25,7 @@ pub mod pool;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use block::{conv_bn_pool, ConvBnPool, ConvBnPoolConfig};
 pub use conv::{
     conv2d, depthwise_conv2d, separable_conv2d, Conv2d, Conv2dConfig, DepthwiseConv2d,
     SeparableConv2d,

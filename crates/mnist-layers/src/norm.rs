@@ -104,7 +104,17 @@ impl BatchNorm {
         &self.config
     }
 
-    fn update_running(&self, mean: &Tensor, var: &Tensor) -> Result<()> {
+    /// The inference-mode affine `(scale, shift)` `[c]`: `scale = gamma / sqrt(running_var + eps)`,
+    /// `shift = beta - running_mean * scale` (differentiable in gamma and beta only).
+    pub fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let rm = self.running_mean.as_tensor().detach();
+        let rv = self.running_var.as_tensor().detach();
+        let scale = self.gamma.div(&(rv + self.config.eps)?.sqrt()?)?;
+        let shift = self.beta.sub(&(rm * &scale)?)?;
+        Ok((scale, shift))
+    }
+
+    pub(crate) fn update_running(&self, mean: &Tensor, var: &Tensor) -> Result<()> {
         let m = self.config.momentum;
         let dt = self.running_mean.dtype();
         let upd = |run: &Var, batch: &Tensor| -> Result<()> {
@@ -136,10 +146,7 @@ impl ModuleT for BatchNorm {
             self.update_running(&mean, &var)?;
             Ok(ys)
         } else {
-            let rm = self.running_mean.as_tensor().detach();
-            let rv = self.running_var.as_tensor().detach();
-            let scale = self.gamma.div(&(rv + self.config.eps)?.sqrt()?)?;
-            let shift = self.beta.sub(&(rm * &scale)?)?;
+            let (scale, shift) = self.eval_scale_shift()?;
             if fast {
                 ops::batch_norm_eval(xs, &scale, &shift)
             } else {

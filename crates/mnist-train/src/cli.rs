@@ -97,19 +97,19 @@ struct TrainArgs {
     #[arg(long, default_value = "improved")]
     variant: Variant,
     /// Number of epochs [recipe: 10].
-    #[arg(long, value_parser = positive_usize)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_usize)]
     epochs: Option<usize>,
     /// Batch size [recipe: 32 for seed, 64 for improved].
-    #[arg(long, value_parser = positive_usize)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_usize)]
     batch_size: Option<usize>,
     /// Learning rate: Adam's for seed; the peak of the schedule for improved [recipe].
-    #[arg(long, value_parser = positive_f64)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_f64)]
     lr: Option<f64>,
     /// Learning-rate schedule [recipe: plateau for seed, one-cycle for improved].
     #[arg(long, value_enum)]
     schedule: Option<ScheduleArg>,
     /// Divide the learning rate by this when validation accuracy plateaus (1 = off, as the original).
-    #[arg(long, value_parser = positive_f64)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_f64)]
     plateau_factor: Option<f64>,
     /// Turn on-the-fly augmentation (rotation, shift, scale) on.
     #[arg(long, conflicts_with = "no_augment")]
@@ -124,7 +124,7 @@ struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// Train on the first N training images only (quick trials).
-    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = positive_usize)]
     limit_train: Option<usize>,
     /// Kernels: auto (fast CPU kernels where possible) or reference (candle's own ops).
     #[arg(long, default_value = "auto", value_parser = parse_kernels)]

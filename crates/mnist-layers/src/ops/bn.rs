@@ -30,7 +30,7 @@ fn sum_sq_dev(xs: &[f32], m: f32) -> f64 {
 
 /// `sum(a * (b - m))` with 16 f32 lanes, lanes added in f64.
 #[inline]
-fn dot_dev(a: &[f32], b: &[f32], m: f32) -> f64 {
+pub(crate) fn dot_dev(a: &[f32], b: &[f32], m: f32) -> f64 {
     let mut acc = [0f32; 16];
     let ca = a.chunks_exact(16);
     let cb = b.chunks_exact(16);
@@ -47,7 +47,7 @@ fn dot_dev(a: &[f32], b: &[f32], m: f32) -> f64 {
 }
 
 /// Per-channel `(mean, biased variance)` of `x [b, c, hw]`, two passes, f64 across planes.
-fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
     let n = (b * hw) as f64;
     let stats: Vec<(f32, f32)> = (0..c)
         .into_par_iter()
@@ -62,7 +62,7 @@ fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32
 }
 
 /// `y = x * scale[c] + shift[c]` over planes of `x [b, c, hw]`.
-fn affine(x: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usize) -> Vec<f32> {
+pub(crate) fn affine(x: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usize) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
@@ -176,7 +176,7 @@ impl CustomOp3 for BnTrainOp {
     }
 }
 
-fn check_vec(t: &Tensor, c: usize, op: &'static str, name: &str) -> Result<()> {
+pub(crate) fn check_vec(t: &Tensor, c: usize, op: &'static str, name: &str) -> Result<()> {
     if t.dims() != [c] {
         return Err(shape_err(op, format!("{name} [{c}]"), t.dims()));
     }

@@ -24,24 +24,292 @@ pub(crate) struct ConvGeom {
     pub ow: usize,
     /// 1x1, stride 1, no padding: the image itself is the im2col matrix.
     pub direct: bool,
+    /// Padded input height / width (`h + pt + pb`, `w + pl + pr`).
+    pub hp: usize,
+    pub wp: usize,
 }
 
 impl ConvGeom {
-    fn ckk(&self) -> usize {
+    pub(crate) fn ckk(&self) -> usize {
         self.c * self.k * self.k
     }
-    fn ohw(&self) -> usize {
+    pub(crate) fn ohw(&self) -> usize {
         self.oh * self.ow
     }
-    fn chw(&self) -> usize {
+    pub(crate) fn chw(&self) -> usize {
         self.c * self.h * self.w
+    }
+    /// Stride 1 and not [`Self::direct`]: the "wide" im2col layout (see [`Self::im2col_wide`]).
+    fn wide(&self) -> bool {
+        self.stride == 1 && !self.direct
+    }
+    /// Stride-1 layout with some padding: the image is first copied into a zero-padded buffer.
+    fn padded(&self) -> bool {
+        self.wide() && (self.hp != self.h || self.wp != self.w)
+    }
+    /// Columns of the wide im2col matrix: `oh * wp` (the last `wp - ow` of every row are discarded).
+    fn wide_len(&self) -> usize {
+        self.oh * self.wp
+    }
+    /// Columns of the im2col matrix in the layout in use.
+    fn ncols(&self) -> usize {
+        if self.wide() {
+            self.wide_len()
+        } else {
+            self.ohw()
+        }
     }
     fn col_len(&self) -> usize {
         if self.direct {
             0
         } else {
-            self.ckk() * self.ohw()
+            self.ckk() * self.ncols()
         }
+    }
+    fn pad_len(&self) -> usize {
+        if self.padded() {
+            self.c * self.hp * self.wp
+        } else {
+            0
+        }
+    }
+
+    /// Copies one image `x [c, h, w]` into the zero-padded `xp [c, hp, wp]`.
+    fn pad_image(&self, x: &[f32], xp: &mut [f32]) {
+        let (h, w, hp, wp) = (self.h, self.w, self.hp, self.wp);
+        xp.fill(0.0);
+        for ci in 0..self.c {
+            let src = &x[ci * h * w..(ci + 1) * h * w];
+            let dst = &mut xp[ci * hp * wp..(ci + 1) * hp * wp];
+            for (iy, row) in src.chunks_exact(w).enumerate() {
+                let o = (iy + self.pt) * wp + self.pl;
+                dst[o..o + w].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// The wide im2col of a stride-1 convolution, one `memcpy` per row: with the (padded) image
+    /// `xp [c, hp, wp]` flattened, row `(ci, ky, kx)` of `col [c*k*k, oh*wp]` is the contiguous run
+    /// `xp[ci*hp*wp + ky*wp + kx ..][.. oh*wp]`. Column `oy*wp + ox` is output pixel `(oy, ox)` for
+    /// `ox < ow`; the columns `ox >= ow` hold garbage (zeros past the end of `xp`) and are discarded.
+    fn im2col_wide(&self, xp: &[f32], col: &mut [f32]) {
+        let (k, l, plane) = (self.k, self.wide_len(), self.hp * self.wp);
+        for (r, row) in col.chunks_exact_mut(l).enumerate() {
+            let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
+            let off = ci * plane + ky * self.wp + kx;
+            let n = l.min(xp.len().saturating_sub(off));
+            row[..n].copy_from_slice(&xp[off..off + n]);
+            row[n..].fill(0.0);
+        }
+    }
+
+    /// `dxp [c, hp, wp] += col2im_wide(dcol [c*k*k, oh*wp])`, the transpose of [`Self::im2col_wide`]
+    /// (the discarded columns of `dcol` must be zero).
+    fn col2im_wide(&self, dcol: &[f32], dxp: &mut [f32]) {
+        let (k, l, plane) = (self.k, self.wide_len(), self.hp * self.wp);
+        for (r, row) in dcol.chunks_exact(l).enumerate() {
+            let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
+            let off = ci * plane + ky * self.wp + kx;
+            let n = l.min(dxp.len().saturating_sub(off));
+            for (d, v) in dxp[off..off + n].iter_mut().zip(&row[..n]) {
+                *d += v;
+            }
+        }
+    }
+
+    /// `dst [o, oh*ow] = act(wide [o, oh*wp] + bias)`, dropping the discarded columns.
+    fn compact_wide(&self, wide: &[f32], dst: &mut [f32], bias: Option<&[f32]>, relu: bool) {
+        let (ow, wp, l, ohw) = (self.ow, self.wp, self.wide_len(), self.ohw());
+        for oc in 0..self.o {
+            let bv = bias.map_or(0.0, |b| b[oc]);
+            let src = &wide[oc * l..(oc + 1) * l];
+            let out = &mut dst[oc * ohw..(oc + 1) * ohw];
+            for (drow, srow) in out.chunks_exact_mut(ow).zip(src.chunks(wp)) {
+                let srow = &srow[..ow];
+                if relu {
+                    for (d, &v) in drow.iter_mut().zip(srow) {
+                        *d = (v + bv).max(0.0);
+                    }
+                } else {
+                    for (d, &v) in drow.iter_mut().zip(srow) {
+                        *d = v + bv;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `wide [o, oh*wp]` from `g [o, oh*ow]`, zeros in the discarded columns.
+    fn spread_wide(&self, g: &[f32], wide: &mut [f32]) {
+        let (ow, wp, l, ohw) = (self.ow, self.wp, self.wide_len(), self.ohw());
+        for oc in 0..self.o {
+            let src = &g[oc * ohw..(oc + 1) * ohw];
+            let dst = &mut wide[oc * l..(oc + 1) * l];
+            for (drow, srow) in dst.chunks_mut(wp).zip(src.chunks_exact(ow)) {
+                drow[..ow].copy_from_slice(srow);
+                drow[ow..].fill(0.0);
+            }
+        }
+    }
+
+    /// One image: `dst [o, oh*ow] = act(conv(xi [c, h, w], w) + bias)`.
+    pub(crate) fn forward_image(
+        &self,
+        xi: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        dst: &mut [f32],
+    ) {
+        let (o, ckk, ohw) = (self.o, self.ckk(), self.ohw());
+        if self.wide() {
+            let l = self.wide_len();
+            with_scratch([self.pad_len(), self.col_len(), o * l], |[xp, col, wide]| {
+                let src: &[f32] = if self.padded() {
+                    self.pad_image(xi, xp);
+                    xp
+                } else {
+                    xi
+                };
+                self.im2col_wide(src, col);
+                sgemm((o, l, ckk), wide, (l, 1), false, w, (ckk, 1), col, (l, 1));
+                self.compact_wide(wide, dst, bias, relu);
+            });
+            return;
+        }
+        with_scratch([self.col_len()], |[col]| {
+            let col: &[f32] = if self.direct {
+                xi
+            } else {
+                self.im2col(xi, col);
+                col
+            };
+            sgemm((o, ohw, ckk), dst, (ohw, 1), false, w, (ckk, 1), col, (ohw, 1));
+        });
+        for (oc, row) in dst.chunks_exact_mut(ohw).enumerate() {
+            let bv = bias.map_or(0.0, |b| b[oc]);
+            if relu {
+                row.iter_mut().for_each(|v| *v = (*v + bv).max(0.0));
+            } else if bv != 0.0 {
+                row.iter_mut().for_each(|v| *v += bv);
+            }
+        }
+    }
+
+    /// The whole batch: `[b, o, oh, ow]` from `x [b, c, h, w]` (images in parallel).
+    pub(crate) fn forward(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>, relu: bool) -> Vec<f32> {
+        let (o, ohw, chw) = (self.o, self.ohw(), self.chw());
+        let mut out = vec![0f32; self.b * o * ohw];
+        let work = |(i, dst): (usize, &mut [f32])| {
+            self.forward_image(&x[i * chw..(i + 1) * chw], w, bias, relu, dst)
+        };
+        if self.b == 1 {
+            work((0, &mut out));
+        } else {
+            out.par_chunks_mut(o * ohw).enumerate().for_each(work);
+        }
+        out
+    }
+
+    /// Backward of the convolution given the gradient at its (pre-activation) output: `fill_g(i, g)`
+    /// writes image `i`'s `g [o, oh*ow]`. Returns `(dx if need_dx, dw [o, c*k*k], db [o])`; dw and db
+    /// are reduced over fixed chunks of [`GRAD_CHUNK`] images in chunk order (thread-count independent).
+    pub(crate) fn backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        need_dx: bool,
+        fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+        let g = *self;
+        let (o, ckk, ohw, chw) = (g.o, g.ckk(), g.ohw(), g.chw());
+        let (wide, padded, n) = (g.wide(), g.padded(), g.ncols());
+        let nchunks = g.b.div_ceil(GRAD_CHUNK);
+        let mut pdw = vec![0f32; nchunks * o * ckk];
+        let mut pdb = vec![0f32; nchunks * o];
+        let dx_chunk = if need_dx { GRAD_CHUNK * chw } else { 1 };
+        let mut dx = vec![0f32; if need_dx { g.b * chw } else { nchunks }];
+        let lens = [
+            o * ohw,
+            g.col_len(),
+            g.pad_len(),
+            if wide { o * n } else { 0 },
+            if need_dx && !g.direct { ckk * n } else { 0 },
+            if need_dx { g.pad_len() } else { 0 },
+        ];
+
+        pdw.par_chunks_mut(o * ckk)
+            .zip(pdb.par_chunks_mut(o))
+            .zip(dx.par_chunks_mut(dx_chunk))
+            .enumerate()
+            .for_each(|(ch, ((dw, db), dxc))| {
+                let i0 = ch * GRAD_CHUNK;
+                let i1 = (i0 + GRAD_CHUNK).min(g.b);
+                with_scratch(lens, |[gbuf, col, xp, gwide, dcol, dxp]| {
+                    for i in i0..i1 {
+                        let xi = &x[i * chw..(i + 1) * chw];
+                        fill_g(i, gbuf);
+                        for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
+                            db[oc] += sum_f32(row) as f32;
+                        }
+                        // The im2col matrix and the gradient in the same column layout.
+                        let (colr, gi): (&[f32], &[f32]) = if g.direct {
+                            (xi, gbuf)
+                        } else if wide {
+                            let src: &[f32] = if padded {
+                                g.pad_image(xi, xp);
+                                xp
+                            } else {
+                                xi
+                            };
+                            g.im2col_wide(src, col);
+                            g.spread_wide(gbuf, gwide);
+                            (col, gwide)
+                        } else {
+                            g.im2col(xi, col);
+                            (col, gbuf)
+                        };
+                        // dw[o, ckk] += g[o, n] · col^T[n, ckk]
+                        sgemm((o, ckk, n), dw, (ckk, 1), true, gi, (n, 1), colr, (1, n));
+                        if !need_dx {
+                            continue;
+                        }
+                        let dxi = &mut dxc[(i - i0) * chw..(i - i0 + 1) * chw];
+                        if g.direct {
+                            // dx[c, hw] = w^T[c, o] · g[o, hw]
+                            sgemm((ckk, n, o), dxi, (n, 1), false, w, (1, ckk), gi, (n, 1));
+                            continue;
+                        }
+                        // dcol[ckk, n] = w^T[ckk, o] · g[o, n]
+                        sgemm((ckk, n, o), dcol, (n, 1), false, w, (1, ckk), gi, (n, 1));
+                        if !wide {
+                            g.col2im(dcol, dxi);
+                        } else if padded {
+                            dxp.fill(0.0);
+                            g.col2im_wide(dcol, dxp);
+                            let (hp, wp) = (g.hp, g.wp);
+                            for ci in 0..g.c {
+                                for iy in 0..g.h {
+                                    let s = ci * hp * wp + (iy + g.pt) * wp + g.pl;
+                                    let d = (ci * g.h + iy) * g.w;
+                                    dxi[d..d + g.w].copy_from_slice(&dxp[s..s + g.w]);
+                                }
+                            }
+                        } else {
+                            g.col2im_wide(dcol, dxi);
+                        }
+                    }
+                });
+            });
+        let mut dw = vec![0f32; o * ckk];
+        for part in pdw.chunks_exact(o * ckk) {
+            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        let mut db = vec![0f32; o];
+        for part in pdb.chunks_exact(o) {
+            db.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        (need_dx.then_some(dx), dw, db)
     }
 
     /// Range of output columns whose input column `ox*s + kx - pl` lies inside `[0, w)`.
@@ -222,148 +490,6 @@ struct ConvOp {
 }
 
 impl ConvOp {
-    fn forward(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-        let g = self.g;
-        let (o, ckk, ohw, chw) = (g.o, g.ckk(), g.ohw(), g.chw());
-        let mut out = vec![0f32; g.b * o * ohw];
-        let work = |(i, dst): (usize, &mut [f32])| {
-            let xi = &x[i * chw..(i + 1) * chw];
-            with_scratch([g.col_len(), 0, 0], |col, _, _| {
-                let col: &[f32] = if g.direct {
-                    xi
-                } else {
-                    g.im2col(xi, col);
-                    col
-                };
-                sgemm(
-                    (o, ohw, ckk),
-                    dst,
-                    (ohw, 1),
-                    false,
-                    w,
-                    (ckk, 1),
-                    col,
-                    (ohw, 1),
-                );
-            });
-            for (oc, row) in dst.chunks_exact_mut(ohw).enumerate() {
-                let bv = bias.map_or(0.0, |b| b[oc]);
-                if self.relu {
-                    row.iter_mut().for_each(|v| *v = (*v + bv).max(0.0));
-                } else if bv != 0.0 {
-                    row.iter_mut().for_each(|v| *v += bv);
-                }
-            }
-        };
-        if g.b == 1 {
-            work((0, &mut out));
-        } else {
-            out.par_chunks_mut(o * ohw).enumerate().for_each(work);
-        }
-        out
-    }
-
-    /// Returns (dx if wanted, dw, db).
-    fn backward(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        y: &[f32],
-        dy: &[f32],
-        need_dx: bool,
-    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
-        let g = self.g;
-        let (o, ckk, ohw, chw) = (g.o, g.ckk(), g.ohw(), g.chw());
-        let nchunks = g.b.div_ceil(GRAD_CHUNK);
-        let mut pdw = vec![0f32; nchunks * o * ckk];
-        let mut pdb = vec![0f32; nchunks * o];
-        let dx_chunk = if need_dx { GRAD_CHUNK * chw } else { 1 };
-        let mut dx = vec![0f32; if need_dx { g.b * chw } else { nchunks }];
-        let relu = self.relu;
-        let dcol_len = if need_dx && !g.direct { ckk * ohw } else { 0 };
-
-        pdw.par_chunks_mut(o * ckk)
-            .zip(pdb.par_chunks_mut(o))
-            .zip(dx.par_chunks_mut(dx_chunk))
-            .enumerate()
-            .for_each(|(ch, ((dw, db), dxc))| {
-                let i0 = ch * GRAD_CHUNK;
-                let i1 = (i0 + GRAD_CHUNK).min(g.b);
-                with_scratch([g.col_len(), o * ohw, dcol_len], |col, gbuf, dcol| {
-                    for i in i0..i1 {
-                        let xi = &x[i * chw..(i + 1) * chw];
-                        let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
-                        let gi: &[f32] = if relu {
-                            let yi = &y[i * o * ohw..(i + 1) * o * ohw];
-                            for ((gv, &d), &yv) in gbuf.iter_mut().zip(dyi).zip(yi) {
-                                *gv = if yv > 0.0 { d } else { 0.0 };
-                            }
-                            gbuf
-                        } else {
-                            dyi
-                        };
-                        for (oc, row) in gi.chunks_exact(ohw).enumerate() {
-                            db[oc] += sum_f32(row) as f32;
-                        }
-                        let colr: &[f32] = if g.direct {
-                            xi
-                        } else {
-                            g.im2col(xi, col);
-                            col
-                        };
-                        // dw[o, ckk] += g[o, ohw] · col^T[ohw, ckk]
-                        sgemm(
-                            (o, ckk, ohw),
-                            dw,
-                            (ckk, 1),
-                            true,
-                            gi,
-                            (ohw, 1),
-                            colr,
-                            (1, ohw),
-                        );
-                        if need_dx {
-                            let dxi = &mut dxc[(i - i0) * chw..(i - i0 + 1) * chw];
-                            // dcol[ckk, ohw] = w^T[ckk, o] · g[o, ohw]
-                            if g.direct {
-                                sgemm(
-                                    (ckk, ohw, o),
-                                    dxi,
-                                    (ohw, 1),
-                                    false,
-                                    w,
-                                    (1, ckk),
-                                    gi,
-                                    (ohw, 1),
-                                );
-                            } else {
-                                sgemm(
-                                    (ckk, ohw, o),
-                                    dcol,
-                                    (ohw, 1),
-                                    false,
-                                    w,
-                                    (1, ckk),
-                                    gi,
-                                    (ohw, 1),
-                                );
-                                g.col2im(dcol, dxi);
-                            }
-                        }
-                    }
-                });
-            });
-        let mut dw = vec![0f32; o * ckk];
-        for part in pdw.chunks_exact(o * ckk) {
-            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-        }
-        let mut db = vec![0f32; o];
-        for part in pdb.chunks_exact(o) {
-            db.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-        }
-        (need_dx.then_some(dx), dw, db)
-    }
-
     fn out_shape(&self) -> Shape {
         Shape::from((self.g.b, self.g.o, self.g.oh, self.g.ow))
     }
@@ -381,7 +507,20 @@ impl ConvOp {
         cpu_data!(w, wg, ws, OP);
         cpu_data!(res, yg, ys, OP);
         cpu_data!(grad, dyg, dys, OP);
-        let (dx, dw, db) = self.backward(xs, ws, ys, dys, need_dx);
+        let n = g.o * g.ohw();
+        let relu = self.relu;
+        let fill_g = |i: usize, gb: &mut [f32]| {
+            let dyi = &dys[i * n..(i + 1) * n];
+            if relu {
+                let yi = &ys[i * n..(i + 1) * n];
+                for ((gv, &d), &yv) in gb.iter_mut().zip(dyi).zip(yi) {
+                    *gv = if yv > 0.0 { d } else { 0.0 };
+                }
+            } else {
+                gb.copy_from_slice(dyi);
+            }
+        };
+        let (dx, dw, db) = g.backward(xs, ws, need_dx, &fill_g);
         let dev = x.device();
         let dx = match dx {
             Some(v) => Some(Tensor::from_vec(v, (g.b, g.c, g.h, g.w), dev)?),
@@ -409,7 +548,10 @@ impl CustomOp2 for ConvOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = fwd_slice(s1, l1, OP)?;
         let w = fwd_slice(s2, l2, OP)?;
-        Ok((CpuStorage::F32(self.forward(x, w, None)), self.out_shape()))
+        Ok((
+            CpuStorage::F32(self.g.forward(x, w, None, self.relu)),
+            self.out_shape(),
+        ))
     }
 
     fn bwd(
@@ -442,7 +584,7 @@ impl CustomOp3 for ConvOp {
         let w = fwd_slice(s2, l2, OP)?;
         let b = fwd_slice(s3, l3, OP)?;
         Ok((
-            CpuStorage::F32(self.forward(x, w, Some(b))),
+            CpuStorage::F32(self.g.forward(x, w, Some(b), self.relu)),
             self.out_shape(),
         ))
     }
@@ -461,7 +603,7 @@ impl CustomOp3 for ConvOp {
 }
 
 /// Validates shapes and builds the geometry of a convolution.
-fn geometry(
+pub(crate) fn geometry(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
@@ -497,6 +639,8 @@ fn geometry(
         oh,
         ow,
         direct: k == 1 && stride == 1 && pad == (0, 0, 0, 0),
+        hp: h + pt + pb,
+        wp: wd + pl + pr,
     })
 }
 
@@ -593,6 +737,10 @@ mod tests {
         check(5, 20, 14, 14, 10, 5, 1, (0, 0, 0, 0), true, true);
         check(3, 7, 6, 5, 2, 1, 1, (0, 0, 0, 0), true, true);
         check(9, 2, 5, 5, 3, 1, 2, (0, 0, 1, 1), false, true);
+        // Stride 1 with asymmetric padding and a 1x1 kernel with padding (the wide layout, padded).
+        check(6, 3, 7, 9, 4, 3, 1, (1, 0, 2, 1), true, true);
+        check(2, 2, 4, 3, 3, 1, 1, (1, 1, 0, 1), false, true);
+        check(1, 2, 6, 6, 3, 3, 1, (0, 0, 0, 0), true, false);
     }
 
     #[test]

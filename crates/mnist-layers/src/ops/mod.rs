@@ -8,6 +8,7 @@
 //!
 //! The reference twins work on any device and dtype and get their gradient from candle's autograd.
 
+mod block;
 mod bn;
 mod conv;
 mod depthwise;
@@ -15,6 +16,10 @@ mod pool;
 
 pub use bn::{
     batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
+};
+pub use block::{
+    conv_bn_pool_eval, conv_bn_pool_eval_reference, conv_bn_pool_train,
+    conv_bn_pool_train_reference, BlockSpec, PoolSpec,
 };
 pub use conv::{conv2d_fused, conv2d_fused_reference};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
@@ -63,31 +68,41 @@ macro_rules! cpu_data {
 pub(crate) use cpu_data;
 
 thread_local! {
-    static SCRATCH: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    static SCRATCH: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with three thread-local scratch buffers of at least the given lengths (contents unspecified).
-pub(crate) fn with_scratch<R>(
-    lens: [usize; 3],
-    f: impl FnOnce(&mut [f32], &mut [f32], &mut [f32]) -> R,
+/// Runs `f` with `N` thread-local scratch buffers of exactly the given lengths (contents unspecified).
+///
+/// The buffers are kept per thread and only grow, so a training loop allocates them once.
+pub(crate) fn with_scratch<const N: usize, R>(
+    lens: [usize; N],
+    f: impl FnOnce([&mut [f32]; N]) -> R,
 ) -> R {
+    fn split<'a, const N: usize>(bufs: &'a mut [Vec<f32>], lens: &[usize; N]) -> [&'a mut [f32]; N] {
+        let mut it = bufs.iter_mut();
+        std::array::from_fn(|i| match it.next() {
+            Some(b) => {
+                if b.len() < lens[i] {
+                    b.resize(lens[i], 0.0);
+                }
+                &mut b[..lens[i]]
+            }
+            // `bufs` always holds at least N vectors (see the callers below).
+            None => &mut [],
+        })
+    }
     SCRATCH.with(|cell| {
-        // A re-entrant call (not expected) gets fresh buffers instead of a panic.
+        // A re-entrant call (rayon work-stealing inside `f`) gets fresh buffers instead of a panic.
         match cell.try_borrow_mut() {
             Ok(mut bufs) => {
-                for (b, &n) in bufs.iter_mut().zip(lens.iter()) {
-                    if b.len() < n {
-                        b.resize(n, 0.0);
-                    }
+                if bufs.len() < N {
+                    bufs.resize_with(N, Vec::new);
                 }
-                let [a, b, c] = &mut *bufs;
-                f(&mut a[..lens[0]], &mut b[..lens[1]], &mut c[..lens[2]])
+                f(split(&mut bufs, &lens))
             }
             Err(_) => {
-                let mut a = vec![0.0; lens[0]];
-                let mut b = vec![0.0; lens[1]];
-                let mut c = vec![0.0; lens[2]];
-                f(&mut a, &mut b, &mut c)
+                let mut bufs: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0.0; n]).collect();
+                f(split(&mut bufs, &lens))
             }
         }
     })

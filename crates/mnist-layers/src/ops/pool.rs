@@ -16,16 +16,17 @@ use super::{cpu_data, dims4, fwd_slice, out_len, Pad4};
 
 const OP: &str = "max_pool2d";
 
+/// Geometry of a max pool over one `[h, w]` plane.
 #[derive(Debug, Clone, Copy)]
-struct PoolGeom {
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pt: usize,
-    pl: usize,
-    oh: usize,
-    ow: usize,
+pub(crate) struct PoolGeom {
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pt: usize,
+    pub pl: usize,
+    pub oh: usize,
+    pub ow: usize,
 }
 
 impl PoolGeom {
@@ -38,8 +39,24 @@ impl PoolGeom {
         (lo, hi.max(lo))
     }
 
+    /// Validated geometry of a `kernel`/`stride`/`pad` pool over `[h, w]` planes.
+    pub(crate) fn new(h: usize, w: usize, kernel: usize, stride: usize, pad: Pad4) -> Result<Self> {
+        check_pad(kernel, pad)?;
+        let (pt, pl, pb, pr) = pad;
+        Ok(Self {
+            h,
+            w,
+            k: kernel,
+            stride,
+            pt,
+            pl,
+            oh: out_len(h, pt, pb, kernel, stride, OP)?,
+            ow: out_len(w, pl, pr, kernel, stride, OP)?,
+        })
+    }
+
     /// One plane: output values and argmax (index in the plane).
-    fn plane_fwd(&self, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
+    pub(crate) fn plane_fwd(&self, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
         let (k, s, w) = (self.k, self.stride, self.w);
         if k == 2 && s == 2 && self.pt == 0 && self.pl == 0 {
             // The common 2x2/2 pool, unrolled.
@@ -155,7 +172,7 @@ impl CustomOp1 for MaxPoolOp {
     }
 }
 
-fn check_pad(kernel: usize, pad: Pad4) -> Result<()> {
+pub(crate) fn check_pad(kernel: usize, pad: Pad4) -> Result<()> {
     let (t, l, b, r) = pad;
     if t >= kernel || l >= kernel || b >= kernel || r >= kernel {
         candle_core::bail!(
@@ -170,21 +187,8 @@ fn check_pad(kernel: usize, pad: Pad4) -> Result<()> {
 /// The backward pass sends each output's gradient to its window's argmax (first maximum wins).
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
     let dims = dims4(x, OP)?;
-    check_pad(kernel, pad)?;
     let (_, _, h, w) = dims;
-    let (pt, pl, pb, pr) = pad;
-    let oh = out_len(h, pt, pb, kernel, stride, OP)?;
-    let ow = out_len(w, pl, pr, kernel, stride, OP)?;
-    let g = PoolGeom {
-        h,
-        w,
-        k: kernel,
-        stride,
-        pt,
-        pl,
-        oh,
-        ow,
-    };
+    let g = PoolGeom::new(h, w, kernel, stride, pad)?;
     x.contiguous()?.apply_op1(MaxPoolOp {
         g,
         dims,

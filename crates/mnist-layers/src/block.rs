@@ -1,0 +1,206 @@
+//! [`ConvBnPool`]: a `Conv2d -> BatchNorm -> [MaxPool2d]` block that trains through one fused op.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::shape_err;
+use crate::ops::{self, BlockSpec, PoolSpec};
+use crate::{batch_norm, conv2d, max_pool2d, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig};
+use crate::{Kernels, MaxPool2dConfig};
+
+/// Configuration of a [`ConvBnPool`] block.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ConvBnPoolConfig {
+    /// The convolution (its activation is applied before the BatchNorm).
+    pub conv: Conv2dConfig,
+    /// The BatchNorm.
+    pub bn: BatchNormConfig,
+    /// The max pool after the BatchNorm, if any (default none).
+    pub pool: Option<MaxPool2dConfig>,
+}
+
+/// `pool?(BatchNorm(conv(x)))`: an existing [`Conv2d`] and [`BatchNorm`] (same variables, same
+/// checkpoints) run as one block.
+///
+/// In training mode with the fast kernels (both layers [`Kernels::Auto`] on an `f32` CPU input) the block
+/// is ONE custom op ([`ops::conv_bn_pool_train`]) and the running statistics are updated as
+/// [`BatchNorm`] does; in inference mode it is [`ops::conv_bn_pool_eval`] (image by image, in cache).
+/// Otherwise it runs the three layers one after the other.
+#[derive(Debug, Clone)]
+pub struct ConvBnPool {
+    conv: Conv2d,
+    bn: BatchNorm,
+    pool: Option<MaxPool2dConfig>,
+}
+
+impl ConvBnPool {
+    /// Wraps existing layers: `conv [o, c, k, k]` followed by `bn` over the same `o` channels and an
+    /// optional pool.
+    pub fn new(conv: Conv2d, bn: BatchNorm, pool: Option<MaxPool2dConfig>) -> Result<Self> {
+        let o = conv.weight().dim(0)?;
+        let c = bn.gamma().dim(0)?;
+        if o != c {
+            return Err(shape_err(
+                "conv_bn_pool",
+                format!("batch norm over {o} channels"),
+                bn.gamma().dims(),
+            ));
+        }
+        Ok(Self { conv, bn, pool })
+    }
+    /// The convolution.
+    pub fn conv(&self) -> &Conv2d {
+        &self.conv
+    }
+    /// The BatchNorm.
+    pub fn bn(&self) -> &BatchNorm {
+        &self.bn
+    }
+    /// The pool, if any.
+    pub fn pool(&self) -> Option<&MaxPool2dConfig> {
+        self.pool.as_ref()
+    }
+
+    /// The op spec for an input of spatial size `h x w`.
+    fn spec(&self, h: usize, w: usize) -> Result<BlockSpec> {
+        let cfg = self.conv.config();
+        let k = self.conv.weight().dim(3)?;
+        let (pad, (oh, ow)) = cfg.padding.resolve2d(h, w, k, cfg.stride)?;
+        let pool = match self.pool {
+            Some(p) => {
+                let (pp, _) = p.padding.resolve2d(oh, ow, p.kernel, p.stride)?;
+                Some(PoolSpec {
+                    kernel: p.kernel,
+                    stride: p.stride,
+                    pad: pp,
+                })
+            }
+            None => None,
+        };
+        Ok(BlockSpec {
+            stride: cfg.stride,
+            pad,
+            relu: cfg.activation.is_relu(),
+            eps: self.bn.config().eps,
+            pool,
+        })
+    }
+
+    fn fast(&self, xs: &Tensor) -> bool {
+        let pool_fast = self.pool.is_none_or(|p| p.kernels == Kernels::Auto);
+        self.conv.config().kernels.use_fast(xs) && self.bn.config().kernels.use_fast(xs) && pool_fast
+    }
+}
+
+/// Builds a [`ConvBnPool`] from fresh layers: [`conv2d`]`(in_c, out_c, k, cfg.conv, vb_conv)`,
+/// [`batch_norm`]`(out_c, cfg.bn, vb_bn)` and `cfg.pool` (two builders so the variables keep the names
+/// of separate layers, e.g. `conv1.weight` and `bn1.gamma`).
+pub fn conv_bn_pool(
+    in_c: usize,
+    out_c: usize,
+    k: usize,
+    cfg: ConvBnPoolConfig,
+    vb_conv: VarBuilder,
+    vb_bn: VarBuilder,
+) -> Result<ConvBnPool> {
+    let conv = conv2d(in_c, out_c, k, cfg.conv, vb_conv)?;
+    let bn = batch_norm(out_c, cfg.bn, vb_bn)?;
+    ConvBnPool::new(conv, bn, cfg.pool)
+}
+
+impl ModuleT for ConvBnPool {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let (h, w) = match xs.dims() {
+            &[_, _, h, w] => (h, w),
+            d => return Err(shape_err("conv_bn_pool", "[b, c, h, w]", d)),
+        };
+        if !self.fast(xs) {
+            let ys = self.conv.forward(xs)?.apply_t(&self.bn, train)?;
+            return match self.pool {
+                Some(p) => max_pool2d(&ys, p),
+                None => Ok(ys),
+            };
+        }
+        let spec = self.spec(h, w)?;
+        let (wt, bias) = (self.conv.weight(), self.conv.bias());
+        if train {
+            let (ys, mean, var) =
+                ops::conv_bn_pool_train(xs, wt, bias, self.bn.gamma(), self.bn.beta(), &spec)?;
+            self.bn.update_running(&mean, &var)?;
+            Ok(ys)
+        } else {
+            let (scale, shift) = self.bn.eval_scale_shift()?;
+            ops::conv_bn_pool_eval(xs, wt, bias, &scale, &shift, &spec)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::SeededVarMap;
+    use crate::ops::test_util::{assert_close, rand_t};
+    use crate::{Activation, Padding};
+    use candle_core::{DType, Device};
+
+    fn cfg(kernels: Kernels) -> ConvBnPoolConfig {
+        ConvBnPoolConfig {
+            conv: Conv2dConfig {
+                padding: Padding::Same,
+                activation: Activation::Relu,
+                kernels,
+                ..Default::default()
+            },
+            bn: BatchNormConfig {
+                kernels,
+                ..Default::default()
+            },
+            pool: Some(MaxPool2dConfig {
+                kernels,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn fused_block_matches_separate_layers() {
+        let mf = SeededVarMap::new(3);
+        let mr = SeededVarMap::new(3);
+        let dev = Device::Cpu;
+        let vf = mf.var_builder(DType::F32, &dev);
+        let vr = mr.var_builder(DType::F32, &dev);
+        let fast = conv_bn_pool(2, 6, 3, cfg(Kernels::Auto), vf.pp("c"), vf.pp("bn")).unwrap();
+        let refr =
+            conv_bn_pool(2, 6, 3, cfg(Kernels::Reference), vr.pp("c"), vr.pp("bn")).unwrap();
+        // Same variables as separate layers would have.
+        let mut names: Vec<String> = mf.var_map().data().lock().unwrap().keys().cloned().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["bn.beta", "bn.gamma", "bn.running_mean", "bn.running_var", "c.bias", "c.weight"]
+        );
+        for step in 0..2 {
+            let x = rand_t(&[4, 2, 9, 9], 10 + step);
+            let yf = fast.forward_t(&x, true).unwrap();
+            let yr = refr.forward_t(&x, true).unwrap();
+            assert_eq!(yf.dims(), &[4, 6, 4, 4]);
+            assert_close(&yf, &yr, 1e-4, "train fwd");
+        }
+        assert_close(
+            fast.bn().running_mean(),
+            refr.bn().running_mean(),
+            1e-5,
+            "running mean",
+        );
+        assert_close(
+            fast.bn().running_var(),
+            refr.bn().running_var(),
+            1e-5,
+            "running var",
+        );
+        let x = rand_t(&[3, 2, 9, 9], 20);
+        let ye = fast.forward_t(&x, false).unwrap();
+        assert_close(&ye, &refr.forward_t(&x, false).unwrap(), 1e-4, "eval fwd");
+        assert!(fast.forward_t(&rand_t(&[1, 3, 9, 9], 1), true).is_err());
+    }
+}

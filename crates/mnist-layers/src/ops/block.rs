@@ -1,0 +1,699 @@
+//! A fused `conv (+bias, ReLU) -> BatchNorm -> [max-pool]` block as ONE custom op.
+//!
+//! Training mode normalises with the batch statistics; the convolution output and the pool argmax stay
+//! inside the op (saved for the backward pass), so candle never allocates, zero-fills and sums the large
+//! intermediate gradients, and the backward pass builds each image's convolution gradient in a small
+//! per-thread buffer straight from the pooled gradient. Inference mode applies `scale`/`shift`
+//! (the running statistics folded in) image by image while the convolution output is still in cache.
+//!
+//! The weights travel as one flattened parameter vector `[w, bias?, gamma|scale, beta|shift]` built with
+//! `Tensor::cat`, whose backward splits the op's parameter gradient again.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::bn::{affine, channel_stats, check_vec};
+use super::conv::{geometry, ConvGeom};
+use super::pool::PoolGeom;
+use super::{cpu_data, fwd_slice, sum_f32, with_scratch, Pad4};
+
+const OP_TRAIN: &str = "conv_bn_pool_train";
+const OP_EVAL: &str = "conv_bn_pool_eval";
+
+/// The max-pool stage of a fused block: square `kernel`, `stride`, `-inf` padding `(top, left, bottom,
+/// right)` (each side smaller than the kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// Window size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Padding `(top, left, bottom, right)`.
+    pub pad: Pad4,
+}
+
+impl Default for PoolSpec {
+    /// The 2x2 / stride 2 valid pool.
+    fn default() -> Self {
+        Self {
+            kernel: 2,
+            stride: 2,
+            pad: (0, 0, 0, 0),
+        }
+    }
+}
+
+/// Hyper-parameters of a fused `conv -> BatchNorm -> [max-pool]` block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockSpec {
+    /// Convolution stride (default 1).
+    pub stride: usize,
+    /// Convolution zero padding `(top, left, bottom, right)` (default none).
+    pub pad: Pad4,
+    /// ReLU after the convolution's bias, before the BatchNorm (default true).
+    pub relu: bool,
+    /// BatchNorm epsilon (default 1e-3, as Keras).
+    pub eps: f64,
+    /// Optional max pool after the BatchNorm (default the 2x2 / 2 pool).
+    pub pool: Option<PoolSpec>,
+}
+
+impl Default for BlockSpec {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            pad: (0, 0, 0, 0),
+            relu: true,
+            eps: 1e-3,
+            pool: Some(PoolSpec::default()),
+        }
+    }
+}
+
+/// What the forward pass leaves for the backward pass.
+#[derive(Default)]
+struct Saved {
+    /// Convolution output after bias / ReLU `[b, o, oh*ow]` (train mode only; eval recomputes it).
+    y: Vec<f32>,
+    /// Batch mean (train) or 0 (eval), per channel.
+    mean: Vec<f32>,
+    /// Batch biased variance (train), per channel.
+    var: Vec<f32>,
+    /// `1/sqrt(var + eps)` (train) or 1 (eval), per channel.
+    invstd: Vec<f32>,
+    /// Argmax (index within its plane) of every pooled output.
+    argmax: Vec<u32>,
+}
+
+struct BlockOp {
+    g: ConvGeom,
+    relu: bool,
+    bias: bool,
+    /// `Some(eps)`: training mode (batch statistics, params hold gamma/beta); `None`: params hold
+    /// scale/shift.
+    train_eps: Option<f64>,
+    pool: Option<PoolGeom>,
+    saved: Arc<Mutex<Saved>>,
+}
+
+/// The parameter vector split into `(w, bias, p1, p2)`.
+type Params<'a> = (&'a [f32], Option<&'a [f32]>, &'a [f32], &'a [f32]);
+
+impl BlockOp {
+    fn op_name(&self) -> &'static str {
+        if self.train_eps.is_some() {
+            OP_TRAIN
+        } else {
+            OP_EVAL
+        }
+    }
+
+    fn split<'a>(&self, p: &'a [f32]) -> Result<Params<'a>> {
+        let (o, ckk) = (self.g.o, self.g.ckk());
+        let need = o * ckk + o * (2 + self.bias as usize);
+        if p.len() != need {
+            candle_core::bail!(
+                "{}: parameter vector has {} values, expected {need}",
+                self.op_name(),
+                p.len()
+            )
+        }
+        let (w, rest) = p.split_at(o * ckk);
+        let (bias, rest) = if self.bias {
+            let (b, r) = rest.split_at(o);
+            (Some(b), r)
+        } else {
+            (None, rest)
+        };
+        let (p1, p2) = rest.split_at(o);
+        Ok((w, bias, p1, p2))
+    }
+
+    fn pooled_len(&self) -> usize {
+        self.pool.map_or(self.g.ohw(), |p| p.oh * p.ow)
+    }
+
+    fn out_shape(&self) -> Shape {
+        let g = self.g;
+        match self.pool {
+            Some(p) => Shape::from((g.b, g.o, p.oh, p.ow)),
+            None => Shape::from((g.b, g.o, g.oh, g.ow)),
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Saved>> {
+        self.saved
+            .lock()
+            .map_err(|_| candle_core::Error::msg(format!("{}: state mutex poisoned", self.op_name())))
+    }
+
+    fn fwd_train(&self, x: &[f32], params: Params, eps: f64) -> Result<Vec<f32>> {
+        let g = self.g;
+        let (w, bias, gamma, beta) = params;
+        let (o, ohw, pl) = (g.o, g.ohw(), self.pooled_len());
+        let y = g.forward(x, w, bias, self.relu); // [b, o, oh*ow]
+        let (mean, var) = channel_stats(&y, g.b, o, ohw);
+        let invstd: Vec<f32> = var
+            .iter()
+            .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+            .collect();
+        let scale: Vec<f32> = (0..o).map(|ch| gamma[ch] * invstd[ch]).collect();
+        let shift: Vec<f32> = (0..o).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
+        let (out, argmax) = match self.pool {
+            Some(pg) => {
+                let mut out = vec![0f32; g.b * o * pl];
+                let mut arg = vec![0u32; g.b * o * pl];
+                out.par_chunks_mut(pl)
+                    .zip(arg.par_chunks_mut(pl))
+                    .enumerate()
+                    .with_min_len(8)
+                    .for_each(|(p, (op, ap))| {
+                        let (a, s) = (scale[p % o], shift[p % o]);
+                        with_scratch([ohw], |[z]| {
+                            for (zv, &yv) in z.iter_mut().zip(&y[p * ohw..(p + 1) * ohw]) {
+                                *zv = yv * a + s;
+                            }
+                            pg.plane_fwd(z, op, ap);
+                        });
+                    });
+                (out, arg)
+            }
+            None => (affine(&y, &scale, &shift, o, ohw), Vec::new()),
+        };
+        *self.lock()? = Saved {
+            y,
+            mean,
+            var,
+            invstd,
+            argmax,
+        };
+        Ok(out)
+    }
+
+    fn fwd_eval(&self, x: &[f32], params: Params) -> Result<Vec<f32>> {
+        let g = self.g;
+        let (w, bias, scale, shift) = params;
+        let (o, ohw, chw, pl) = (g.o, g.ohw(), g.chw(), self.pooled_len());
+        let mut out = vec![0f32; g.b * o * pl];
+        let mut argmax = vec![0u32; if self.pool.is_some() { g.b * o * pl } else { 0 }];
+        let alen = if self.pool.is_some() { o * pl } else { 0 };
+        let pool = self.pool;
+        let work = |(i, (op, ap)): (usize, (&mut [f32], &mut [u32]))| {
+            let xi = &x[i * chw..(i + 1) * chw];
+            let Some(pg) = pool else {
+                g.forward_image(xi, w, bias, self.relu, op);
+                for (p, zp) in op.chunks_exact_mut(ohw).enumerate() {
+                    zp.iter_mut().for_each(|v| *v = *v * scale[p] + shift[p]);
+                }
+                return;
+            };
+            // The image's convolution output lives in a per-thread buffer (cache-resident).
+            with_eval_buf(o * ohw, |y| {
+                g.forward_image(xi, w, bias, self.relu, y);
+                for (p, ((zp, opl), apl)) in y
+                    .chunks_exact_mut(ohw)
+                    .zip(op.chunks_exact_mut(pl))
+                    .zip(ap.chunks_exact_mut(pl))
+                    .enumerate()
+                {
+                    zp.iter_mut().for_each(|v| *v = *v * scale[p] + shift[p]);
+                    pg.plane_fwd(zp, opl, apl);
+                }
+            });
+        };
+        if g.b == 1 {
+            work((0, (&mut out, &mut argmax)));
+        } else if alen == 0 {
+            out.par_chunks_mut(o * pl)
+                .enumerate()
+                .for_each(|(i, op)| work((i, (op, &mut []))));
+        } else {
+            out.par_chunks_mut(o * pl)
+                .zip(argmax.par_chunks_mut(alen))
+                .enumerate()
+                .for_each(work);
+        }
+        *self.lock()? = Saved {
+            y: Vec::new(),
+            mean: vec![0.0; o],
+            var: Vec::new(),
+            invstd: vec![1.0; o],
+            argmax,
+        };
+        Ok(out)
+    }
+
+    fn grads(&self, x: &Tensor, params: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
+        let g = self.g;
+        let name = self.op_name();
+        let (o, ohw, pl) = (g.o, g.ohw(), self.pooled_len());
+        let need_dx = x.track_op();
+        cpu_data!(x, xg, xs, name);
+        cpu_data!(params, pg, ps, name);
+        cpu_data!(grad, dyg, dys, name);
+        let (w, bias, p1, _) = self.split(ps)?;
+        let saved = self.lock()?;
+        let recomputed;
+        let y: &[f32] = if self.train_eps.is_some() {
+            &saved.y
+        } else {
+            recomputed = g.forward(xs, w, bias, self.relu);
+            &recomputed
+        };
+        let (mean, invstd, argmax) = (&saved.mean, &saved.invstd, &saved.argmax);
+        if y.len() != g.b * o * ohw
+            || dys.len() != g.b * o * pl
+            || mean.len() != o
+            || invstd.len() != o
+            || (self.pool.is_some() && argmax.len() != dys.len())
+        {
+            candle_core::bail!("{name} backward: saved state does not match the gradient {:?}", grad.dims())
+        }
+        // Per channel: sum(dz) and sum(dz * (y - mean)), images in order (thread-count independent).
+        let sums: Vec<(f64, f64)> = (0..o)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut s0, mut s1) = (0f64, 0f64);
+                let m = mean[ch];
+                for i in 0..g.b {
+                    let p = i * o + ch;
+                    let dp = &dys[p * pl..(p + 1) * pl];
+                    let yp = &y[p * ohw..(p + 1) * ohw];
+                    s0 += sum_f32(dp);
+                    if self.pool.is_some() {
+                        let ap = &argmax[p * pl..(p + 1) * pl];
+                        let mut acc = 0f32;
+                        for (&d, &a) in dp.iter().zip(ap) {
+                            if let Some(&yv) = yp.get(a as usize) {
+                                acc += d * (yv - m);
+                            }
+                        }
+                        s1 += acc as f64;
+                    } else {
+                        s1 += super::bn::dot_dev(dp, yp, m);
+                    }
+                }
+                (s0, s1)
+            })
+            .collect();
+        let n = (g.b * ohw) as f64;
+        let d2: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+        let d1: Vec<f32> = sums
+            .iter()
+            .zip(invstd)
+            .map(|(s, &is)| (s.1 * is as f64) as f32)
+            .collect();
+        // g = a * (dz - mdy - (y - mean) * q), masked by y > 0 after a ReLU; eval: mdy = q = 0.
+        let a: Vec<f32> = (0..o).map(|ch| p1[ch] * invstd[ch]).collect();
+        let (mdy, q): (Vec<f32>, Vec<f32>) = if self.train_eps.is_some() {
+            (
+                sums.iter().map(|s| (s.0 / n) as f32).collect(),
+                (0..o)
+                    .map(|ch| (invstd[ch] as f64 * d1[ch] as f64 / n) as f32)
+                    .collect(),
+            )
+        } else {
+            (vec![0.0; o], vec![0.0; o])
+        };
+        let relu = self.relu;
+        let pool = self.pool.is_some();
+        let fill_g = |i: usize, gb: &mut [f32]| {
+            for (ch, gp) in gb.chunks_exact_mut(ohw).enumerate() {
+                let p = i * o + ch;
+                let dp = &dys[p * pl..(p + 1) * pl];
+                if pool {
+                    gp.fill(0.0);
+                    for (&d, &ai) in dp.iter().zip(&argmax[p * pl..(p + 1) * pl]) {
+                        if let Some(slot) = gp.get_mut(ai as usize) {
+                            *slot += d;
+                        }
+                    }
+                } else {
+                    gp.copy_from_slice(dp);
+                }
+                let yp = &y[p * ohw..(p + 1) * ohw];
+                let (a, m, q, mean) = (a[ch], mdy[ch], q[ch], mean[ch]);
+                for (gv, &yv) in gp.iter_mut().zip(yp) {
+                    let v = a * (*gv - m - (yv - mean) * q);
+                    *gv = if relu && yv <= 0.0 { 0.0 } else { v };
+                }
+            }
+        };
+        let (dx, dw, db) = g.backward(xs, w, need_dx, &fill_g);
+        let mut dparams = dw;
+        if self.bias {
+            dparams.extend_from_slice(&db);
+        }
+        dparams.extend_from_slice(&d1);
+        dparams.extend_from_slice(&d2);
+        let dev = x.device();
+        let dx = match dx {
+            Some(v) => Some(Tensor::from_vec(v, (g.b, g.c, g.h, g.w), dev)?),
+            None => None,
+        };
+        Ok((dx, Tensor::from_vec(dparams, params.shape(), dev)?))
+    }
+}
+
+thread_local! {
+    static EVAL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a per-thread buffer of `len` floats (separate from [`with_scratch`], which the
+/// convolution uses inside `f`).
+fn with_eval_buf<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    EVAL_BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => {
+            if b.len() < len {
+                b.resize(len, 0.0);
+            }
+            f(&mut b[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
+impl CustomOp2 for BlockOp {
+    fn name(&self) -> &'static str {
+        self.op_name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.op_name();
+        let x = fwd_slice(s1, l1, name)?;
+        let params = self.split(fwd_slice(s2, l2, name)?)?;
+        let out = match self.train_eps {
+            Some(eps) => self.fwd_train(x, params, eps)?,
+            None => self.fwd_eval(x, params)?,
+        };
+        Ok((CpuStorage::F32(out), self.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp) = self.grads(x, params, grad)?;
+        Ok((dx, Some(dp)))
+    }
+}
+
+/// Validates the inputs, packs the parameters and runs the op; returns the output and the saved state.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p1: &Tensor,
+    p2: &Tensor,
+    spec: &BlockSpec,
+    train: bool,
+) -> Result<(Tensor, Arc<Mutex<Saved>>)> {
+    let name = if train { OP_TRAIN } else { OP_EVAL };
+    let g = geometry(x, w, bias, spec.stride, spec.pad)?;
+    check_vec(p1, g.o, name, if train { "gamma" } else { "scale" })?;
+    check_vec(p2, g.o, name, if train { "beta" } else { "shift" })?;
+    if train && (spec.eps.is_nan() || spec.eps <= 0.0) {
+        candle_core::bail!("{name}: eps must be positive, got {}", spec.eps)
+    }
+    let pool = match spec.pool {
+        Some(p) => Some(PoolGeom::new(g.oh, g.ow, p.kernel, p.stride, p.pad)?),
+        None => None,
+    };
+    let mut parts = vec![w.flatten_all()?];
+    if let Some(b) = bias {
+        parts.push(b.clone());
+    }
+    parts.push(p1.clone());
+    parts.push(p2.clone());
+    let params = Tensor::cat(&parts, 0)?;
+    let saved = Arc::new(Mutex::new(Saved::default()));
+    let op = BlockOp {
+        g,
+        relu: spec.relu,
+        bias: bias.is_some(),
+        train_eps: train.then_some(spec.eps),
+        pool,
+        saved: Arc::clone(&saved),
+    };
+    let y = x.contiguous()?.apply_op2(&params, op)?;
+    Ok((y, saved))
+}
+
+/// Fast fused training-mode block `pool?(BatchNorm_train(relu?(conv(x, w) + bias)))` on `f32` CPU
+/// tensors: `x [b, c, h, w]`, `w [o, c, k, k]`, `bias`, `gamma`, `beta` `[o]`.
+///
+/// Returns `(y, batch_mean [o], batch_var [o])`: `y` is `[b, o, oh, ow]` (pooled when `spec.pool`), the
+/// statistics (biased variance, as Keras) carry no gradient and are meant for the running-average
+/// update. The forward values equal [`super::conv2d_fused`] -> [`super::batch_norm_train`] ->
+/// [`super::max_pool2d`] bit for bit; the backward gives dx (skipped when `x` needs no gradient), dw, db,
+/// dgamma and dbeta without materialising the intermediate gradients.
+pub fn conv_bn_pool_train(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    spec: &BlockSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (y, saved) = run(x, w, bias, gamma, beta, spec, true)?;
+    let s = saved
+        .lock()
+        .map_err(|_| candle_core::Error::msg("conv_bn_pool_train: state mutex poisoned"))?;
+    let dev = x.device();
+    let mean = Tensor::from_vec(s.mean.clone(), s.mean.len(), dev)?;
+    let var = Tensor::from_vec(s.var.clone(), s.var.len(), dev)?;
+    Ok((y, mean, var))
+}
+
+/// The reference twin of [`conv_bn_pool_train`]: [`super::conv2d_fused_reference`] ->
+/// [`super::batch_norm_train_reference`] -> [`super::max_pool2d_reference`] (any device / dtype).
+pub fn conv_bn_pool_train_reference(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    spec: &BlockSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let y = super::conv2d_fused_reference(x, w, bias, spec.stride, spec.pad, spec.relu)?;
+    let (y, mean, var) = super::batch_norm_train_reference(&y, gamma, beta, spec.eps)?;
+    let y = match spec.pool {
+        Some(p) => super::max_pool2d_reference(&y, p.kernel, p.stride, p.pad)?,
+        None => y,
+    };
+    Ok((y, mean, var))
+}
+
+/// Fast fused inference-mode block `pool?(relu?(conv(x, w) + bias) * scale + shift)` on `f32` CPU
+/// tensors (`scale`, `shift` `[o]`: BatchNorm with its running statistics folded in, as for
+/// [`super::batch_norm_eval`]), done image by image while the convolution output is in cache. It has a
+/// backward pass (dx, dw, db, dscale, dshift; the convolution is recomputed).
+pub fn conv_bn_pool_eval(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    scale: &Tensor,
+    shift: &Tensor,
+    spec: &BlockSpec,
+) -> Result<Tensor> {
+    Ok(run(x, w, bias, scale, shift, spec, false)?.0)
+}
+
+/// The reference twin of [`conv_bn_pool_eval`], from candle ops.
+pub fn conv_bn_pool_eval_reference(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    scale: &Tensor,
+    shift: &Tensor,
+    spec: &BlockSpec,
+) -> Result<Tensor> {
+    let y = super::conv2d_fused_reference(x, w, bias, spec.stride, spec.pad, spec.relu)?;
+    let y = super::batch_norm_eval_reference(&y, scale, shift)?;
+    match spec.pool {
+        Some(p) => super::max_pool2d_reference(&y, p.kernel, p.stride, p.pad),
+        None => Ok(y),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::{assert_close, rand_t};
+    use candle_core::Var;
+
+    /// Compares the fused op with the composition of the separate fast ops (same semantics, also on
+    /// pooling ties; forward bit-equal in train mode) and, when `vs_reference`, with the reference twin
+    /// (whose max gives the gradient to every tied maximum: only compared where ties cannot occur).
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        xd: [usize; 4],
+        o: usize,
+        k: usize,
+        spec: BlockSpec,
+        bias_shift: f64,
+        x_grad: bool,
+        train: bool,
+        seed: u64,
+    ) {
+        let c = xd[1];
+        let xt = rand_t(&xd, seed);
+        let x = Var::from_tensor(&xt).unwrap();
+        let w = Var::from_tensor(&rand_t(&[o, c, k, k], seed + 1)).unwrap();
+        let bias = bias_shift.is_finite();
+        let shift = if bias { bias_shift } else { 0.0 };
+        let b = Var::from_tensor(&rand_t(&[o], seed + 2).affine(0.5, shift).unwrap()).unwrap();
+        let p1 = Var::from_tensor(&rand_t(&[o], seed + 3).affine(1.0, 0.3).unwrap()).unwrap();
+        let p2 = Var::from_tensor(&rand_t(&[o], seed + 4)).unwrap();
+        let xin: Tensor = if x_grad { x.as_tensor().clone() } else { xt.clone() };
+        let bo = bias.then_some(b.as_tensor());
+        let what = format!("{xd:?} o{o} k{k} {spec:?} bias{bias_shift} xgrad{x_grad} train{train}");
+        let conv = |xin: &Tensor| {
+            crate::ops::conv2d_fused(xin, &w, bo, spec.stride, spec.pad, spec.relu).unwrap()
+        };
+        let pool = |y: Tensor| match spec.pool {
+            Some(p) => crate::ops::max_pool2d(&y, p.kernel, p.stride, p.pad).unwrap(),
+            None => y,
+        };
+        let (yf, yc, yr) = if train {
+            let (yf, mf, vf) = conv_bn_pool_train(&xin, &w, bo, &p1, &p2, &spec).unwrap();
+            let (yr, mr, vr) = conv_bn_pool_train_reference(&xin, &w, bo, &p1, &p2, &spec).unwrap();
+            assert_close(&mf, &mr, 1e-5, &format!("mean {what}"));
+            assert_close(&vf, &vr, 1e-4, &format!("var {what}"));
+            let (yc, _, _) = crate::ops::batch_norm_train(&conv(&xin), &p1, &p2, spec.eps).unwrap();
+            let yc = pool(yc);
+            assert_close(&yf, &yc, 0.0, &format!("fused vs separate fast ops {what}"));
+            (yf, yc, yr)
+        } else {
+            let yc = pool(crate::ops::batch_norm_eval(&conv(&xin), &p1, &p2).unwrap());
+            (
+                conv_bn_pool_eval(&xin, &w, bo, &p1, &p2, &spec).unwrap(),
+                yc,
+                conv_bn_pool_eval_reference(&xin, &w, bo, &p1, &p2, &spec).unwrap(),
+            )
+        };
+        assert_close(&yf, &yr, 1e-4, &format!("fwd {what}"));
+        let r = rand_t(yf.dims(), seed + 5);
+        let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (yc * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let vs_reference = !(spec.relu && spec.pool.is_some()) || bias_shift > 20.0;
+        for (name, v) in [("dx", &x), ("dw", &w), ("db", &b), ("dp1", &p1), ("dp2", &p2)] {
+            if (name == "dx" && !x_grad) || (name == "db" && !bias) {
+                assert!(gf.get(v).is_none(), "{name} should have no gradient: {what}");
+                continue;
+            }
+            let got = gf.get(v).unwrap();
+            assert_close(got, gc.get(v).unwrap(), 1e-4, &format!("{name} vs fast ops {what}"));
+            if vs_reference {
+                assert_close(got, gr.get(v).unwrap(), 1e-3, &format!("{name} vs ref {what}"));
+            }
+        }
+    }
+
+    #[test]
+    fn block_matches_reference() {
+        let model1_conv1 = BlockSpec {
+            pad: (3, 3, 3, 3),
+            ..Default::default()
+        };
+        let no_pool = BlockSpec {
+            pool: None,
+            relu: false,
+            ..Default::default()
+        };
+        let odd = BlockSpec {
+            stride: 2,
+            pad: (1, 0, 1, 1),
+            pool: Some(PoolSpec {
+                kernel: 3,
+                stride: 2,
+                pad: (1, 1, 1, 1),
+            }),
+            ..Default::default()
+        };
+        let pointwise = BlockSpec {
+            pool: Some(PoolSpec {
+                kernel: 2,
+                stride: 1,
+                pad: (0, 0, 0, 0),
+            }),
+            ..Default::default()
+        };
+        let relu_no_pool = BlockSpec {
+            pool: None,
+            ..model1_conv1
+        };
+        for train in [true, false] {
+            for shift in [0.2, 30.0] {
+                check([5, 1, 28, 28], 20, 7, model1_conv1, shift, false, train, 1);
+                check([5, 20, 14, 14], 10, 5, BlockSpec::default(), shift, true, train, 2);
+                check([4, 3, 11, 10], 5, 3, odd, shift, true, train, 4);
+                check([3, 7, 6, 6], 4, 1, pointwise, shift, true, train, 5);
+                check([1, 2, 6, 6], 3, 3, BlockSpec::default(), shift, true, train, 6);
+            }
+            check([3, 4, 9, 8], 6, 3, no_pool, f64::NAN, true, train, 3);
+            check([3, 4, 9, 8], 6, 3, relu_no_pool, 0.1, true, train, 7);
+        }
+    }
+
+    #[test]
+    fn block_grads_are_deterministic() {
+        let x = rand_t(&[13, 3, 10, 10], 5);
+        let w = Var::from_tensor(&rand_t(&[4, 3, 3, 3], 6)).unwrap();
+        let gm = Var::from_tensor(&rand_t(&[4], 7)).unwrap();
+        let bt = Var::from_tensor(&rand_t(&[4], 8)).unwrap();
+        let run = || {
+            let (y, _, _) =
+                conv_bn_pool_train(&x, &w, None, &gm, &bt, &BlockSpec::default()).unwrap();
+            let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            [&w, &gm, &bt]
+                .iter()
+                .flat_map(|v| {
+                    g.get(v)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .map(f32::to_bits)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn block_rejects_bad_inputs() {
+        let x = rand_t(&[2, 2, 6, 6], 1);
+        let w = rand_t(&[3, 2, 3, 3], 2);
+        let v3 = rand_t(&[3], 3);
+        let spec = BlockSpec::default();
+        assert!(conv_bn_pool_train(&x, &w, None, &rand_t(&[2], 4), &v3, &spec).is_err());
+        assert!(conv_bn_pool_train(&x, &rand_t(&[3, 1, 3, 3], 2), None, &v3, &v3, &spec).is_err());
+        let bad_pool = BlockSpec {
+            pool: Some(PoolSpec {
+                kernel: 2,
+                stride: 2,
+                pad: (2, 0, 0, 0),
+            }),
+            ..spec
+        };
+        assert!(conv_bn_pool_train(&x, &w, None, &v3, &v3, &bad_pool).is_err());
+        let bad_eps = BlockSpec { eps: 0.0, ..spec };
+        assert!(conv_bn_pool_train(&x, &w, None, &v3, &v3, &bad_eps).is_err());
+        assert!(conv_bn_pool_eval(&x, &w, Some(&rand_t(&[4], 5)), &v3, &v3, &spec).is_err());
+    }
+}
