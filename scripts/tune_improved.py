@@ -24,9 +24,9 @@ TUNE_SEEDS = [101, 102]
 FINAL_SEEDS = [1, 2, 3, 4, 5]
 # Candidate recipes (flags on top of the improved variant's defaults). The first is the current default.
 CANDIDATES = {
-    "lr1e-2": ["--lr", "0.01"],
-    "lr5e-3": ["--lr", "0.005"],
-    "lr2e-2": ["--lr", "0.02"],
+    "default": [],  # one-cycle peak 1e-2; rotation 10 deg, shift 2 px, scale 0.9-1.1
+    "light-aug": ["--rotate", "6", "--shift", "1.5", "--scale", "0.08"],
+    "light-aug-lr2e-2": ["--rotate", "6", "--shift", "1.5", "--scale", "0.08", "--lr", "0.02"],
 }
 
 

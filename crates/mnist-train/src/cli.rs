@@ -117,6 +117,15 @@ struct TrainArgs {
     /// Turn augmentation off.
     #[arg(long)]
     no_augment: bool,
+    /// Augmentation: largest random rotation in degrees (turns augmentation on) [improved recipe: 10].
+    #[arg(long, value_name = "DEG", conflicts_with = "no_augment")]
+    rotate: Option<f32>,
+    /// Augmentation: largest random shift in pixels (turns augmentation on) [improved recipe: 2].
+    #[arg(long, value_name = "PX", conflicts_with = "no_augment")]
+    shift: Option<f32>,
+    /// Augmentation: random scale in [1 - F, 1 + F] (turns augmentation on) [improved recipe: 0.1].
+    #[arg(long, value_name = "F", conflicts_with = "no_augment")]
+    scale: Option<f32>,
     /// Seed of every random draw (weights, dropout, shuffles, augmentation).
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -139,7 +148,7 @@ struct TrainArgs {
         value_name = "DIR",
         conflicts_with_all = [
             "variant", "batch_size", "lr", "schedule", "plateau_factor", "augment", "no_augment",
-            "seed", "out", "limit_train", "kernels", "dataset",
+            "rotate", "shift", "scale", "seed", "out", "limit_train", "kernels", "dataset",
         ]
     )]
     resume: Option<PathBuf>,
@@ -265,8 +274,20 @@ fn train_config(solution: Solution, args: &TrainArgs) -> TrainConfig {
     if let (Some(f), ScheduleConfig::Plateau { factor }) = (args.plateau_factor, &mut cfg.schedule) {
         *factor = f;
     }
-    if args.augment && cfg.augment.is_none() {
+    let custom_augment = args.rotate.is_some() || args.shift.is_some() || args.scale.is_some();
+    if (args.augment || custom_augment) && cfg.augment.is_none() {
         cfg.augment = TrainConfig::recipe(solution, Variant::Improved).augment;
+    }
+    if let Some(aug) = cfg.augment.as_mut() {
+        if let Some(r) = args.rotate {
+            aug.max_rotation_deg = r;
+        }
+        if let Some(t) = args.shift {
+            aug.max_shift_px = t;
+        }
+        if let Some(f) = args.scale {
+            aug.scale_range = (1.0 - f, 1.0 + f);
+        }
     }
     if args.no_augment {
         cfg.augment = None;

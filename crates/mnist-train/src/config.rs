@@ -102,6 +102,10 @@ impl TrainConfig {
         self.schedule
             .validate()
             .map_err(|e| TrainError::Config(e.to_string()))?;
+        if let Some(aug) = &self.augment {
+            aug.validate()
+                .map_err(|e| TrainError::Config(format!("augmentation: {e}")))?;
+        }
         Ok(())
     }
 }
