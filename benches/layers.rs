@@ -10,9 +10,9 @@ use anyhow::Result;
 use candle_core::{DType, Device, ModuleT, Tensor, Var, D};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder};
 use mnist_challenge::layers::{
-    self, batch_norm, conv2d, dropout, init::SeededVarMap, linear, max_pool2d, ops, shared_rng,
-    Activation, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Dropout, Kernels,
-    MaxPool2dConfig, Padding,
+    self, conv_bn_pool, dropout, init::SeededVarMap, linear, ops, shared_rng, Activation,
+    BatchNormConfig, Conv2dConfig, ConvBnPool, ConvBnPoolConfig, Dropout, Kernels, MaxPool2dConfig,
+    Padding,
 };
 use rand::{Rng, SeedableRng};
 
@@ -144,6 +144,42 @@ fn op_benches() -> Result<()> {
         &|v| ops::max_pool2d(&v[0], 2, 2, (0, 0, 0, 0)),
         &|v| v[0].max_pool2d(2),
     )?;
+    println!("== fused conv -> BN(train) -> pool blocks (model-1 shapes) ==");
+    for (c, o, k, h, pad) in [(1, 20, 7, 28, (3, 3, 3, 3)), (20, 10, 5, 14, (0, 0, 0, 0))] {
+        let inputs = [
+            var(&[b, c, h, h], 17)?,
+            var(&[o, c, k, k], 18)?,
+            var(&[o], 19)?,
+            var(&[o], 20)?,
+            var(&[o], 21)?,
+        ];
+        let spec = ops::BlockSpec {
+            pad,
+            ..Default::default()
+        };
+        bench_op(
+            &format!("block {c}->{o} {k}x{k} fused vs separate fast"),
+            &inputs,
+            &|v| {
+                let x = if c == 1 {
+                    v[0].detach()
+                } else {
+                    v[0].as_tensor().clone()
+                };
+                Ok(ops::conv_bn_pool_train(&x, &v[1], Some(&v[2]), &v[3], &v[4], &spec)?.0)
+            },
+            &|v| {
+                let x = if c == 1 {
+                    v[0].detach()
+                } else {
+                    v[0].as_tensor().clone()
+                };
+                let y = ops::conv2d_fused(&x, &v[1], Some(&v[2]), 1, spec.pad, true)?;
+                let (y, _, _) = ops::batch_norm_train(&y, &v[3], &v[4], spec.eps)?;
+                ops::max_pool2d(&y, 2, 2, (0, 0, 0, 0))
+            },
+        )?;
+    }
     println!("== depthwise / separable shapes (model 2/3) ==");
     for (c, h, k, s) in [(1, 28, 3, 1), (28, 13, 3, 1), (7, 28, 3, 2)] {
         let inputs = [var(&[b, c, h, h], 12)?, var(&[c, 1, k, k], 13)?];
@@ -168,58 +204,52 @@ fn op_benches() -> Result<()> {
     Ok(())
 }
 
-/// Model 1 built from this crate's layers.
+/// Model 1 built from this crate's layers: two [`ConvBnPool`] blocks (conv -> BN -> pool, one fused op
+/// each in training with `Kernels::Auto`).
 struct Model1 {
-    c1: Conv2d,
-    bn1: BatchNorm,
-    c2: Conv2d,
-    bn2: BatchNorm,
+    b1: ConvBnPool,
+    b2: ConvBnPool,
     drop: Dropout,
     fc: candle_nn::Linear,
-    pool: MaxPool2dConfig,
 }
 
 impl Model1 {
     fn new(kernels: Kernels, vb: VarBuilder) -> Result<Self> {
-        let relu = Conv2dConfig {
-            activation: Activation::Relu,
-            kernels,
-            ..Default::default()
-        };
-        let bn = BatchNormConfig {
-            kernels,
-            ..Default::default()
-        };
-        Ok(Self {
-            c1: conv2d(
-                1,
-                20,
-                7,
-                Conv2dConfig {
-                    padding: Padding::Same,
-                    ..relu
-                },
-                vb.pp("c1"),
-            )?,
-            bn1: batch_norm(20, bn, vb.pp("bn1"))?,
-            c2: conv2d(20, 10, 5, relu, vb.pp("c2"))?,
-            bn2: batch_norm(10, bn, vb.pp("bn2"))?,
-            drop: dropout(0.5, shared_rng(1)),
-            fc: linear(250, 10, vb.pp("fc"))?,
-            pool: MaxPool2dConfig {
+        let cfg = ConvBnPoolConfig {
+            conv: Conv2dConfig {
+                activation: Activation::Relu,
                 kernels,
                 ..Default::default()
             },
+            bn: BatchNormConfig {
+                kernels,
+                ..Default::default()
+            },
+            pool: Some(MaxPool2dConfig {
+                kernels,
+                ..Default::default()
+            }),
+        };
+        let same = ConvBnPoolConfig {
+            conv: Conv2dConfig {
+                padding: Padding::Same,
+                ..cfg.conv
+            },
+            ..cfg
+        };
+        Ok(Self {
+            b1: conv_bn_pool(1, 20, 7, same, vb.pp("c1"), vb.pp("bn1"))?,
+            b2: conv_bn_pool(20, 10, 5, cfg, vb.pp("c2"), vb.pp("bn2"))?,
+            drop: dropout(0.5, shared_rng(1)),
+            fc: linear(250, 10, vb.pp("fc"))?,
         })
     }
 }
 
 impl ModuleT for Model1 {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let xs = xs.apply(&self.c1)?.apply_t(&self.bn1, train)?; // [b, 20, 28, 28]
-        let xs = max_pool2d(&xs, self.pool)?; // [b, 20, 14, 14]
-        let xs = xs.apply(&self.c2)?.apply_t(&self.bn2, train)?; // [b, 10, 10, 10]
-        let xs = max_pool2d(&xs, self.pool)?; // [b, 10, 5, 5]
+        let xs = xs.apply_t(&self.b1, train)?; // [b, 20, 14, 14]
+        let xs = xs.apply_t(&self.b2, train)?; // [b, 10, 5, 5]
         let xs = xs.apply_t(&self.drop, train)?.flatten_from(1)?; // [b, 250]
         xs.apply(&self.fc) // [b, 10]
     }
@@ -354,6 +384,10 @@ fn model_benches() -> Result<()> {
 
 fn main() -> Result<()> {
     let tuned = std::env::var_os("LAYERS_NO_MALLOC_TUNE").is_none() && layers::tune_allocator();
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // As `layers::init_runtime` does (called before any thread exists).
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     println!("glibc malloc tuned (mnist_layers::tune_allocator): {tuned}");
     println!(
         "rayon threads: {}  (layers crate: {})",

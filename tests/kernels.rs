@@ -3,8 +3,9 @@
 
 use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use mnist_challenge::layers::{
-    batch_norm, conv2d, init::SeededVarMap, max_pool2d, ops, ops::Pad4, separable_conv2d,
-    Activation, BatchNormConfig, Conv2dConfig, Kernels, MaxPool2dConfig, Padding,
+    batch_norm, conv2d, conv_bn_pool, init::SeededVarMap, max_pool2d, ops, ops::Pad4,
+    separable_conv2d, Activation, BatchNormConfig, Conv2dConfig, ConvBnPoolConfig, Kernels,
+    MaxPool2dConfig, Padding,
 };
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 
@@ -477,13 +478,23 @@ fn gradients_do_not_depend_on_thread_count() {
     let f = var(&[3, 1, 3, 3], 103);
     let g = var(&[5], 104);
     let be = var(&[5], 105);
+    let w2 = var(&[4, 5, 3, 3], 106);
+    let b2 = var(&[4], 107);
+    let g2 = var(&[4], 108);
+    let be2 = var(&[4], 109);
     let run = || -> Vec<Vec<u32>> {
         let y = ops::depthwise_conv2d(&x, &f, 1, (1, 1, 1, 1)).unwrap();
         let y = ops::conv2d_fused(&y, &w, Some(&b), 1, (1, 1, 1, 1), true).unwrap();
         let (y, _, _) = ops::batch_norm_train(&y, &g, &be, 1e-3).unwrap();
         let y = ops::max_pool2d(&y, 2, 2, P0).unwrap();
+        // The fused block on top.
+        let spec = ops::BlockSpec {
+            pad: (1, 1, 1, 1),
+            ..Default::default()
+        };
+        let (y, _, _) = ops::conv_bn_pool_train(&y, &w2, Some(&b2), &g2, &be2, &spec).unwrap();
         let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        [&x, &w, &b, &f, &g, &be]
+        [&x, &w, &b, &f, &g, &be, &w2, &b2, &g2, &be2]
             .iter()
             .map(|v| {
                 to_vec(grads.get(v).unwrap())
@@ -506,6 +517,78 @@ fn gradients_do_not_depend_on_thread_count() {
     let c = two.install(run);
     assert_eq!(a, b2, "1 vs 2 threads");
     assert_eq!(b2, c, "two calls");
+}
+
+/// Model 1's two conv -> BN -> pool blocks trained with SGD for a few steps: the fused
+/// [`ConvBnPool`](mnist_challenge::layers::ConvBnPool) blocks follow the separate fast layers (same
+/// variables, same seeds) step for step, running statistics and inference included.
+#[test]
+fn fused_blocks_train_like_separate_layers() {
+    use candle_nn::Optimizer;
+    let relu = Conv2dConfig {
+        activation: Activation::Relu,
+        ..Default::default()
+    };
+    let same = Conv2dConfig {
+        padding: Padding::Same,
+        ..relu
+    };
+    let bn = BatchNormConfig::default();
+    let pool = MaxPool2dConfig::default();
+    let x = rand_t(&[8, 1, 28, 28], 300).affine(0.5, 0.5).unwrap();
+    let t = rand_t(&[8, 10, 5, 5], 301);
+    let loss = |y: &Tensor| (y - &t).unwrap().sqr().unwrap().mean_all().unwrap();
+    let trainables = |m: &SeededVarMap| -> Vec<Var> {
+        let d = m.var_map().data().lock().unwrap();
+        let mut v: Vec<_> = d.iter().filter(|(k, _)| !k.contains("running")).collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v.into_iter().map(|(_, v)| v.clone()).collect()
+    };
+    let all = |m: &SeededVarMap| -> Vec<(String, Tensor)> {
+        let d = m.var_map().data().lock().unwrap();
+        let mut v: Vec<_> = d
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+
+    let mf = SeededVarMap::new(31);
+    let vb = mf.var_builder(DType::F32, &Device::Cpu);
+    let cfg = |conv| ConvBnPoolConfig {
+        conv,
+        bn,
+        pool: Some(pool),
+    };
+    let f1 = conv_bn_pool(1, 20, 7, cfg(same), vb.pp("conv1"), vb.pp("bn1")).unwrap();
+    let f2 = conv_bn_pool(20, 10, 5, cfg(relu), vb.pp("conv2"), vb.pp("bn2")).unwrap();
+    let fused =
+        |x: &Tensor, train: bool| x.apply_t(&f1, train).unwrap().apply_t(&f2, train).unwrap();
+
+    let ms = SeededVarMap::new(31);
+    let vb = ms.var_builder(DType::F32, &Device::Cpu);
+    let c1 = conv2d(1, 20, 7, same, vb.pp("conv1")).unwrap();
+    let bn1 = batch_norm(20, bn, vb.pp("bn1")).unwrap();
+    let c2 = conv2d(20, 10, 5, relu, vb.pp("conv2")).unwrap();
+    let bn2 = batch_norm(10, bn, vb.pp("bn2")).unwrap();
+    let separate = |x: &Tensor, train: bool| {
+        let y = max_pool2d(&x.apply(&c1).unwrap().apply_t(&bn1, train).unwrap(), pool).unwrap();
+        max_pool2d(&y.apply(&c2).unwrap().apply_t(&bn2, train).unwrap(), pool).unwrap()
+    };
+
+    let mut of = candle_nn::SGD::new(trainables(&mf), 0.05).unwrap();
+    let mut os = candle_nn::SGD::new(trainables(&ms), 0.05).unwrap();
+    for step in 0..3 {
+        let (lf, ls) = (loss(&fused(&x, true)), loss(&separate(&x, true)));
+        assert_close(&lf, &ls, 1e-5, &format!("loss at step {step}"));
+        of.backward_step(&lf).unwrap();
+        os.backward_step(&ls).unwrap();
+    }
+    for ((name, a), (_, b)) in all(&mf).iter().zip(all(&ms).iter()) {
+        assert_close(a, b, 1e-4, &format!("{name} after 3 steps"));
+    }
+    assert_close(&fused(&x, false), &separate(&x, false), 1e-4, "inference");
 }
 
 #[test]

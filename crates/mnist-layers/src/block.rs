@@ -5,7 +5,10 @@ use candle_nn::VarBuilder;
 
 use crate::error::shape_err;
 use crate::ops::{self, BlockSpec, PoolSpec};
-use crate::{batch_norm, conv2d, max_pool2d, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig};
+use crate::{
+    batch_norm, conv2d, max_pool2d, separable_conv2d, BatchNorm, BatchNormConfig, Conv2d,
+    Conv2dConfig, DepthwiseConv2d, SeparableConv2d,
+};
 use crate::{Kernels, MaxPool2dConfig};
 
 /// Configuration of a [`ConvBnPool`] block.
@@ -88,7 +91,9 @@ impl ConvBnPool {
 
     fn fast(&self, xs: &Tensor) -> bool {
         let pool_fast = self.pool.is_none_or(|p| p.kernels == Kernels::Auto);
-        self.conv.config().kernels.use_fast(xs) && self.bn.config().kernels.use_fast(xs) && pool_fast
+        self.conv.config().kernels.use_fast(xs)
+            && self.bn.config().kernels.use_fast(xs)
+            && pool_fast
     }
 }
 
@@ -135,6 +140,58 @@ impl ModuleT for ConvBnPool {
     }
 }
 
+/// Keras `SeparableConv2D -> BatchNormalization -> [MaxPooling2D]`: the depthwise convolution as its
+/// own op, then the pointwise 1x1 convolution, BatchNorm and pool as one [`ConvBnPool`].
+#[derive(Debug, Clone)]
+pub struct SeparableBnPool {
+    depthwise: DepthwiseConv2d,
+    block: ConvBnPool,
+}
+
+impl SeparableBnPool {
+    /// Wraps an existing separable convolution, BatchNorm (over its output channels) and pool.
+    pub fn new(
+        sep: &SeparableConv2d,
+        bn: BatchNorm,
+        pool: Option<MaxPool2dConfig>,
+    ) -> Result<Self> {
+        Ok(Self {
+            depthwise: sep.depthwise().clone(),
+            block: ConvBnPool::new(sep.pointwise().clone(), bn, pool)?,
+        })
+    }
+    /// The depthwise stage.
+    pub fn depthwise(&self) -> &DepthwiseConv2d {
+        &self.depthwise
+    }
+    /// The pointwise -> BatchNorm -> pool block.
+    pub fn block(&self) -> &ConvBnPool {
+        &self.block
+    }
+}
+
+/// Builds a [`SeparableBnPool`]: [`separable_conv2d`]`(in_c, out_c, k, cfg.conv, vb_sep)` (variables
+/// `depthwise.weight`, `pointwise.weight`, `pointwise.bias` under `vb_sep`), [`batch_norm`]`(out_c,
+/// cfg.bn, vb_bn)` and `cfg.pool`.
+pub fn separable_bn_pool(
+    in_c: usize,
+    out_c: usize,
+    k: usize,
+    cfg: ConvBnPoolConfig,
+    vb_sep: VarBuilder,
+    vb_bn: VarBuilder,
+) -> Result<SeparableBnPool> {
+    let sep = separable_conv2d(in_c, out_c, k, cfg.conv, vb_sep)?;
+    let bn = batch_norm(out_c, cfg.bn, vb_bn)?;
+    SeparableBnPool::new(&sep, bn, cfg.pool)
+}
+
+impl ModuleT for SeparableBnPool {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        xs.apply(&self.depthwise)?.apply_t(&self.block, train)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,14 +227,27 @@ mod tests {
         let vf = mf.var_builder(DType::F32, &dev);
         let vr = mr.var_builder(DType::F32, &dev);
         let fast = conv_bn_pool(2, 6, 3, cfg(Kernels::Auto), vf.pp("c"), vf.pp("bn")).unwrap();
-        let refr =
-            conv_bn_pool(2, 6, 3, cfg(Kernels::Reference), vr.pp("c"), vr.pp("bn")).unwrap();
+        let refr = conv_bn_pool(2, 6, 3, cfg(Kernels::Reference), vr.pp("c"), vr.pp("bn")).unwrap();
         // Same variables as separate layers would have.
-        let mut names: Vec<String> = mf.var_map().data().lock().unwrap().keys().cloned().collect();
+        let mut names: Vec<String> = mf
+            .var_map()
+            .data()
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
         names.sort();
         assert_eq!(
             names,
-            ["bn.beta", "bn.gamma", "bn.running_mean", "bn.running_var", "c.bias", "c.weight"]
+            [
+                "bn.beta",
+                "bn.gamma",
+                "bn.running_mean",
+                "bn.running_var",
+                "c.bias",
+                "c.weight"
+            ]
         );
         for step in 0..2 {
             let x = rand_t(&[4, 2, 9, 9], 10 + step);
@@ -202,5 +272,52 @@ mod tests {
         let ye = fast.forward_t(&x, false).unwrap();
         assert_close(&ye, &refr.forward_t(&x, false).unwrap(), 1e-4, "eval fwd");
         assert!(fast.forward_t(&rand_t(&[1, 3, 9, 9], 1), true).is_err());
+    }
+
+    #[test]
+    fn separable_block_matches_separate_layers() {
+        let valid = |kernels| ConvBnPoolConfig {
+            conv: Conv2dConfig {
+                padding: Padding::Valid,
+                ..cfg(kernels).conv
+            },
+            ..cfg(kernels)
+        };
+        let mf = SeededVarMap::new(4);
+        let mr = SeededVarMap::new(4);
+        let dev = Device::Cpu;
+        let vf = mf.var_builder(DType::F32, &dev);
+        let vr = mr.var_builder(DType::F32, &dev);
+        let fast =
+            separable_bn_pool(3, 5, 3, valid(Kernels::Auto), vf.pp("s"), vf.pp("bn")).unwrap();
+        let refr =
+            separable_bn_pool(3, 5, 3, valid(Kernels::Reference), vr.pp("s"), vr.pp("bn")).unwrap();
+        let mut names: Vec<String> = mf
+            .var_map()
+            .data()
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "bn.beta",
+                "bn.gamma",
+                "bn.running_mean",
+                "bn.running_var",
+                "s.depthwise.weight",
+                "s.pointwise.bias",
+                "s.pointwise.weight"
+            ]
+        );
+        let x = rand_t(&[4, 3, 12, 12], 30);
+        let yf = fast.forward_t(&x, true).unwrap();
+        assert_eq!(yf.dims(), &[4, 5, 5, 5]);
+        assert_close(&yf, &refr.forward_t(&x, true).unwrap(), 1e-4, "train fwd");
+        let ye = fast.forward_t(&x, false).unwrap();
+        assert_close(&ye, &refr.forward_t(&x, false).unwrap(), 1e-4, "eval fwd");
     }
 }

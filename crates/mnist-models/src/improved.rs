@@ -9,11 +9,11 @@
 /// Running-statistics momentum of the improved variants' BatchNorm layers (Keras convention).
 const BN_MOMENTUM: f64 = 0.9;
 
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::Result;
 use candle_nn::VarBuilder;
 use mnist_layers::{
-    batch_norm, conv2d, inception_module, linear, separable_conv2d, Activation, BatchNorm,
-    BatchNormConfig, BranchLayer, Conv2dConfig, InceptionConfig, Kernels, MaxPool2d,
+    batch_norm, conv_bn_pool, inception_module, linear, separable_bn_pool, Activation,
+    BatchNormConfig, BranchLayer, Conv2dConfig, ConvBnPoolConfig, InceptionConfig, Kernels,
     MaxPool2dConfig, Padding, SharedRng,
 };
 
@@ -24,18 +24,6 @@ fn bn_cfg(kernels: Kernels) -> BatchNormConfig {
         kernels,
         momentum: BN_MOMENTUM,
         ..Default::default()
-    }
-}
-
-/// A convolution (ReLU fused) followed by BatchNorm: `[b, in, h, w] -> [b, out, h', w']`.
-struct ConvBn {
-    conv: Box<dyn Module + Send + Sync>,
-    bn: BatchNorm,
-}
-
-impl ModuleT for ConvBn {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.conv.forward(xs)?.apply_t(&self.bn, train)
     }
 }
 
@@ -50,7 +38,6 @@ struct Builder<'a> {
     kernels: Kernels,
     stages: Vec<Stage>,
     block: usize,
-    pool: usize,
 }
 
 impl<'a> Builder<'a> {
@@ -60,7 +47,6 @@ impl<'a> Builder<'a> {
             kernels,
             stages: Vec::new(),
             block: 0,
-            pool: 0,
         }
     }
 
@@ -68,39 +54,57 @@ impl<'a> Builder<'a> {
         bn_cfg(self.kernels)
     }
 
-    fn conv_bn(mut self, kind: ConvKind, c_in: usize, c_out: usize, k: usize, padding: Padding) -> Result<Self> {
+    /// A block `conv (ReLU) -> BatchNorm`, with a 2x2 max-pool after it when `pool` is set. With the fast
+    /// kernels it trains as one fused op.
+    fn block(
+        mut self,
+        kind: ConvKind,
+        (c_in, c_out, k): (usize, usize, usize),
+        padding: Padding,
+        pool: bool,
+    ) -> Result<Self> {
         self.block += 1;
         let name = format!("block{}", self.block);
         let vb = self.vb.pp(&name);
-        let cfg = Conv2dConfig {
-            stride: 1,
-            padding,
-            activation: Activation::Relu,
-            bias: true,
-            kernels: self.kernels,
+        let cfg = ConvBnPoolConfig {
+            conv: Conv2dConfig {
+                stride: 1,
+                padding,
+                activation: Activation::Relu,
+                bias: true,
+                kernels: self.kernels,
+            },
+            bn: self.bn_cfg(),
+            pool: pool.then_some(MaxPool2dConfig {
+                kernel: 2,
+                stride: 2,
+                padding: Padding::Valid,
+                kernels: self.kernels,
+            }),
         };
-        let (conv, kind_name): (Box<dyn Module + Send + Sync>, _) = match kind {
-            ConvKind::Plain => (Box::new(conv2d(c_in, c_out, k, cfg, vb.pp("conv"))?), "Conv2D+BN"),
-            ConvKind::Separable => (
-                Box::new(separable_conv2d(c_in, c_out, k, cfg, vb.pp("conv"))?),
+        let (vc, vn) = (vb.pp("conv"), vb.pp("bn"));
+        let stage = match (kind, pool) {
+            (ConvKind::Plain, false) => {
+                Stage::train(&name, "Conv2D+BN", conv_bn_pool(c_in, c_out, k, cfg, vc, vn)?)
+            }
+            (ConvKind::Plain, true) => Stage::train(
+                &name,
+                "Conv2D+BN+MaxPool",
+                conv_bn_pool(c_in, c_out, k, cfg, vc, vn)?,
+            ),
+            (ConvKind::Separable, false) => Stage::train(
+                &name,
                 "SeparableConv2D+BN",
+                separable_bn_pool(c_in, c_out, k, cfg, vc, vn)?,
+            ),
+            (ConvKind::Separable, true) => Stage::train(
+                &name,
+                "SeparableConv2D+BN+MaxPool",
+                separable_bn_pool(c_in, c_out, k, cfg, vc, vn)?,
             ),
         };
-        let bn = batch_norm(c_out, self.bn_cfg(), vb.pp("bn"))?;
-        self.stages.push(Stage::train(&name, kind_name, ConvBn { conv, bn }));
+        self.stages.push(stage);
         Ok(self)
-    }
-
-    fn pool(mut self) -> Self {
-        self.pool += 1;
-        let pool = MaxPool2d(MaxPool2dConfig {
-            kernel: 2,
-            stride: 2,
-            padding: Padding::Valid,
-            kernels: self.kernels,
-        });
-        self.stages.push(Stage::plain(&format!("pool{}", self.pool), "MaxPooling2D", pool));
-        self
     }
 
     fn head(mut self, c_in: usize) -> Result<Vec<Stage>> {
@@ -114,13 +118,11 @@ impl<'a> Builder<'a> {
 pub(crate) fn conv<'a>(vb: VarBuilder<'a>, _rng: SharedRng, k: Kernels) -> Result<Vec<Stage>> {
     use ConvKind::Plain;
     Builder::new(vb, k)
-        .conv_bn(Plain, 1, 8, 3, Padding::Same)? // [b, 8, 28, 28]
-        .conv_bn(Plain, 8, 16, 3, Padding::Same)? // [b, 16, 28, 28]
-        .pool() // [b, 16, 14, 14]
-        .conv_bn(Plain, 16, 16, 3, Padding::Same)? // [b, 16, 14, 14]
-        .conv_bn(Plain, 16, 16, 3, Padding::Same)? // [b, 16, 14, 14]
-        .pool() // [b, 16, 7, 7]
-        .conv_bn(Plain, 16, 12, 3, Padding::Valid)? // [b, 12, 5, 5]
+        .block(Plain, (1, 8, 3), Padding::Same, false)? // [b, 8, 28, 28]
+        .block(Plain, (8, 16, 3), Padding::Same, true)? // [b, 16, 28, 28] -> [b, 16, 14, 14]
+        .block(Plain, (16, 16, 3), Padding::Same, false)? // [b, 16, 14, 14]
+        .block(Plain, (16, 16, 3), Padding::Same, true)? // [b, 16, 14, 14] -> [b, 16, 7, 7]
+        .block(Plain, (16, 12, 3), Padding::Valid, false)? // [b, 12, 5, 5]
         .head(12) // [b, 12] -> [b, 10]
 }
 
@@ -128,13 +130,11 @@ pub(crate) fn conv<'a>(vb: VarBuilder<'a>, _rng: SharedRng, k: Kernels) -> Resul
 pub(crate) fn separable<'a>(vb: VarBuilder<'a>, _rng: SharedRng, k: Kernels) -> Result<Vec<Stage>> {
     use ConvKind::Separable;
     Builder::new(vb, k)
-        .conv_bn(Separable, 1, 16, 3, Padding::Same)? // [b, 16, 28, 28]
-        .conv_bn(Separable, 16, 24, 3, Padding::Same)? // [b, 24, 28, 28]
-        .pool() // [b, 24, 14, 14]
-        .conv_bn(Separable, 24, 32, 3, Padding::Same)? // [b, 32, 14, 14]
-        .conv_bn(Separable, 32, 32, 3, Padding::Same)? // [b, 32, 14, 14]
-        .pool() // [b, 32, 7, 7]
-        .conv_bn(Separable, 32, 24, 3, Padding::Same)? // [b, 24, 7, 7]
+        .block(Separable, (1, 16, 3), Padding::Same, false)? // [b, 16, 28, 28]
+        .block(Separable, (16, 24, 3), Padding::Same, true)? // [b, 24, 28, 28] -> [b, 24, 14, 14]
+        .block(Separable, (24, 32, 3), Padding::Same, false)? // [b, 32, 14, 14]
+        .block(Separable, (32, 32, 3), Padding::Same, true)? // [b, 32, 14, 14] -> [b, 32, 7, 7]
+        .block(Separable, (32, 24, 3), Padding::Same, false)? // [b, 24, 7, 7]
         .head(24) // [b, 24] -> [b, 10]
 }
 
@@ -161,11 +161,9 @@ pub(crate) fn inception<'a>(vb: VarBuilder<'a>, rng: SharedRng, k: Kernels) -> R
     // [b, 1, 28, 28] -> [b, 16, 28, 28]
     b.stages.push(Stage::train("inception", "Inception", inception));
     b.stages.push(Stage::train("inception_bn", "BatchNormalization", bn));
-    b.conv_bn(Separable, c0, 16, 3, Padding::Same)? // [b, 16, 28, 28]
-        .pool() // [b, 16, 14, 14]
-        .conv_bn(Separable, 16, 24, 3, Padding::Same)? // [b, 24, 14, 14]
-        .conv_bn(Separable, 24, 24, 3, Padding::Same)? // [b, 24, 14, 14]
-        .pool() // [b, 24, 7, 7]
-        .conv_bn(Separable, 24, 12, 3, Padding::Same)? // [b, 12, 7, 7]
+    b.block(Separable, (c0, 16, 3), Padding::Same, true)? // [b, 16, 28, 28] -> [b, 16, 14, 14]
+        .block(Separable, (16, 24, 3), Padding::Same, false)? // [b, 24, 14, 14]
+        .block(Separable, (24, 24, 3), Padding::Same, true)? // [b, 24, 14, 14] -> [b, 24, 7, 7]
+        .block(Separable, (24, 12, 3), Padding::Same, false)? // [b, 12, 7, 7]
         .head(12) // [b, 12] -> [b, 10]
 }

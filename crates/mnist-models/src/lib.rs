@@ -70,10 +70,13 @@ pub fn build(cfg: &ModelConfig, vb: VarBuilder, rng: SharedRng) -> candle_core::
     Ok(Net::new(*cfg, stages))
 }
 
-/// Builds the model on the CPU with throw-away weights and summarises it.
+/// Builds the model on the CPU with throw-away weights and summarises it, layer by layer as Keras does
+/// (built with the reference kernels, so fused blocks show as their separate layers; the variables and
+/// counts are the same either way).
 pub fn summary(cfg: &ModelConfig) -> candle_core::Result<Summary> {
     let vars = SeededVarMap::new(0);
-    let net = build(cfg, vars.var_builder(DType::F32, &Device::Cpu), dropout_rng(0))?;
+    let cfg = cfg.with_kernels(mnist_layers::Kernels::Reference);
+    let net = build(&cfg, vars.var_builder(DType::F32, &Device::Cpu), dropout_rng(0))?;
     summarize(&net, vars.var_map())
 }
 

@@ -14,10 +14,12 @@ pub(crate) enum Layer {
     Train(Box<dyn ModuleT + Send + Sync>),
 }
 
-/// One named stage of a [`Net`]: its variables live under `name.`.
+/// One named stage of a [`Net`]: its variables live under `prefix.` for each of its prefixes (one, or
+/// several for a fused block such as conv1 + bn1 + pool1).
 pub(crate) struct Stage {
     pub(crate) name: String,
     pub(crate) kind: &'static str,
+    pub(crate) prefixes: Vec<String>,
     pub(crate) layer: Layer,
 }
 
@@ -26,14 +28,26 @@ impl Stage {
         Self {
             name: name.to_string(),
             kind,
+            prefixes: vec![name.to_string()],
             layer: Layer::Plain(Box::new(m)),
         }
     }
 
     pub(crate) fn train(name: &str, kind: &'static str, m: impl ModuleT + Send + Sync + 'static) -> Self {
+        Self::fused(name, kind, &[name], m)
+    }
+
+    /// A stage whose variables live under several prefixes (a fused block of separately named layers).
+    pub(crate) fn fused(
+        name: &str,
+        kind: &'static str,
+        prefixes: &[&str],
+        m: impl ModuleT + Send + Sync + 'static,
+    ) -> Self {
         Self {
             name: name.to_string(),
             kind,
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
             layer: Layer::Train(Box::new(m)),
         }
     }
@@ -80,13 +94,14 @@ impl Net {
         &self.config
     }
 
-    /// Runs the model in inference mode and returns every stage's output shape (batch dimension included).
-    pub fn trace_shapes(&self, xs: &Tensor) -> Result<Vec<(String, &'static str, Vec<usize>)>> {
+    /// Runs the model in inference mode and returns every stage's name, kind, variable prefixes and output
+    /// shape (batch dimension included).
+    pub fn trace_shapes(&self, xs: &Tensor) -> Result<Vec<(String, &'static str, Vec<String>, Vec<usize>)>> {
         let mut shapes = Vec::with_capacity(self.stages.len());
         let mut ys = xs.clone();
         for stage in &self.stages {
             ys = stage.forward_t(&ys, false)?;
-            shapes.push((stage.name.clone(), stage.kind, ys.dims().to_vec()));
+            shapes.push((stage.name.clone(), stage.kind, stage.prefixes.clone(), ys.dims().to_vec()));
         }
         Ok(shapes)
     }
@@ -151,11 +166,11 @@ pub fn summarize(net: &Net, varmap: &VarMap) -> Result<Summary> {
         candle_core::Error::Msg("variable map lock poisoned".to_string())
     })?;
     let mut layers = Vec::with_capacity(shapes.len());
-    for (name, kind, dims) in shapes {
-        let prefix = format!("{name}.");
+    for (name, kind, prefixes, dims) in shapes {
+        let prefixes: Vec<String> = prefixes.iter().map(|p| format!("{p}.")).collect();
         let params = data
             .iter()
-            .filter(|(k, _)| k.starts_with(&prefix))
+            .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
             .map(|(_, v)| v.elem_count())
             .sum();
         layers.push(LayerSummary {

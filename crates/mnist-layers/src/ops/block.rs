@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::bn::{affine, channel_stats, check_vec};
 use super::conv::{geometry, ConvGeom};
 use super::pool::PoolGeom;
-use super::{cpu_data, fwd_slice, sum_f32, with_scratch, Pad4};
+use super::{cpu_data, fwd_slice, give_buf, multiversion, sum_f32, take_buf, with_scratch, Pad4};
 
 const OP_TRAIN: &str = "conv_bn_pool_train";
 const OP_EVAL: &str = "conv_bn_pool_eval";
@@ -87,6 +87,12 @@ struct Saved {
     argmax: Vec<u32>,
 }
 
+impl Drop for Saved {
+    fn drop(&mut self) {
+        give_buf(std::mem::take(&mut self.y));
+    }
+}
+
 struct BlockOp {
     g: ConvGeom,
     relu: bool,
@@ -144,16 +150,17 @@ impl BlockOp {
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Saved>> {
-        self.saved
-            .lock()
-            .map_err(|_| candle_core::Error::msg(format!("{}: state mutex poisoned", self.op_name())))
+        self.saved.lock().map_err(|_| {
+            candle_core::Error::msg(format!("{}: state mutex poisoned", self.op_name()))
+        })
     }
 
     fn fwd_train(&self, x: &[f32], params: Params, eps: f64) -> Result<Vec<f32>> {
         let g = self.g;
         let (w, bias, gamma, beta) = params;
         let (o, ohw, pl) = (g.o, g.ohw(), self.pooled_len());
-        let y = g.forward(x, w, bias, self.relu); // [b, o, oh*ow]
+        let mut y = take_buf(g.b * o * ohw); // [b, o, oh*ow]
+        g.forward_into(x, w, bias, self.relu, &mut y);
         let (mean, var) = channel_stats(&y, g.b, o, ohw);
         let invstd: Vec<f32> = var
             .iter()
@@ -245,7 +252,12 @@ impl BlockOp {
         Ok(out)
     }
 
-    fn grads(&self, x: &Tensor, params: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
+    fn grads(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Tensor)> {
         let g = self.g;
         let name = self.op_name();
         let (o, ohw, pl) = (g.o, g.ohw(), self.pooled_len());
@@ -269,7 +281,10 @@ impl BlockOp {
             || invstd.len() != o
             || (self.pool.is_some() && argmax.len() != dys.len())
         {
-            candle_core::bail!("{name} backward: saved state does not match the gradient {:?}", grad.dims())
+            candle_core::bail!(
+                "{name} backward: saved state does not match the gradient {:?}",
+                grad.dims()
+            )
         }
         // Per channel: sum(dz) and sum(dz * (y - mean)), images in order (thread-count independent).
         let sums: Vec<(f64, f64)> = (0..o)
@@ -334,11 +349,7 @@ impl BlockOp {
                     gp.copy_from_slice(dp);
                 }
                 let yp = &y[p * ohw..(p + 1) * ohw];
-                let (a, m, q, mean) = (a[ch], mdy[ch], q[ch], mean[ch]);
-                for (gv, &yv) in gp.iter_mut().zip(yp) {
-                    let v = a * (*gv - m - (yv - mean) * q);
-                    *gv = if relu && yv <= 0.0 { 0.0 } else { v };
-                }
+                bn_relu_grad(gp, yp, [a[ch], mdy[ch], q[ch], mean[ch]], relu);
             }
         };
         let (dx, dw, db) = g.backward(xs, w, need_dx, &fill_g);
@@ -354,6 +365,24 @@ impl BlockOp {
             None => None,
         };
         Ok((dx, Tensor::from_vec(dparams, params.shape(), dev)?))
+    }
+}
+
+multiversion! {
+    /// One plane of the BatchNorm (+ ReLU) backward: `g = a * (dz - mdy - (y - mean) * q)`, zero where
+    /// `y <= 0` after a ReLU; `g` holds `dz` on entry.
+    fn bn_relu_grad(g: &mut [f32], y: &[f32], coef: [f32; 4], relu: bool) {
+        let [a, m, q, mean] = coef;
+        if relu {
+            for (gv, &yv) in g.iter_mut().zip(y) {
+                let v = a * (*gv - m - (yv - mean) * q);
+                *gv = if yv > 0.0 { v } else { 0.0 };
+            }
+        } else {
+            for (gv, &yv) in g.iter_mut().zip(y) {
+                *gv = a * (*gv - m - (yv - mean) * q);
+            }
+        }
     }
 }
 
@@ -557,7 +586,11 @@ mod tests {
         let b = Var::from_tensor(&rand_t(&[o], seed + 2).affine(0.5, shift).unwrap()).unwrap();
         let p1 = Var::from_tensor(&rand_t(&[o], seed + 3).affine(1.0, 0.3).unwrap()).unwrap();
         let p2 = Var::from_tensor(&rand_t(&[o], seed + 4)).unwrap();
-        let xin: Tensor = if x_grad { x.as_tensor().clone() } else { xt.clone() };
+        let xin: Tensor = if x_grad {
+            x.as_tensor().clone()
+        } else {
+            xt.clone()
+        };
         let bo = bias.then_some(b.as_tensor());
         let what = format!("{xd:?} o{o} k{k} {spec:?} bias{bias_shift} xgrad{x_grad} train{train}");
         let conv = |xin: &Tensor| {
@@ -590,15 +623,34 @@ mod tests {
         let gc = (yc * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gr = (yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let vs_reference = !(spec.relu && spec.pool.is_some()) || bias_shift > 20.0;
-        for (name, v) in [("dx", &x), ("dw", &w), ("db", &b), ("dp1", &p1), ("dp2", &p2)] {
+        for (name, v) in [
+            ("dx", &x),
+            ("dw", &w),
+            ("db", &b),
+            ("dp1", &p1),
+            ("dp2", &p2),
+        ] {
             if (name == "dx" && !x_grad) || (name == "db" && !bias) {
-                assert!(gf.get(v).is_none(), "{name} should have no gradient: {what}");
+                assert!(
+                    gf.get(v).is_none(),
+                    "{name} should have no gradient: {what}"
+                );
                 continue;
             }
             let got = gf.get(v).unwrap();
-            assert_close(got, gc.get(v).unwrap(), 1e-4, &format!("{name} vs fast ops {what}"));
+            assert_close(
+                got,
+                gc.get(v).unwrap(),
+                1e-4,
+                &format!("{name} vs fast ops {what}"),
+            );
             if vs_reference {
-                assert_close(got, gr.get(v).unwrap(), 1e-3, &format!("{name} vs ref {what}"));
+                assert_close(
+                    got,
+                    gr.get(v).unwrap(),
+                    1e-3,
+                    &format!("{name} vs ref {what}"),
+                );
             }
         }
     }
@@ -639,10 +691,28 @@ mod tests {
         for train in [true, false] {
             for shift in [0.2, 30.0] {
                 check([5, 1, 28, 28], 20, 7, model1_conv1, shift, false, train, 1);
-                check([5, 20, 14, 14], 10, 5, BlockSpec::default(), shift, true, train, 2);
+                check(
+                    [5, 20, 14, 14],
+                    10,
+                    5,
+                    BlockSpec::default(),
+                    shift,
+                    true,
+                    train,
+                    2,
+                );
                 check([4, 3, 11, 10], 5, 3, odd, shift, true, train, 4);
                 check([3, 7, 6, 6], 4, 1, pointwise, shift, true, train, 5);
-                check([1, 2, 6, 6], 3, 3, BlockSpec::default(), shift, true, train, 6);
+                check(
+                    [1, 2, 6, 6],
+                    3,
+                    3,
+                    BlockSpec::default(),
+                    shift,
+                    true,
+                    train,
+                    6,
+                );
             }
             check([3, 4, 9, 8], 6, 3, no_pool, f64::NAN, true, train, 3);
             check([3, 4, 9, 8], 6, 3, relu_no_pool, 0.1, true, train, 7);

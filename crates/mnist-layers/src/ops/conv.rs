@@ -3,7 +3,9 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_data, dims4, fwd_slice, out_len, sum_f32, with_scratch, Pad4, GRAD_CHUNK};
+use super::{
+    cpu_data, dims4, fwd_slice, multiversion, out_len, sum_f32, with_scratch, Pad4, GRAD_CHUNK,
+};
 use crate::error::shape_err;
 
 const OP: &str = "conv2d_fused";
@@ -106,37 +108,12 @@ impl ConvGeom {
     /// `dxp [c, hp, wp] += col2im_wide(dcol [c*k*k, oh*wp])`, the transpose of [`Self::im2col_wide`]
     /// (the discarded columns of `dcol` must be zero).
     fn col2im_wide(&self, dcol: &[f32], dxp: &mut [f32]) {
-        let (k, l, plane) = (self.k, self.wide_len(), self.hp * self.wp);
-        for (r, row) in dcol.chunks_exact(l).enumerate() {
-            let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
-            let off = ci * plane + ky * self.wp + kx;
-            let n = l.min(dxp.len().saturating_sub(off));
-            for (d, v) in dxp[off..off + n].iter_mut().zip(&row[..n]) {
-                *d += v;
-            }
-        }
+        col2im_wide(self, dcol, dxp)
     }
 
     /// `dst [o, oh*ow] = act(wide [o, oh*wp] + bias)`, dropping the discarded columns.
     fn compact_wide(&self, wide: &[f32], dst: &mut [f32], bias: Option<&[f32]>, relu: bool) {
-        let (ow, wp, l, ohw) = (self.ow, self.wp, self.wide_len(), self.ohw());
-        for oc in 0..self.o {
-            let bv = bias.map_or(0.0, |b| b[oc]);
-            let src = &wide[oc * l..(oc + 1) * l];
-            let out = &mut dst[oc * ohw..(oc + 1) * ohw];
-            for (drow, srow) in out.chunks_exact_mut(ow).zip(src.chunks(wp)) {
-                let srow = &srow[..ow];
-                if relu {
-                    for (d, &v) in drow.iter_mut().zip(srow) {
-                        *d = (v + bv).max(0.0);
-                    }
-                } else {
-                    for (d, &v) in drow.iter_mut().zip(srow) {
-                        *d = v + bv;
-                    }
-                }
-            }
-        }
+        compact_wide(self, wide, dst, bias, relu)
     }
 
     /// `wide [o, oh*wp]` from `g [o, oh*ow]`, zeros in the discarded columns.
@@ -184,12 +161,21 @@ impl ConvGeom {
                 self.im2col(xi, col);
                 col
             };
-            sgemm((o, ohw, ckk), dst, (ohw, 1), false, w, (ckk, 1), col, (ohw, 1));
+            sgemm(
+                (o, ohw, ckk),
+                dst,
+                (ohw, 1),
+                false,
+                w,
+                (ckk, 1),
+                col,
+                (ohw, 1),
+            );
         });
         for (oc, row) in dst.chunks_exact_mut(ohw).enumerate() {
             let bv = bias.map_or(0.0, |b| b[oc]);
             if relu {
-                row.iter_mut().for_each(|v| *v = (*v + bv).max(0.0));
+                row.iter_mut().for_each(|v| *v = relu_f32(*v + bv));
             } else if bv != 0.0 {
                 row.iter_mut().for_each(|v| *v += bv);
             }
@@ -197,18 +183,36 @@ impl ConvGeom {
     }
 
     /// The whole batch: `[b, o, oh, ow]` from `x [b, c, h, w]` (images in parallel).
-    pub(crate) fn forward(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>, relu: bool) -> Vec<f32> {
+    pub(crate) fn forward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; self.b * self.o * self.ohw()];
+        self.forward_into(x, w, bias, relu, &mut out);
+        out
+    }
+
+    /// [`Self::forward`] into `out [b, o, oh*ow]` (every element is overwritten).
+    pub(crate) fn forward_into(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        out: &mut [f32],
+    ) {
         let (o, ohw, chw) = (self.o, self.ohw(), self.chw());
-        let mut out = vec![0f32; self.b * o * ohw];
         let work = |(i, dst): (usize, &mut [f32])| {
             self.forward_image(&x[i * chw..(i + 1) * chw], w, bias, relu, dst)
         };
         if self.b == 1 {
-            work((0, &mut out));
+            work((0, out));
         } else {
             out.par_chunks_mut(o * ohw).enumerate().for_each(work);
         }
-        out
     }
 
     /// Backward of the convolution given the gradient at its (pre-activation) output: `fill_g(i, g)`
@@ -269,8 +273,9 @@ impl ConvGeom {
                             g.im2col(xi, col);
                             (col, gbuf)
                         };
-                        // dw[o, ckk] += g[o, n] · col^T[n, ckk]
-                        sgemm((o, ckk, n), dw, (ckk, 1), true, gi, (n, 1), colr, (1, n));
+                        // dw[o, ckk] += g[o, n] · col^T[n, ckk], stored transposed (`dw` is
+                        // [ckk, o]) so that gemm packs the small g, not the im2col matrix.
+                        sgemm((o, ckk, n), dw, (1, o), true, gi, (n, 1), colr, (1, n));
                         if !need_dx {
                             continue;
                         }
@@ -301,9 +306,15 @@ impl ConvGeom {
                     }
                 });
             });
-        let mut dw = vec![0f32; o * ckk];
+        let mut dwt = vec![0f32; o * ckk]; // [ckk, o]
         for part in pdw.chunks_exact(o * ckk) {
-            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            dwt.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        let mut dw = vec![0f32; o * ckk];
+        for (r, row) in dwt.chunks_exact(o).enumerate() {
+            for (oc, &v) in row.iter().enumerate() {
+                dw[oc * ckk + r] = v;
+            }
         }
         let mut db = vec![0f32; o];
         for part in pdb.chunks_exact(o) {
@@ -406,6 +417,56 @@ impl ConvGeom {
                 }
             }
         }
+    }
+}
+
+multiversion! {
+    /// See [`ConvGeom::col2im_wide`].
+    fn col2im_wide(g: &ConvGeom, dcol: &[f32], dxp: &mut [f32]) {
+        let (k, l, plane) = (g.k, g.wide_len(), g.hp * g.wp);
+        for (r, row) in dcol.chunks_exact(l).enumerate() {
+            let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
+            let off = ci * plane + ky * g.wp + kx;
+            let n = l.min(dxp.len().saturating_sub(off));
+            for (d, v) in dxp[off..off + n].iter_mut().zip(&row[..n]) {
+                *d += v;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// See [`ConvGeom::compact_wide`].
+    fn compact_wide(g: &ConvGeom, wide: &[f32], dst: &mut [f32], bias: Option<&[f32]>, relu: bool) {
+        let (ow, wp, l, ohw) = (g.ow, g.wp, g.wide_len(), g.ohw());
+        for oc in 0..g.o {
+            let bv = bias.map_or(0.0, |b| b[oc]);
+            let src = &wide[oc * l..(oc + 1) * l];
+            let out = &mut dst[oc * ohw..(oc + 1) * ohw];
+            for (drow, srow) in out.chunks_exact_mut(ow).zip(src.chunks(wp)) {
+                let srow = &srow[..ow];
+                if relu {
+                    for (d, &v) in drow.iter_mut().zip(srow) {
+                        *d = relu_f32(v + bv);
+                    }
+                } else {
+                    for (d, &v) in drow.iter_mut().zip(srow) {
+                        *d = v + bv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `max(v, 0)` as a compare-select, which vectorises to `maxps` (`f32::max`'s NaN rule does not);
+/// NaN maps to 0.
+#[inline(always)]
+pub(crate) fn relu_f32(v: f32) -> f32 {
+    if v > 0.0 {
+        v
+    } else {
+        0.0
     }
 }
 

@@ -14,12 +14,12 @@ mod conv;
 mod depthwise;
 mod pool;
 
-pub use bn::{
-    batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
-};
 pub use block::{
     conv_bn_pool_eval, conv_bn_pool_eval_reference, conv_bn_pool_train,
     conv_bn_pool_train_reference, BlockSpec, PoolSpec,
+};
+pub use bn::{
+    batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
 };
 pub use conv::{conv2d_fused, conv2d_fused_reference};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
@@ -67,6 +67,33 @@ macro_rules! cpu_data {
 }
 pub(crate) use cpu_data;
 
+/// Defines a function whose body is compiled twice, for baseline x86-64 and with AVX2 + FMA enabled,
+/// the second chosen at run time when the CPU has them (other architectures: the baseline only). The
+/// body is the same code, so both give bit-identical results (Rust never contracts `a * b + c` into
+/// an FMA on its own).
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    imp($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
 thread_local! {
     static SCRATCH: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }
@@ -78,7 +105,10 @@ pub(crate) fn with_scratch<const N: usize, R>(
     lens: [usize; N],
     f: impl FnOnce([&mut [f32]; N]) -> R,
 ) -> R {
-    fn split<'a, const N: usize>(bufs: &'a mut [Vec<f32>], lens: &[usize; N]) -> [&'a mut [f32]; N] {
+    fn split<'a, const N: usize>(
+        bufs: &'a mut [Vec<f32>],
+        lens: &[usize; N],
+    ) -> [&'a mut [f32]; N] {
         let mut it = bufs.iter_mut();
         std::array::from_fn(|i| match it.next() {
             Some(b) => {
@@ -106,6 +136,40 @@ pub(crate) fn with_scratch<const N: usize, R>(
             }
         }
     })
+}
+
+/// Spare batch-sized buffers for state that lives inside an op between its forward and backward pass
+/// (recycled so a training loop neither zero-fills nor page-faults them in every step).
+static SPARE: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// A buffer of `len` floats with unspecified contents (a recycled one when available).
+pub(crate) fn take_buf(len: usize) -> Vec<f32> {
+    let mut v = SPARE
+        .lock()
+        .ok()
+        .and_then(|mut spare| {
+            let i = spare.iter().position(|b| b.capacity() >= len)?;
+            Some(spare.swap_remove(i))
+        })
+        .unwrap_or_default();
+    if v.len() >= len {
+        v.truncate(len);
+    } else {
+        v.resize(len, 0.0);
+    }
+    v
+}
+
+/// Returns a buffer from [`take_buf`] for reuse (at most a few are kept).
+pub(crate) fn give_buf(v: Vec<f32>) {
+    if v.capacity() == 0 {
+        return;
+    }
+    if let Ok(mut spare) = SPARE.lock() {
+        if spare.len() < 8 {
+            spare.push(v);
+        }
+    }
 }
 
 /// Sum of a slice with 16 independent f32 lanes (vectorises), the lanes added in f64.

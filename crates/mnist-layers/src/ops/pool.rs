@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_data, dims4, fwd_slice, out_len, Pad4};
+use super::{cpu_data, dims4, fwd_slice, multiversion, out_len, Pad4};
 
 const OP: &str = "max_pool2d";
 
@@ -59,25 +59,7 @@ impl PoolGeom {
     pub(crate) fn plane_fwd(&self, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
         let (k, s, w) = (self.k, self.stride, self.w);
         if k == 2 && s == 2 && self.pt == 0 && self.pl == 0 {
-            // The common 2x2/2 pool, unrolled.
-            for oy in 0..self.oh {
-                let r0 = 2 * oy * w;
-                let r1 = r0 + w;
-                for ox in 0..self.ow {
-                    let i = r0 + 2 * ox;
-                    let cand = [i, i + 1, r1 + 2 * ox, r1 + 2 * ox + 1];
-                    let mut bi = cand[0];
-                    let mut bv = x[bi];
-                    for &c in &cand[1..] {
-                        if x[c] > bv {
-                            bv = x[c];
-                            bi = c;
-                        }
-                    }
-                    out[oy * self.ow + ox] = bv;
-                    arg[oy * self.ow + ox] = bi as u32;
-                }
-            }
+            pool2x2(w, self.oh, self.ow, x, out, arg);
             return;
         }
         for oy in 0..self.oh {
@@ -103,6 +85,32 @@ impl PoolGeom {
                 } else {
                     bi as u32
                 };
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The common 2x2 / stride-2 pool of one plane, branch-free: pairwise maxima, the earlier
+    /// candidate wins ties (the first maximum in row-major window order).
+    fn pool2x2(w: usize, oh: usize, ow: usize, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
+        for oy in 0..oh {
+            let r0 = 2 * oy * w;
+            let r1 = r0 + w;
+            let (top, bot) = (&x[r0..r0 + 2 * ow], &x[r1..r1 + 2 * ow]);
+            let orow = &mut out[oy * ow..(oy + 1) * ow];
+            let arow = &mut arg[oy * ow..(oy + 1) * ow];
+            for (ox, ((t, b), (o, a))) in top
+                .chunks_exact(2)
+                .zip(bot.chunks_exact(2))
+                .zip(orow.iter_mut().zip(arow.iter_mut()))
+                .enumerate()
+            {
+                let i = (r0 + 2 * ox) as u32;
+                let j = (r1 + 2 * ox) as u32;
+                let (v1, i1) = if t[1] > t[0] { (t[1], i + 1) } else { (t[0], i) };
+                let (v2, i2) = if b[1] > b[0] { (b[1], j + 1) } else { (b[0], j) };
+                (*o, *a) = if v2 > v1 { (v2, i2) } else { (v1, i1) };
             }
         }
     }
