@@ -10,7 +10,9 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::loss::cross_entropy;
 use mnist_challenge::layers::init::SeededVarMap;
 use mnist_challenge::layers::Kernels;
-use mnist_challenge::models::{build, dropout_rng, is_trainable, ModelConfig, Net, Solution, Variant};
+use mnist_challenge::models::{
+    build, dropout_rng, is_trainable, ModelConfig, Net, Solution, Variant,
+};
 use mnist_challenge::optim::{Adam, AdamConfig};
 
 struct Opts {
@@ -34,7 +36,12 @@ fn median_secs(budget: f64, min_reps: usize, mut f: impl FnMut()) -> f64 {
 
 fn model(cfg: ModelConfig) -> (Net, SeededVarMap) {
     let vars = SeededVarMap::new(1);
-    let net = build(&cfg, vars.var_builder(DType::F32, &Device::Cpu), dropout_rng(1)).expect("build");
+    let net = build(
+        &cfg,
+        vars.var_builder(DType::F32, &Device::Cpu),
+        dropout_rng(1),
+    )
+    .expect("build");
     (net, vars)
 }
 
@@ -96,7 +103,11 @@ fn main() {
                 } else {
                     ("-".into(), "-".into())
                 };
-                println!("{name:<22}{:>10}{:>16}{s:>16}{ratio:>9}", format!("fwd b{batch}"), format!("{f:.0} img/s"));
+                println!(
+                    "{name:<22}{:>10}{:>16}{s:>16}{ratio:>9}",
+                    format!("fwd b{batch}"),
+                    format!("{f:.0} img/s")
+                );
             }
             let f = train_step_ms(fast, 32, &opts);
             let (s, ratio) = if opts.reference {
@@ -105,7 +116,11 @@ fn main() {
             } else {
                 ("-".into(), "-".into())
             };
-            println!("{name:<22}{:>10}{:>16}{s:>16}{ratio:>9}", "step b32", format!("{f:.2} ms"));
+            println!(
+                "{name:<22}{:>10}{:>16}{s:>16}{ratio:>9}",
+                "step b32",
+                format!("{f:.2} ms")
+            );
         }
     }
 }

@@ -18,9 +18,10 @@ if [ ! -x "$bin/solution-conv" ]; then
   cargo build --release -p solution-conv -p solution-separable -p solution-inception
 fi
 mkdir -p "$out"
-for s in ${SOLUTIONS:-conv separable inception}; do
-  for v in ${VARIANTS:-seed improved}; do
-    for seed in ${SEEDS:-1 2 3 4 5}; do
+# Seed-major order: an interrupted reproduction still has every configuration on the first seeds.
+for seed in ${SEEDS:-1 2 3 4 5}; do
+  for s in ${SOLUTIONS:-conv separable inception}; do
+    for v in ${VARIANTS:-seed improved}; do
       echo "$s $v $seed"
     done
   done

@@ -17,7 +17,11 @@ fn summary_json_reports_the_original_parameter_counts() {
         ("solution-inception", 3_077, 3_077, 0),
     ] {
         let out = run(bin, &["summary", "--variant", "seed", "--json"]);
-        assert!(out.status.success(), "{bin}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{bin}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v = json(&out);
         assert_eq!(v["params_total"], total, "{bin}");
         assert_eq!(v["params_trainable"], trainable, "{bin}");
@@ -37,19 +41,42 @@ fn train_then_evaluate_round_trips() {
     let out = run(
         "solution-conv",
         &[
-            "train", "--variant", "seed", "--epochs", "1", "--limit-train", "2000", "--quiet",
-            "--data-dir", data.to_str().unwrap(), "--out", run_dir.to_str().unwrap(),
+            "train",
+            "--variant",
+            "seed",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "2000",
+            "--quiet",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            run_dir.to_str().unwrap(),
         ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("test accuracy"), "{stdout}");
 
     let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap())
+            .unwrap();
     for key in [
-        "solution", "params_total", "params_trainable", "params_non_trainable", "epochs", "seed",
-        "test_accuracy", "test_loss", "best_val_accuracy", "epoch_seconds",
+        "solution",
+        "params_total",
+        "params_trainable",
+        "params_non_trainable",
+        "epochs",
+        "seed",
+        "test_accuracy",
+        "test_loss",
+        "best_val_accuracy",
+        "epoch_seconds",
     ] {
         assert!(results.get(key).is_some(), "results.json lacks {key}");
     }
@@ -60,18 +87,38 @@ fn train_then_evaluate_round_trips() {
     let weights = run_dir.join("model.safetensors");
     let out = run(
         "solution-conv",
-        &["evaluate", "--weights", weights.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--json"],
+        &[
+            "evaluate",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--json",
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = json(&out);
     let acc = v["test_accuracy"].as_f64().unwrap();
-    assert!((acc - results["test_accuracy"].as_f64().unwrap()).abs() < 1e-9, "{v}");
+    assert!(
+        (acc - results["test_accuracy"].as_f64().unwrap()).abs() < 1e-9,
+        "{v}"
+    );
     assert!(v["test_loss"].as_f64().unwrap() > 0.0);
 
     // The weights of one solution are refused by another.
     let out = run(
         "solution-separable",
-        &["evaluate", "--weights", weights.to_str().unwrap(), "--data-dir", data.to_str().unwrap()],
+        &[
+            "evaluate",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -82,13 +129,21 @@ fn train_then_evaluate_round_trips() {
 fn bad_input_gives_one_clear_line_and_a_non_zero_exit() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nowhere");
-    let out = run("solution-conv", &["--data-dir", missing.to_str().unwrap(), "--quiet"]);
+    let out = run(
+        "solution-conv",
+        &["--data-dir", missing.to_str().unwrap(), "--quiet"],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nowhere"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
-    for (flag, value) in [("--epochs", "0"), ("--batch-size", "0"), ("--lr", "-1"), ("--lr", "nan")] {
+    for (flag, value) in [
+        ("--epochs", "0"),
+        ("--batch-size", "0"),
+        ("--lr", "-1"),
+        ("--lr", "nan"),
+    ] {
         let out = run("solution-conv", &[flag, value]);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}");
         let err = String::from_utf8_lossy(&out.stderr);
@@ -100,7 +155,13 @@ fn bad_input_gives_one_clear_line_and_a_non_zero_exit() {
     let data = mnist_dir();
     let out = run(
         "solution-conv",
-        &["evaluate", "--weights", bogus.to_str().unwrap(), "--data-dir", data.to_str().unwrap()],
+        &[
+            "evaluate",
+            "--weights",
+            bogus.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -70,7 +70,12 @@ fn every_model_maps_a_batch_to_ten_logits_and_the_same_seed_gives_the_same_weigh
             let cfg = ModelConfig::new(solution, variant);
             let run = |seed| {
                 let vars = SeededVarMap::new(seed);
-                let net = build(&cfg, vars.var_builder(DType::F32, &device), dropout_rng(seed)).unwrap();
+                let net = build(
+                    &cfg,
+                    vars.var_builder(DType::F32, &device),
+                    dropout_rng(seed),
+                )
+                .unwrap();
                 net.forward_t(&xs, false).unwrap()
             };
             let a = run(7);
@@ -78,10 +83,24 @@ fn every_model_maps_a_batch_to_ten_logits_and_the_same_seed_gives_the_same_weigh
             let b = run(7);
             let c = run(8);
             let diff = |x: &Tensor, y: &Tensor| {
-                x.sub(y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+                x.sub(y)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
             };
-            assert_eq!(diff(&a, &b), 0.0, "{solution} {variant}: same seed, different output");
-            assert!(diff(&a, &c) > 0.0, "{solution} {variant}: different seeds, same output");
+            assert_eq!(
+                diff(&a, &b),
+                0.0,
+                "{solution} {variant}: same seed, different output"
+            );
+            assert!(
+                diff(&a, &c) > 0.0,
+                "{solution} {variant}: different seeds, same output"
+            );
         }
     }
 }

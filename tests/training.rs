@@ -16,8 +16,20 @@ fn short_run(solution: Solution, variant: Variant, limit: usize, epochs: usize) 
     cfg.limit_train = Some(limit);
     cfg.epochs = epochs;
     let out = tempfile::tempdir().unwrap();
-    let results = run_training(&cfg, &data, out.path(), &Device::Cpu, &mut LogReporter::default()).unwrap();
-    for f in ["model.safetensors", "config.json", "history.csv", "results.json"] {
+    let results = run_training(
+        &cfg,
+        &data,
+        out.path(),
+        &Device::Cpu,
+        &mut LogReporter::default(),
+    )
+    .unwrap();
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "history.csv",
+        "results.json",
+    ] {
         assert!(out.path().join(f).is_file(), "{f} missing");
     }
     assert_eq!(results.epochs, epochs);

@@ -84,9 +84,11 @@ impl<'a> Builder<'a> {
         };
         let (vc, vn) = (vb.pp("conv"), vb.pp("bn"));
         let stage = match (kind, pool) {
-            (ConvKind::Plain, false) => {
-                Stage::train(&name, "Conv2D+BN", conv_bn_pool(c_in, c_out, k, cfg, vc, vn)?)
-            }
+            (ConvKind::Plain, false) => Stage::train(
+                &name,
+                "Conv2D+BN",
+                conv_bn_pool(c_in, c_out, k, cfg, vc, vn)?,
+            ),
             (ConvKind::Plain, true) => Stage::train(
                 &name,
                 "Conv2D+BN+MaxPool",
@@ -108,8 +110,13 @@ impl<'a> Builder<'a> {
     }
 
     fn head(mut self, c_in: usize) -> Result<Vec<Stage>> {
-        self.stages.push(Stage::plain("gap", "GlobalAveragePooling2D", GlobalAvgPool));
-        self.stages.push(Stage::plain("dense", "Dense", linear(c_in, 10, self.vb.pp("dense"))?));
+        self.stages
+            .push(Stage::plain("gap", "GlobalAveragePooling2D", GlobalAvgPool));
+        self.stages.push(Stage::plain(
+            "dense",
+            "Dense",
+            linear(c_in, 10, self.vb.pp("dense"))?,
+        ));
         Ok(self.stages)
     }
 }
@@ -159,8 +166,10 @@ pub(crate) fn inception<'a>(vb: VarBuilder<'a>, rng: SharedRng, k: Kernels) -> R
     let bn = batch_norm(c0, bn_cfg(k), vb.pp("inception_bn"))?;
     let mut b = Builder::new(vb, k);
     // [b, 1, 28, 28] -> [b, 16, 28, 28]
-    b.stages.push(Stage::train("inception", "Inception", inception));
-    b.stages.push(Stage::train("inception_bn", "BatchNormalization", bn));
+    b.stages
+        .push(Stage::train("inception", "Inception", inception));
+    b.stages
+        .push(Stage::train("inception_bn", "BatchNormalization", bn));
     b.block(Separable, (c0, 16, 3), Padding::Same, true)? // [b, 16, 28, 28] -> [b, 16, 14, 14]
         .block(Separable, (16, 24, 3), Padding::Same, false)? // [b, 24, 14, 14]
         .block(Separable, (24, 24, 3), Padding::Same, true)? // [b, 24, 14, 14] -> [b, 24, 7, 7]

@@ -32,7 +32,7 @@ use mnist_layers::SharedRng;
 use rand_chacha::rand_core::SeedableRng;
 
 pub use config::{ModelConfig, Solution, Variant};
-pub use net::{is_trainable, summarize, LayerSummary, Net, Summary};
+pub use net::{is_trainable, summarize, LayerSummary, Net, StageTrace, Summary};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,11 @@ pub fn build(cfg: &ModelConfig, vb: VarBuilder, rng: SharedRng) -> candle_core::
 pub fn summary(cfg: &ModelConfig) -> candle_core::Result<Summary> {
     let vars = SeededVarMap::new(0);
     let cfg = cfg.with_kernels(mnist_layers::Kernels::Reference);
-    let net = build(&cfg, vars.var_builder(DType::F32, &Device::Cpu), dropout_rng(0))?;
+    let net = build(
+        &cfg,
+        vars.var_builder(DType::F32, &Device::Cpu),
+        dropout_rng(0),
+    )?;
     summarize(&net, vars.var_map())
 }
 

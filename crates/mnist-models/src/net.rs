@@ -24,7 +24,11 @@ pub(crate) struct Stage {
 }
 
 impl Stage {
-    pub(crate) fn plain(name: &str, kind: &'static str, m: impl Module + Send + Sync + 'static) -> Self {
+    pub(crate) fn plain(
+        name: &str,
+        kind: &'static str,
+        m: impl Module + Send + Sync + 'static,
+    ) -> Self {
         Self {
             name: name.to_string(),
             kind,
@@ -33,7 +37,11 @@ impl Stage {
         }
     }
 
-    pub(crate) fn train(name: &str, kind: &'static str, m: impl ModuleT + Send + Sync + 'static) -> Self {
+    pub(crate) fn train(
+        name: &str,
+        kind: &'static str,
+        m: impl ModuleT + Send + Sync + 'static,
+    ) -> Self {
         Self::fused(name, kind, &[name], m)
     }
 
@@ -78,6 +86,19 @@ impl Module for GlobalAvgPool {
     }
 }
 
+/// One stage of a [`Net`] as seen by [`Net::trace_shapes`].
+#[derive(Debug, Clone)]
+pub struct StageTrace {
+    /// The stage name.
+    pub name: String,
+    /// The Keras-style layer type.
+    pub kind: &'static str,
+    /// The prefixes of the stage's variables.
+    pub prefixes: Vec<String>,
+    /// The output shape, batch dimension included.
+    pub dims: Vec<usize>,
+}
+
 /// A built model: `[b, 1, 28, 28]` images (pixels / 255) to `[b, 10]` logits (softmax is in the loss).
 pub struct Net {
     config: ModelConfig,
@@ -94,14 +115,18 @@ impl Net {
         &self.config
     }
 
-    /// Runs the model in inference mode and returns every stage's name, kind, variable prefixes and output
-    /// shape (batch dimension included).
-    pub fn trace_shapes(&self, xs: &Tensor) -> Result<Vec<(String, &'static str, Vec<String>, Vec<usize>)>> {
+    /// Runs the model in inference mode on `xs` and describes every stage's output.
+    pub fn trace_shapes(&self, xs: &Tensor) -> Result<Vec<StageTrace>> {
         let mut shapes = Vec::with_capacity(self.stages.len());
         let mut ys = xs.clone();
         for stage in &self.stages {
             ys = stage.forward_t(&ys, false)?;
-            shapes.push((stage.name.clone(), stage.kind, stage.prefixes.clone(), ys.dims().to_vec()));
+            shapes.push(StageTrace {
+                name: stage.name.clone(),
+                kind: stage.kind,
+                prefixes: stage.prefixes.clone(),
+                dims: ys.dims().to_vec(),
+            });
         }
         Ok(shapes)
     }
@@ -162,11 +187,18 @@ pub fn summarize(net: &Net, varmap: &VarMap) -> Result<Summary> {
         .unwrap_or(Device::Cpu);
     let xs = Tensor::zeros((1, 1, 28, 28), DType::F32, &device)?;
     let shapes = net.trace_shapes(&xs)?;
-    let data = varmap.data().lock().map_err(|_| {
-        candle_core::Error::Msg("variable map lock poisoned".to_string())
-    })?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".to_string()))?;
     let mut layers = Vec::with_capacity(shapes.len());
-    for (name, kind, prefixes, dims) in shapes {
+    for StageTrace {
+        name,
+        kind,
+        prefixes,
+        dims,
+    } in shapes
+    {
         let prefixes: Vec<String> = prefixes.iter().map(|p| format!("{p}.")).collect();
         let params = data
             .iter()
@@ -213,7 +245,11 @@ impl fmt::Display for Summary {
         let rule = "=".repeat(66);
         writeln!(f, "Model: \"{} ({})\"", self.solution, self.variant)?;
         writeln!(f, "{rule}")?;
-        writeln!(f, "{:<32}{:<22}{:>12}", "Layer (type)", "Output Shape", "Param #")?;
+        writeln!(
+            f,
+            "{:<32}{:<22}{:>12}",
+            "Layer (type)", "Output Shape", "Param #"
+        )?;
         writeln!(f, "{rule}")?;
         for l in &self.layers {
             let shape = format!(
@@ -230,7 +266,11 @@ impl fmt::Display for Summary {
         writeln!(f, "{rule}")?;
         writeln!(f, "Total params: {}", thousands(self.params_total))?;
         writeln!(f, "Trainable params: {}", thousands(self.params_trainable))?;
-        write!(f, "Non-trainable params: {}", thousands(self.params_non_trainable))
+        write!(
+            f,
+            "Non-trainable params: {}",
+            thousands(self.params_non_trainable)
+        )
     }
 }
 

@@ -271,7 +271,8 @@ fn train_config(solution: Solution, args: &TrainArgs) -> TrainConfig {
         }
         None => {}
     }
-    if let (Some(f), ScheduleConfig::Plateau { factor }) = (args.plateau_factor, &mut cfg.schedule) {
+    if let (Some(f), ScheduleConfig::Plateau { factor }) = (args.plateau_factor, &mut cfg.schedule)
+    {
         *factor = f;
     }
     let custom_augment = args.rotate.is_some() || args.shift.is_some() || args.scale.is_some();
@@ -305,7 +306,10 @@ fn load_data(args: &DataArgs) -> Result<mnist_data::Mnist> {
 
 fn train(solution: Solution, args: TrainArgs) -> Result<()> {
     if args.plateau_factor.is_some_and(|f| f < 1.0) {
-        bail!("--plateau-factor must be at least 1 (1 = off), got {}", args.plateau_factor.unwrap_or(0.0));
+        bail!(
+            "--plateau-factor must be at least 1 (1 = off), got {}",
+            args.plateau_factor.unwrap_or(0.0)
+        );
     }
     // Installed first, so Ctrl-C while the data loads also stops cleanly.
     let interrupt = Interrupt::install()?;
@@ -355,7 +359,8 @@ fn train(solution: Solution, args: TrainArgs) -> Result<()> {
         }
         Err(e) => return Err(anyhow::Error::new(e).context(what)),
     };
-    let mean_epoch = results.epoch_seconds.iter().sum::<f64>() / results.epoch_seconds.len().max(1) as f64;
+    let mean_epoch =
+        results.epoch_seconds.iter().sum::<f64>() / results.epoch_seconds.len().max(1) as f64;
     println!(
         "{solution} ({}), {} params, seed {}: test accuracy {:.2}% (loss {:.4}) after {} epochs, {:.1} s/epoch; saved to {}",
         results.variant,
@@ -416,7 +421,11 @@ fn resume_config(
 }
 
 /// The model config of a weights file: `config.json` beside it, or the flags.
-fn model_config_for(solution: Solution, weights: &Path, variant: Option<Variant>) -> Result<ModelConfig> {
+fn model_config_for(
+    solution: Solution,
+    weights: &Path,
+    variant: Option<Variant>,
+) -> Result<ModelConfig> {
     let config_path = weights.with_file_name(CONFIG_FILE);
     let model = if config_path.is_file() {
         let cfg: TrainConfig = read_json(&config_path)?;
@@ -448,7 +457,11 @@ fn evaluate_cmd(solution: Solution, args: EvalArgs) -> Result<()> {
     let model = model_config_for(solution, &args.weights, args.variant)?;
     let device = Device::Cpu;
     let vars = SeededVarMap::new(0);
-    let net = mnist_models::build(&model, vars.var_builder(DType::F32, &device), mnist_models::dropout_rng(0))?;
+    let net = mnist_models::build(
+        &model,
+        vars.var_builder(DType::F32, &device),
+        mnist_models::dropout_rng(0),
+    )?;
     let mut map = vars.var_map().clone();
     load_weights(&args.weights, &mut map)?;
     let data = load_data(&args.data)?;
@@ -537,7 +550,10 @@ fn predict_cmd(solution: Solution, args: PredictArgs) -> Result<()> {
         .iter()
         .map(|path| crate::predict::load_mnist_image(path))
         .collect();
-    let good: Vec<Vec<u8>> = loaded.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+    let good: Vec<Vec<u8>> = loaded
+        .iter()
+        .filter_map(|r| r.as_ref().ok().cloned())
+        .collect();
     let mut predictions = predictor.predict(&good)?.into_iter();
     let mut failed = 0usize;
     let mut json = Vec::with_capacity(args.images.len());
@@ -561,7 +577,13 @@ fn predict_cmd(solution: Solution, args: PredictArgs) -> Result<()> {
                     let top: Vec<String> = p
                         .top(args.top)
                         .iter()
-                        .map(|(c, prob)| format!("{} {:.1}%", names.get(*c as usize).copied().unwrap_or("?"), 100.0 * prob))
+                        .map(|(c, prob)| {
+                            format!(
+                                "{} {:.1}%",
+                                names.get(*c as usize).copied().unwrap_or("?"),
+                                100.0 * prob
+                            )
+                        })
                         .collect();
                     println!("{file}: {class} (top: {})", top.join(", "));
                 }
@@ -581,7 +603,10 @@ fn predict_cmd(solution: Solution, args: PredictArgs) -> Result<()> {
         println!("{}", serde_json::Value::Array(json));
     }
     if failed > 0 {
-        bail!("{failed} of {} files could not be classified", args.images.len());
+        bail!(
+            "{failed} of {} files could not be classified",
+            args.images.len()
+        );
     }
     Ok(())
 }

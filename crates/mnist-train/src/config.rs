@@ -94,7 +94,9 @@ impl TrainConfig {
             return Err(TrainError::Config("batch size must be at least 1".into()));
         }
         if self.limit_train == Some(0) {
-            return Err(TrainError::Config("--limit-train must be at least 1".into()));
+            return Err(TrainError::Config(
+                "--limit-train must be at least 1".into(),
+            ));
         }
         self.adam
             .validate()

@@ -218,12 +218,7 @@ pub fn fit_with(
     };
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let mut opt = Adam::new(trained.trainable_vars(), cfg.adam)?;
-    let mut scheduler = Scheduler::new(
-        cfg.schedule,
-        cfg.adam.lr,
-        steps_per_epoch,
-        cfg.epochs,
-    )?;
+    let mut scheduler = Scheduler::new(cfg.schedule, cfg.adam.lr, steps_per_epoch, cfg.epochs)?;
     let mut history = Vec::with_capacity(cfg.epochs);
     let mut first_epoch0 = 0;
     if let Some(state) = resume {

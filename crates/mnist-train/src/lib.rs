@@ -18,10 +18,10 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use mnist_data::Mnist;
 
-pub use config::{default_run_dir, TrainConfig};
 pub use checkpoint::{
     load_checkpoint, save_checkpoint, Checkpoint, RngState, RunOptions, CHECKPOINT_FILE,
 };
+pub use config::{default_run_dir, TrainConfig};
 pub use fit::{
     evaluate, fit, fit_with, EpochEnd, EpochRecord, Evaluation, FitControl, OnEpoch, ResumeState,
     Trained, EVAL_BATCH,
@@ -151,7 +151,9 @@ pub fn run_training_with(
         cfg.model.variant,
         summary.params_total,
         summary.params_trainable,
-        cfg.limit_train.unwrap_or(data.train.len()).min(data.train.len()),
+        cfg.limit_train
+            .unwrap_or(data.train.len())
+            .min(data.train.len()),
         out_dir.display()
     );
     let mut on_epoch = |end: &EpochEnd<'_>| checkpoint::save_epoch(out_dir, cfg, &trained, end);
@@ -162,7 +164,10 @@ pub fn run_training_with(
     };
     let history = fit_with(cfg, &trained, data, device, reporter, control)?;
     save_weights(&out_dir.join(WEIGHTS_FILE), trained.vars.var_map())?;
-    write_bytes_atomic(&out_dir.join(HISTORY_FILE), history_csv(&history).as_bytes())?;
+    write_bytes_atomic(
+        &out_dir.join(HISTORY_FILE),
+        history_csv(&history).as_bytes(),
+    )?;
     let test = evaluate(&trained.net, &data.test, device)?;
     let results = RunResults {
         solution: cfg.model.solution.to_string(),

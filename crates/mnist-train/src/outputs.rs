@@ -36,7 +36,10 @@ fn io_err(path: &Path, source: std::io::Error) -> TrainError {
 
 /// Writes `path` atomically: a temporary file in the same folder, flushed and synced, then renamed.
 /// On any error the temporary file is removed and an existing `path` is left untouched.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<(), TrainError>) -> Result<(), TrainError> {
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
     let tmp = tmp_path(path);
     let result = write(&tmp).and_then(|()| {
         let f = fs::File::open(&tmp).map_err(|e| io_err(&tmp, e))?;
@@ -194,7 +197,10 @@ mod tests {
         }];
         let csv = history_csv(&h);
         let lines: Vec<_> = csv.lines().collect();
-        assert_eq!(lines[0], "epoch,lr,loss,accuracy,val_loss,val_accuracy,seconds");
+        assert_eq!(
+            lines[0],
+            "epoch,lr,loss,accuracy,val_loss,val_accuracy,seconds"
+        );
         assert!(lines[1].starts_with("1,1.000000e-3,0.500000,0.900000,0.400000,0.950000,3.000"));
     }
 }

@@ -40,7 +40,10 @@ pub struct ProgressReporter {
 impl ProgressReporter {
     /// A reporter that draws bars when stderr is a terminal.
     pub fn new() -> Self {
-        Self { bar: None, epochs: 0 }
+        Self {
+            bar: None,
+            epochs: 0,
+        }
     }
 }
 
