@@ -326,29 +326,13 @@ impl ConvGeom {
     /// Range of output columns whose input column `ox*s + kx - pl` lies inside `[0, w)`.
     #[inline]
     fn ox_range(&self, kx: usize) -> (usize, usize) {
-        let s = self.stride;
-        let lo = if self.pl > kx {
-            (self.pl - kx).div_ceil(s)
-        } else {
-            0
-        };
-        let hi = if self.w + self.pl <= kx {
-            0
-        } else {
-            ((self.w - 1 + self.pl - kx) / s + 1).min(self.ow)
-        };
-        (lo.min(hi), hi)
+        super::tap_cols(self.w, self.pl, self.stride, self.ow, kx)
     }
 
     /// Input row for output row `oy` and kernel row `ky`, if inside the image.
     #[inline]
     fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
-        let iy = oy * self.stride + ky;
-        if iy < self.pt || iy - self.pt >= self.h {
-            None
-        } else {
-            Some(iy - self.pt)
-        }
+        super::tap_row(self.h, self.pt, self.stride, oy, ky)
     }
 
     /// `col [c*k*k, oh*ow]` from one image `x [c, h, w]`.

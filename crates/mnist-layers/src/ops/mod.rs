@@ -9,6 +9,31 @@
 //! The reference twins work on any device and dtype and get their gradient from candle's autograd.
 
 mod block;
+/// For one spatial axis of a window op (input length `w`, leading pad `pl`, stride `s`, `ow` outputs):
+/// the range `lo..hi` of outputs whose tap `kx` reads an input inside `[0, w)` (at `ox*s + kx - pl`).
+#[inline]
+pub(crate) fn tap_cols(w: usize, pl: usize, s: usize, ow: usize, kx: usize) -> (usize, usize) {
+    let lo = if pl > kx { (pl - kx).div_ceil(s) } else { 0 };
+    let hi = if w + pl <= kx {
+        0
+    } else {
+        ((w - 1 + pl - kx) / s + 1).min(ow)
+    };
+    (lo.min(hi), hi)
+}
+
+/// The input row read by output row `oy` through kernel row `ky` (stride `s`, leading pad `pt`, `h`
+/// input rows), if inside the image.
+#[inline]
+pub(crate) fn tap_row(h: usize, pt: usize, s: usize, oy: usize, ky: usize) -> Option<usize> {
+    let iy = oy * s + ky;
+    if iy < pt || iy - pt >= h {
+        None
+    } else {
+        Some(iy - pt)
+    }
+}
+
 mod bn;
 mod conv;
 mod depthwise;
