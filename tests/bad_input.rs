@@ -84,7 +84,7 @@ fn missing_or_unusable_data_folder() {
     // A regular file where the folder should be (as root, permissions cannot make a folder unreadable).
     let file = tmp.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
-    fails(&train_on(&file, &out), 1, &["a-file", "--data-dir folder"]);
+    fails(&train_on(&file, &out), 1, &["a-file", "must be a folder"]);
 
     // A folder with one of the four files missing.
     let dir = data_folder(tmp.path());

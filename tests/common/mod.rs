@@ -19,7 +19,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.is_file(),
-        "{} not built: run the tests with `cargo test --release --workspace`",
+        "{} not built: run `cargo build --release --workspace` before `cargo test --release --workspace`",
         path.display()
     );
     path

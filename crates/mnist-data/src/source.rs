@@ -86,12 +86,20 @@ impl DataSource {
         let name = self.dataset.name();
         if let Some(dir) = &self.dir {
             if !dir.is_dir() {
-                return Err(DataError::Io {
-                    path: dir.clone(),
-                    source: std::io::Error::new(
+                let (kind, what) = if dir.exists() {
+                    (
+                        std::io::ErrorKind::NotADirectory,
+                        "--data-dir must be a folder holding the four IDX files, not a file",
+                    )
+                } else {
+                    (
                         std::io::ErrorKind::NotFound,
                         "the --data-dir folder does not exist",
-                    ),
+                    )
+                };
+                return Err(DataError::Io {
+                    path: dir.clone(),
+                    source: std::io::Error::new(kind, what),
                 });
             }
             // Name the first missing file.

@@ -199,7 +199,7 @@ pub fn main(solution: Solution) -> ExitCode {
     match run(solution, cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             let interrupted = e.chain().any(|c| {
                 matches!(
                     c.downcast_ref::<TrainError>(),
@@ -213,6 +213,20 @@ pub fn main(solution: Solution) -> ExitCode {
             }
         }
     }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the message already contains (many
+/// errors print their source themselves).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+    }
+    msg
 }
 
 fn init_logging() {
