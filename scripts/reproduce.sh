@@ -7,7 +7,7 @@
 # Environment: JOBS = runs in parallel (default 1); RAYON_NUM_THREADS = threads per run (default: all cores);
 # SEEDS (default "1 2 3 4 5"); VARIANTS (default "seed improved"); SOLUTIONS (default "conv separable inception");
 # BIN_DIR = where the binaries are (default target/release; built if missing); MNIST_DIR as usual.
-# On 2 cores with JOBS=1 it takes about (see README) per run; with many cores use JOBS=cores/2 and
+# On 2 cores with JOBS=1 the 30 runs take about 60 minutes; with many cores use JOBS=cores/2 and
 # RAYON_NUM_THREADS=2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
