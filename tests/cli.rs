@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{mnist_dir, run};
+use common::{mnist_dir, run, run_owned, train_args};
 
 fn json(out: &std::process::Output) -> serde_json::Value {
     let text = String::from_utf8_lossy(&out.stdout);
@@ -38,22 +38,9 @@ fn train_then_evaluate_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let data = mnist_dir();
-    let out = run(
+    let out = run_owned(
         "solution-conv",
-        &[
-            "train",
-            "--variant",
-            "seed",
-            "--epochs",
-            "1",
-            "--limit-train",
-            "2000",
-            "--quiet",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--out",
-            run_dir.to_str().unwrap(),
-        ],
+        &train_args("seed", "1", "2000", &run_dir, &[]),
     );
     assert!(
         out.status.success(),

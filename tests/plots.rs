@@ -5,28 +5,12 @@ mod common;
 
 use std::path::Path;
 
-use common::{mnist_dir, run};
+use common::{run, run_owned, train_args};
 
 fn train(bin: &str, out: &Path, seed: &str) -> std::process::Output {
-    let data = mnist_dir();
-    run(
+    run_owned(
         bin,
-        &[
-            "train",
-            "--variant",
-            "seed",
-            "--epochs",
-            "1",
-            "--limit-train",
-            "2000",
-            "--quiet",
-            "--seed",
-            seed,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
+        &train_args("seed", "1", "2000", out, &["--seed", seed]),
     )
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{mnist_dir, run};
+use common::{mnist_dir, run, run_owned, train_args};
 use image::imageops::FilterType;
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use mnist_challenge::data::DataSource;
@@ -69,22 +69,9 @@ fn predict_classifies_image_files_and_reports_broken_ones() {
     let tmp = tempfile::tempdir().unwrap();
     let data = mnist_dir();
     let run_dir = tmp.path().join("run");
-    let out = run(
+    let out = run_owned(
         "solution-conv",
-        &[
-            "train",
-            "--variant",
-            "seed",
-            "--epochs",
-            "2",
-            "--limit-train",
-            "8000",
-            "--quiet",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--out",
-            run_dir.to_str().unwrap(),
-        ],
+        &train_args("seed", "2", "8000", &run_dir, &[]),
     );
     assert!(
         out.status.success(),

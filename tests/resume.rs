@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use common::{bin, mnist_dir, run};
+use common::{bin, mnist_dir, run, run_owned, train_args};
 
 const BIN: &str = "solution-conv";
 const LIMIT: &str = "2000";
@@ -20,24 +20,7 @@ fn path_str(p: &Path) -> &str {
 }
 
 fn train(variant: &str, epochs: &str, out: &Path) -> Output {
-    let data = mnist_dir();
-    run(
-        BIN,
-        &[
-            "train",
-            "--variant",
-            variant,
-            "--epochs",
-            epochs,
-            "--limit-train",
-            LIMIT,
-            "--quiet",
-            "--data-dir",
-            path_str(&data),
-            "--out",
-            path_str(out),
-        ],
-    )
+    run_owned(BIN, &train_args(variant, epochs, LIMIT, out, &[]))
 }
 
 fn resume(dir: &Path, extra: &[&str]) -> Output {
@@ -106,22 +89,8 @@ fn assert_same_run(a: &Path, b: &Path, epochs: usize) {
 
 /// Starts a training run, waits for the checkpoint of its first epoch, sends SIGINT and waits for the exit.
 fn train_and_interrupt(variant: &str, epochs: &str, out: &Path) -> Output {
-    let data = mnist_dir();
     let child = Command::new(bin(BIN))
-        .args([
-            "train",
-            "--variant",
-            variant,
-            "--epochs",
-            epochs,
-            "--limit-train",
-            LIMIT,
-            "--quiet",
-            "--data-dir",
-            path_str(&data),
-            "--out",
-            path_str(out),
-        ])
+        .args(train_args(variant, epochs, LIMIT, out, &[]))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

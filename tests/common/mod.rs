@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The real MNIST folder: `$MNIST_DIR`, else `../shared/data/mnist` beside the checkout.
@@ -32,4 +32,40 @@ pub fn run(name: &str, args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run binary")
+}
+
+/// The arguments of a short `train` run on the real MNIST files: `variant`, `epochs` epochs on the first
+/// `limit` training images, no progress bar, into `out`; `extra` flags are appended.
+pub fn train_args(
+    variant: &str,
+    epochs: &str,
+    limit: &str,
+    out: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--variant",
+        variant,
+        "--epochs",
+        epochs,
+        "--limit-train",
+        limit,
+        "--quiet",
+        "--data-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(mnist_dir().to_string_lossy().into_owned());
+    args.push("--out".into());
+    args.push(out.to_string_lossy().into_owned());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Runs a solution binary with owned arguments (see [`train_args`]).
+pub fn run_owned(name: &str, args: &[String]) -> Output {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(name, &refs)
 }
