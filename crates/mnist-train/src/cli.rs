@@ -126,6 +126,9 @@ struct TrainArgs {
     /// Augmentation: random scale in [1 - F, 1 + F] (turns augmentation on) [improved recipe: 0.1].
     #[arg(long, value_name = "F", conflicts_with = "no_augment")]
     scale: Option<f32>,
+    /// Train the last N epochs without augmentation [improved recipe: see `summary`].
+    #[arg(long, value_name = "N")]
+    clean_epochs: Option<usize>,
     /// Seed of every random draw (weights, dropout, shuffles, augmentation).
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -148,7 +151,7 @@ struct TrainArgs {
         value_name = "DIR",
         conflicts_with_all = [
             "variant", "batch_size", "lr", "schedule", "plateau_factor", "augment", "no_augment",
-            "rotate", "shift", "scale", "seed", "out", "limit_train", "kernels", "dataset",
+            "rotate", "shift", "scale", "clean_epochs", "seed", "out", "limit_train", "kernels", "dataset",
         ]
     )]
     resume: Option<PathBuf>,
@@ -304,6 +307,9 @@ fn train_config(solution: Solution, args: &TrainArgs) -> TrainConfig {
         if let Some(f) = args.scale {
             aug.scale_range = (1.0 - f, 1.0 + f);
         }
+    }
+    if let Some(n) = args.clean_epochs {
+        cfg.clean_epochs = n;
     }
     if args.no_augment {
         cfg.augment = None;

@@ -26,6 +26,10 @@ pub struct TrainConfig {
     pub schedule: ScheduleConfig,
     /// On-the-fly augmentation of training images (`None` = off).
     pub augment: Option<AugmentConfig>,
+    /// Train the last N epochs on the plain images (augmentation off), so the final weights and the
+    /// BatchNorm statistics settle on the distribution the model is tested on. 0 = augment every epoch.
+    #[serde(default)]
+    pub clean_epochs: usize,
     /// The seed of every random draw: initial weights, dropout masks, shuffles, augmentation.
     pub seed: u64,
     /// Use only the first N training images (quick trials).
@@ -49,6 +53,7 @@ impl TrainConfig {
                 adam: AdamConfig::default(),
                 schedule: ScheduleConfig::Plateau { factor: 1.0 },
                 augment: None,
+                clean_epochs: 0,
                 seed: 42,
                 limit_train: None,
             },
@@ -78,6 +83,7 @@ impl TrainConfig {
                         max_shift_px: 2.0,
                         scale_range: (0.9, 1.1),
                     }),
+                    clean_epochs: 0,
                     seed: 42,
                     limit_train: None,
                 }
@@ -104,6 +110,12 @@ impl TrainConfig {
         self.schedule
             .validate()
             .map_err(|e| TrainError::Config(e.to_string()))?;
+        if self.clean_epochs > self.epochs {
+            return Err(TrainError::Config(format!(
+                "--clean-epochs {} is more than the {} epochs",
+                self.clean_epochs, self.epochs
+            )));
+        }
         if let Some(aug) = &self.augment {
             aug.validate()
                 .map_err(|e| TrainError::Config(format!("augmentation: {e}")))?;

@@ -210,7 +210,7 @@ pub fn fit_with(
             "the training split is empty: nothing to train on".into(),
         ));
     }
-    let batcher = BatcherConfig {
+    let mut batcher = BatcherConfig {
         batch_size: cfg.batch_size,
         shuffle: true,
         augment: cfg.augment,
@@ -244,6 +244,11 @@ pub fn fit_with(
 
     for epoch0 in first_epoch0..cfg.epochs {
         let epoch = epoch0 + 1;
+        batcher.augment = if epoch0 + cfg.clean_epochs >= cfg.epochs {
+            None
+        } else {
+            cfg.augment
+        };
         reporter.epoch_start(epoch, cfg.epochs, steps_per_epoch);
         {
             let mut rng = trained
@@ -355,6 +360,35 @@ mod tests {
             .collect();
         out.sort();
         out
+    }
+
+    #[test]
+    fn clean_epochs_train_on_the_plain_images() {
+        let data = tiny_data(48);
+        let device = Device::Cpu;
+        let run = |cfg: &TrainConfig| {
+            let t = Trained::init(cfg, &device).unwrap();
+            fit(cfg, &t, &data, &device, &mut LogReporter::default()).unwrap();
+            weights(&t)
+        };
+        let mut plain = cfg(2);
+        plain.augment = None;
+        let mut clean = cfg(2);
+        clean.clean_epochs = 2;
+        assert!(clean.augment.is_some());
+        assert_eq!(
+            run(&clean),
+            run(&plain),
+            "all epochs clean = no augmentation"
+        );
+        let mut last = cfg(2);
+        last.clean_epochs = 1;
+        let last = run(&last);
+        assert_ne!(last, run(&plain), "epoch 1 is augmented");
+        assert_ne!(last, run(&cfg(2)), "epoch 2 is not");
+        let mut too_many = cfg(2);
+        too_many.clean_epochs = 3;
+        assert!(too_many.validate().is_err());
     }
 
     #[test]
