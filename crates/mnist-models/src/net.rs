@@ -242,16 +242,23 @@ fn thousands(n: usize) -> String {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rule = "=".repeat(66);
+        let names: Vec<String> = self
+            .layers
+            .iter()
+            .map(|l| format!("{} ({})", l.name, l.kind))
+            .collect();
+        // Keras's column widths, widened so long layer names keep a gap before the shape.
+        let w = names.iter().map(|n| n.len() + 2).fold(32, usize::max);
+        let rule = "=".repeat(w + 34);
         writeln!(f, "Model: \"{} ({})\"", self.solution, self.variant)?;
         writeln!(f, "{rule}")?;
         writeln!(
             f,
-            "{:<32}{:<22}{:>12}",
+            "{:<w$}{:<22}{:>12}",
             "Layer (type)", "Output Shape", "Param #"
         )?;
         writeln!(f, "{rule}")?;
-        for l in &self.layers {
+        for (l, name) in self.layers.iter().zip(&names) {
             let shape = format!(
                 "(None, {})",
                 l.output_shape
@@ -260,8 +267,7 @@ impl fmt::Display for Summary {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            let name = format!("{} ({})", l.name, l.kind);
-            writeln!(f, "{name:<32}{shape:<22}{:>12}", thousands(l.params))?;
+            writeln!(f, "{name:<w$}{shape:<22}{:>12}", thousands(l.params))?;
         }
         writeln!(f, "{rule}")?;
         writeln!(f, "Total params: {}", thousands(self.params_total))?;
