@@ -37,10 +37,11 @@ pub(crate) fn tap_row(h: usize, pt: usize, s: usize, oy: usize, ky: usize) -> Op
 mod bn;
 mod conv;
 mod depthwise;
+mod direct;
 mod pool;
 
 pub use block::{
-    conv_bn_pool_eval, conv_bn_pool_eval_reference, conv_bn_pool_train,
+    conv_bn_pool_eval, conv_bn_pool_eval_reference, conv_bn_pool_infer, conv_bn_pool_train,
     conv_bn_pool_train_reference, BlockSpec, PoolSpec,
 };
 pub use bn::{

@@ -32,7 +32,7 @@ pub(crate) struct PoolGeom {
 impl PoolGeom {
     /// Clipped kernel range `[lo, hi)` along one axis for output index `o`.
     #[inline]
-    fn window(o: usize, s: usize, pad: usize, k: usize, len: usize) -> (usize, usize) {
+    pub(crate) fn window(o: usize, s: usize, pad: usize, k: usize, len: usize) -> (usize, usize) {
         let start = o * s;
         let lo = pad.saturating_sub(start);
         let hi = k.min(len + pad - start.min(len + pad));
@@ -85,6 +85,45 @@ impl PoolGeom {
                 } else {
                     bi as u32
                 };
+            }
+        }
+    }
+}
+
+impl PoolGeom {
+    /// Inference: `out [oh, ow]` = the window maxima of the plane `x` (`h` rows `rs` apart), no argmax.
+    pub(crate) fn plane_max(&self, x: &[f32], rs: usize, out: &mut [f32]) {
+        pool_max(self, x, rs, out)
+    }
+}
+
+multiversion! {
+    /// See [`PoolGeom::plane_max`]; windows entirely in the padding give `-inf`.
+    fn pool_max(g: &PoolGeom, x: &[f32], rs: usize, out: &mut [f32]) {
+        let (k, s, ow) = (g.k, g.stride, g.ow);
+        let max = |a: f32, b: f32| if b > a { b } else { a };
+        if k == 2 && s == 2 && g.pt == 0 && g.pl == 0 {
+            for (oy, orow) in out.chunks_exact_mut(ow).take(g.oh).enumerate() {
+                let top = &x[2 * oy * rs..][..2 * ow];
+                let bot = &x[(2 * oy + 1) * rs..][..2 * ow];
+                for ((o, t), b) in orow.iter_mut().zip(top.chunks_exact(2)).zip(bot.chunks_exact(2)) {
+                    *o = max(max(t[0], t[1]), max(b[0], b[1]));
+                }
+            }
+            return;
+        }
+        for (oy, orow) in out.chunks_exact_mut(ow).take(g.oh).enumerate() {
+            let (ky0, ky1) = PoolGeom::window(oy, s, g.pt, k, g.h);
+            for (ox, o) in orow.iter_mut().enumerate() {
+                let (kx0, kx1) = PoolGeom::window(ox, s, g.pl, k, g.w);
+                let mut best = f32::NEG_INFINITY;
+                for ky in ky0..ky1 {
+                    let row = &x[(oy * s + ky - g.pt) * rs..];
+                    for kx in kx0..kx1 {
+                        best = max(best, row[ox * s + kx - g.pl]);
+                    }
+                }
+                *o = best;
             }
         }
     }
