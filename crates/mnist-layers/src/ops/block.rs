@@ -577,8 +577,8 @@ pub fn conv_bn_pool_infer(
     let (pl, chw) = (pool.map_or(g.ohw(), |p| p.oh * p.ow), g.chw());
     let per = g.o * pl;
     cpu_data!(x, xg, xs, OP_INFER);
-    let mut out = vec![0f32; g.b * per]; // [b, o, pooled h*w]
-    let work = |(i, oimg): (usize, &mut [f32])| {
+    // [b, o, pooled h*w]
+    let out = super::collect_images(g.b, per, |i, oimg| {
         with_scratch([dc.xp_len, dc.out_len()], |[xp, y]| {
             dc.pad_into(&xs[i * chw..(i + 1) * chw], xp);
             dc.run(xp, &epi, y); // [o, nwide]
@@ -593,12 +593,7 @@ pub fn conv_bn_pool_infer(
                 }
             }
         })
-    };
-    if g.b == 1 {
-        work((0, &mut out));
-    } else {
-        out.par_chunks_mut(per).enumerate().for_each(work);
-    }
+    });
     let shape = match pool {
         Some(p) => Shape::from((g.b, g.o, p.oh, p.ow)),
         None => Shape::from((g.b, g.o, g.oh, g.ow)),
