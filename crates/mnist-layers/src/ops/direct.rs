@@ -151,8 +151,11 @@ impl DirectConv {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F (checked just above).
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked just above).
                 return unsafe { k512::run(self, xp, epi, out) };
             }
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -177,7 +180,7 @@ impl DirectConv {
 fn tile_in_bounds(dc: &DirectConv, xp: &[f32], out: &[f32]) -> bool {
     xp.len() >= dc.xp_len
         && out.len() >= dc.out_len()
-        && dc.o_pad % dc.ob == 0
+        && dc.o_pad.is_multiple_of(dc.ob)
         && dc.wt.len() == dc.toff.len() * dc.o_pad
         && dc.toff.iter().all(|&off| off + dc.nwide <= dc.xp_len)
 }
@@ -290,7 +293,8 @@ fn sweep<const L: usize, const OB: usize, const NV: usize, const F: bool>(
 #[cfg(target_arch = "x86_64")]
 macro_rules! simd_kernel {
     ($modname:ident, $feat:literal, $lanes:literal, $v:ty, $load:ident, $store:ident, $set1:ident,
-     $zero:ident, $fmadd:ident, $add:ident, $max:ident, [$($ob:literal => $nv:literal),*]) => {
+     $zero:ident, $fmadd:ident, $add:ident, $max:ident, [$($ob:literal => $nv:literal),*],
+     $nv1:literal) => {
         mod $modname {
             use super::{DirectConv, Epilogue};
             use std::arch::x86_64::*;
@@ -391,7 +395,7 @@ macro_rules! simd_kernel {
                 unsafe {
                     match dc.ob {
                         $($ob => sweep::<$ob, $nv>(dc, xp, epi, out),)*
-                        _ => sweep::<1, 8>(dc, xp, epi, out),
+                        _ => sweep::<1, $nv1>(dc, xp, epi, out),
                     }
                 }
             }
@@ -399,12 +403,40 @@ macro_rules! simd_kernel {
     };
 }
 
+// Arguments: module, target features, lanes, vector type, its load / store / splat / zero / fmadd /
+// add / max intrinsics, `output-channel block => vectors per tile` (OB*NV accumulators), vectors for OB 1.
 #[cfg(target_arch = "x86_64")]
-simd_kernel!(k512, "avx512f,avx2,fma", 16, __m512, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps,
-    _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_max_ps, [5 => 4, 4 => 5, 2 => 8]);
+simd_kernel!(
+    k512,
+    "avx512f,avx2,fma",
+    16,
+    __m512,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_set1_ps,
+    _mm512_setzero_ps,
+    _mm512_fmadd_ps,
+    _mm512_add_ps,
+    _mm512_max_ps,
+    [5 => 4, 4 => 5, 2 => 8],
+    8
+);
 #[cfg(target_arch = "x86_64")]
-simd_kernel!(k256, "avx2,fma", 8, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
-    _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_add_ps, _mm256_max_ps, [5 => 2, 4 => 2, 2 => 4]);
+simd_kernel!(
+    k256,
+    "avx2,fma",
+    8,
+    __m256,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_set1_ps,
+    _mm256_setzero_ps,
+    _mm256_fmadd_ps,
+    _mm256_add_ps,
+    _mm256_max_ps,
+    [5 => 2, 4 => 2, 2 => 4],
+    6
+);
 
 fn run_generic(dc: &DirectConv, xp: &[f32], epi: &Epilogue, out: &mut [f32]) {
     match dc.ob {
