@@ -7,6 +7,10 @@
 //! per channel), so results do not depend on the number of threads.
 //!
 //! The reference twins work on any device and dtype and get their gradient from candle's autograd.
+//!
+//! Inference-only kernels (`conv_bn_pool_infer`, the direct convolution of `direct.rs`, the inception
+//! module's image-by-image plan) return tensors WITHOUT gradient and are used only for `train == false`;
+//! they work image by image, so their results do not depend on the number of threads either.
 
 mod block;
 /// For one spatial axis of a window op (input length `w`, leading pad `pl`, stride `s`, `ow` outputs):
