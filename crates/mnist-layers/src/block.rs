@@ -27,7 +27,8 @@ pub struct ConvBnPoolConfig {
 ///
 /// In training mode with the fast kernels (both layers [`Kernels::Auto`] on an `f32` CPU input) the block
 /// is ONE custom op ([`ops::conv_bn_pool_train`]) and the running statistics are updated as
-/// [`BatchNorm`] does; in inference mode it is [`ops::conv_bn_pool_eval`] (image by image, in cache).
+/// [`BatchNorm`] does; in inference mode it is [`ops::conv_bn_pool_infer`] (image by image, in cache,
+/// no gradient).
 /// Otherwise it runs the three layers one after the other.
 #[derive(Debug, Clone)]
 pub struct ConvBnPool {
@@ -135,7 +136,7 @@ impl ModuleT for ConvBnPool {
             Ok(ys)
         } else {
             let (scale, shift) = self.bn.eval_scale_shift()?;
-            ops::conv_bn_pool_eval(xs, wt, bias, &scale, &shift, &spec)
+            ops::conv_bn_pool_infer(xs, wt, bias, &scale, &shift, &spec)
         }
     }
 }

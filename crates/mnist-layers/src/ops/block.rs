@@ -16,11 +16,13 @@ use rayon::prelude::*;
 
 use super::bn::{affine, channel_stats, check_vec};
 use super::conv::{geometry, ConvGeom};
+use super::direct::{DirectConv, Epilogue};
 use super::pool::PoolGeom;
 use super::{cpu_data, fwd_slice, give_buf, multiversion, sum_f32, take_buf, with_scratch, Pad4};
 
 const OP_TRAIN: &str = "conv_bn_pool_train";
 const OP_EVAL: &str = "conv_bn_pool_eval";
+const OP_INFER: &str = "conv_bn_pool_infer";
 
 /// The max-pool stage of a fused block: square `kernel`, `stride`, `-inf` padding `(top, left, bottom,
 /// right)` (each side smaller than the kernel).
@@ -540,6 +542,65 @@ pub fn conv_bn_pool_eval(
     Ok(run(x, w, bias, scale, shift, spec, false)?.0)
 }
 
+/// Inference-only twin of [`conv_bn_pool_eval`] (same formula, same reference
+/// [`conv_bn_pool_eval_reference`]): the output is a new tensor WITHOUT gradient. Stride-1 convolutions
+/// run as a direct convolution (no im2col matrix, see `direct.rs`) with the bias, ReLU and BatchNorm
+/// affine fused into its store, then the pool (no argmax), image by image in cache; other strides use
+/// [`conv_bn_pool_eval`] (detached).
+pub fn conv_bn_pool_infer(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    scale: &Tensor,
+    shift: &Tensor,
+    spec: &BlockSpec,
+) -> Result<Tensor> {
+    let g = geometry(x, w, bias, spec.stride, spec.pad)?;
+    check_vec(scale, g.o, OP_INFER, "scale")?;
+    check_vec(shift, g.o, OP_INFER, "shift")?;
+    if g.stride != 1 {
+        return Ok(conv_bn_pool_eval(x, w, bias, scale, shift, spec)?.detach());
+    }
+    let pool = match spec.pool {
+        Some(p) => Some(PoolGeom::new(g.oh, g.ow, p.kernel, p.stride, p.pad)?),
+        None => None,
+    };
+    let wv = w.flatten_all()?.to_vec1::<f32>()?; // [o * c * k * k]
+    let bv = bias.map(|b| b.to_vec1::<f32>()).transpose()?; // [o]
+    let (sc, sh) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?); // [o]
+    let dc = DirectConv::new((g.c, g.h, g.w), &wv, (g.o, g.k), spec.pad)?;
+    let epi = Epilogue {
+        bias: bv.as_deref(),
+        relu: spec.relu,
+        affine: Some((&sc, &sh)),
+    };
+    let (pl, chw) = (pool.map_or(g.ohw(), |p| p.oh * p.ow), g.chw());
+    let per = g.o * pl;
+    cpu_data!(x, xg, xs, OP_INFER);
+    // [b, o, pooled h*w]
+    let out = super::collect_images(g.b, per, |i, oimg| {
+        with_scratch([dc.xp_len, dc.out_len()], |[xp, y]| {
+            dc.pad_into(&xs[i * chw..(i + 1) * chw], xp);
+            dc.run(xp, &epi, y); // [o, nwide]
+            for (oc, op) in oimg.chunks_exact_mut(pl).enumerate() {
+                match pool {
+                    Some(pg) => pg.plane_max(&y[oc * dc.nwide..(oc + 1) * dc.nwide], dc.wp, op),
+                    None => {
+                        for (oy, orow) in op.chunks_exact_mut(g.ow).enumerate() {
+                            orow.copy_from_slice(dc.row(y, oc, oy));
+                        }
+                    }
+                }
+            }
+        })
+    });
+    let shape = match pool {
+        Some(p) => Shape::from((g.b, g.o, p.oh, p.ow)),
+        None => Shape::from((g.b, g.o, g.oh, g.ow)),
+    };
+    Tensor::from_vec(out, shape, x.device())
+}
+
 /// The reference twin of [`conv_bn_pool_eval`], from candle ops.
 pub fn conv_bn_pool_eval_reference(
     x: &Tensor,
@@ -717,6 +778,77 @@ mod tests {
             check([3, 4, 9, 8], 6, 3, no_pool, f64::NAN, true, train, 3);
             check([3, 4, 9, 8], 6, 3, relu_no_pool, 0.1, true, train, 7);
         }
+    }
+
+    /// The inference-only block against its reference twin on random inputs (odd sizes, every pool
+    /// kind, the stride-2 fallback), and bit-identical results on 1 and 3 threads.
+    #[test]
+    fn block_infer_matches_reference() {
+        let same7 = BlockSpec {
+            pad: (3, 3, 3, 3),
+            ..Default::default()
+        };
+        let odd_pool = BlockSpec {
+            pad: (1, 0, 2, 1),
+            pool: Some(PoolSpec {
+                kernel: 3,
+                stride: 2,
+                pad: (1, 1, 1, 1),
+            }),
+            ..Default::default()
+        };
+        let pool_s1 = BlockSpec {
+            relu: false,
+            pool: Some(PoolSpec {
+                kernel: 2,
+                stride: 1,
+                pad: (0, 0, 1, 1),
+            }),
+            ..Default::default()
+        };
+        let no_pool = BlockSpec {
+            pool: None,
+            ..Default::default()
+        };
+        let stride2 = BlockSpec {
+            stride: 2,
+            pad: (1, 0, 1, 1),
+            ..Default::default()
+        };
+        let cases: [([usize; 4], usize, usize, BlockSpec, bool); 7] = [
+            ([5, 1, 28, 28], 20, 7, same7, true),
+            ([5, 20, 14, 14], 10, 5, BlockSpec::default(), true),
+            ([3, 3, 11, 10], 5, 3, odd_pool, false),
+            ([2, 7, 9, 13], 3, 1, pool_s1, true),
+            ([3, 4, 9, 8], 6, 3, no_pool, true),
+            ([4, 3, 11, 10], 5, 3, stride2, true),
+            ([1, 2, 6, 7], 9, 3, BlockSpec::default(), false),
+        ];
+        for (seed, (xd, o, k, spec, bias)) in cases.into_iter().enumerate() {
+            let seed = 10 * seed as u64;
+            let x = rand_t(&xd, seed);
+            let w = rand_t(&[o, xd[1], k, k], seed + 1);
+            let b = rand_t(&[o], seed + 2);
+            let sc = rand_t(&[o], seed + 3);
+            let sh = rand_t(&[o], seed + 4);
+            let bo = bias.then_some(&b);
+            let what = format!("{xd:?} o{o} k{k} {spec:?} bias{bias}");
+            let yr = conv_bn_pool_eval_reference(&x, &w, bo, &sc, &sh, &spec).unwrap();
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| conv_bn_pool_infer(&x, &w, bo, &sc, &sh, &spec).unwrap())
+            };
+            let y1 = run(1);
+            assert_close(&y1, &yr, 1e-4, &format!("infer {what}"));
+            assert_close(&run(3), &y1, 0.0, &format!("1 vs 3 threads {what}"));
+        }
+        let x = rand_t(&[2, 2, 6, 6], 1);
+        let (w, v3) = (rand_t(&[3, 2, 3, 3], 2), rand_t(&[3], 3));
+        let bad = conv_bn_pool_infer(&x, &w, None, &rand_t(&[2], 4), &v3, &BlockSpec::default());
+        assert!(bad.is_err());
     }
 
     #[test]

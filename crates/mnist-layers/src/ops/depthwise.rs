@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_data, dims4, fwd_slice, out_len, Pad4};
+use super::{cpu_data, dims4, fwd_slice, multiversion, out_len, with_scratch, Pad4};
 use crate::error::shape_err;
 
 const OP: &str = "depthwise_conv2d";
@@ -35,36 +35,19 @@ impl DwGeom {
         super::tap_row(self.h, self.pt, self.stride, oy, ky)
     }
 
-    /// `out [oh, ow] = conv(x [h, w], f [k, k])` for one plane.
-    fn plane_fwd(&self, x: &[f32], f: &[f32], out: &mut [f32]) {
-        out.fill(0.0);
-        let (k, s, w, ow) = (self.k, self.stride, self.w, self.ow);
-        for kx in 0..k {
-            let (lo, hi) = self.ox_range(kx);
-            if lo >= hi {
-                continue;
-            }
-            for oy in 0..self.oh {
-                let dst = &mut out[oy * ow + lo..oy * ow + hi];
-                for ky in 0..k {
-                    let Some(iy) = self.in_row(oy, ky) else {
-                        continue;
-                    };
-                    let fv = f[ky * k + kx];
-                    let ix0 = lo * s + kx - self.pl;
-                    let src = &x[iy * w..(iy + 1) * w];
-                    if s == 1 {
-                        for (d, &v) in dst.iter_mut().zip(&src[ix0..ix0 + hi - lo]) {
-                            *d += fv * v;
-                        }
-                    } else {
-                        for (j, d) in dst.iter_mut().enumerate() {
-                            *d += fv * src[ix0 + j * s];
-                        }
-                    }
-                }
-            }
+    /// Length of the de-interleaved plane a strided forward pass needs (0 for stride 1).
+    fn split_len(&self) -> usize {
+        if self.stride == 1 {
+            0
+        } else {
+            self.stride * self.h * self.w.div_ceil(self.stride)
         }
+    }
+
+    /// `out [oh, ow] = conv(x [h, w], f [k, k])` for one plane; `xd` is scratch of
+    /// [`Self::split_len`] floats.
+    fn plane_fwd(&self, x: &[f32], f: &[f32], out: &mut [f32], xd: &mut [f32]) {
+        dw_plane_fwd(self, x, f, out, xd)
     }
 
     /// For one plane: `dx [h, w] = conv^T(g, f)` (if wanted) and `df [k, k] = sum g * x`.
@@ -124,6 +107,68 @@ impl DwGeom {
     }
 }
 
+multiversion! {
+    /// See [`DwGeom::plane_fwd`]. A strided pass first splits every input row into its `s` phases
+    /// (`xd[(p*h + iy)*wq + j] = x[iy*w + p + j*s]`), so that every tap reads a contiguous run.
+    fn dw_plane_fwd(g: &DwGeom, x: &[f32], f: &[f32], out: &mut [f32], xd: &mut [f32]) {
+        out.fill(0.0);
+        let (k, s, w, ow) = (g.k, g.stride, g.w, g.ow);
+        let wq = w.div_ceil(s);
+        let (src, rs): (&[f32], usize) = if s == 1 {
+            (x, w)
+        } else {
+            for iy in 0..g.h {
+                let row = &x[iy * w..(iy + 1) * w];
+                if s == 2 {
+                    let (d0, d1) = xd.split_at_mut(g.h * wq);
+                    let d0 = &mut d0[iy * wq..(iy + 1) * wq];
+                    let d1 = &mut d1[iy * wq..(iy + 1) * wq];
+                    let pairs = row.chunks_exact(2);
+                    if let [last] = pairs.remainder() {
+                        d0[wq - 1] = *last;
+                        d1[wq - 1] = 0.0;
+                    }
+                    for ((a, b), c) in d0.iter_mut().zip(d1.iter_mut()).zip(pairs) {
+                        *a = c[0];
+                        *b = c[1];
+                    }
+                    continue;
+                }
+                for p in 0..s {
+                    let d = &mut xd[(p * g.h + iy) * wq..(p * g.h + iy + 1) * wq];
+                    d.fill(0.0);
+                    for (dv, &v) in d.iter_mut().zip(row.iter().skip(p).step_by(s)) {
+                        *dv = v;
+                    }
+                }
+            }
+            (&*xd, wq)
+        };
+        for kx in 0..k {
+            let (lo, hi) = g.ox_range(kx);
+            if lo >= hi {
+                continue;
+            }
+            let ix0 = lo * s + kx - g.pl;
+            // Phase and first column of this tap's run in the split rows.
+            let (p, j0) = (ix0 % s, ix0 / s);
+            for oy in 0..g.oh {
+                let dst = &mut out[oy * ow + lo..oy * ow + hi];
+                for ky in 0..k {
+                    let Some(iy) = g.in_row(oy, ky) else {
+                        continue;
+                    };
+                    let fv = f[ky * k + kx];
+                    let r = (p * g.h + iy) * rs + j0;
+                    for (d, &v) in dst.iter_mut().zip(&src[r..r + hi - lo]) {
+                        *d += fv * v;
+                    }
+                }
+            }
+        }
+    }
+}
+
 struct DepthwiseOp {
     g: DwGeom,
 }
@@ -150,7 +195,14 @@ impl CustomOp2 for DepthwiseOp {
             .with_min_len(4)
             .for_each(|(p, dst)| {
                 let ch = p % g.c;
-                g.plane_fwd(&x[p * hw..(p + 1) * hw], &f[ch * kk..(ch + 1) * kk], dst);
+                with_scratch([g.split_len()], |[xd]| {
+                    g.plane_fwd(
+                        &x[p * hw..(p + 1) * hw],
+                        &f[ch * kk..(ch + 1) * kk],
+                        dst,
+                        xd,
+                    )
+                });
             });
         Ok((CpuStorage::F32(out), Shape::from((g.b, g.c, g.oh, g.ow))))
     }
@@ -276,5 +328,9 @@ mod tests {
         check(5, 7, 28, 28, 3, 2, (0, 0, 0, 0));
         check(3, 3, 9, 8, 3, 2, (1, 0, 1, 1));
         check(2, 4, 21, 19, 3, 1, (1, 1, 1, 1));
+        // Odd widths with stride 2 (a lone last column), and stride 3.
+        check(2, 3, 10, 11, 3, 2, (0, 1, 0, 1));
+        check(2, 2, 11, 10, 3, 3, (1, 1, 1, 1));
+        check(1, 2, 7, 9, 5, 2, (2, 2, 2, 2));
     }
 }

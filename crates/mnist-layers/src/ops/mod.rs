@@ -7,6 +7,10 @@
 //! per channel), so results do not depend on the number of threads.
 //!
 //! The reference twins work on any device and dtype and get their gradient from candle's autograd.
+//!
+//! Inference-only kernels (`conv_bn_pool_infer`, the direct convolution of `direct.rs`, the inception
+//! module's image-by-image plan) return tensors WITHOUT gradient and are used only for `train == false`;
+//! they work image by image, so their results do not depend on the number of threads either.
 
 mod block;
 /// For one spatial axis of a window op (input length `w`, leading pad `pl`, stride `s`, `ow` outputs):
@@ -37,10 +41,14 @@ pub(crate) fn tap_row(h: usize, pt: usize, s: usize, oy: usize, ky: usize) -> Op
 mod bn;
 mod conv;
 mod depthwise;
+mod direct;
 mod pool;
 
+pub(crate) use direct::{DirectConv, Epilogue};
+pub(crate) use pool::PoolGeom;
+
 pub use block::{
-    conv_bn_pool_eval, conv_bn_pool_eval_reference, conv_bn_pool_train,
+    conv_bn_pool_eval, conv_bn_pool_eval_reference, conv_bn_pool_infer, conv_bn_pool_train,
     conv_bn_pool_train_reference, BlockSpec, PoolSpec,
 };
 pub use bn::{
@@ -161,6 +169,56 @@ pub(crate) fn with_scratch<const N: usize, R>(
             }
         }
     })
+}
+
+thread_local! {
+    static IMAGE_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `[b, per]` from `f(i, buf)` for every image `i < b` (in parallel over images; inline for one image):
+/// `f` fills a per-thread buffer of `per` floats, which is then copied into the result. The large result
+/// is never zero-filled first (one pass over memory instead of two).
+///
+/// The buffer holds earlier values, never uninitialised memory: an `f` that leaves some of it unwritten
+/// gives wrong values, not undefined behaviour. `f` may use [`with_scratch`] (this uses its own buffer).
+pub(crate) fn collect_images(
+    b: usize,
+    per: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    if b == 0 || per == 0 {
+        return Vec::new();
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(b * per);
+    let work = |(i, dst): (usize, &mut [MaybeUninit<f32>])| {
+        let mut fill = |buf: &mut [f32]| {
+            f(i, buf);
+            for (d, &v) in dst.iter_mut().zip(buf.iter()) {
+                d.write(v);
+            }
+        };
+        IMAGE_BUF.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut v) => {
+                if v.len() < per {
+                    v.resize(per, 0.0);
+                }
+                fill(&mut v[..per])
+            }
+            Err(_) => fill(&mut vec![0.0; per]),
+        })
+    };
+    let spare = &mut out.spare_capacity_mut()[..b * per];
+    if b == 1 {
+        work((0, spare));
+    } else {
+        spare.par_chunks_mut(per).enumerate().for_each(work);
+    }
+    // SAFETY: the capacity is `b * per` and every element of `spare[..b * per]` was written above: each
+    // chunk of `per` elements by the zip with its fully sized buffer.
+    unsafe { out.set_len(b * per) };
+    out
 }
 
 /// Spare batch-sized buffers for state that lives inside an op between its forward and backward pass

@@ -32,7 +32,7 @@ pub(crate) struct PoolGeom {
 impl PoolGeom {
     /// Clipped kernel range `[lo, hi)` along one axis for output index `o`.
     #[inline]
-    fn window(o: usize, s: usize, pad: usize, k: usize, len: usize) -> (usize, usize) {
+    pub(crate) fn window(o: usize, s: usize, pad: usize, k: usize, len: usize) -> (usize, usize) {
         let start = o * s;
         let lo = pad.saturating_sub(start);
         let hi = k.min(len + pad - start.min(len + pad));
@@ -60,6 +60,10 @@ impl PoolGeom {
         let (k, s, w) = (self.k, self.stride, self.w);
         if k == 2 && s == 2 && self.pt == 0 && self.pl == 0 {
             pool2x2(w, self.oh, self.ow, x, out, arg);
+            return;
+        }
+        if k == 2 && s == 1 && self.pt == 0 && self.pl == 0 && self.oh < self.h && self.ow < w {
+            pool2x2_s1(w, self.oh, self.ow, x, out, arg);
             return;
         }
         for oy in 0..self.oh {
@@ -90,6 +94,67 @@ impl PoolGeom {
     }
 }
 
+impl PoolGeom {
+    /// Inference: `out [oh, ow]` = the window maxima of the plane `x` (`h` rows `rs` apart), no argmax.
+    pub(crate) fn plane_max(&self, x: &[f32], rs: usize, out: &mut [f32]) {
+        pool_max(self, x, rs, out)
+    }
+}
+
+multiversion! {
+    /// See [`PoolGeom::plane_max`]; windows entirely in the padding give `-inf`.
+    fn pool_max(g: &PoolGeom, x: &[f32], rs: usize, out: &mut [f32]) {
+        let (k, s, ow) = (g.k, g.stride, g.ow);
+        let max = |a: f32, b: f32| if b > a { b } else { a };
+        if k == 2 && s == 2 && g.pt == 0 && g.pl == 0 {
+            for (oy, orow) in out.chunks_exact_mut(ow).take(g.oh).enumerate() {
+                let top = &x[2 * oy * rs..][..2 * ow];
+                let bot = &x[(2 * oy + 1) * rs..][..2 * ow];
+                for ((o, t), b) in orow.iter_mut().zip(top.chunks_exact(2)).zip(bot.chunks_exact(2)) {
+                    *o = max(max(t[0], t[1]), max(b[0], b[1]));
+                }
+            }
+            return;
+        }
+        if s == 1 {
+            // Row by row: the max of k*k shifted runs of the input rows (each a contiguous slice).
+            for (oy, orow) in out.chunks_exact_mut(ow).take(g.oh).enumerate() {
+                orow.fill(f32::NEG_INFINITY);
+                for ky in 0..k {
+                    let Some(iy) = super::tap_row(g.h, g.pt, 1, oy, ky) else {
+                        continue;
+                    };
+                    let row = &x[iy * rs..iy * rs + g.w];
+                    for kx in 0..k {
+                        let (lo, hi) = super::tap_cols(g.w, g.pl, 1, ow, kx);
+                        if lo < hi {
+                            let src = &row[lo + kx - g.pl..hi + kx - g.pl];
+                            for (o, &v) in orow[lo..hi].iter_mut().zip(src) {
+                                *o = max(*o, v);
+                            }
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        for (oy, orow) in out.chunks_exact_mut(ow).take(g.oh).enumerate() {
+            let (ky0, ky1) = PoolGeom::window(oy, s, g.pt, k, g.h);
+            for (ox, o) in orow.iter_mut().enumerate() {
+                let (kx0, kx1) = PoolGeom::window(ox, s, g.pl, k, g.w);
+                let mut best = f32::NEG_INFINITY;
+                for ky in ky0..ky1 {
+                    let row = &x[(oy * s + ky - g.pt) * rs..];
+                    for kx in kx0..kx1 {
+                        best = max(best, row[ox * s + kx - g.pl]);
+                    }
+                }
+                *o = best;
+            }
+        }
+    }
+}
+
 multiversion! {
     /// The common 2x2 / stride-2 pool of one plane, branch-free: pairwise maxima, the earlier
     /// candidate wins ties (the first maximum in row-major window order).
@@ -108,6 +173,32 @@ multiversion! {
             {
                 let i = (r0 + 2 * ox) as u32;
                 let j = (r1 + 2 * ox) as u32;
+                let (v1, i1) = if t[1] > t[0] { (t[1], i + 1) } else { (t[0], i) };
+                let (v2, i2) = if b[1] > b[0] { (b[1], j + 1) } else { (b[0], j) };
+                (*o, *a) = if v2 > v1 { (v2, i2) } else { (v1, i1) };
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The 2x2 / stride-1 pool of one plane whose windows all lie inside it, with the tie rule of
+    /// [`pool2x2`].
+    fn pool2x2_s1(w: usize, oh: usize, ow: usize, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
+        for oy in 0..oh {
+            let r0 = oy * w;
+            let r1 = r0 + w;
+            let (top, bot) = (&x[r0..r0 + ow + 1], &x[r1..r1 + ow + 1]);
+            let orow = &mut out[oy * ow..(oy + 1) * ow];
+            let arow = &mut arg[oy * ow..(oy + 1) * ow];
+            for (ox, ((t, b), (o, a))) in top
+                .windows(2)
+                .zip(bot.windows(2))
+                .zip(orow.iter_mut().zip(arow.iter_mut()))
+                .enumerate()
+            {
+                let i = (r0 + ox) as u32;
+                let j = (r1 + ox) as u32;
                 let (v1, i1) = if t[1] > t[0] { (t[1], i + 1) } else { (t[0], i) };
                 let (v2, i2) = if b[1] > b[0] { (b[1], j + 1) } else { (b[0], j) };
                 (*o, *a) = if v2 > v1 { (v2, i2) } else { (v1, i1) };
@@ -292,6 +383,8 @@ mod tests {
         check([2, 2, 13, 13], 2, 1, (0, 0, 0, 0));
         check([3, 4, 10, 7], 3, 2, (1, 1, 1, 1));
         check([2, 1, 5, 6], 3, 3, (0, 0, 0, 0));
+        check([2, 3, 7, 10], 2, 1, (0, 0, 0, 0));
+        check([1, 2, 9, 4], 3, 1, (1, 1, 1, 1));
     }
 
     #[test]
@@ -310,6 +403,21 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(dx, vec![1.0, 0.0, 0.0, 0.0]);
+        // Stride 1: every window's gradient goes to its top-left element.
+        let x = Var::from_tensor(
+            &Tensor::ones((1, 1, 3, 3), DType::F32, &candle_core::Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let y = max_pool2d(&x, 2, 1, (0, 0, 0, 0)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let dx = g
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(dx, vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
     }
 
     #[test]
