@@ -20,14 +20,19 @@ import statistics
 import subprocess
 import sys
 
-TUNE_SEEDS = [101, 102]
+TUNE_SEEDS = [101, 102, 103]
 FINAL_SEEDS = [1, 2, 3, 4, 5]
-# Candidate recipes (flags on top of the improved variant's defaults). The first is the current default.
+# Candidate recipes (flags on top of the improved variant's defaults). The first is the baseline.
 CANDIDATES = {
-    "default": [],  # one-cycle peak 1e-2; rotation 10 deg, shift 2 px, scale 0.9-1.1
+    "default": [],  # one-cycle peak 1e-2, batch 64; rotation 10 deg, shift 2 px, scale 0.9-1.1
     "light-aug": ["--rotate", "6", "--shift", "1.5", "--scale", "0.08"],
-    "light-aug-lr2e-2": ["--rotate", "6", "--shift", "1.5", "--scale", "0.08", "--lr", "0.02"],
+    "no-aug": ["--no-augment"],
+    "clean-last-epoch": ["--clean-epochs", "1"],
+    "batch-32": ["--batch-size", "32"],
 }
+# A candidate replaces the baseline only if its mean validation accuracy is higher by more than this
+# (6,000 validation images: one image is 0.017 points; seed-to-seed spread is ~0.06 points).
+MARGIN = 0.0005
 
 
 def run(cmd, log):
@@ -85,6 +90,8 @@ def main():
                         print(f"missing {p}", file=sys.stderr)
                 scores[name] = {"val_accuracy": vals, "mean": statistics.mean(vals) if vals else 0.0}
             best = max(scores, key=lambda n: scores[n]["mean"])
+            if scores[best]["mean"] - scores["default"]["mean"] <= MARGIN:
+                best = "default"
             tuning["solutions"][s] = {"scores": scores, "chosen": best}
             print(f"{s}: " + ", ".join(f"{n} {v['mean']:.4f}" for n, v in scores.items()) + f" -> {best}", flush=True)
             for seed in FINAL_SEEDS:

@@ -126,7 +126,7 @@ struct TrainArgs {
     /// Augmentation: random scale in [1 - F, 1 + F] (turns augmentation on) [improved recipe: 0.1].
     #[arg(long, value_name = "F", conflicts_with = "no_augment")]
     scale: Option<f32>,
-    /// Train the last N epochs without augmentation [improved recipe: 1 for separable, 0 otherwise].
+    /// Train the last N epochs without augmentation [improved recipe: 1 for separable and inception, 0 for conv].
     #[arg(long, value_name = "N")]
     clean_epochs: Option<usize>,
     /// Seed of every random draw (weights, dropout, shuffles, augmentation).
