@@ -384,3 +384,52 @@ fn diverging_loss_stops_with_epoch_and_batch() {
     assert!(!dir.join("checkpoint.safetensors").exists());
     assert!(!dir.join("model.safetensors").exists());
 }
+
+#[test]
+fn output_folder_holding_another_run_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let args = |epochs: &str, extra: &[&str]| common::train_args("seed", epochs, "64", &dir, extra);
+    let first = common::run_owned("solution-conv", &args("1", &[]));
+    assert!(first.status.success(), "{first:?}");
+    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+
+    // The same settings again: allowed (training is deterministic), the same weights come out.
+    let again = common::run_owned("solution-conv", &args("1", &[]));
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        weights
+    );
+
+    // Other settings: refused, nothing touched.
+    let other = common::run_owned("solution-conv", &args("2", &[]));
+    fails(
+        &other,
+        1,
+        &["holds a run with other settings", "--overwrite", "--resume"],
+    );
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        weights
+    );
+
+    // An unfinished run (checkpoint, no results): refused, the checkpoint kept for --resume.
+    std::fs::remove_file(dir.join("results.json")).unwrap();
+    let checkpoint = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
+    let unfinished = common::run_owned("solution-conv", &args("1", &[]));
+    fails(
+        &unfinished,
+        1,
+        &["holds an unfinished run", "train --resume"],
+    );
+    assert_eq!(
+        std::fs::read(dir.join("checkpoint.safetensors")).unwrap(),
+        checkpoint
+    );
+
+    // --overwrite starts again there.
+    let forced = common::run_owned("solution-conv", &args("2", &["--overwrite"]));
+    assert!(forced.status.success(), "{forced:?}");
+    assert!(dir.join("results.json").exists());
+}

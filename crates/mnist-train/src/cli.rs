@@ -15,7 +15,7 @@ use mnist_optim::ScheduleConfig;
 use crate::{
     default_run_dir, evaluate, load_checkpoint, load_weights, read_json, run_training_with,
     Checkpoint, Interrupt, LogReporter, ProgressReporter, Reporter, RunOptions, TrainConfig,
-    TrainError, CONFIG_FILE, INTERRUPTED_EXIT_CODE,
+    TrainError, CHECKPOINT_FILE, CONFIG_FILE, INTERRUPTED_EXIT_CODE, RESULTS_FILE,
 };
 
 #[derive(Parser, Debug)]
@@ -144,6 +144,9 @@ struct TrainArgs {
     /// No progress bar; one log line per epoch.
     #[arg(long)]
     quiet: bool,
+    /// Train into --out even if it holds an unfinished run or a run with other settings (they are lost).
+    #[arg(long)]
+    overwrite: bool,
     /// Continue the run in DIR from its last complete epoch (its config.json gives every setting;
     /// only --epochs may change, to extend the run).
     #[arg(
@@ -151,7 +154,7 @@ struct TrainArgs {
         value_name = "DIR",
         conflicts_with_all = [
             "variant", "batch_size", "lr", "schedule", "plateau_factor", "augment", "no_augment",
-            "rotate", "shift", "scale", "clean_epochs", "seed", "out", "limit_train", "kernels", "dataset",
+            "rotate", "shift", "scale", "clean_epochs", "seed", "overwrite", "out", "limit_train", "kernels", "dataset",
         ]
     )]
     resume: Option<PathBuf>,
@@ -340,6 +343,9 @@ fn train(solution: Solution, args: TrainArgs) -> Result<()> {
             let cfg = train_config(solution, &args);
             cfg.validate()?;
             let out = args.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
+            if !args.overwrite {
+                check_out_dir(&out, &cfg)?;
+            }
             (cfg, out, None)
         }
     };
@@ -393,6 +399,45 @@ fn train(solution: Solution, args: TrainArgs) -> Result<()> {
         mean_epoch,
         out.display()
     );
+    Ok(())
+}
+
+/// Refuses to start a new run in a folder whose run would be lost: an unfinished run (a checkpoint but no
+/// results; it can be resumed) or a run with other settings. Re-running a finished run with the same
+/// settings is allowed: training is deterministic, so it gives the same run again.
+fn check_out_dir(out: &Path, cfg: &TrainConfig) -> Result<()> {
+    let (checkpoint, results) = (out.join(CHECKPOINT_FILE), out.join(RESULTS_FILE));
+    if checkpoint.exists() && !results.exists() {
+        bail!(
+            "{} holds an unfinished run ({} without {RESULTS_FILE}): continue it with `train --resume {}`, \
+             or pass --overwrite to start again there, or choose another --out",
+            out.display(),
+            checkpoint.display(),
+            out.display()
+        );
+    }
+    let config_path = out.join(CONFIG_FILE);
+    if config_path.exists() {
+        let same = std::fs::read_to_string(&config_path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            // Through text on both sides, so f32 fields compare as written.
+            .zip(
+                serde_json::to_string(cfg)
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok()),
+            )
+            .is_some_and(|(old, new)| old == new);
+        if !same {
+            bail!(
+                "{} holds a run with other settings ({}): choose another --out, pass --overwrite to replace \
+                 it, or train it longer with `train --resume {} --epochs N`",
+                out.display(),
+                config_path.display(),
+                out.display()
+            );
+        }
+    }
     Ok(())
 }
 
