@@ -29,7 +29,13 @@ done | xargs -P "$jobs" -L 1 sh -c '
   dir="$0/$2-$3-seed$4"
   if [ -f "$dir/results.json" ]; then exit 0; fi
   mkdir -p "$dir"
-  if "$1/solution-$2" train --variant "$3" --seed "$4" --quiet --out "$dir" >"$dir/stdout.log" 2>"$dir/train.log"; then
+  # A run cut short earlier continues from its last checkpoint.
+  if [ -f "$dir/checkpoint.safetensors" ]; then
+    "$1/solution-$2" train --resume "$dir" --quiet >"$dir/stdout.log" 2>>"$dir/train.log"
+  else
+    "$1/solution-$2" train --variant "$3" --seed "$4" --quiet --out "$dir" >"$dir/stdout.log" 2>"$dir/train.log"
+  fi
+  if [ $? -eq 0 ]; then
     tail -n 1 "$dir/stdout.log"
   else
     echo "FAILED: $2 $3 seed $4 (see $dir/train.log)"
