@@ -83,25 +83,19 @@ impl<'a> Builder<'a> {
             }),
         };
         let (vc, vn) = (vb.pp("conv"), vb.pp("bn"));
-        let stage = match (kind, pool) {
-            (ConvKind::Plain, false) => Stage::train(
+        let label = match (kind, pool) {
+            (ConvKind::Plain, false) => "Conv2D+BN",
+            (ConvKind::Plain, true) => "Conv2D+BN+MaxPool",
+            (ConvKind::Separable, false) => "SeparableConv2D+BN",
+            (ConvKind::Separable, true) => "SeparableConv2D+BN+MaxPool",
+        };
+        let stage = match kind {
+            ConvKind::Plain => {
+                Stage::train(&name, label, conv_bn_pool(c_in, c_out, k, cfg, vc, vn)?)
+            }
+            ConvKind::Separable => Stage::train(
                 &name,
-                "Conv2D+BN",
-                conv_bn_pool(c_in, c_out, k, cfg, vc, vn)?,
-            ),
-            (ConvKind::Plain, true) => Stage::train(
-                &name,
-                "Conv2D+BN+MaxPool",
-                conv_bn_pool(c_in, c_out, k, cfg, vc, vn)?,
-            ),
-            (ConvKind::Separable, false) => Stage::train(
-                &name,
-                "SeparableConv2D+BN",
-                separable_bn_pool(c_in, c_out, k, cfg, vc, vn)?,
-            ),
-            (ConvKind::Separable, true) => Stage::train(
-                &name,
-                "SeparableConv2D+BN+MaxPool",
+                label,
                 separable_bn_pool(c_in, c_out, k, cfg, vc, vn)?,
             ),
         };

@@ -418,9 +418,8 @@ fn check_out_dir(out: &Path, cfg: &TrainConfig) -> Result<()> {
     }
     let config_path = out.join(CONFIG_FILE);
     if config_path.exists() {
-        let same = std::fs::read_to_string(&config_path)
+        let same = read_json::<serde_json::Value>(&config_path)
             .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
             // Through text on both sides, so f32 fields compare as written.
             .zip(
                 serde_json::to_string(cfg)

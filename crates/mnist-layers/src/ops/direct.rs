@@ -186,18 +186,9 @@ fn tile_in_bounds(dc: &DirectConv, xp: &[f32], out: &[f32]) -> bool {
         && dc.toff.iter().all(|&off| off + dc.nwide <= dc.xp_len)
 }
 
-#[inline(always)]
-fn fmadd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if F {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
 /// One tile: channels `o0..o0+OB`, columns `n0..n0 + NV*L`.
 #[inline(always)]
-fn tile<const L: usize, const OB: usize, const NV: usize, const F: bool>(
+fn tile<const L: usize, const OB: usize, const NV: usize>(
     dc: &DirectConv,
     xp: &[f32],
     epi: &Epilogue,
@@ -230,7 +221,7 @@ fn tile<const L: usize, const OB: usize, const NV: usize, const F: bool>(
             let wj = unsafe { *wptr.add(t * op + o0 + j) };
             for (av, xvv) in accj.iter_mut().zip(&xv) {
                 for (a, &x) in av.iter_mut().zip(xvv) {
-                    *a = fmadd::<F>(x, wj, *a);
+                    *a += x * wj;
                 }
             }
         }
@@ -250,7 +241,7 @@ fn tile<const L: usize, const OB: usize, const NV: usize, const F: bool>(
                     y = if y > 0.0 { y } else { 0.0 };
                 }
                 if epi.affine.is_some() {
-                    y = fmadd::<F>(y, s, sh);
+                    y = y * s + sh;
                 }
                 *d = y;
             }
@@ -260,7 +251,7 @@ fn tile<const L: usize, const OB: usize, const NV: usize, const F: bool>(
 
 /// All tiles of `OB` channels: blocks of `NV` vectors, then one narrower tile for the rest.
 #[inline(always)]
-fn sweep<const L: usize, const OB: usize, const NV: usize, const F: bool>(
+fn sweep<const L: usize, const OB: usize, const NV: usize>(
     dc: &DirectConv,
     xp: &[f32],
     epi: &Epilogue,
@@ -270,19 +261,19 @@ fn sweep<const L: usize, const OB: usize, const NV: usize, const F: bool>(
     for o0 in (0..dc.o_pad).step_by(OB) {
         let mut v0 = 0;
         while v0 + NV <= nv {
-            tile::<L, OB, NV, F>(dc, xp, epi, out, o0, v0 * L);
+            tile::<L, OB, NV>(dc, xp, epi, out, o0, v0 * L);
             v0 += NV;
         }
         let n0 = v0 * L;
         match nv - v0 {
             0 => {}
-            1 => tile::<L, OB, 1, F>(dc, xp, epi, out, o0, n0),
-            2 => tile::<L, OB, 2, F>(dc, xp, epi, out, o0, n0),
-            3 => tile::<L, OB, 3, F>(dc, xp, epi, out, o0, n0),
-            4 => tile::<L, OB, 4, F>(dc, xp, epi, out, o0, n0),
-            5 => tile::<L, OB, 5, F>(dc, xp, epi, out, o0, n0),
-            6 => tile::<L, OB, 6, F>(dc, xp, epi, out, o0, n0),
-            _ => tile::<L, OB, 7, F>(dc, xp, epi, out, o0, n0),
+            1 => tile::<L, OB, 1>(dc, xp, epi, out, o0, n0),
+            2 => tile::<L, OB, 2>(dc, xp, epi, out, o0, n0),
+            3 => tile::<L, OB, 3>(dc, xp, epi, out, o0, n0),
+            4 => tile::<L, OB, 4>(dc, xp, epi, out, o0, n0),
+            5 => tile::<L, OB, 5>(dc, xp, epi, out, o0, n0),
+            6 => tile::<L, OB, 6>(dc, xp, epi, out, o0, n0),
+            _ => tile::<L, OB, 7>(dc, xp, epi, out, o0, n0),
         }
     }
 }
@@ -441,10 +432,10 @@ simd_kernel!(
 
 fn run_generic(dc: &DirectConv, xp: &[f32], epi: &Epilogue, out: &mut [f32]) {
     match dc.ob {
-        5 => sweep::<8, 5, 1, false>(dc, xp, epi, out),
-        4 => sweep::<8, 4, 1, false>(dc, xp, epi, out),
-        2 => sweep::<8, 2, 2, false>(dc, xp, epi, out),
-        _ => sweep::<8, 1, 2, false>(dc, xp, epi, out),
+        5 => sweep::<8, 5, 1>(dc, xp, epi, out),
+        4 => sweep::<8, 4, 1>(dc, xp, epi, out),
+        2 => sweep::<8, 2, 2>(dc, xp, epi, out),
+        _ => sweep::<8, 1, 2>(dc, xp, epi, out),
     }
 }
 

@@ -389,35 +389,27 @@ mod tests {
 
     #[test]
     fn first_max_wins_on_ties() {
-        let x = Var::from_tensor(
-            &Tensor::ones((1, 1, 2, 2), DType::F32, &candle_core::Device::Cpu).unwrap(),
-        )
-        .unwrap();
-        let y = max_pool2d(&x, 2, 2, (0, 0, 0, 0)).unwrap();
-        let g = y.sum_all().unwrap().backward().unwrap();
-        let dx = g
-            .get(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
+        // The gradient of the sum of the max-pool of an all-ones `[1, 1, n, n]` image.
+        let ones_grad = |n: usize, kernel: usize, stride: usize| {
+            let x = Var::from_tensor(
+                &Tensor::ones((1, 1, n, n), DType::F32, &candle_core::Device::Cpu).unwrap(),
+            )
             .unwrap();
-        assert_eq!(dx, vec![1.0, 0.0, 0.0, 0.0]);
+            let y = max_pool2d(&x, kernel, stride, (0, 0, 0, 0)).unwrap();
+            let g = y.sum_all().unwrap().backward().unwrap();
+            g.get(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(ones_grad(2, 2, 2), vec![1.0, 0.0, 0.0, 0.0]);
         // Stride 1: every window's gradient goes to its top-left element.
-        let x = Var::from_tensor(
-            &Tensor::ones((1, 1, 3, 3), DType::F32, &candle_core::Device::Cpu).unwrap(),
-        )
-        .unwrap();
-        let y = max_pool2d(&x, 2, 1, (0, 0, 0, 0)).unwrap();
-        let g = y.sum_all().unwrap().backward().unwrap();
-        let dx = g
-            .get(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(dx, vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(
+            ones_grad(3, 2, 1),
+            vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+        );
     }
 
     #[test]
