@@ -129,6 +129,9 @@ struct TrainArgs {
     /// Train the last N epochs without augmentation [improved recipe: 1 for separable and inception, 0 for conv].
     #[arg(long, value_name = "N")]
     clean_epochs: Option<usize>,
+    /// Label smoothing of the training loss, in [0, 1) [recipe: 0].
+    #[arg(long, value_name = "EPS")]
+    label_smoothing: Option<f64>,
     /// Seed of every random draw (weights, dropout, shuffles, augmentation).
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -154,7 +157,7 @@ struct TrainArgs {
         value_name = "DIR",
         conflicts_with_all = [
             "variant", "batch_size", "lr", "schedule", "plateau_factor", "augment", "no_augment",
-            "rotate", "shift", "scale", "clean_epochs", "seed", "overwrite", "out", "limit_train", "kernels", "dataset",
+            "rotate", "shift", "scale", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset",
         ]
     )]
     resume: Option<PathBuf>,
@@ -313,6 +316,9 @@ fn train_config(solution: Solution, args: &TrainArgs) -> TrainConfig {
     }
     if let Some(n) = args.clean_epochs {
         cfg.clean_epochs = n;
+    }
+    if let Some(eps) = args.label_smoothing {
+        cfg.label_smoothing = eps;
     }
     if args.no_augment {
         cfg.augment = None;

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use crate::loss::smoothed_cross_entropy;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::loss::cross_entropy;
 use mnist_data::{batches, epoch_rng, to_tensor, BatcherConfig, Mnist, Split};
@@ -272,7 +273,7 @@ pub fn fit_with(
             let batch = batch?;
             opt.set_lr(scheduler.lr_at(epoch0, step));
             let logits = trained.net.forward_t(&batch.images, true)?;
-            let loss = cross_entropy(&logits, &batch.labels)?;
+            let loss = smoothed_cross_entropy(&logits, &batch.labels, cfg.label_smoothing)?;
             let loss_value = loss.to_scalar::<f32>()? as f64;
             if !loss_value.is_finite() {
                 return Err(TrainError::NonFinite {
@@ -389,6 +390,34 @@ mod tests {
         let mut too_many = cfg(2);
         too_many.clean_epochs = 3;
         assert!(too_many.validate().is_err());
+    }
+
+    #[test]
+    fn label_smoothing_changes_training_and_is_validated() {
+        let data = tiny_data(48);
+        let device = Device::Cpu;
+        let run = |cfg: &TrainConfig| {
+            let t = Trained::init(cfg, &device).unwrap();
+            let history = fit(cfg, &t, &data, &device, &mut LogReporter::default()).unwrap();
+            (weights(&t), history)
+        };
+        let plain = cfg(1);
+        let mut smooth = cfg(1);
+        smooth.label_smoothing = 0.1;
+        let (w_plain, h_plain) = run(&plain);
+        let (w_smooth, h_smooth) = run(&smooth);
+        assert_ne!(w_plain, w_smooth, "the smoothed loss has other gradients");
+        // The reported training loss is the smoothed one (it cannot fall to 0); validation stays plain
+        // cross-entropy, computed the same way for both.
+        assert!(h_smooth[0].loss.is_finite() && h_plain[0].loss.is_finite());
+        for bad in [-0.1, 1.0, 1.5, f64::NAN] {
+            let mut c = cfg(1);
+            c.label_smoothing = bad;
+            assert!(
+                c.validate().is_err(),
+                "label smoothing {bad} must be rejected"
+            );
+        }
     }
 
     #[test]

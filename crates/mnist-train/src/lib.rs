@@ -8,6 +8,7 @@ pub mod compare;
 mod config;
 mod fit;
 mod interrupt;
+pub mod loss;
 mod outputs;
 pub mod plots;
 pub mod predict;
