@@ -40,7 +40,13 @@ fn train_then_evaluate_round_trips() {
     let data = mnist_dir();
     let out = run_owned(
         "solution-conv",
-        &train_args("seed", "1", "2000", &run_dir, &[]),
+        &train_args(
+            "seed",
+            "1",
+            "2000",
+            &run_dir,
+            &["--label-smoothing", "0.05"],
+        ),
     );
     assert!(
         out.status.success(),
@@ -49,6 +55,10 @@ fn train_then_evaluate_round_trips() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("test accuracy"), "{stdout}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["label_smoothing"].as_f64(), Some(0.05), "{config}");
 
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap())
@@ -130,6 +140,8 @@ fn bad_input_gives_one_clear_line_and_a_non_zero_exit() {
         ("--batch-size", "0"),
         ("--lr", "-1"),
         ("--lr", "nan"),
+        ("--label-smoothing", "1"),
+        ("--label-smoothing", "-0.1"),
     ] {
         let out = run("solution-conv", &[flag, value]);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}");

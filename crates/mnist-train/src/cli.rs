@@ -55,6 +55,14 @@ fn positive_f64(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+fn smoothing_f64(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("must be at least 0 and below 1, got {v}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
 fn positive_usize(s: &str) -> std::result::Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_string()),
@@ -130,7 +138,7 @@ struct TrainArgs {
     #[arg(long, value_name = "N")]
     clean_epochs: Option<usize>,
     /// Label smoothing of the training loss, in [0, 1) [recipe: 0].
-    #[arg(long, value_name = "EPS")]
+    #[arg(long, value_name = "EPS", allow_negative_numbers = true, value_parser = smoothing_f64)]
     label_smoothing: Option<f64>,
     /// Seed of every random draw (weights, dropout, shuffles, augmentation).
     #[arg(long, default_value_t = 42)]
