@@ -1,5 +1,6 @@
 //! Depthwise 2-D convolution (one `k x k` filter per channel, multiplier 1): direct loops, parallel over
-//! (image, channel) planes.
+//! (image, channel) planes. Stride 1 (forward and input gradient) runs on a zero-padded copy of each plane
+//! with register accumulators ([`sum_taps`]), summing in the same order as the general loop.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -35,25 +36,107 @@ impl DwGeom {
         super::tap_row(self.h, self.pt, self.stride, oy, ky)
     }
 
-    /// Length of the de-interleaved plane a strided forward pass needs (0 for stride 1).
-    fn split_len(&self) -> usize {
+    /// Scratch a forward pass needs per plane: the zero-padded plane for stride 1 (see [`Padded`]), the
+    /// de-interleaved plane for larger strides.
+    fn fwd_scratch_len(&self) -> usize {
         if self.stride == 1 {
-            0
+            Padded::new(self.oh, self.ow, self.k).len()
         } else {
             self.stride * self.h * self.w.div_ceil(self.stride)
         }
     }
 
     /// `out [oh, ow] = conv(x [h, w], f [k, k])` for one plane; `xd` is scratch of
-    /// [`Self::split_len`] floats.
-    fn plane_fwd(&self, x: &[f32], f: &[f32], out: &mut [f32], xd: &mut [f32]) {
-        dw_plane_fwd(self, x, f, out, xd)
+    /// [`Self::fwd_scratch_len`] floats.
+    /// `taps`: this channel's part of [`Self::fwd_taps`] (used for stride 1 only).
+    fn plane_fwd(
+        &self,
+        x: &[f32],
+        f: &[f32],
+        taps: &[(usize, f32)],
+        out: &mut [f32],
+        xd: &mut [f32],
+    ) {
+        if self.stride != 1 {
+            return dw_plane_fwd(self, x, f, out, xd);
+        }
+        let pad = Padded::new(self.oh, self.ow, self.k);
+        pad.fill(x, self.h, self.w, self.pt as isize, self.pl as isize, xd);
+        sum_taps(xd, pad.wp, taps, self.oh, self.ow, out);
+    }
+
+    /// The stride-1 forward taps `(offset in the padded plane, weight)` of every channel (`k * k` per
+    /// channel; empty for other strides), built once per call so the planes allocate nothing. They run
+    /// in the order of the general loop (kx outer, ky inner), so both sum every output in the same
+    /// order: the results are bit-identical.
+    fn fwd_taps(&self, f: &[f32]) -> Vec<(usize, f32)> {
+        if self.stride != 1 {
+            return Vec::new();
+        }
+        let (k, wp) = (self.k, Padded::new(self.oh, self.ow, self.k).wp);
+        f.chunks_exact(k * k)
+            .flat_map(|fc| {
+                (0..k).flat_map(move |kx| (0..k).map(move |ky| (ky * wp + kx, fc[ky * k + kx])))
+            })
+            .collect()
+    }
+
+    /// The stride-1 `dx` taps of every channel (see [`Self::plane_dx_s1`]; empty for other strides).
+    fn dx_taps(&self, f: &[f32]) -> Vec<(usize, f32)> {
+        if self.stride != 1 {
+            return Vec::new();
+        }
+        let (k, wp) = (self.k, Padded::new(self.h, self.w, self.k).wp);
+        f.chunks_exact(k * k)
+            .flat_map(|fc| {
+                (0..k).flat_map(move |ky| {
+                    (0..k).map(move |kx| ((k - 1 - ky) * wp + (k - 1 - kx), fc[ky * k + kx]))
+                })
+            })
+            .collect()
+    }
+
+    /// Scratch [`Self::plane_bwd`] needs per plane (the zero-padded gradient, stride 1 only).
+    fn bwd_scratch_len(&self) -> usize {
+        if self.stride == 1 {
+            Padded::new(self.h, self.w, self.k).len()
+        } else {
+            0
+        }
+    }
+
+    /// Stride 1: `dx [h, w] = conv^T(g, f)` as a convolution of the zero-padded gradient, taps in the
+    /// order of the general loop in [`Self::plane_bwd`] (ky outer, kx inner; bit-identical sums).
+    /// `taps`: this channel's part of [`Self::dx_taps`].
+    fn plane_dx_s1(&self, taps: &[(usize, f32)], g: &[f32], dx: &mut [f32], gp: &mut [f32]) {
+        let k = self.k as isize;
+        let pad = Padded::new(self.h, self.w, self.k);
+        // gp[r][c] = g[r - (k-1-pt)][c - (k-1-pl)]
+        let (top, left) = (k - 1 - self.pt as isize, k - 1 - self.pl as isize);
+        pad.fill(g, self.oh, self.ow, top, left, gp);
+        sum_taps(gp, pad.wp, taps, self.h, self.w, dx);
     }
 
     /// For one plane: `dx [h, w] = conv^T(g, f)` (if wanted) and `df [k, k] = sum g * x`.
-    fn plane_bwd(&self, x: &[f32], f: &[f32], g: &[f32], dx: Option<&mut [f32]>, df: &mut [f32]) {
+    /// `gp`: scratch of [`Self::bwd_scratch_len`] floats.
+    #[allow(clippy::too_many_arguments)]
+    fn plane_bwd(
+        &self,
+        x: &[f32],
+        f: &[f32],
+        dx_taps: &[(usize, f32)],
+        g: &[f32],
+        dx: Option<&mut [f32]>,
+        df: &mut [f32],
+        gp: &mut [f32],
+    ) {
         let (k, s, w, ow) = (self.k, self.stride, self.w, self.ow);
         let mut dx = dx;
+        if s == 1 {
+            if let Some(d) = dx.take() {
+                self.plane_dx_s1(dx_taps, g, d, gp);
+            }
+        }
         if let Some(d) = dx.as_deref_mut() {
             d.fill(0.0);
         }
@@ -169,6 +252,107 @@ multiversion! {
     }
 }
 
+/// A zero-padded copy of a plane laid out so that a stride-1 `k x k` convolution producing `[oh, ow]`
+/// reads every tap as one contiguous run of `chunk(ow)` values with no bounds to check: `oh + k - 1`
+/// rows of `wp = ceil(ow / chunk) * chunk + k - 1` values.
+#[derive(Debug, Clone, Copy)]
+struct Padded {
+    rows: usize,
+    wp: usize,
+}
+
+impl Padded {
+    fn new(oh: usize, ow: usize, k: usize) -> Self {
+        Self {
+            rows: oh + k - 1,
+            wp: ow.div_ceil(chunk(ow)) * chunk(ow) + k - 1,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows * self.wp
+    }
+
+    /// `dst[r][c] = src[r - top][c - left]` where that lies inside `src [h, w]`, zero elsewhere.
+    /// Only the zero border is written besides the copied values, and rows are copied in blocks of 8
+    /// (a `memcpy` call per short row costs as much as the convolution).
+    fn fill(&self, src: &[f32], h: usize, w: usize, top: isize, left: isize, dst: &mut [f32]) {
+        let c0 = (left.max(0) as usize).min(self.wp);
+        let c1 = (left + w as isize).clamp(c0 as isize, self.wp as isize) as usize;
+        let s0 = (c0 as isize - left) as usize;
+        for (r, row) in dst.chunks_exact_mut(self.wp).take(self.rows).enumerate() {
+            let sr = r as isize - top;
+            if sr < 0 || sr >= h as isize || c0 == c1 {
+                row.fill(0.0);
+                continue;
+            }
+            let (head, rest) = row.split_at_mut(c0);
+            let (mid, tail) = rest.split_at_mut(c1 - c0);
+            head.fill(0.0);
+            tail.fill(0.0);
+            let srow = &src[sr as usize * w + s0..][..c1 - c0];
+            let (mut d8, mut s8) = (mid.chunks_exact_mut(8), srow.chunks_exact(8));
+            for (d, s) in d8.by_ref().zip(s8.by_ref()) {
+                let s: &[f32; 8] = s.try_into().unwrap_or(&[0.0; 8]);
+                d.copy_from_slice(s);
+            }
+            for (d, &s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
+                *d = s;
+            }
+        }
+    }
+}
+
+/// Columns one [`sum_taps`] accumulator covers for output rows `ow` wide.
+fn chunk(ow: usize) -> usize {
+    match ow {
+        0..=8 => 8,
+        9..=16 => 16,
+        _ => 32,
+    }
+}
+
+multiversion! {
+    /// `out[oy][x] = sum over taps (off, w), in order, of w * src[oy * wp + x + off]` for an `[oh, ow]`
+    /// output, from a [`Padded`] source: the accumulators of `chunk(ow)` columns stay in registers.
+    fn sum_taps(src: &[f32], wp: usize, taps: &[(usize, f32)], oh: usize, ow: usize, out: &mut [f32]) {
+        match chunk(ow) {
+            8 => sum_taps_c::<8>(src, wp, taps, oh, ow, out),
+            16 => sum_taps_c::<16>(src, wp, taps, oh, ow, out),
+            _ => sum_taps_c::<32>(src, wp, taps, oh, ow, out),
+        }
+    }
+}
+
+#[inline(always)]
+fn sum_taps_c<const C: usize>(
+    src: &[f32],
+    wp: usize,
+    taps: &[(usize, f32)],
+    oh: usize,
+    ow: usize,
+    out: &mut [f32],
+) {
+    for (oy, orow) in out.chunks_exact_mut(ow).take(oh).enumerate() {
+        let base = oy * wp;
+        for (ci, ochunk) in orow.chunks_mut(C).enumerate() {
+            let start = base + ci * C;
+            let mut acc = [0f32; C];
+            for &(off, w) in taps {
+                let Some(run) = src.get(start + off..start + off + C) else {
+                    // Unreachable: `Padded` sizes the source for every tap of every chunk.
+                    debug_assert!(false, "sum_taps: source too short");
+                    return;
+                };
+                for (a, &v) in acc.iter_mut().zip(run) {
+                    *a += w * v;
+                }
+            }
+            ochunk.copy_from_slice(&acc[..ochunk.len()]);
+        }
+    }
+}
+
 struct DepthwiseOp {
     g: DwGeom,
 }
@@ -190,15 +374,18 @@ impl CustomOp2 for DepthwiseOp {
         let g = self.g;
         let (hw, ohw, kk) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
         let mut out = vec![0f32; g.b * g.c * ohw];
+        let taps = g.fwd_taps(f);
+        let tk = if g.stride == 1 { kk } else { 0 };
         out.par_chunks_mut(ohw)
             .enumerate()
             .with_min_len(4)
             .for_each(|(p, dst)| {
                 let ch = p % g.c;
-                with_scratch([g.split_len()], |[xd]| {
+                with_scratch([g.fwd_scratch_len()], |[xd]| {
                     g.plane_fwd(
                         &x[p * hw..(p + 1) * hw],
                         &f[ch * kk..(ch + 1) * kk],
+                        &taps[ch * tk..(ch + 1) * tk],
                         dst,
                         xd,
                     )
@@ -224,19 +411,25 @@ impl CustomOp2 for DepthwiseOp {
         let mut pdf = vec![0f32; planes * kk];
         let mut dx = vec![0f32; if need_dx { planes * hw } else { planes }];
         let dx_chunk = if need_dx { hw } else { 1 };
+        let taps = if need_dx { g.dx_taps(fs) } else { Vec::new() };
+        let tk = if taps.is_empty() { 0 } else { kk };
         pdf.par_chunks_mut(kk)
             .zip(dx.par_chunks_mut(dx_chunk))
             .enumerate()
             .with_min_len(4)
             .for_each(|(p, (df, dxp))| {
                 let ch = p % g.c;
-                g.plane_bwd(
-                    &xs[p * hw..(p + 1) * hw],
-                    &fs[ch * kk..(ch + 1) * kk],
-                    &dys[p * ohw..(p + 1) * ohw],
-                    need_dx.then_some(dxp),
-                    df,
-                );
+                with_scratch([g.bwd_scratch_len()], |[gp]| {
+                    g.plane_bwd(
+                        &xs[p * hw..(p + 1) * hw],
+                        &fs[ch * kk..(ch + 1) * kk],
+                        &taps[ch * tk..(ch + 1) * tk],
+                        &dys[p * ohw..(p + 1) * ohw],
+                        need_dx.then_some(dxp),
+                        df,
+                        gp,
+                    )
+                });
             });
         let mut df = vec![0f32; g.c * kk];
         for img in pdf.chunks_exact(g.c * kk) {
@@ -332,5 +525,47 @@ mod tests {
         check(2, 3, 10, 11, 3, 2, (0, 1, 0, 1));
         check(2, 2, 11, 10, 3, 3, (1, 1, 1, 1));
         check(1, 2, 7, 9, 5, 2, (2, 2, 2, 2));
+        // Stride 1 runs on zero-padded planes in chunks of 8, 16 or 32 columns: every chunk size, rows
+        // wider than one chunk, asymmetric padding, padding wider than the kernel, 1x1 and 5x5.
+        check(2, 3, 7, 7, 3, 1, (0, 1, 1, 0));
+        check(1, 2, 14, 14, 3, 1, (1, 1, 1, 1));
+        check(1, 2, 33, 40, 3, 1, (1, 1, 1, 1));
+        check(2, 2, 6, 5, 1, 1, (0, 0, 0, 0));
+        check(1, 1, 8, 8, 3, 1, (3, 2, 2, 3));
+        check(1, 2, 5, 17, 5, 1, (2, 1, 0, 3));
+    }
+
+    /// The stride-1 path sums every output in the same order as the general loop: bit-identical.
+    #[test]
+    fn stride_one_forward_is_bit_identical_to_the_general_loop() {
+        for (h, w, k, pad) in [
+            (28, 28, 3, (1, 1, 1, 1)),
+            (14, 14, 3, (1, 1, 1, 1)),
+            (7, 7, 3, (1, 1, 1, 1)),
+            (9, 40, 5, (2, 1, 0, 3)),
+        ] {
+            let (pt, pl, pb, pr) = pad;
+            let g = DwGeom {
+                b: 1,
+                c: 1,
+                h,
+                w,
+                k,
+                stride: 1,
+                pt,
+                pl,
+                oh: h + pt + pb - k + 1,
+                ow: w + pl + pr - k + 1,
+            };
+            let x = rand_t(&[h * w], 21).to_vec1::<f32>().unwrap();
+            let f = rand_t(&[k * k], 22).to_vec1::<f32>().unwrap();
+            let mut fast = vec![f32::NAN; g.oh * g.ow];
+            let mut xp = vec![f32::NAN; g.fwd_scratch_len()];
+            g.plane_fwd(&x, &f, &g.fwd_taps(&f), &mut fast, &mut xp);
+            let mut general = vec![0f32; g.oh * g.ow];
+            dw_plane_fwd(&g, &x, &f, &mut general, &mut []);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&general), "{h}x{w} k{k} {pad:?}");
+        }
     }
 }
