@@ -45,7 +45,7 @@ fn train_then_evaluate_round_trips() {
             "1",
             "2000",
             &run_dir,
-            &["--label-smoothing", "0.05"],
+            &["--label-smoothing", "0.05", "--interpolation", "nearest"],
         ),
     );
     assert!(
@@ -59,6 +59,9 @@ fn train_then_evaluate_round_trips() {
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json")).unwrap())
             .unwrap();
     assert_eq!(config["label_smoothing"].as_f64(), Some(0.05), "{config}");
+    // --interpolation turns augmentation on (with the improved recipe's ranges).
+    assert_eq!(config["augment"]["interpolation"], "nearest", "{config}");
+    assert_eq!(config["augment"]["max_rotation_deg"], 10.0, "{config}");
 
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap())
@@ -142,6 +145,7 @@ fn bad_input_gives_one_clear_line_and_a_non_zero_exit() {
         ("--lr", "nan"),
         ("--label-smoothing", "1"),
         ("--label-smoothing", "-0.1"),
+        ("--interpolation", "cubic"),
     ] {
         let out = run("solution-conv", &[flag, value]);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}");

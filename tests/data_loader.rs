@@ -82,6 +82,7 @@ fn real_mnist_augmented_epoch_is_fast_and_complete() {
             max_rotation_deg: 10.0,
             max_shift_px: 2.0,
             scale_range: (0.9, 1.1),
+            ..Default::default()
         }),
         drop_last: false,
     };

@@ -1,5 +1,6 @@
 //! Random affine augmentation of 28x28 images: rotation, scale and shift about the image centre, applied
-//! as one inverse map with bilinear sampling (zero outside the image), written straight to `f32 / 255`.
+//! as one inverse map with bilinear or nearest-neighbour sampling (zero outside the image), written
+//! straight to `f32 / 255`.
 
 use rand::Rng;
 
@@ -16,6 +17,31 @@ pub struct AugmentConfig {
     pub max_shift_px: f32,
     /// Zoom factor is uniform in `[scale_range.0, scale_range.1]` (> 1 enlarges the digit).
     pub scale_range: (f32, f32),
+    /// How the warped image samples the source (default bilinear; configs saved before this field
+    /// existed read as bilinear).
+    pub interpolation: Interpolation,
+}
+
+/// How [`warp_into_with`] samples the source image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    /// Bilinear weights of the four neighbours (smooth; blurs strokes slightly at sub-pixel offsets).
+    #[default]
+    Bilinear,
+    /// The nearest source pixel (keeps the crisp strokes of the test images; edges move in whole pixels).
+    Nearest,
+}
+
+impl std::str::FromStr for Interpolation {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "bilinear" => Ok(Self::Bilinear),
+            "nearest" => Ok(Self::Nearest),
+            _ => Err(format!("unknown interpolation '{s}' (bilinear or nearest)")),
+        }
+    }
 }
 
 impl Default for AugmentConfig {
@@ -24,6 +50,7 @@ impl Default for AugmentConfig {
             max_rotation_deg: 0.0,
             max_shift_px: 0.0,
             scale_range: (1.0, 1.0),
+            interpolation: Interpolation::Bilinear,
         }
     }
 }
@@ -40,6 +67,7 @@ impl AugmentConfig {
             max_rotation_deg: r,
             max_shift_px: t,
             scale_range: (s0, s1),
+            interpolation: _,
         } = *self;
         let ok = r.is_finite()
             && r >= 0.0
@@ -117,6 +145,13 @@ const PAD_MASK: usize = PAD_LEN - 1;
 /// positive angle turns the digit clockwise on screen. If either slice is shorter than 784, `dst` is
 /// left unchanged (callers in this crate always pass whole images).
 pub fn warp_into(src: &[u8], dst: &mut [f32], t: &Affine) {
+    warp_into_with(src, dst, t, Interpolation::Bilinear)
+}
+
+/// [`warp_into`] with the given sampling: `Nearest` reads the source pixel nearest to the inverse-mapped
+/// position (the one whose bilinear weight is largest) instead of blending four.
+pub fn warp_into_with(src: &[u8], dst: &mut [f32], t: &Affine, interpolation: Interpolation) {
+    let nearest = interpolation == Interpolation::Nearest;
     let (Some(src), Some(dst)) = (src.get(..IMAGE_PIXELS), dst.get_mut(..IMAGE_PIXELS)) else {
         tracing::warn!(
             src = src.len(),
@@ -153,6 +188,11 @@ pub fn warp_into(src: &[u8], dst: &mut [f32], t: &Affine) {
                 let (fx, fy) = (u - x0 as f32, v - y0 as f32);
                 // x0, y0 <= 28, so every index is below 29 * 32 + 30 < 1024: the masks change nothing.
                 let i = y0 * PAD + x0;
+                if nearest {
+                    let j = i + (fy >= 0.5) as usize * PAD + (fx >= 0.5) as usize;
+                    *out = pad[j & PAD_MASK];
+                    continue;
+                }
                 let (p00, p01) = (pad[i & PAD_MASK], pad[(i + 1) & PAD_MASK]);
                 let (p10, p11) = (pad[(i + PAD) & PAD_MASK], pad[(i + PAD + 1) & PAD_MASK]);
                 let top = p00 + fx * (p01 - p00);
@@ -175,7 +215,7 @@ pub fn augment_into(src: &[u8], dst: &mut [f32], cfg: &AugmentConfig, rng: &mut 
             *d = s as f32 / 255.0;
         }
     } else {
-        warp_into(src, dst, &cfg.sample(rng));
+        warp_into_with(src, dst, &cfg.sample(rng), cfg.interpolation);
     }
 }
 
@@ -267,6 +307,7 @@ mod tests {
             max_rotation_deg: 15.0,
             max_shift_px: 2.0,
             scale_range: (1.0, 1.0),
+            ..Default::default()
         };
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let mut changed = 0;
@@ -309,11 +350,61 @@ mod tests {
     }
 
     #[test]
+    fn nearest_sampling_copies_source_pixels() {
+        let src = blob();
+        let values: std::collections::BTreeSet<u32> =
+            div255(&src).iter().map(|v| v.to_bits()).collect();
+        let t = Affine {
+            rotation_deg: 7.0,
+            scale: 1.07,
+            shift_x: 0.6,
+            shift_y: -1.3,
+        };
+        let mut near = vec![0.0; 784];
+        warp_into_with(&src, &mut near, &t, Interpolation::Nearest);
+        // Every output is one of the source's values (or the zero outside): nothing is blended.
+        assert!(near
+            .iter()
+            .all(|v| *v == 0.0 || values.contains(&v.to_bits())));
+        let mut bilinear = vec![0.0; 784];
+        warp_into(&src, &mut bilinear, &t);
+        assert!(bilinear
+            .iter()
+            .any(|v| *v != 0.0 && !values.contains(&v.to_bits())));
+        // Both put the digit in the same place: the images agree up to the blending.
+        let diff: f32 = near.iter().zip(&bilinear).map(|(a, b)| (a - b).abs()).sum();
+        let mass: f32 = bilinear.iter().sum();
+        assert!(
+            diff / mass < 0.5,
+            "nearest vs bilinear differ by {}",
+            diff / mass
+        );
+        // A whole-pixel shift is exact with both, and the identity copies the image.
+        let shift = Affine {
+            shift_x: 2.0,
+            ..Affine::default()
+        };
+        let mut a = vec![0.0; 784];
+        let mut b = vec![0.0; 784];
+        warp_into_with(&src, &mut a, &shift, Interpolation::Nearest);
+        warp_into(&src, &mut b, &shift);
+        assert_eq!(a, b);
+        warp_into_with(&src, &mut a, &Affine::default(), Interpolation::Nearest);
+        assert_eq!(a, div255(&src));
+        assert_eq!(
+            "nearest".parse::<Interpolation>(),
+            Ok(Interpolation::Nearest)
+        );
+        assert!("cubic".parse::<Interpolation>().is_err());
+    }
+
+    #[test]
     fn sample_stays_in_range() {
         let cfg = AugmentConfig {
             max_rotation_deg: 10.0,
             max_shift_px: 2.5,
             scale_range: (0.9, 1.1),
+            ..Default::default()
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         for _ in 0..1000 {

@@ -382,6 +382,7 @@ mod tests {
                 max_rotation_deg: 10.0,
                 max_shift_px: 2.0,
                 scale_range: (0.9, 1.1),
+                ..Default::default()
             }),
             drop_last: false,
         };

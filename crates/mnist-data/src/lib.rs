@@ -20,7 +20,7 @@ mod error;
 mod idx;
 mod source;
 
-pub use augment::{augment_into, warp_into, Affine, AugmentConfig};
+pub use augment::{augment_into, warp_into, warp_into_with, Affine, AugmentConfig, Interpolation};
 pub use batcher::{
     batches, epoch_rng, labels_to_tensor, permutation, to_tensor, Batch, Batcher, BatcherConfig,
 };

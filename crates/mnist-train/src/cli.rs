@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use mnist_data::{DataSource, Dataset};
+use mnist_data::{DataSource, Dataset, Interpolation};
 use mnist_layers::init::SeededVarMap;
 use mnist_layers::Kernels;
 use mnist_models::{ModelConfig, Solution, Variant};
@@ -134,6 +134,10 @@ struct TrainArgs {
     /// Augmentation: random scale in [1 - F, 1 + F] (turns augmentation on) [improved recipe: 0.1].
     #[arg(long, value_name = "F", conflicts_with = "no_augment")]
     scale: Option<f32>,
+    /// Augmentation: how warped images sample the source, bilinear or nearest (turns augmentation on)
+    /// [improved recipe: bilinear].
+    #[arg(long, value_name = "MODE", conflicts_with = "no_augment")]
+    interpolation: Option<Interpolation>,
     /// Train the last N epochs without augmentation [improved recipe: 1 for separable and inception, 0 for conv].
     #[arg(long, value_name = "N")]
     clean_epochs: Option<usize>,
@@ -165,7 +169,7 @@ struct TrainArgs {
         value_name = "DIR",
         conflicts_with_all = [
             "variant", "batch_size", "lr", "schedule", "plateau_factor", "augment", "no_augment",
-            "rotate", "shift", "scale", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset",
+            "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset",
         ]
     )]
     resume: Option<PathBuf>,
@@ -307,7 +311,10 @@ fn train_config(solution: Solution, args: &TrainArgs) -> TrainConfig {
     {
         *factor = f;
     }
-    let custom_augment = args.rotate.is_some() || args.shift.is_some() || args.scale.is_some();
+    let custom_augment = args.rotate.is_some()
+        || args.shift.is_some()
+        || args.scale.is_some()
+        || args.interpolation.is_some();
     if (args.augment || custom_augment) && cfg.augment.is_none() {
         cfg.augment = TrainConfig::recipe(solution, Variant::Improved).augment;
     }
@@ -320,6 +327,9 @@ fn train_config(solution: Solution, args: &TrainArgs) -> TrainConfig {
         }
         if let Some(f) = args.scale {
             aug.scale_range = (1.0 - f, 1.0 + f);
+        }
+        if let Some(i) = args.interpolation {
+            aug.interpolation = i;
         }
     }
     if let Some(n) = args.clean_epochs {
@@ -432,14 +442,17 @@ fn check_out_dir(out: &Path, cfg: &TrainConfig) -> Result<()> {
     }
     let config_path = out.join(CONFIG_FILE);
     if config_path.exists() {
-        let same = read_json::<serde_json::Value>(&config_path)
+        // Both sides through TrainConfig and text, so fields added since the run was written compare by
+        // their defaults and f32 fields compare as written.
+        let normal = |c: &TrainConfig| {
+            serde_json::to_string(c)
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        };
+        let same = read_json::<TrainConfig>(&config_path)
             .ok()
-            // Through text on both sides, so f32 fields compare as written.
-            .zip(
-                serde_json::to_string(cfg)
-                    .ok()
-                    .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok()),
-            )
+            .and_then(|old| normal(&old))
+            .zip(normal(cfg))
             .is_some_and(|(old, new)| old == new);
         if !same {
             bail!(
