@@ -47,8 +47,7 @@ impl DwGeom {
     }
 
     /// `out [oh, ow] = conv(x [h, w], f [k, k])` for one plane; `xd` is scratch of
-    /// [`Self::fwd_scratch_len`] floats.
-    /// `taps`: this channel's part of [`Self::fwd_taps`] (used for stride 1 only).
+    /// [`Self::fwd_scratch_len`] floats; `taps`: this channel's part of [`Self::fwd_taps`] (used for stride 1 only).
     fn plane_fwd(
         &self,
         x: &[f32],
@@ -253,7 +252,7 @@ multiversion! {
 }
 
 /// A zero-padded copy of a plane laid out so that a stride-1 `k x k` convolution producing `[oh, ow]`
-/// reads every tap as one contiguous run of `chunk(ow)` values with no bounds to check: `oh + k - 1`
+/// reads every tap as one contiguous run of `chunk(ow)` values that always lies inside it: `oh + k - 1`
 /// rows of `wp = ceil(ow / chunk) * chunk + k - 1` values.
 #[derive(Debug, Clone, Copy)]
 struct Padded {
@@ -333,6 +332,9 @@ fn sum_taps_c<const C: usize>(
     ow: usize,
     out: &mut [f32],
 ) {
+    if ow == 0 {
+        return; // an empty plane (zero-width input padded to fit the window)
+    }
     for (oy, orow) in out.chunks_exact_mut(ow).take(oh).enumerate() {
         let base = oy * wp;
         for (ci, ochunk) in orow.chunks_mut(C).enumerate() {
@@ -410,7 +412,8 @@ impl CustomOp2 for DepthwiseOp {
         // One filter-gradient partial per plane, summed over the batch in image order below.
         let mut pdf = vec![0f32; planes * kk];
         let mut dx = vec![0f32; if need_dx { planes * hw } else { planes }];
-        let dx_chunk = if need_dx { hw } else { 1 };
+        // (hw.max(1): a zero-width input has no dx to write, and chunks must not be empty.)
+        let dx_chunk = if need_dx { hw.max(1) } else { 1 };
         let taps = if need_dx { g.dx_taps(fs) } else { Vec::new() };
         let tk = if taps.is_empty() { 0 } else { kk };
         pdf.par_chunks_mut(kk)
@@ -488,6 +491,7 @@ pub fn depthwise_conv2d_reference(
 mod tests {
     use super::*;
     use crate::ops::test_util::{assert_close, rand_t};
+    use candle_core::{DType, Device};
 
     fn check(b: usize, c: usize, h: usize, w: usize, k: usize, s: usize, pad: Pad4) {
         let x = candle_core::Var::from_tensor(&rand_t(&[b, c, h, w], 11)).unwrap();
@@ -533,6 +537,20 @@ mod tests {
         check(2, 2, 6, 5, 1, 1, (0, 0, 0, 0));
         check(1, 1, 8, 8, 3, 1, (3, 2, 2, 3));
         check(1, 2, 5, 17, 5, 1, (2, 1, 0, 3));
+    }
+
+    #[test]
+    fn zero_width_input_padded_to_fit_does_not_panic() {
+        let x = candle_core::Var::from_tensor(
+            &Tensor::zeros((1, 2, 3, 0), DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let f = candle_core::Var::from_tensor(&rand_t(&[2, 1, 3, 3], 12)).unwrap();
+        let y = depthwise_conv2d(&x, &f, 1, (1, 1, 1, 2)).unwrap();
+        assert_eq!(y.dims(), &[1, 2, 3, 1]);
+        assert_eq!(y.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(&x).unwrap().dims(), &[1, 2, 3, 0]);
     }
 
     /// The stride-1 path sums every output in the same order as the general loop: bit-identical.
