@@ -363,15 +363,18 @@ mod tests {
         out
     }
 
+    /// Trains a fresh model with `cfg` on `data` (CPU): its final weights and its history.
+    fn train(cfg: &TrainConfig, data: &Mnist) -> (Vec<(String, Vec<u32>)>, Vec<EpochRecord>) {
+        let device = Device::Cpu;
+        let t = Trained::init(cfg, &device).unwrap();
+        let history = fit(cfg, &t, data, &device, &mut LogReporter::default()).unwrap();
+        (weights(&t), history)
+    }
+
     #[test]
     fn clean_epochs_train_on_the_plain_images() {
         let data = tiny_data(48);
-        let device = Device::Cpu;
-        let run = |cfg: &TrainConfig| {
-            let t = Trained::init(cfg, &device).unwrap();
-            fit(cfg, &t, &data, &device, &mut LogReporter::default()).unwrap();
-            weights(&t)
-        };
+        let run = |cfg: &TrainConfig| train(cfg, &data).0;
         let mut plain = cfg(2);
         plain.augment = None;
         let mut clean = cfg(2);
@@ -395,20 +398,12 @@ mod tests {
     #[test]
     fn label_smoothing_changes_training_and_is_validated() {
         let data = tiny_data(48);
-        let device = Device::Cpu;
-        let run = |cfg: &TrainConfig| {
-            let t = Trained::init(cfg, &device).unwrap();
-            let history = fit(cfg, &t, &data, &device, &mut LogReporter::default()).unwrap();
-            (weights(&t), history)
-        };
         let plain = cfg(1);
         let mut smooth = cfg(1);
         smooth.label_smoothing = 0.1;
-        let (w_plain, h_plain) = run(&plain);
-        let (w_smooth, h_smooth) = run(&smooth);
+        let (w_plain, h_plain) = train(&plain, &data);
+        let (w_smooth, h_smooth) = train(&smooth, &data);
         assert_ne!(w_plain, w_smooth, "the smoothed loss has other gradients");
-        // The reported training loss is the smoothed one (it cannot fall to 0); validation stays plain
-        // cross-entropy, computed the same way for both.
         assert!(h_smooth[0].loss.is_finite() && h_plain[0].loss.is_finite());
         for bad in [-0.1, 1.0, 1.5, f64::NAN] {
             let mut c = cfg(1);
