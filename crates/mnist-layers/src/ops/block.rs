@@ -18,7 +18,10 @@ use super::bn::{affine, channel_stats, check_vec};
 use super::conv::{geometry, ConvGeom};
 use super::direct::{DirectConv, Epilogue};
 use super::pool::PoolGeom;
-use super::{cpu_data, fwd_slice, give_buf, multiversion, sum_f32, take_buf, with_scratch, Pad4};
+use super::{
+    cpu_data, fwd_slice, give_buf, multiversion, sum_f32, take_buf, with_scratch, with_thread_buf,
+    Pad4,
+};
 
 const OP_TRAIN: &str = "conv_bn_pool_train";
 const OP_EVAL: &str = "conv_bn_pool_eval";
@@ -219,7 +222,7 @@ impl BlockOp {
                 return;
             };
             // The image's convolution output lives in a per-thread buffer (cache-resident).
-            with_eval_buf(o * ohw, |y| {
+            with_thread_buf(&EVAL_BUF, o * ohw, |y| {
                 g.forward_image(xi, w, bias, self.relu, y);
                 for (p, ((zp, opl), apl)) in y
                     .chunks_exact_mut(ohw)
@@ -389,21 +392,9 @@ multiversion! {
 }
 
 thread_local! {
+    /// The per-image convolution output of [`BlockOp::fwd_eval`] (separate from [`with_scratch`], which
+    /// the convolution uses while this is borrowed).
     static EVAL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with a per-thread buffer of `len` floats (separate from [`with_scratch`], which the
-/// convolution uses inside `f`).
-fn with_eval_buf<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    EVAL_BUF.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut b) => {
-            if b.len() < len {
-                b.resize(len, 0.0);
-            }
-            f(&mut b[..len])
-        }
-        Err(_) => f(&mut vec![0.0; len]),
-    })
 }
 
 impl CustomOp2 for BlockOp {

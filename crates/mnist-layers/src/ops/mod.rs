@@ -175,6 +175,25 @@ thread_local! {
     static IMAGE_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` with `len` floats of the per-thread buffer `key` (contents unspecified: earlier values,
+/// never uninitialised memory). The buffer only grows; if `key` is already borrowed on this thread
+/// (rayon work-stealing inside `f`), `f` gets a fresh buffer instead of a panic.
+pub(crate) fn with_thread_buf<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
 /// `[b, per]` from `f(i, buf)` for every image `i < b` (in parallel over images; inline for one image):
 /// `f` fills a per-thread buffer of `per` floats, which is then copied into the result. The large result
 /// is never zero-filled first (one pass over memory instead of two).
@@ -199,15 +218,7 @@ pub(crate) fn collect_images(
                 d.write(v);
             }
         };
-        IMAGE_BUF.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut v) => {
-                if v.len() < per {
-                    v.resize(per, 0.0);
-                }
-                fill(&mut v[..per])
-            }
-            Err(_) => fill(&mut vec![0.0; per]),
-        })
+        with_thread_buf(&IMAGE_BUF, per, &mut fill)
     };
     let spare = &mut out.spare_capacity_mut()[..b * per];
     if b == 1 {
