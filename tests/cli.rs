@@ -45,7 +45,14 @@ fn train_then_evaluate_round_trips() {
             "1",
             "2000",
             &run_dir,
-            &["--label-smoothing", "0.05", "--interpolation", "nearest"],
+            &[
+                "--label-smoothing",
+                "0.05",
+                "--interpolation",
+                "nearest",
+                "--weight-decay",
+                "0.01",
+            ],
         ),
     );
     assert!(
@@ -59,6 +66,11 @@ fn train_then_evaluate_round_trips() {
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json")).unwrap())
             .unwrap();
     assert_eq!(config["label_smoothing"].as_f64(), Some(0.05), "{config}");
+    assert_eq!(
+        config["adam"]["weight_decay"].as_f64(),
+        Some(0.01),
+        "{config}"
+    );
     // --interpolation turns augmentation on (with the improved recipe's ranges).
     assert_eq!(config["augment"]["interpolation"], "nearest", "{config}");
     assert_eq!(config["augment"]["max_rotation_deg"], 10.0, "{config}");
@@ -146,6 +158,8 @@ fn bad_input_gives_one_clear_line_and_a_non_zero_exit() {
         ("--label-smoothing", "1"),
         ("--label-smoothing", "-0.1"),
         ("--interpolation", "cubic"),
+        ("--weight-decay", "-0.1"),
+        ("--weight-decay", "inf"),
     ] {
         let out = run("solution-conv", &[flag, value]);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}");

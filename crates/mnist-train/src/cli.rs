@@ -63,6 +63,14 @@ fn smoothing_f64(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a number of at least 0, got {v}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
 fn positive_usize(s: &str) -> std::result::Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_string()),
@@ -113,6 +121,10 @@ struct TrainArgs {
     /// Learning rate: Adam's for seed; the peak of the schedule for improved [recipe].
     #[arg(long, allow_negative_numbers = true, value_parser = positive_f64)]
     lr: Option<f64>,
+    /// Decoupled (AdamW) weight decay: each step multiplies every weight by `1 - lr * WD`, with the
+    /// scheduled lr [recipe: 0].
+    #[arg(long, value_name = "WD", allow_negative_numbers = true, value_parser = non_negative_f64)]
+    weight_decay: Option<f64>,
     /// Learning-rate schedule [recipe: plateau for seed, one-cycle for improved].
     #[arg(long, value_enum)]
     schedule: Option<ScheduleArg>,
@@ -168,7 +180,7 @@ struct TrainArgs {
         long,
         value_name = "DIR",
         conflicts_with_all = [
-            "variant", "batch_size", "lr", "schedule", "plateau_factor", "augment", "no_augment",
+            "variant", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "augment", "no_augment",
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset",
         ]
     )]
@@ -289,6 +301,9 @@ fn train_config(solution: Solution, args: &TrainArgs) -> TrainConfig {
         if let ScheduleConfig::OneCycle { max_lr, .. } = &mut cfg.schedule {
             *max_lr = lr;
         }
+    }
+    if let Some(wd) = args.weight_decay {
+        cfg.adam.weight_decay = wd;
     }
     match args.schedule {
         Some(ScheduleArg::Constant) => cfg.schedule = ScheduleConfig::Constant,
