@@ -47,28 +47,26 @@ enum Command {
     Compare(CompareArgs),
 }
 
-fn positive_f64(s: &str) -> std::result::Result<f64, String> {
+/// A number flag's value: `s` parsed as `f64`, accepted when `ok` holds; `want` completes "must be ..."
+/// in the error clap prints beside the flag.
+fn f64_where(s: &str, ok: fn(f64) -> bool, want: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        Ok(v) => Err(format!("must be a positive number, got {v}")),
+        Ok(v) if ok(v) => Ok(v),
+        Ok(v) => Err(format!("must be {want}, got {v}")),
         Err(e) => Err(format!("not a number: {e}")),
     }
+}
+
+fn positive_f64(s: &str) -> std::result::Result<f64, String> {
+    f64_where(s, |v| v.is_finite() && v > 0.0, "a positive number")
 }
 
 fn smoothing_f64(s: &str) -> std::result::Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
-        Ok(v) => Err(format!("must be at least 0 and below 1, got {v}")),
-        Err(e) => Err(format!("not a number: {e}")),
-    }
+    f64_where(s, |v| (0.0..1.0).contains(&v), "at least 0 and below 1")
 }
 
 fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        Ok(v) => Err(format!("must be a number of at least 0, got {v}")),
-        Err(e) => Err(format!("not a number: {e}")),
-    }
+    f64_where(s, |v| v.is_finite() && v >= 0.0, "a number of at least 0")
 }
 
 fn positive_usize(s: &str) -> std::result::Result<usize, String> {
