@@ -69,27 +69,35 @@ impl DwGeom {
     /// in the order of the general loop (kx outer, ky inner), so both sum every output in the same
     /// order: the results are bit-identical.
     fn fwd_taps(&self, f: &[f32]) -> Vec<(usize, f32)> {
-        if self.stride != 1 {
-            return Vec::new();
-        }
         let (k, wp) = (self.k, Padded::new(self.oh, self.ow, self.k).wp);
-        f.chunks_exact(k * k)
-            .flat_map(|fc| {
-                (0..k).flat_map(move |kx| (0..k).map(move |ky| (ky * wp + kx, fc[ky * k + kx])))
-            })
-            .collect()
+        self.taps(f, |kx, ky| (ky * wp + kx, ky * k + kx))
     }
 
-    /// The stride-1 `dx` taps of every channel (see [`Self::plane_dx_s1`]; empty for other strides).
+    /// The stride-1 `dx` taps of every channel (see [`Self::plane_dx_s1`]; empty for other strides): the
+    /// flipped filter, in the order of the general loop in [`Self::plane_bwd`] (ky outer, kx inner).
     fn dx_taps(&self, f: &[f32]) -> Vec<(usize, f32)> {
+        let (k, wp) = (self.k, Padded::new(self.h, self.w, self.k).wp);
+        self.taps(f, |ky, kx| ((k - 1 - ky) * wp + (k - 1 - kx), ky * k + kx))
+    }
+
+    /// Stride 1: for each channel's filter in `f`, the `k * k` taps `(offset, filter[i])` where
+    /// `(offset, i) = tap(outer, inner)`, visited outer-major; other strides: none.
+    fn taps(
+        &self,
+        f: &[f32],
+        tap: impl Fn(usize, usize) -> (usize, usize) + Copy,
+    ) -> Vec<(usize, f32)> {
         if self.stride != 1 {
             return Vec::new();
         }
-        let (k, wp) = (self.k, Padded::new(self.h, self.w, self.k).wp);
+        let k = self.k;
         f.chunks_exact(k * k)
             .flat_map(|fc| {
-                (0..k).flat_map(move |ky| {
-                    (0..k).map(move |kx| ((k - 1 - ky) * wp + (k - 1 - kx), fc[ky * k + kx]))
+                (0..k).flat_map(move |a| {
+                    (0..k).map(move |b| {
+                        let (off, i) = tap(a, b);
+                        (off, fc[i])
+                    })
                 })
             })
             .collect()
