@@ -62,9 +62,7 @@ fn train_then_evaluate_round_trips() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("test accuracy"), "{stdout}");
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json")).unwrap())
-            .unwrap();
+    let config = common::read_json(&run_dir.join("config.json"));
     assert_eq!(config["label_smoothing"].as_f64(), Some(0.05), "{config}");
     assert_eq!(
         config["adam"]["weight_decay"].as_f64(),
@@ -75,9 +73,7 @@ fn train_then_evaluate_round_trips() {
     assert_eq!(config["augment"]["interpolation"], "nearest", "{config}");
     assert_eq!(config["augment"]["max_rotation_deg"], 10.0, "{config}");
 
-    let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap())
-            .unwrap();
+    let results = common::read_json(&run_dir.join("results.json"));
     for key in [
         "solution",
         "params_total",

@@ -69,9 +69,7 @@ fn all_three_solutions_learn_fashion_mnist() {
             "{bin}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let results: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out_dir.join("results.json")).unwrap())
-                .unwrap();
+        let results = common::read_json(&out_dir.join("results.json"));
         assert_eq!(results["dataset"], "fashion", "{bin}");
         let val = results["final_val_accuracy"].as_f64().unwrap();
         let test = results["test_accuracy"].as_f64().unwrap();

@@ -74,8 +74,7 @@ fn a_plot_that_cannot_be_written_does_not_fail_the_run() {
         "no warning: {stderr}"
     );
     assert!(dir.join("model.safetensors").is_file());
-    let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    let results = common::read_json(&dir.join("results.json"));
     assert!(
         results["test_accuracy"].as_f64().unwrap() > 0.2,
         "{results}"

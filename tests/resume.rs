@@ -126,8 +126,7 @@ fn one_epoch_then_resume_to_two_matches_two_straight_epochs() {
     ok(&out, "resume to 2 epochs");
     assert_same_run(&straight, &split, 2);
     // The run folder now says 2 epochs, so resuming again trains nothing and keeps the weights.
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(split.join("config.json")).unwrap()).unwrap();
+    let config = common::read_json(&split.join("config.json"));
     assert_eq!(config["epochs"], 2);
     let before = tensors(&split.join("model.safetensors"));
     ok(&resume(&split, &[]), "resume a finished run");

@@ -25,6 +25,13 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A JSON file a run wrote (`config.json`, `results.json`), parsed; panics naming the file otherwise.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
 /// Runs a solution binary with arguments, without a terminal.
 pub fn run(name: &str, args: &[&str]) -> Output {
     Command::new(bin(name))
