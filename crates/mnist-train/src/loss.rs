@@ -11,8 +11,9 @@ pub fn smoothed_cross_entropy(logits: &Tensor, labels: &Tensor, eps: f64) -> Res
     if eps == 0.0 {
         return cross_entropy(logits, labels);
     }
-    let log_p = log_softmax(logits, D::Minus1)?; // [b, k]
-                                                 // -log p[label], mean over the batch
+    // log p: [b, k]
+    let log_p = log_softmax(logits, D::Minus1)?;
+    // -log p[label], mean over the batch
     let nll = log_p
         .gather(&labels.unsqueeze(1)?, 1)? // [b, 1]
         .mean_all()?
