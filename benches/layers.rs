@@ -218,17 +218,10 @@ impl Model1 {
         let cfg = ConvBnPoolConfig {
             conv: Conv2dConfig {
                 activation: Activation::Relu,
-                kernels,
                 ..Default::default()
             },
-            bn: BatchNormConfig {
-                kernels,
-                ..Default::default()
-            },
-            pool: Some(MaxPool2dConfig {
-                kernels,
-                ..Default::default()
-            }),
+            bn: BatchNormConfig::default(),
+            pool: Some(MaxPool2dConfig::default()),
         };
         let same = ConvBnPoolConfig {
             conv: Conv2dConfig {
@@ -238,8 +231,8 @@ impl Model1 {
             ..cfg
         };
         Ok(Self {
-            b1: conv_bn_pool(1, 20, 7, same, vb.pp("c1"), vb.pp("bn1"))?,
-            b2: conv_bn_pool(20, 10, 5, cfg, vb.pp("c2"), vb.pp("bn2"))?,
+            b1: conv_bn_pool(1, 20, 7, same, vb.pp("c1"), vb.pp("bn1"))?.with_kernels(kernels),
+            b2: conv_bn_pool(20, 10, 5, cfg, vb.pp("c2"), vb.pp("bn2"))?.with_kernels(kernels),
             drop: dropout(0.5, shared_rng(1)),
             fc: linear(250, 10, vb.pp("fc"))?,
         })

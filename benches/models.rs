@@ -10,9 +10,7 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::loss::cross_entropy;
 use mnist_challenge::layers::init::SeededVarMap;
 use mnist_challenge::layers::Kernels;
-use mnist_challenge::models::{
-    build, dropout_rng, is_trainable, ModelConfig, Net, Solution, Variant,
-};
+use mnist_challenge::models::{dropout_rng, is_trainable, ModelConfig, Net, Solution, Variant};
 use mnist_challenge::optim::{Adam, AdamConfig};
 
 struct Opts {
@@ -34,18 +32,15 @@ fn median_secs(budget: f64, min_reps: usize, mut f: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
-fn model(cfg: ModelConfig) -> (Net, SeededVarMap) {
+fn model(cfg: &ModelConfig) -> (Net, SeededVarMap) {
     let vars = SeededVarMap::new(1);
-    let net = build(
-        &cfg,
-        vars.var_builder(DType::F32, &Device::Cpu),
-        dropout_rng(1),
-    )
-    .expect("build");
+    let net = cfg
+        .build(vars.var_builder(DType::F32, &Device::Cpu), dropout_rng(1))
+        .expect("build");
     (net, vars)
 }
 
-fn forward_ips(cfg: ModelConfig, batch: usize, opts: &Opts) -> f64 {
+fn forward_ips(cfg: &ModelConfig, batch: usize, opts: &Opts) -> f64 {
     let (net, _vars) = model(cfg);
     let xs = Tensor::rand(0f32, 1f32, (batch, 1, 28, 28), &Device::Cpu).expect("input");
     let budget = if opts.quick { 0.3 } else { 1.5 };
@@ -55,7 +50,7 @@ fn forward_ips(cfg: ModelConfig, batch: usize, opts: &Opts) -> f64 {
     batch as f64 / secs
 }
 
-fn train_step_ms(cfg: ModelConfig, batch: usize, opts: &Opts) -> f64 {
+fn train_step_ms(cfg: &ModelConfig, batch: usize, opts: &Opts) -> f64 {
     let (net, vars) = model(cfg);
     let mut named: Vec<_> = vars
         .var_map()
@@ -94,11 +89,11 @@ fn main() {
         for solution in Solution::ALL {
             let name = format!("{solution}/{variant}");
             let fast = ModelConfig::new(solution, variant);
-            let stock = fast.with_kernels(Kernels::Reference);
+            let stock = fast.clone().with_kernels(Kernels::Reference);
             for batch in [1usize, 32, 1000] {
-                let f = forward_ips(fast, batch, &opts);
+                let f = forward_ips(&fast, batch, &opts);
                 let (s, ratio) = if opts.reference {
-                    let s = forward_ips(stock, batch, &opts);
+                    let s = forward_ips(&stock, batch, &opts);
                     (format!("{s:.0} img/s"), format!("{:.1}x", f / s))
                 } else {
                     ("-".into(), "-".into())
@@ -109,9 +104,9 @@ fn main() {
                     format!("{f:.0} img/s")
                 );
             }
-            let f = train_step_ms(fast, 32, &opts);
+            let f = train_step_ms(&fast, 32, &opts);
             let (s, ratio) = if opts.reference {
-                let s = train_step_ms(stock, 32, &opts);
+                let s = train_step_ms(&stock, 32, &opts);
                 (format!("{s:.2} ms"), format!("{:.1}x", s / f))
             } else {
                 ("-".into(), "-".into())

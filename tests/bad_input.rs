@@ -246,7 +246,7 @@ fn bad_weights_files() {
     fails(
         &eval("solution-conv", &weights, &["--variant", "improved"]),
         1,
-        &["variant 'seed'", "--variant improved"],
+        &["the model is 'seed'", "--variant improved"],
     );
     // Without config.json beside it, the file itself is checked against the model.
     let lone = tmp.path().join("lone.safetensors");
@@ -261,6 +261,42 @@ fn bad_weights_files() {
         1,
         &["lone.safetensors"],
     );
+    // Weights with a NaN or an infinity are refused, naming the tensor (evaluate and predict).
+    for (bad, what) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
+        let dir = tmp.path().join(format!("broken-{what}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(run_dir.join("config.json"), dir.join("config.json")).unwrap();
+        let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+        let dense = tensors.get("dense.bias").unwrap();
+        let mut v: Vec<f32> = dense.to_vec1().unwrap();
+        v[3] = bad;
+        tensors.insert("dense.bias".into(), Tensor::new(v, &Device::Cpu).unwrap());
+        let broken = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &broken).unwrap();
+        fails(
+            &eval("solution-conv", &broken, &[]),
+            1,
+            &["model.safetensors", "tensor 'dense.bias'", what],
+        );
+        let png = tmp.path().join("digit.png");
+        image::GrayImage::from_fn(28, 28, |x, y| {
+            image::Luma([if (10..18).contains(&x) && y > 4 {
+                255
+            } else {
+                0
+            }])
+        })
+        .save(&png)
+        .unwrap();
+        fails(
+            &run(
+                "solution-conv",
+                &["predict", "--weights", s(&broken), s(&png)],
+            ),
+            1,
+            &["tensor 'dense.bias'", what],
+        );
+    }
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! The data crate end to end: the real MNIST files, and broken files through `load_dir`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use candle_core::Device;
 use mnist_challenge::data::{
@@ -9,24 +11,8 @@ use mnist_challenge::data::{
     VALIDATION_SIZE,
 };
 
-/// `$MNIST_DIR`, else `/work/shared/data/mnist` (`../shared/data/mnist` from the workspace root).
-fn real_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("MNIST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/mnist"));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: no MNIST files at {} (set MNIST_DIR)",
-            dir.display()
-        );
-        None
-    }
-}
-
 fn load_real() -> Option<Mnist> {
-    let dir = real_dir()?;
+    let dir = common::mnist_dir_if_present()?;
     let src = DataSource {
         dir: Some(dir),
         dataset: Dataset::Mnist,
@@ -65,7 +51,7 @@ fn real_mnist_counts_splits_and_labels() {
         }
     }
     // load_dir with another validation size agrees with the default split.
-    let dir = real_dir().unwrap();
+    let dir = common::mnist_dir_if_present().unwrap();
     let all = load_dir(&dir, 0).unwrap();
     assert_eq!(all.train.len(), 60_000);
     assert_eq!(&all.train.images()[54_000 * 784..], m.val.images());

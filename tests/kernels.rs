@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use mnist_challenge::layers::{
     batch_norm, conv2d, conv_bn_pool, init::SeededVarMap, max_pool2d, ops, ops::Pad4,
     separable_conv2d, Activation, BatchNormConfig, Conv2dConfig, ConvBnPoolConfig, Kernels,
-    MaxPool2dConfig, Padding,
+    MaxPool2d, MaxPool2dConfig, Padding,
 };
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 
@@ -339,13 +339,11 @@ fn batch_norm_running_stats_follow_keras_after_two_steps() {
         let m = SeededVarMap::new(1);
         let bn = batch_norm(
             4,
-            BatchNormConfig {
-                kernels,
-                ..Default::default()
-            },
+            BatchNormConfig::default(),
             m.var_builder(DType::F32, &Device::Cpu),
         )
-        .unwrap();
+        .unwrap()
+        .with_kernels(kernels);
         let xs = [
             rand_t(&[3, 4, 6, 6], 70).affine(2.0, 1.0).unwrap(),
             rand_t(&[3, 4, 6, 6], 71).affine(0.5, -1.0).unwrap(),
@@ -393,7 +391,6 @@ fn layer_chain_auto_matches_reference() {
     let build = |kernels: Kernels| {
         let relu = Conv2dConfig {
             activation: Activation::Relu,
-            kernels,
             ..Default::default()
         };
         // No ReLU before BN + max-pool here: ReLU zeros become ties in the pool windows, where the fast
@@ -409,34 +406,26 @@ fn layer_chain_auto_matches_reference() {
             },
             vb.pp("c1"),
         )
-        .unwrap();
-        let bn1 = batch_norm(
-            20,
-            BatchNormConfig {
-                kernels,
-                ..Default::default()
-            },
-            vb.pp("bn1"),
-        )
-        .unwrap();
-        let s2 = separable_conv2d(20, 10, 5, relu, vb.pp("s2")).unwrap();
-        let pool = MaxPool2dConfig {
-            kernels,
+        .unwrap()
+        .with_kernels(kernels);
+        let bn1 = batch_norm(20, BatchNormConfig::default(), vb.pp("bn1"))
+            .unwrap()
+            .with_kernels(kernels);
+        let s2 = separable_conv2d(20, 10, 5, relu, vb.pp("s2"))
+            .unwrap()
+            .with_kernels(kernels);
+        let pool = MaxPool2d::new(MaxPool2dConfig::default()).with_kernels(kernels);
+        let pool_s1 = MaxPool2d::new(MaxPool2dConfig {
+            stride: 1,
+            padding: Padding::Same,
             ..Default::default()
-        };
+        })
+        .with_kernels(kernels);
         move |x: &Tensor| -> Tensor {
             let x = x.apply(&c1).unwrap().apply_t(&bn1, true).unwrap(); // [b, 20, 28, 28]
-            let x = max_pool2d(&x, pool).unwrap(); // [b, 20, 14, 14]
+            let x = x.apply(&pool).unwrap(); // [b, 20, 14, 14]
             let x = s2.forward(&x).unwrap(); // [b, 10, 10, 10]
-            max_pool2d(
-                &x,
-                MaxPool2dConfig {
-                    stride: 1,
-                    padding: Padding::Same,
-                    ..pool
-                },
-            )
-            .unwrap() // [b, 10, 10, 10]
+            x.apply(&pool_s1).unwrap() // [b, 10, 10, 10]
         }
     };
     let fast = build(Kernels::Auto);

@@ -1,63 +1,216 @@
-//! Parameter counts and shapes of every architecture, through the public `mnist_models` API.
+//! Every built-in architecture, through the public `mnist_models` API: its summary row by row (output
+//! shape and parameters after every layer, pinned), the same counts in the built model whatever the
+//! kernels, and seeded, deterministic weights.
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use mnist_challenge::layers::init::SeededVarMap;
-use mnist_challenge::models::{build, dropout_rng, summary, ModelConfig, Solution, Variant};
+use mnist_challenge::layers::Kernels;
+use mnist_challenge::models::{
+    build, builtin, dropout_rng, is_trainable, summary, ArchSpec, Solution, Variant,
+};
+
+type Rows = &'static [(&'static str, &'static [usize], usize)];
+/// A built-in spec's expected summary: (solution, variant, (total, trainable, non-trainable), rows).
+type Pinned = (Solution, Variant, (usize, usize, usize), Rows);
+
+/// (solution, variant, (total, trainable, non-trainable), rows). The seed rows are the original Keras
+/// notebook's (`shared/reference/seed-architectures.md`); Keras counts BatchNorm statistics as params.
+const TABLE: [Pinned; 6] = [
+    (
+        Solution::Conv,
+        Variant::Seed,
+        (8640, 8580, 60),
+        &[
+            ("conv1", &[20, 28, 28], 1000),
+            ("bn1", &[20, 28, 28], 80),
+            ("pool1", &[20, 14, 14], 0),
+            ("conv2", &[10, 10, 10], 5010),
+            ("bn2", &[10, 10, 10], 40),
+            ("pool2", &[10, 5, 5], 0),
+            ("dropout", &[10, 5, 5], 0),
+            ("flatten", &[250], 0),
+            ("dense", &[10], 2510),
+        ],
+    ),
+    (
+        Solution::Conv,
+        Variant::Improved,
+        (8030, 7894, 136),
+        &[
+            ("block1.conv", &[8, 28, 28], 80),
+            ("block1.bn", &[8, 28, 28], 32),
+            ("block2.conv", &[16, 28, 28], 1168),
+            ("block2.bn", &[16, 28, 28], 64),
+            ("block2.pool", &[16, 14, 14], 0),
+            ("block3.conv", &[16, 14, 14], 2320),
+            ("block3.bn", &[16, 14, 14], 64),
+            ("block4.conv", &[16, 14, 14], 2320),
+            ("block4.bn", &[16, 14, 14], 64),
+            ("block4.pool", &[16, 7, 7], 0),
+            ("block5.conv", &[12, 5, 5], 1740),
+            ("block5.bn", &[12, 5, 5], 48),
+            ("gap", &[12], 0),
+            ("dense", &[10], 130),
+        ],
+    ),
+    (
+        Solution::Separable,
+        Variant::Seed,
+        (4967, 4879, 88),
+        &[
+            ("sepconv1", &[28, 26, 26], 65),
+            ("bn1", &[28, 26, 26], 112),
+            ("pool1", &[28, 13, 13], 0),
+            ("sepconv2", &[16, 11, 11], 716),
+            ("bn2", &[16, 11, 11], 64),
+            ("pool2", &[16, 5, 5], 0),
+            ("dropout", &[16, 5, 5], 0),
+            ("flatten", &[400], 0),
+            ("dense", &[10], 4010),
+        ],
+    ),
+    (
+        Solution::Separable,
+        Variant::Improved,
+        (4795, 4539, 256),
+        &[
+            ("block1.conv", &[16, 28, 28], 41),
+            ("block1.bn", &[16, 28, 28], 64),
+            ("block2.conv", &[24, 28, 28], 552),
+            ("block2.bn", &[24, 28, 28], 96),
+            ("block2.pool", &[24, 14, 14], 0),
+            ("block3.conv", &[32, 14, 14], 1016),
+            ("block3.bn", &[32, 14, 14], 128),
+            ("block4.conv", &[32, 14, 14], 1344),
+            ("block4.bn", &[32, 14, 14], 128),
+            ("block4.pool", &[32, 7, 7], 0),
+            ("block5.conv", &[24, 7, 7], 1080),
+            ("block5.bn", &[24, 7, 7], 96),
+            ("gap", &[24], 0),
+            ("dense", &[10], 250),
+        ],
+    ),
+    (
+        Solution::Inception,
+        Variant::Seed,
+        (3077, 3077, 0),
+        &[
+            ("inception.branch0.0", &[2, 28, 28], 13),
+            ("inception.branch0.1", &[2, 28, 28], 0),
+            ("inception.branch0.2", &[1, 28, 28], 3),
+            ("inception.branch0.3", &[1, 28, 28], 0),
+            ("inception.branch1.0", &[2, 28, 28], 4),
+            ("inception.branch1.1", &[2, 28, 28], 56),
+            ("inception.branch1.2", &[2, 28, 28], 0),
+            ("inception.branch2.0", &[2, 28, 28], 4),
+            ("inception.branch2.1", &[2, 28, 28], 0),
+            ("inception.branch3.0", &[2, 28, 28], 4),
+            ("inception.branch3.1", &[2, 28, 28], 24),
+            ("inception.branch3.2", &[2, 28, 28], 0),
+            ("inception", &[7, 28, 28], 0),
+            ("sepconv", &[2, 13, 13], 79),
+            ("pool", &[2, 12, 12], 0),
+            ("dropout", &[2, 12, 12], 0),
+            ("flatten", &[288], 0),
+            ("dense", &[10], 2890),
+        ],
+    ),
+    (
+        Solution::Inception,
+        Variant::Improved,
+        (3022, 2838, 184),
+        &[
+            ("inception.branch0.0", &[2, 28, 28], 4),
+            ("inception.branch1.0", &[6, 28, 28], 60),
+            ("inception.branch2.0", &[6, 28, 28], 156),
+            ("inception.branch3.0", &[1, 28, 28], 0),
+            ("inception.branch3.1", &[2, 28, 28], 4),
+            ("inception", &[16, 28, 28], 0),
+            ("inception_bn", &[16, 28, 28], 64),
+            ("block1.conv", &[16, 28, 28], 416),
+            ("block1.bn", &[16, 28, 28], 64),
+            ("block1.pool", &[16, 14, 14], 0),
+            ("block2.conv", &[24, 14, 14], 552),
+            ("block2.bn", &[24, 14, 14], 96),
+            ("block3.conv", &[24, 14, 14], 816),
+            ("block3.bn", &[24, 14, 14], 96),
+            ("block3.pool", &[24, 7, 7], 0),
+            ("block4.conv", &[12, 7, 7], 516),
+            ("block4.bn", &[12, 7, 7], 48),
+            ("gap", &[12], 0),
+            ("dense", &[10], 130),
+        ],
+    ),
+];
 
 #[test]
-fn seed_parameter_counts_match_the_original_keras_models() {
-    // (solution, total, trainable, non-trainable) from the original notebook.
-    let expected = [
-        (Solution::Conv, 8_640, 8_580, 60),
-        (Solution::Separable, 4_967, 4_879, 88),
-        (Solution::Inception, 3_077, 3_077, 0),
-    ];
-    for (solution, total, trainable, non_trainable) in expected {
-        let s = summary(&ModelConfig::new(solution, Variant::Seed)).unwrap();
+fn every_builtin_spec_has_its_pinned_summary() {
+    for (solution, variant, (total, trainable, non_trainable), rows) in TABLE {
+        let s = summary(builtin(solution, variant)).unwrap();
         assert_eq!(
             (s.params_total, s.params_trainable, s.params_non_trainable),
             (total, trainable, non_trainable),
-            "{s}"
+            "{solution} {variant}\n{s}"
+        );
+        let got: Vec<(&str, &[usize], usize)> = s
+            .layers
+            .iter()
+            .map(|l| (l.name.as_str(), l.output_shape.as_slice(), l.params))
+            .collect();
+        assert_eq!(got, rows, "{solution} {variant}");
+        assert!(total <= solution.param_budget(), "{solution} {variant}");
+    }
+}
+
+/// The variables a built model creates: every name and count, for both kernel choices, agree with the
+/// summary (so a fused block hides no variable and adds none).
+#[test]
+fn built_models_hold_exactly_the_summarised_variables() {
+    for (solution, variant, (total, trainable, _), _) in TABLE {
+        let spec = builtin(solution, variant);
+        let mut names = Vec::new();
+        for kernels in [Kernels::Auto, Kernels::Reference] {
+            let vars = SeededVarMap::new(1);
+            let net = build(
+                spec,
+                vars.var_builder(DType::F32, &Device::Cpu),
+                kernels,
+                dropout_rng(1),
+            )
+            .unwrap();
+            let x = Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(net.forward_t(&x, false).unwrap().dims(), &[2, 10]);
+            let data = vars.var_map().data().lock().unwrap();
+            let count = |f: &dyn Fn(&str) -> bool| -> usize {
+                data.iter()
+                    .filter(|(n, _)| f(n))
+                    .map(|(_, v)| v.elem_count())
+                    .sum()
+            };
+            assert_eq!(count(&|_| true), total, "{solution} {variant} {kernels:?}");
+            assert_eq!(
+                count(&|n| is_trainable(n)),
+                trainable,
+                "{solution} {variant} {kernels:?}"
+            );
+            let mut n: Vec<String> = data.keys().cloned().collect();
+            n.sort();
+            names.push(n);
+        }
+        assert_eq!(
+            names[0], names[1],
+            "{solution} {variant}: variable names depend on the kernels"
         );
     }
 }
 
 #[test]
-fn seed_layer_output_shapes_match_the_original() {
-    let s = summary(&ModelConfig::new(Solution::Conv, Variant::Seed)).unwrap();
-    let shapes: Vec<_> = s.layers.iter().map(|l| l.output_shape.clone()).collect();
-    assert_eq!(shapes[0], vec![20, 28, 28]);
-    assert_eq!(shapes[2], vec![20, 14, 14]);
-    assert_eq!(shapes[3], vec![10, 10, 10]);
-    assert_eq!(shapes[5], vec![10, 5, 5]);
-    let params: Vec<_> = s.layers.iter().map(|l| l.params).collect();
-    assert_eq!(params, vec![1_000, 80, 0, 5_010, 40, 0, 0, 0, 2_510]);
-
-    let s = summary(&ModelConfig::new(Solution::Separable, Variant::Seed)).unwrap();
-    let params: Vec<_> = s.layers.iter().map(|l| l.params).collect();
-    assert_eq!(params, vec![65, 112, 0, 716, 64, 0, 0, 0, 4_010]);
-    assert_eq!(s.layers[0].output_shape, vec![28, 26, 26]);
-    assert_eq!(s.layers[3].output_shape, vec![16, 11, 11]);
-
-    let s = summary(&ModelConfig::new(Solution::Inception, Variant::Seed)).unwrap();
-    assert_eq!(s.layers[0].output_shape, vec![7, 28, 28]);
-    assert_eq!(s.layers[1].output_shape, vec![2, 13, 13]);
-    assert_eq!(s.layers[1].params, 79);
-    assert_eq!(s.layers[2].output_shape, vec![2, 12, 12]);
-    assert_eq!(s.layers.last().unwrap().params, 2_890);
-}
-
-#[test]
-fn improved_variants_stay_within_their_budgets() {
-    for solution in Solution::ALL {
-        let s = summary(&ModelConfig::new(solution, Variant::Improved)).unwrap();
-        assert!(
-            s.params_total <= solution.param_budget(),
-            "{solution}: {} > {}\n{s}",
-            s.params_total,
-            solution.param_budget()
-        );
-        assert!(s.params_total < 10_000);
+fn specs_round_trip_through_json() {
+    for (solution, variant, _, _) in TABLE {
+        let spec = builtin(solution, variant);
+        let back = ArchSpec::from_json(&spec.to_json()).unwrap();
+        assert_eq!(&back, spec, "{solution} {variant}");
+        assert_eq!(summary(&back).unwrap(), summary(spec).unwrap());
     }
 }
 
@@ -65,42 +218,39 @@ fn improved_variants_stay_within_their_budgets() {
 fn every_model_maps_a_batch_to_ten_logits_and_the_same_seed_gives_the_same_weights() {
     let device = Device::Cpu;
     let xs = Tensor::rand(0f32, 1f32, (3, 1, 28, 28), &device).unwrap();
-    for solution in Solution::ALL {
-        for variant in Variant::ALL {
-            let cfg = ModelConfig::new(solution, variant);
-            let run = |seed| {
-                let vars = SeededVarMap::new(seed);
-                let net = build(
-                    &cfg,
-                    vars.var_builder(DType::F32, &device),
-                    dropout_rng(seed),
-                )
-                .unwrap();
-                net.forward_t(&xs, false).unwrap()
-            };
-            let a = run(7);
-            assert_eq!(a.dims(), &[3, 10], "{solution} {variant}");
-            let b = run(7);
-            let c = run(8);
-            let diff = |x: &Tensor, y: &Tensor| {
-                x.sub(y)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
-            assert_eq!(
-                diff(&a, &b),
-                0.0,
-                "{solution} {variant}: same seed, different output"
-            );
-            assert!(
-                diff(&a, &c) > 0.0,
-                "{solution} {variant}: different seeds, same output"
-            );
-        }
+    for (solution, variant, _, _) in TABLE {
+        let spec = builtin(solution, variant);
+        let run = |seed| {
+            let vars = SeededVarMap::new(seed);
+            let net = build(
+                spec,
+                vars.var_builder(DType::F32, &device),
+                Kernels::Auto,
+                dropout_rng(seed),
+            )
+            .unwrap();
+            net.forward_t(&xs, false).unwrap()
+        };
+        let a = run(7);
+        assert_eq!(a.dims(), &[3, 10], "{solution} {variant}");
+        let diff = |x: &Tensor, y: &Tensor| {
+            x.sub(y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(
+            diff(&a, &run(7)),
+            0.0,
+            "{solution} {variant}: same seed, different output"
+        );
+        assert!(
+            diff(&a, &run(8)) > 0.0,
+            "{solution} {variant}: different seeds, same output"
+        );
     }
 }

@@ -5,9 +5,9 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use common::{bin, mnist_dir, run, run_owned, train_args};
@@ -87,30 +87,45 @@ fn assert_same_run(a: &Path, b: &Path, epochs: usize) {
     assert_eq!(ha, hb);
 }
 
-/// Starts a training run, waits for the checkpoint of its first epoch, sends SIGINT and waits for the exit.
+/// Starts a training run that pauses after the checkpoint of its first epoch (the hidden
+/// `--pause-after-epoch` hook), sends SIGINT once it says so, and waits for the exit: the signal always
+/// arrives between epoch 1 and epoch 2, however fast the machine.
 fn train_and_interrupt(variant: &str, epochs: &str, out: &Path) -> Output {
-    let child = Command::new(bin(BIN))
-        .args(train_args(variant, epochs, LIMIT, out, &[]))
+    let mut child = Command::new(bin(BIN))
+        .args(train_args(
+            variant,
+            epochs,
+            LIMIT,
+            out,
+            &["--pause-after-epoch", "1"],
+        ))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let checkpoint = out.join("checkpoint.safetensors");
-    let started = Instant::now();
-    while !checkpoint.is_file() {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no checkpoint after 300 s"
-        );
-        std::thread::sleep(Duration::from_millis(5));
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = stderr.read_line(&mut line).unwrap();
+        assert!(n > 0, "the run ended before pausing: {seen}");
+        seen.push_str(&line);
+        if line.trim() == "paused after epoch 1" {
+            break;
+        }
     }
+    assert!(out.join("checkpoint.safetensors").is_file());
     let kill = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    child.wait_with_output().unwrap()
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    let mut output = child.wait_with_output().unwrap();
+    output.stderr = format!("{seen}{rest}").into_bytes();
+    output
 }
 
 #[test]

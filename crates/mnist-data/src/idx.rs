@@ -237,43 +237,26 @@ fn to_u32(path: &Path, v: usize) -> Result<u32> {
 }
 
 fn write_atomic(path: &Path, header: &[u8], payload: &[u8]) -> Result<()> {
-    let io_err = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| DataError::Io { path: p, source }
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| DataError::Config(format!("{}: not a file path", path.display())))?;
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
     let gz = path.extension().is_some_and(|e| e == "gz");
-    let write = || -> io::Result<()> {
-        let file = io::BufWriter::new(File::create(&tmp)?);
+    let io_err = |p: &Path, source| DataError::Io {
+        path: p.to_path_buf(),
+        source,
+    };
+    let write = |tmp: &Path| -> io::Result<()> {
+        let file = io::BufWriter::new(File::create(tmp)?);
         if gz {
             let mut enc = GzEncoder::new(file, Compression::default());
             enc.write_all(header)?;
             enc.write_all(payload)?;
-            enc.finish()?
-                .into_inner()
-                .map_err(|e| e.into_error())?
-                .sync_all()?;
+            enc.finish()?.flush()
         } else {
             let mut file = file;
             file.write_all(header)?;
             file.write_all(payload)?;
-            file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            file.flush()
         }
-        Ok(())
     };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(&tmp)(e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io_err(path)(e)
-    })
+    mnist_fs::write_atomic(path, |tmp| write(tmp).map_err(|e| io_err(tmp, e)), io_err)
 }
 
 #[cfg(test)]

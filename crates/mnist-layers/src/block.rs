@@ -6,10 +6,10 @@ use candle_nn::VarBuilder;
 use crate::error::shape_err;
 use crate::ops::{self, BlockSpec, PoolSpec};
 use crate::{
-    batch_norm, conv2d, max_pool2d, separable_conv2d, BatchNorm, BatchNormConfig, Conv2d,
-    Conv2dConfig, DepthwiseConv2d, SeparableConv2d,
+    batch_norm, conv2d, separable_conv2d, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig,
+    DepthwiseConv2d, SeparableConv2d,
 };
-use crate::{Kernels, MaxPool2dConfig};
+use crate::{Kernels, MaxPool2d, MaxPool2dConfig};
 
 /// Configuration of a [`ConvBnPool`] block.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -25,21 +25,21 @@ pub struct ConvBnPoolConfig {
 /// `pool?(BatchNorm(conv(x)))`: an existing [`Conv2d`] and [`BatchNorm`] (same variables, same
 /// checkpoints) run as one block.
 ///
-/// In training mode with the fast kernels (both layers [`Kernels::Auto`] on an `f32` CPU input) the block
+/// With the fast kernels (the default; [`ConvBnPool::with_kernels`]) on an `f32` CPU input, training mode
 /// is ONE custom op ([`ops::conv_bn_pool_train`]) and the running statistics are updated as
-/// [`BatchNorm`] does; in inference mode it is [`ops::conv_bn_pool_infer`] (image by image, in cache,
-/// no gradient).
-/// Otherwise it runs the three layers one after the other.
+/// [`BatchNorm`] does; inference mode is [`ops::conv_bn_pool_infer`] (image by image, in cache, no
+/// gradient). Otherwise it runs the three layers one after the other.
 #[derive(Debug, Clone)]
 pub struct ConvBnPool {
     conv: Conv2d,
     bn: BatchNorm,
     pool: Option<MaxPool2dConfig>,
+    kernels: Kernels,
 }
 
 impl ConvBnPool {
     /// Wraps existing layers: `conv [o, c, k, k]` followed by `bn` over the same `o` channels and an
-    /// optional pool.
+    /// optional pool, on the fast kernels.
     pub fn new(conv: Conv2d, bn: BatchNorm, pool: Option<MaxPool2dConfig>) -> Result<Self> {
         let o = conv.weight().dim(0)?;
         let c = bn.gamma().dim(0)?;
@@ -50,7 +50,21 @@ impl ConvBnPool {
                 bn.gamma().dims(),
             ));
         }
-        Ok(Self { conv, bn, pool })
+        Ok(Self {
+            conv,
+            bn,
+            pool,
+            kernels: Kernels::Auto,
+        })
+    }
+    /// The same block (and its layers) running on `kernels`.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self {
+            conv: self.conv.with_kernels(kernels),
+            bn: self.bn.with_kernels(kernels),
+            kernels,
+            ..self
+        }
     }
     /// The convolution.
     pub fn conv(&self) -> &Conv2d {
@@ -89,13 +103,6 @@ impl ConvBnPool {
             pool,
         })
     }
-
-    fn fast(&self, xs: &Tensor) -> bool {
-        let pool_fast = self.pool.is_none_or(|p| p.kernels == Kernels::Auto);
-        self.conv.config().kernels.use_fast(xs)
-            && self.bn.config().kernels.use_fast(xs)
-            && pool_fast
-    }
 }
 
 /// Builds a [`ConvBnPool`] from fresh layers: [`conv2d`]`(in_c, out_c, k, cfg.conv, vb_conv)`,
@@ -120,10 +127,10 @@ impl ModuleT for ConvBnPool {
             &[_, _, h, w] => (h, w),
             d => return Err(shape_err("conv_bn_pool", "[b, c, h, w]", d)),
         };
-        if !self.fast(xs) {
+        if !self.kernels.use_fast(xs) {
             let ys = self.conv.forward(xs)?.apply_t(&self.bn, train)?;
             return match self.pool {
-                Some(p) => max_pool2d(&ys, p),
+                Some(p) => MaxPool2d::new(p).with_kernels(self.kernels).forward(&ys),
                 None => Ok(ys),
             };
         }
@@ -150,16 +157,24 @@ pub struct SeparableBnPool {
 }
 
 impl SeparableBnPool {
-    /// Wraps an existing separable convolution, BatchNorm (over its output channels) and pool.
+    /// Wraps an existing separable convolution, BatchNorm (over its output channels) and pool, on the
+    /// fast kernels.
     pub fn new(
         sep: &SeparableConv2d,
         bn: BatchNorm,
         pool: Option<MaxPool2dConfig>,
     ) -> Result<Self> {
         Ok(Self {
-            depthwise: sep.depthwise().clone(),
+            depthwise: sep.depthwise().clone().with_kernels(Kernels::Auto),
             block: ConvBnPool::new(sep.pointwise().clone(), bn, pool)?,
         })
+    }
+    /// The same block running on `kernels`.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self {
+            depthwise: self.depthwise.with_kernels(kernels),
+            block: self.block.with_kernels(kernels),
+        }
     }
     /// The depthwise stage.
     pub fn depthwise(&self) -> &DepthwiseConv2d {
@@ -201,22 +216,15 @@ mod tests {
     use crate::{Activation, Padding};
     use candle_core::{DType, Device};
 
-    fn cfg(kernels: Kernels) -> ConvBnPoolConfig {
+    fn cfg() -> ConvBnPoolConfig {
         ConvBnPoolConfig {
             conv: Conv2dConfig {
                 padding: Padding::Same,
                 activation: Activation::Relu,
-                kernels,
                 ..Default::default()
             },
-            bn: BatchNormConfig {
-                kernels,
-                ..Default::default()
-            },
-            pool: Some(MaxPool2dConfig {
-                kernels,
-                ..Default::default()
-            }),
+            bn: BatchNormConfig::default(),
+            pool: Some(MaxPool2dConfig::default()),
         }
     }
 
@@ -227,8 +235,10 @@ mod tests {
         let dev = Device::Cpu;
         let vf = mf.var_builder(DType::F32, &dev);
         let vr = mr.var_builder(DType::F32, &dev);
-        let fast = conv_bn_pool(2, 6, 3, cfg(Kernels::Auto), vf.pp("c"), vf.pp("bn")).unwrap();
-        let refr = conv_bn_pool(2, 6, 3, cfg(Kernels::Reference), vr.pp("c"), vr.pp("bn")).unwrap();
+        let fast = conv_bn_pool(2, 6, 3, cfg(), vf.pp("c"), vf.pp("bn")).unwrap();
+        let refr = conv_bn_pool(2, 6, 3, cfg(), vr.pp("c"), vr.pp("bn"))
+            .unwrap()
+            .with_kernels(Kernels::Reference);
         // Same variables as separate layers would have.
         let mut names: Vec<String> = mf
             .var_map()
@@ -277,22 +287,22 @@ mod tests {
 
     #[test]
     fn separable_block_matches_separate_layers() {
-        let valid = |kernels| ConvBnPoolConfig {
+        let valid = ConvBnPoolConfig {
             conv: Conv2dConfig {
                 padding: Padding::Valid,
-                ..cfg(kernels).conv
+                ..cfg().conv
             },
-            ..cfg(kernels)
+            ..cfg()
         };
         let mf = SeededVarMap::new(4);
         let mr = SeededVarMap::new(4);
         let dev = Device::Cpu;
         let vf = mf.var_builder(DType::F32, &dev);
         let vr = mr.var_builder(DType::F32, &dev);
-        let fast =
-            separable_bn_pool(3, 5, 3, valid(Kernels::Auto), vf.pp("s"), vf.pp("bn")).unwrap();
-        let refr =
-            separable_bn_pool(3, 5, 3, valid(Kernels::Reference), vr.pp("s"), vr.pp("bn")).unwrap();
+        let fast = separable_bn_pool(3, 5, 3, valid, vf.pp("s"), vf.pp("bn")).unwrap();
+        let refr = separable_bn_pool(3, 5, 3, valid, vr.pp("s"), vr.pp("bn"))
+            .unwrap()
+            .with_kernels(Kernels::Reference);
         let mut names: Vec<String> = mf
             .var_map()
             .data()

@@ -18,8 +18,6 @@ pub struct Conv2dConfig {
     pub activation: Activation,
     /// Whether the layer has a bias (default true).
     pub bias: bool,
-    /// Implementation choice (default [`Kernels::Auto`]).
-    pub kernels: Kernels,
 }
 
 impl Default for Conv2dConfig {
@@ -29,7 +27,6 @@ impl Default for Conv2dConfig {
             padding: Padding::Valid,
             activation: Activation::None,
             bias: true,
-            kernels: Kernels::Auto,
         }
     }
 }
@@ -59,10 +56,12 @@ pub struct Conv2d {
     in_c: usize,
     k: usize,
     config: Conv2dConfig,
+    kernels: Kernels,
 }
 
 /// Builds a [`Conv2d`]: `"weight" [out_c, in_c, k, k]` glorot-uniform (fan_in = in_c*k*k,
-/// fan_out = out_c*k*k), `"bias" [out_c]` zeros when `cfg.bias`.
+/// fan_out = out_c*k*k), `"bias" [out_c]` zeros when `cfg.bias`. It runs on the fast kernels where it
+/// can ([`Conv2d::with_kernels`] chooses otherwise).
 pub fn conv2d(
     in_c: usize,
     out_c: usize,
@@ -91,10 +90,19 @@ pub fn conv2d(
         in_c,
         k,
         config: cfg,
+        kernels: Kernels::Auto,
     })
 }
 
 impl Conv2d {
+    /// The same layer running on `kernels`.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self { kernels, ..self }
+    }
+    /// The implementation the layer uses.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
     /// The weight `[out_c, in_c, k, k]`.
     pub fn weight(&self) -> &Tensor {
         &self.weight
@@ -115,7 +123,7 @@ impl Module for Conv2d {
         let cfg = self.config;
         let (pad, _) = cfg.padding.resolve2d(h, w, self.k, cfg.stride)?;
         let relu = cfg.activation.is_relu();
-        if cfg.kernels.use_fast(xs) {
+        if self.kernels.use_fast(xs) {
             ops::conv2d_fused(xs, &self.weight, self.bias.as_ref(), cfg.stride, pad, relu)
         } else {
             ops::conv2d_fused_reference(xs, &self.weight, self.bias.as_ref(), cfg.stride, pad, relu)
@@ -132,6 +140,7 @@ pub struct DepthwiseConv2d {
     c: usize,
     k: usize,
     config: Conv2dConfig,
+    kernels: Kernels,
 }
 
 /// Builds a [`DepthwiseConv2d`]: `"weight" [c, 1, k, k]` glorot-uniform with fan_in = fan_out = k*k
@@ -155,10 +164,19 @@ pub fn depthwise_conv2d(
         c,
         k,
         config: cfg,
+        kernels: Kernels::Auto,
     })
 }
 
 impl DepthwiseConv2d {
+    /// The same layer running on `kernels`.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self { kernels, ..self }
+    }
+    /// The implementation the layer uses.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
     /// The weight `[c, 1, k, k]`.
     pub fn weight(&self) -> &Tensor {
         &self.weight
@@ -178,7 +196,7 @@ impl Module for DepthwiseConv2d {
         let (h, w) = check_input("depthwise_conv2d", xs, self.c)?;
         let cfg = self.config;
         let (pad, _) = cfg.padding.resolve2d(h, w, self.k, cfg.stride)?;
-        let mut ys = if cfg.kernels.use_fast(xs) {
+        let mut ys = if self.kernels.use_fast(xs) {
             ops::depthwise_conv2d(xs, &self.weight, cfg.stride, pad)?
         } else {
             ops::depthwise_conv2d_reference(xs, &self.weight, cfg.stride, pad)?
@@ -229,6 +247,13 @@ pub fn separable_conv2d(
 }
 
 impl SeparableConv2d {
+    /// The same layer running on `kernels`.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self {
+            depthwise: self.depthwise.with_kernels(kernels),
+            pointwise: self.pointwise.with_kernels(kernels),
+        }
+    }
     /// The depthwise stage.
     pub fn depthwise(&self) -> &DepthwiseConv2d {
         &self.depthwise
@@ -301,17 +326,9 @@ mod tests {
             ..Default::default()
         };
         let fast = separable_conv2d(3, 5, 5, cfg, vb.pp("s")).unwrap();
-        let refr = separable_conv2d(
-            3,
-            5,
-            5,
-            Conv2dConfig {
-                kernels: Kernels::Reference,
-                ..cfg
-            },
-            vb.pp("s"),
-        )
-        .unwrap();
+        let refr = separable_conv2d(3, 5, 5, cfg, vb.pp("s"))
+            .unwrap()
+            .with_kernels(Kernels::Reference);
         let x = rand_t(&[3, 3, 12, 11], 3);
         assert_close(
             &x.apply(&fast).unwrap(),

@@ -32,7 +32,7 @@ pub use conv::{
 };
 pub use dropout::{dropout, Dropout};
 pub use error::LayerError;
-pub use inception::{inception_module, BranchLayer, InceptionConfig, InceptionModule};
+pub use inception::{BranchLayer, InceptionModule};
 pub use linear::linear;
 pub use norm::{batch_norm, BatchNorm, BatchNormConfig};
 pub use pool::{global_avg_pool, max_pool2d, MaxPool2d, MaxPool2dConfig};

@@ -15,8 +15,6 @@ pub struct BatchNormConfig {
     pub momentum: f64,
     /// Learnable `gamma`/`beta` (default true); without them gamma = 1, beta = 0.
     pub affine: bool,
-    /// Implementation choice (default [`Kernels::Auto`]).
-    pub kernels: Kernels,
 }
 
 impl Default for BatchNormConfig {
@@ -25,7 +23,6 @@ impl Default for BatchNormConfig {
             eps: 1e-3,
             momentum: 0.99,
             affine: true,
-            kernels: Kernels::Auto,
         }
     }
 }
@@ -42,6 +39,7 @@ pub struct BatchNorm {
     running_var: Var,
     c: usize,
     config: BatchNormConfig,
+    kernels: Kernels,
 }
 
 /// Builds a [`BatchNorm`] over `c` channels: `"gamma"` ones, `"beta"` zeros (only when `cfg.affine`),
@@ -79,10 +77,19 @@ pub fn batch_norm(c: usize, cfg: BatchNormConfig, vb: VarBuilder) -> Result<Batc
         running_var,
         c,
         config: cfg,
+        kernels: Kernels::Auto,
     })
 }
 
 impl BatchNorm {
+    /// The same layer running on `kernels`.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self { kernels, ..self }
+    }
+    /// The implementation the layer uses.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
     /// Scale `[c]` (ones when not affine).
     pub fn gamma(&self) -> &Tensor {
         &self.gamma
@@ -136,7 +143,7 @@ impl ModuleT for BatchNorm {
                 xs.dims(),
             ));
         }
-        let fast = self.config.kernels.use_fast(xs);
+        let fast = self.kernels.use_fast(xs);
         if train {
             let (ys, mean, var) = if fast {
                 ops::batch_norm_train(xs, &self.gamma, &self.beta, self.config.eps)?
@@ -168,11 +175,9 @@ mod tests {
         for kernels in [Kernels::Auto, Kernels::Reference] {
             let m = SeededVarMap::new(0);
             let vb = m.var_builder(DType::F32, &Device::Cpu);
-            let cfg = BatchNormConfig {
-                kernels,
-                ..Default::default()
-            };
-            let bn = batch_norm(3, cfg, vb.pp("bn")).unwrap();
+            let bn = batch_norm(3, BatchNormConfig::default(), vb.pp("bn"))
+                .unwrap()
+                .with_kernels(kernels);
             let x1 = rand_t(&[4, 3, 5, 5], 1).affine(3.0, 1.0).unwrap();
             let x2 = (rand_t(&[4, 3, 5, 5], 2) - 2.0).unwrap();
             let stats = |x: &Tensor| {

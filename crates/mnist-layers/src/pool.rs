@@ -14,8 +14,6 @@ pub struct MaxPool2dConfig {
     pub stride: usize,
     /// Keras padding; padded cells count as `-inf` (default [`Padding::Valid`]).
     pub padding: Padding,
-    /// Implementation choice (default [`Kernels::Auto`]).
-    pub kernels: Kernels,
 }
 
 impl Default for MaxPool2dConfig {
@@ -24,35 +22,57 @@ impl Default for MaxPool2dConfig {
             kernel: 2,
             stride: 2,
             padding: Padding::Valid,
-            kernels: Kernels::Auto,
         }
     }
 }
 
-/// Max pooling of `xs [b, c, h, w]` with any kernel / stride / padding.
+/// Max pooling of `xs [b, c, h, w]` with any kernel / stride / padding, on the fast kernels where they
+/// apply.
 ///
 /// Unlike candle's own `max_pool2d`, the gradient is correct: each output's gradient goes to its window's
 /// argmax (first maximum wins on the fast path).
 pub fn max_pool2d(xs: &Tensor, cfg: MaxPool2dConfig) -> Result<Tensor> {
-    let (h, w) = match xs.dims() {
-        &[_, _, h, w] => (h, w),
-        d => return Err(shape_err("max_pool2d", "[b, c, h, w]", d)),
-    };
-    let (pad, _) = cfg.padding.resolve2d(h, w, cfg.kernel, cfg.stride)?;
-    if cfg.kernels.use_fast(xs) {
-        ops::max_pool2d(xs, cfg.kernel, cfg.stride, pad)
-    } else {
-        ops::max_pool2d_reference(xs, cfg.kernel, cfg.stride, pad)
-    }
+    MaxPool2d::new(cfg).forward(xs)
 }
 
 /// [`max_pool2d`] as a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MaxPool2d(pub MaxPool2dConfig);
+pub struct MaxPool2d {
+    config: MaxPool2dConfig,
+    kernels: Kernels,
+}
+
+impl MaxPool2d {
+    /// A pool on the fast kernels where they apply.
+    pub fn new(config: MaxPool2dConfig) -> Self {
+        Self {
+            config,
+            kernels: Kernels::Auto,
+        }
+    }
+    /// The same layer running on `kernels`.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self { kernels, ..self }
+    }
+    /// The configuration.
+    pub fn config(&self) -> &MaxPool2dConfig {
+        &self.config
+    }
+}
 
 impl Module for MaxPool2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        max_pool2d(xs, self.0)
+        let cfg = self.config;
+        let (h, w) = match xs.dims() {
+            &[_, _, h, w] => (h, w),
+            d => return Err(shape_err("max_pool2d", "[b, c, h, w]", d)),
+        };
+        let (pad, _) = cfg.padding.resolve2d(h, w, cfg.kernel, cfg.stride)?;
+        if self.kernels.use_fast(xs) {
+            ops::max_pool2d(xs, cfg.kernel, cfg.stride, pad)
+        } else {
+            ops::max_pool2d_reference(xs, cfg.kernel, cfg.stride, pad)
+        }
     }
 }
 
@@ -79,16 +99,12 @@ mod tests {
         };
         let y = max_pool2d(&x, cfg).unwrap();
         assert_eq!(y.dims(), &[2, 2, 28, 28]);
-        let yr = max_pool2d(
-            &x,
-            MaxPool2dConfig {
-                kernels: Kernels::Reference,
-                ..cfg
-            },
-        )
-        .unwrap();
+        let yr = MaxPool2d::new(cfg)
+            .with_kernels(Kernels::Reference)
+            .forward(&x)
+            .unwrap();
         assert_close(&y, &yr, 0.0, "same pool");
-        let y = x.apply(&MaxPool2d(MaxPool2dConfig::default())).unwrap();
+        let y = x.apply(&MaxPool2d::default()).unwrap();
         assert_eq!(y.dims(), &[2, 2, 14, 14]);
     }
 

@@ -1,12 +1,13 @@
-//! Which model to build: solution, variant and kernel choice.
+//! Which model to build: the solution, the architecture (a built-in variant or any spec) and the kernels.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use mnist_layers::Kernels;
 use serde::{Deserialize, Serialize};
 
-use crate::ModelError;
+use crate::{ArchSpec, ModelError};
 
 /// The three MNIST Challenge solutions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -62,7 +63,7 @@ impl FromStr for Solution {
     }
 }
 
-/// Which architecture of a solution: the faithful original or our improved one.
+/// A built-in architecture of a solution: the faithful original or our improved one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Variant {
@@ -103,30 +104,150 @@ impl FromStr for Variant {
     }
 }
 
+/// The JSON of every built-in variant (`specs/<solution>-<variant>.json`): the only description of them.
+const BUILTIN_JSON: [(Solution, Variant, &str); 6] = [
+    (
+        Solution::Conv,
+        Variant::Seed,
+        include_str!("../specs/conv-seed.json"),
+    ),
+    (
+        Solution::Conv,
+        Variant::Improved,
+        include_str!("../specs/conv-improved.json"),
+    ),
+    (
+        Solution::Separable,
+        Variant::Seed,
+        include_str!("../specs/separable-seed.json"),
+    ),
+    (
+        Solution::Separable,
+        Variant::Improved,
+        include_str!("../specs/separable-improved.json"),
+    ),
+    (
+        Solution::Inception,
+        Variant::Seed,
+        include_str!("../specs/inception-seed.json"),
+    ),
+    (
+        Solution::Inception,
+        Variant::Improved,
+        include_str!("../specs/inception-improved.json"),
+    ),
+];
+
+/// The architecture of a built-in variant.
+pub fn builtin(solution: Solution, variant: Variant) -> &'static ArchSpec {
+    static SPECS: OnceLock<Vec<(Solution, Variant, ArchSpec)>> = OnceLock::new();
+    let specs = SPECS.get_or_init(|| {
+        BUILTIN_JSON
+            .iter()
+            .map(|&(s, v, json)| {
+                // The built-in files are checked by this crate's tests; a broken one is a build defect.
+                let spec = ArchSpec::from_json(json)
+                    .unwrap_or_else(|e| panic!("built-in spec {s}-{v} is invalid: {e}"));
+                (s, v, spec)
+            })
+            .collect()
+    });
+    specs
+        .iter()
+        .find(|(s, v, _)| (*s, *v) == (solution, variant))
+        .map(|(_, _, spec)| spec)
+        .unwrap_or_else(|| unreachable!("every (solution, variant) pair has a built-in spec"))
+}
+
 /// Everything needed to rebuild a model (saved beside its weights as part of `config.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelConfig {
-    /// The solution.
+    /// The solution (its binary, its recipes, its parameter budget).
     pub solution: Solution,
-    /// The variant of that solution.
-    pub variant: Variant,
+    /// The built-in variant `arch` is, or `None` for an architecture from a file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<Variant>,
+    /// The architecture.
+    pub arch: ArchSpec,
     /// Fast CPU kernels (`auto`) or candle's own ops (`reference`). Not part of the architecture.
-    #[serde(default)]
     pub kernels: Kernels,
 }
 
+/// `config.json`'s `model` as written: files from before architectures were data hold only `solution`
+/// and `variant`, and stand for that built-in architecture.
+#[derive(Deserialize)]
+struct ModelConfigFile {
+    solution: Solution,
+    #[serde(default)]
+    variant: Option<Variant>,
+    #[serde(default)]
+    arch: Option<ArchSpec>,
+    #[serde(default)]
+    kernels: Kernels,
+}
+
+impl<'de> Deserialize<'de> for ModelConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f = ModelConfigFile::deserialize(d)?;
+        let arch = match (f.arch, f.variant) {
+            (Some(arch), _) => arch,
+            (None, Some(v)) => builtin(f.solution, v).clone(),
+            (None, None) => {
+                return Err(serde::de::Error::custom(
+                    "a model needs an `arch` or a built-in `variant` (seed or improved)",
+                ))
+            }
+        };
+        Ok(Self {
+            solution: f.solution,
+            variant: f.variant,
+            arch,
+            kernels: f.kernels,
+        })
+    }
+}
+
 impl ModelConfig {
-    /// A config with the default (fast where possible) kernels.
+    /// A built-in variant on the default (fast where possible) kernels.
     pub fn new(solution: Solution, variant: Variant) -> Self {
         Self {
             solution,
-            variant,
+            variant: Some(variant),
+            arch: builtin(solution, variant).clone(),
             kernels: Kernels::default(),
         }
+    }
+
+    /// Any architecture for `solution`, on the default kernels.
+    pub fn custom(solution: Solution, arch: ArchSpec) -> Self {
+        Self {
+            solution,
+            variant: None,
+            arch,
+            kernels: Kernels::default(),
+        }
+    }
+
+    /// Builds the model (see [`crate::build`]) on this config's kernels.
+    pub fn build(
+        &self,
+        vb: candle_nn::VarBuilder,
+        rng: mnist_layers::SharedRng,
+    ) -> Result<crate::Net, ModelError> {
+        crate::build(&self.arch, vb, self.kernels, rng)
     }
 
     /// The same model built with the given kernels.
     pub fn with_kernels(self, kernels: Kernels) -> Self {
         Self { kernels, ..self }
+    }
+
+    /// How runs of this model are labelled: the variant's name (`seed`, `improved`), else the
+    /// architecture's name (`custom` when it has none).
+    pub fn label(&self) -> String {
+        match self.variant {
+            Some(v) => v.name().to_string(),
+            None => self.arch.label().to_string(),
+        }
     }
 }

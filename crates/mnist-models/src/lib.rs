@@ -1,38 +1,44 @@
-//! The MNIST Challenge architectures: models with fewer than 10,000 parameters.
+//! The MNIST Challenge architectures: models with fewer than 10,000 parameters, described as data.
 //!
-//! Three solutions ([`Solution`]), each as the faithful original ([`Variant::Seed`]) and as our improved
-//! variant ([`Variant::Improved`]). Models take `[b, 1, 28, 28]` f32 images (pixels / 255) and return
-//! `[b, 10]` logits.
+//! An architecture is an [`ArchSpec`]: an ordered list of layer specs, JSON on disk (see [`spec`]).
+//! Three solutions ([`Solution`]) each have two built-in specs: the faithful original
+//! ([`Variant::Seed`]) and our improved variant ([`Variant::Improved`]) ([`builtin`]). [`build`] lowers
+//! any spec to a [`Net`] that takes `[b, 1, 28, 28]` f32 images (pixels / 255) and returns `[b, 10]`
+//! logits; [`summary()`] describes one layer by layer, as Keras's `model.summary()`.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device, ModuleT, Tensor};
-//! use mnist_layers::init::SeededVarMap;
-//! use mnist_models::{build, ModelConfig, Solution, Variant};
+//! use mnist_layers::{init::SeededVarMap, Kernels};
+//! use mnist_models::{build, builtin, dropout_rng, Solution, Variant};
 //!
 //! let vars = SeededVarMap::new(42);
 //! let vb = vars.var_builder(DType::F32, &Device::Cpu);
-//! let cfg = ModelConfig::new(Solution::Conv, Variant::Seed);
-//! let model = build(&cfg, vb, mnist_models::dropout_rng(42))?;
+//! let spec = builtin(Solution::Conv, Variant::Seed);
+//! let model = build(spec, vb, Kernels::Auto, dropout_rng(42))?;
 //! let logits = model.forward_t(&Tensor::zeros((8, 1, 28, 28), DType::F32, &Device::Cpu)?, false)?;
 //! assert_eq!(logits.dims(), &[8, 10]);
-//! # Ok::<(), candle_core::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod config;
-mod improved;
+mod lower;
 mod net;
-mod seed;
+pub mod plan;
+pub mod spec;
+mod summary;
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
-use mnist_layers::init::SeededVarMap;
 use mnist_layers::SharedRng;
 use rand_chacha::rand_core::SeedableRng;
 
-pub use config::{ModelConfig, Solution, Variant};
-pub use net::{is_trainable, summarize, LayerSummary, Net, StageTrace, Summary};
+pub use config::{builtin, ModelConfig, Solution, Variant};
+pub use lower::build;
+pub use net::{is_trainable, Net, StageTrace};
+pub use plan::{Dims, LayerSummary};
+pub use spec::{ArchSpec, SpecError};
+pub use summary::{summary, thousands, Summary};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +49,17 @@ pub enum ModelError {
     /// A variant name that is not one of seed, improved.
     #[error("unknown variant '{0}' (expected seed or improved)")]
     UnknownVariant(String),
+    /// An architecture that does not describe a model.
+    #[error("invalid architecture: {0}")]
+    Spec(#[from] SpecError),
+    /// An architecture file that cannot be read or does not describe a model.
+    #[error("{}: {reason}", path.display())]
+    SpecFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// An error from candle while building or running a model.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -55,61 +72,9 @@ pub fn dropout_rng(seed: u64) -> SharedRng {
     Arc::new(Mutex::new(rng))
 }
 
-/// Builds the model `cfg` describes, creating (or loading) its variables through `vb`.
-/// Dropout masks are drawn from `rng`.
-pub fn build(cfg: &ModelConfig, vb: VarBuilder, rng: SharedRng) -> candle_core::Result<Net> {
-    let k = cfg.kernels;
-    let stages = match (cfg.solution, cfg.variant) {
-        (Solution::Conv, Variant::Seed) => seed::conv(vb, rng, k)?,
-        (Solution::Separable, Variant::Seed) => seed::separable(vb, rng, k)?,
-        (Solution::Inception, Variant::Seed) => seed::inception(vb, rng, k)?,
-        (Solution::Conv, Variant::Improved) => improved::conv(vb, rng, k)?,
-        (Solution::Separable, Variant::Improved) => improved::separable(vb, rng, k)?,
-        (Solution::Inception, Variant::Improved) => improved::inception(vb, rng, k)?,
-    };
-    Ok(Net::new(*cfg, stages))
-}
-
-/// Builds the model on the CPU with throw-away weights and summarises it, layer by layer as Keras does
-/// (built with the reference kernels, so fused blocks show as their separate layers; the variables and
-/// counts are the same either way).
-pub fn summary(cfg: &ModelConfig) -> candle_core::Result<Summary> {
-    let vars = SeededVarMap::new(0);
-    let cfg = cfg.with_kernels(mnist_layers::Kernels::Reference);
-    let net = build(
-        &cfg,
-        vars.var_builder(DType::F32, &Device::Cpu),
-        dropout_rng(0),
-    )?;
-    summarize(&net, vars.var_map())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seed_models_match_keras_parameter_counts() {
-        let expected = [
-            (Solution::Conv, 8_640, 8_580),
-            (Solution::Separable, 4_967, 4_879),
-            (Solution::Inception, 3_077, 3_077),
-        ];
-        for (solution, total, trainable) in expected {
-            let s = summary(&ModelConfig::new(solution, Variant::Seed)).unwrap();
-            assert_eq!(s.params_total, total, "{solution}: {s}");
-            assert_eq!(s.params_trainable, trainable, "{solution}: {s}");
-        }
-    }
-
-    #[test]
-    fn improved_models_fit_their_budgets() {
-        for solution in Solution::ALL {
-            let s = summary(&ModelConfig::new(solution, Variant::Improved)).unwrap();
-            assert!(s.params_total <= solution.param_budget(), "{solution}: {s}");
-            assert_eq!(s.layers.last().unwrap().output_shape, vec![10]);
-        }
-    }
 
     #[test]
     fn names_round_trip() {

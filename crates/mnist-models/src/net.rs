@@ -1,12 +1,8 @@
-//! A model as a list of named stages, which also gives a Keras-style summary for free.
+//! A built model: the stages [`crate::build`] lowered an [`ArchSpec`] to, run one after the other.
 
-use std::fmt;
+use candle_core::{Module, ModuleT, Result, Tensor};
 
-use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
-use candle_nn::VarMap;
-use serde::Serialize;
-
-use crate::{ModelConfig, Solution, Variant};
+use crate::ArchSpec;
 
 /// A stateless or stateful layer of a [`Net`].
 pub(crate) enum Layer {
@@ -77,6 +73,15 @@ impl Module for Flatten {
     }
 }
 
+/// `max(x, 0)`.
+pub(crate) struct Relu;
+
+impl Module for Relu {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.relu()
+    }
+}
+
 /// Global average pooling `[b, c, h, w] -> [b, c]`.
 pub(crate) struct GlobalAvgPool;
 
@@ -86,7 +91,7 @@ impl Module for GlobalAvgPool {
     }
 }
 
-/// One stage of a [`Net`] as seen by [`Net::trace_shapes`].
+/// One stage of a [`Net`] as seen by [`Net::trace_shapes`] (a fused block is one stage).
 #[derive(Debug, Clone)]
 pub struct StageTrace {
     /// The stage name.
@@ -101,18 +106,18 @@ pub struct StageTrace {
 
 /// A built model: `[b, 1, 28, 28]` images (pixels / 255) to `[b, 10]` logits (softmax is in the loss).
 pub struct Net {
-    config: ModelConfig,
+    spec: ArchSpec,
     stages: Vec<Stage>,
 }
 
 impl Net {
-    pub(crate) fn new(config: ModelConfig, stages: Vec<Stage>) -> Self {
-        Self { config, stages }
+    pub(crate) fn new(spec: ArchSpec, stages: Vec<Stage>) -> Self {
+        Self { spec, stages }
     }
 
-    /// The configuration the model was built from.
-    pub fn config(&self) -> &ModelConfig {
-        &self.config
+    /// The architecture the model was built from.
+    pub fn spec(&self) -> &ArchSpec {
+        &self.spec
     }
 
     /// Runs the model in inference mode on `xs` and describes every stage's output.
@@ -146,149 +151,4 @@ impl ModuleT for Net {
 /// "non-trainable params").
 pub fn is_trainable(name: &str) -> bool {
     !(name.ends_with("running_mean") || name.ends_with("running_var"))
-}
-
-/// One row of a [`Summary`].
-#[derive(Debug, Clone, Serialize)]
-pub struct LayerSummary {
-    /// The stage name (the prefix of its variables).
-    pub name: String,
-    /// The Keras-style layer type.
-    pub kind: String,
-    /// Output shape without the batch dimension.
-    pub output_shape: Vec<usize>,
-    /// Parameters of this stage, BatchNorm statistics included.
-    pub params: usize,
-}
-
-/// A Keras `model.summary()`: layers with output shapes and parameter counts, and the totals.
-#[derive(Debug, Clone, Serialize)]
-pub struct Summary {
-    /// The solution.
-    pub solution: Solution,
-    /// The variant.
-    pub variant: Variant,
-    /// One row per stage.
-    pub layers: Vec<LayerSummary>,
-    /// All parameters, BatchNorm statistics included.
-    pub params_total: usize,
-    /// Parameters the optimizer trains.
-    pub params_trainable: usize,
-    /// BatchNorm running statistics.
-    pub params_non_trainable: usize,
-}
-
-/// Summarises a built model whose variables are in `varmap`.
-pub fn summarize(net: &Net, varmap: &VarMap) -> Result<Summary> {
-    let device = varmap
-        .all_vars()
-        .first()
-        .map(|v| v.device().clone())
-        .unwrap_or(Device::Cpu);
-    let xs = Tensor::zeros((1, 1, 28, 28), DType::F32, &device)?;
-    let shapes = net.trace_shapes(&xs)?;
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".to_string()))?;
-    let mut layers = Vec::with_capacity(shapes.len());
-    for StageTrace {
-        name,
-        kind,
-        prefixes,
-        dims,
-    } in shapes
-    {
-        let prefixes: Vec<String> = prefixes.iter().map(|p| format!("{p}.")).collect();
-        let params = data
-            .iter()
-            .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
-            .map(|(_, v)| v.elem_count())
-            .sum();
-        layers.push(LayerSummary {
-            name,
-            kind: kind.to_string(),
-            output_shape: dims[1..].to_vec(),
-            params,
-        });
-    }
-    let params_total = data.values().map(|v| v.elem_count()).sum();
-    let params_trainable = data
-        .iter()
-        .filter(|(k, _)| is_trainable(k))
-        .map(|(_, v)| v.elem_count())
-        .sum();
-    Ok(Summary {
-        solution: net.config.solution,
-        variant: net.config.variant,
-        layers,
-        params_total,
-        params_trainable,
-        params_non_trainable: params_total - params_trainable,
-    })
-}
-
-fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
-
-impl fmt::Display for Summary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<String> = self
-            .layers
-            .iter()
-            .map(|l| format!("{} ({})", l.name, l.kind))
-            .collect();
-        // Keras's column widths, widened so long layer names keep a gap before the shape.
-        let w = names.iter().map(|n| n.len() + 2).fold(32, usize::max);
-        let rule = "=".repeat(w + 34);
-        writeln!(f, "Model: \"{} ({})\"", self.solution, self.variant)?;
-        writeln!(f, "{rule}")?;
-        writeln!(
-            f,
-            "{:<w$}{:<22}{:>12}",
-            "Layer (type)", "Output Shape", "Param #"
-        )?;
-        writeln!(f, "{rule}")?;
-        for (l, name) in self.layers.iter().zip(&names) {
-            let shape = format!(
-                "(None, {})",
-                l.output_shape
-                    .iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            writeln!(f, "{name:<w$}{shape:<22}{:>12}", thousands(l.params))?;
-        }
-        writeln!(f, "{rule}")?;
-        writeln!(f, "Total params: {}", thousands(self.params_total))?;
-        writeln!(f, "Trainable params: {}", thousands(self.params_trainable))?;
-        write!(
-            f,
-            "Non-trainable params: {}",
-            thousands(self.params_non_trainable)
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::thousands;
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(8640), "8,640");
-        assert_eq!(thousands(1234567), "1,234,567");
-    }
 }

@@ -171,6 +171,9 @@ pub struct RunOptions<'a> {
     pub resume: Option<Checkpoint>,
     /// Stop at the next batch boundary once this is true (see [`crate::Interrupt`]).
     pub stop: Option<&'a AtomicBool>,
+    /// A test hook: after the checkpoint of this epoch is written, print `paused after epoch N` on
+    /// stderr and wait until `stop` is set (so a test can interrupt a run at a known point, no race).
+    pub pause_after_epoch: Option<usize>,
 }
 
 fn ckpt_err(path: &Path, reason: impl Into<String>) -> TrainError {
@@ -214,7 +217,7 @@ pub fn save_checkpoint(
     let record = Record {
         format: FORMAT,
         solution: cfg.model.solution.to_string(),
-        variant: cfg.model.variant.to_string(),
+        variant: cfg.model.label(),
         epoch,
         adam_step: adam.step,
         adam_lr: Exact(adam.lr),
@@ -358,10 +361,7 @@ impl Checkpoint {
     /// Checks that the checkpoint belongs to a run of `cfg` and copies its weights into `vars`
     /// (every variable must be present with its shape; nothing is changed on error).
     pub fn restore_weights(&self, cfg: &TrainConfig, vars: &VarMap) -> Result<(), TrainError> {
-        let (solution, variant) = (
-            cfg.model.solution.to_string(),
-            cfg.model.variant.to_string(),
-        );
+        let (solution, variant) = (cfg.model.solution.to_string(), cfg.model.label());
         if self.solution != solution || self.variant != variant {
             return Err(ckpt_err(
                 &self.path,

@@ -4,18 +4,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mnist_data::{DataSource, Dataset, Interpolation};
-use mnist_layers::init::SeededVarMap;
 use mnist_layers::Kernels;
-use mnist_models::{ModelConfig, Solution, Variant};
+use mnist_models::{ArchSpec, ModelConfig, Solution, Variant};
 use mnist_optim::ScheduleConfig;
 
 use crate::{
-    default_run_dir, evaluate, load_checkpoint, load_weights, read_json, run_training_with,
-    Checkpoint, Interrupt, LogReporter, ProgressReporter, Reporter, RunOptions, TrainConfig,
-    TrainError, CHECKPOINT_FILE, CONFIG_FILE, INTERRUPTED_EXIT_CODE, RESULTS_FILE,
+    default_run_dir, evaluate, load_checkpoint, read_json, run_training_with, Checkpoint,
+    Interrupt, LogReporter, ProgressReporter, Reporter, RunOptions, TrainConfig, TrainError,
+    CHECKPOINT_FILE, CONFIG_FILE, INTERRUPTED_EXIT_CODE, RESULTS_FILE,
 };
 
 #[derive(Parser, Debug)]
@@ -37,7 +36,8 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate saved weights on the test split.
     Evaluate(EvalArgs),
-    /// Print the model's layers and parameter counts, like Keras's model.summary().
+    /// Print the model's layers and parameter counts, like Keras's model.summary(), or its architecture
+    /// as the JSON that --arch reads (--spec).
     Summary(SummaryArgs),
     /// Classify image files (PNG or JPEG, any size, grey or colour) with saved weights. Exit code 1 when any
     /// file could not be classified (after printing the results of all the others).
@@ -110,6 +110,10 @@ struct TrainArgs {
     /// seed = the original architecture and recipe; improved = ours (the default).
     #[arg(long, default_value = "improved")]
     variant: Variant,
+    /// Train the architecture described in FILE (JSON, as `summary --spec` prints) with the --variant's
+    /// recipe instead of the variant's own architecture.
+    #[arg(long, value_name = "FILE")]
+    arch: Option<PathBuf>,
     /// Number of epochs [recipe: 10].
     #[arg(long, allow_negative_numbers = true, value_parser = positive_usize)]
     epochs: Option<usize>,
@@ -172,13 +176,16 @@ struct TrainArgs {
     /// Train into --out even if it holds an unfinished run or a run with other settings (they are lost).
     #[arg(long)]
     overwrite: bool,
+    /// Test hook: after epoch N's checkpoint, wait for Ctrl-C (prints `paused after epoch N`).
+    #[arg(long, hide = true, value_name = "N")]
+    pause_after_epoch: Option<usize>,
     /// Continue the run in DIR from its last complete epoch (its config.json gives every setting;
     /// only --epochs may change, to extend the run).
     #[arg(
         long,
         value_name = "DIR",
         conflicts_with_all = [
-            "variant", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "augment", "no_augment",
+            "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "augment", "no_augment",
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset",
         ]
     )]
@@ -192,9 +199,8 @@ struct EvalArgs {
     /// The weights file (model.safetensors of a run folder).
     #[arg(long, value_name = "FILE")]
     weights: PathBuf,
-    /// The variant, when no config.json lies beside the weights.
-    #[arg(long)]
-    variant: Option<Variant>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -204,12 +210,44 @@ struct EvalArgs {
 
 #[derive(Args, Debug)]
 struct SummaryArgs {
-    /// Which variant.
+    /// Which built-in variant.
     #[arg(long, default_value = "improved")]
     variant: Variant,
+    /// Summarise the architecture described in FILE (JSON) instead.
+    #[arg(long, value_name = "FILE", conflicts_with = "variant")]
+    arch: Option<PathBuf>,
     /// Print one JSON object instead of the table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "spec")]
     json: bool,
+    /// Print the architecture as JSON (the format --arch reads) instead of the table.
+    #[arg(long)]
+    spec: bool,
+    /// Kernels to build the model on, to check it against the summary (which is computed from the
+    /// architecture alone and is the same for every choice).
+    #[arg(long, default_value = "auto", value_parser = parse_kernels)]
+    kernels: Kernels,
+}
+
+/// Which model a weights file holds, when no config.json lies beside it.
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// The built-in variant, when no config.json lies beside the weights.
+    #[arg(long)]
+    variant: Option<Variant>,
+    /// The architecture (JSON), when no config.json lies beside the weights.
+    #[arg(long, value_name = "FILE", conflicts_with = "variant")]
+    arch: Option<PathBuf>,
+}
+
+/// A bad value of a flag found after parsing, such as an --arch file that does not describe a model:
+/// exit code 2, as for the flags clap rejects.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// The architecture an `--arch FILE` flag names.
+fn load_arch(path: &Path) -> Result<ArchSpec> {
+    ArchSpec::load(path).map_err(|e| UsageError(format!("--arch {e}")).into())
 }
 
 /// Entry point of a solution binary: parses the command line, sets up logging, runs, and turns any
@@ -237,8 +275,11 @@ pub fn main(solution: Solution) -> ExitCode {
                     Some(TrainError::Interrupted { .. })
                 )
             });
+            let usage = e.chain().any(|c| c.downcast_ref::<UsageError>().is_some());
             if interrupted {
                 ExitCode::from(INTERRUPTED_EXIT_CODE)
+            } else if usage {
+                ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
             }
@@ -282,8 +323,12 @@ fn run(solution: Solution, cli: Cli) -> Result<()> {
     }
 }
 
-fn train_config(solution: Solution, args: &TrainArgs) -> TrainConfig {
+fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
     let mut cfg = TrainConfig::recipe(solution, args.variant);
+    if let Some(path) = &args.arch {
+        let arch = load_arch(path)?;
+        cfg.model = ModelConfig::custom(solution, arch);
+    }
     cfg.model.kernels = args.kernels;
     cfg.dataset = args.data.dataset;
     cfg.seed = args.seed;
@@ -354,7 +399,7 @@ fn train_config(solution: Solution, args: &TrainArgs) -> TrainConfig {
     if args.no_augment {
         cfg.augment = None;
     }
-    cfg
+    Ok(cfg)
 }
 
 fn load_data(args: &DataArgs) -> Result<mnist_data::Mnist> {
@@ -377,7 +422,7 @@ fn train(solution: Solution, args: TrainArgs) -> Result<()> {
     let (cfg, out, resume) = match &args.resume {
         Some(dir) => resume_config(solution, &args, dir)?,
         None => {
-            let cfg = train_config(solution, &args);
+            let cfg = train_config(solution, &args)?;
             cfg.validate()?;
             let out = args.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
             if !args.overwrite {
@@ -400,10 +445,11 @@ fn train(solution: Solution, args: TrainArgs) -> Result<()> {
     let options = RunOptions {
         resume,
         stop: Some(stop.as_ref()),
+        pause_after_epoch: args.pause_after_epoch,
     };
     let what = format!(
         "training {solution} ({}) into {}",
-        cfg.model.variant,
+        cfg.model.label(),
         out.display()
     );
     let results = match run_training_with(&cfg, &data, &out, &device, reporter.as_mut(), options) {
@@ -526,26 +572,35 @@ fn resume_config(
 }
 
 /// The model config of a weights file: `config.json` beside it, or the flags.
-fn model_config_for(
-    solution: Solution,
-    weights: &Path,
-    variant: Option<Variant>,
-) -> Result<ModelConfig> {
+fn model_config_for(solution: Solution, weights: &Path, flags: &ModelArgs) -> Result<ModelConfig> {
     let config_path = weights.with_file_name(CONFIG_FILE);
     let model = if config_path.is_file() {
         let cfg: TrainConfig = read_json(&config_path)?;
-        if let Some(v) = variant {
-            if v != cfg.model.variant {
+        if let Some(v) = flags.variant {
+            if Some(v) != cfg.model.variant {
                 bail!(
-                    "{} says variant '{}', but --variant {v} was given",
+                    "{} says the model is '{}', but --variant {v} was given",
                     config_path.display(),
-                    cfg.model.variant
+                    cfg.model.label()
+                );
+            }
+        }
+        if let Some(path) = &flags.arch {
+            let arch = load_arch(path)?;
+            if arch != cfg.model.arch {
+                bail!(
+                    "{} describes another architecture than --arch {}",
+                    config_path.display(),
+                    path.display()
                 );
             }
         }
         cfg.model
+    } else if let Some(path) = &flags.arch {
+        let arch = load_arch(path)?;
+        ModelConfig::custom(solution, arch)
     } else {
-        ModelConfig::new(solution, variant.unwrap_or_default())
+        ModelConfig::new(solution, flags.variant.unwrap_or_default())
     };
     if model.solution != solution {
         bail!(
@@ -559,23 +614,16 @@ fn model_config_for(
 }
 
 fn evaluate_cmd(solution: Solution, args: EvalArgs) -> Result<()> {
-    let model = model_config_for(solution, &args.weights, args.variant)?;
+    let model = model_config_for(solution, &args.weights, &args.model)?;
     let device = Device::Cpu;
-    let vars = SeededVarMap::new(0);
-    let net = mnist_models::build(
-        &model,
-        vars.var_builder(DType::F32, &device),
-        mnist_models::dropout_rng(0),
-    )?;
-    let mut map = vars.var_map().clone();
-    load_weights(&args.weights, &mut map)?;
+    let predictor = crate::predict::Predictor::load(&model, &args.weights, &device)?;
     let data = load_data(&args.data)?;
-    let eval = evaluate(&net, &data.test, &device)?;
+    let eval = evaluate(predictor.net(), &data.test, &device)?;
     let per_class = eval.confusion.per_class();
     if args.json {
         let json = serde_json::json!({
             "solution": model.solution,
-            "variant": model.variant,
+            "variant": model.label(),
             "test_accuracy": eval.accuracy,
             "test_loss": eval.loss,
             "per_class": per_class,
@@ -586,7 +634,7 @@ fn evaluate_cmd(solution: Solution, args: EvalArgs) -> Result<()> {
         println!(
             "{} ({}): test accuracy {:.2}%, loss {:.4} on {} images",
             model.solution,
-            model.variant,
+            model.label(),
             100.0 * eval.accuracy,
             eval.loss,
             data.test.len()
@@ -596,8 +644,48 @@ fn evaluate_cmd(solution: Solution, args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Builds `arch` on `kernels` and checks that the model holds the summary's parameters and maps images
+/// to 10 logits (a mismatch would be a bug in the lowering).
+fn check_build(arch: &ArchSpec, kernels: Kernels, summary: &mnist_models::Summary) -> Result<()> {
+    let vars = mnist_layers::init::SeededVarMap::new(0);
+    let device = Device::Cpu;
+    let net = mnist_models::build(
+        arch,
+        vars.var_builder(candle_core::DType::F32, &device),
+        kernels,
+        mnist_models::dropout_rng(0),
+    )?;
+    let x = candle_core::Tensor::zeros((1, 1, 28, 28), candle_core::DType::F32, &device)?;
+    let dims = candle_core::ModuleT::forward_t(&net, &x, false)?
+        .dims()
+        .to_vec();
+    let params: usize = vars
+        .var_map()
+        .all_vars()
+        .iter()
+        .map(|v| v.elem_count())
+        .sum();
+    if dims != [1, 10] || params != summary.params_total {
+        bail!(
+            "the model built on {kernels:?} kernels gives {dims:?} from {params} parameters, the summary \
+             says [1, 10] from {}",
+            summary.params_total
+        );
+    }
+    Ok(())
+}
+
 fn summary_cmd(solution: Solution, args: SummaryArgs) -> Result<()> {
-    let summary = mnist_models::summary(&ModelConfig::new(solution, args.variant))?;
+    let arch = match &args.arch {
+        Some(path) => load_arch(path)?,
+        None => mnist_models::builtin(solution, args.variant).clone(),
+    };
+    if args.spec {
+        println!("{}", arch.to_json());
+        return Ok(());
+    }
+    let summary = mnist_models::summary(&arch)?;
+    check_build(&arch, args.kernels, &summary)?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -611,9 +699,8 @@ struct PredictArgs {
     /// The weights file (model.safetensors of a run folder; its config.json says which model).
     #[arg(long, value_name = "FILE")]
     weights: PathBuf,
-    /// The variant, when no config.json lies beside the weights.
-    #[arg(long)]
-    variant: Option<Variant>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// How many of the most probable classes to print per file.
     #[arg(long, default_value_t = 3, value_parser = positive_usize)]
     top: usize,
@@ -647,7 +734,7 @@ fn dataset_for(weights: &Path) -> Result<Dataset> {
 }
 
 fn predict_cmd(solution: Solution, args: PredictArgs) -> Result<()> {
-    let model = model_config_for(solution, &args.weights, args.variant)?;
+    let model = model_config_for(solution, &args.weights, &args.model)?;
     let names = crate::plots::class_names(dataset_for(&args.weights)?);
     let predictor = crate::predict::Predictor::load(&model, &args.weights, &Device::Cpu)?;
     let loaded: Vec<_> = args

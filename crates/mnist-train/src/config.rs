@@ -148,7 +148,7 @@ pub fn default_run_dir(cfg: &TrainConfig) -> PathBuf {
     PathBuf::from("runs").join(format!(
         "{}-{}-{}seed{}",
         cfg.model.solution,
-        cfg.model.variant,
+        cfg.model.label(),
         match cfg.dataset {
             Dataset::Mnist => "",
             Dataset::Fashion => "fashion-",

@@ -10,7 +10,7 @@ use mnist_data::{batches, epoch_rng, to_tensor, BatcherConfig, Mnist, Split};
 use mnist_layers::init::SeededVarMap;
 use mnist_layers::SharedRng;
 use mnist_metrics::{argmax_rows, Accuracy, ConfusionMatrix, MeanLoss};
-use mnist_models::{build, is_trainable, Net};
+use mnist_models::{is_trainable, Net};
 use mnist_optim::{Adam, AdamState, Scheduler, SchedulerState};
 use serde::{Deserialize, Serialize};
 
@@ -57,11 +57,9 @@ impl Trained {
     pub fn init(cfg: &TrainConfig, device: &Device) -> Result<Self, TrainError> {
         let vars = SeededVarMap::new(cfg.seed);
         let dropout = mnist_models::dropout_rng(cfg.seed);
-        let net = build(
-            &cfg.model,
-            vars.var_builder(DType::F32, device),
-            dropout.clone(),
-        )?;
+        let net = cfg
+            .model
+            .build(vars.var_builder(DType::F32, device), dropout.clone())?;
         Ok(Self { net, vars, dropout })
     }
 

@@ -99,6 +99,9 @@ pub enum TrainError {
     /// A metrics computation failed.
     #[error(transparent)]
     Metrics(#[from] mnist_metrics::MetricsError),
+    /// A model could not be built (its architecture, or candle).
+    #[error(transparent)]
+    Model(#[from] mnist_models::ModelError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -145,11 +148,11 @@ pub fn run_training_with(
         }
         None => None,
     };
-    let summary = mnist_models::summarize(&trained.net, trained.vars.var_map())?;
+    let summary = mnist_models::summary(&cfg.model.arch).map_err(mnist_models::ModelError::from)?;
     tracing::info!(
         "{} ({}): {} params ({} trainable), {} training images, writing to {}",
         cfg.model.solution,
-        cfg.model.variant,
+        cfg.model.label(),
         summary.params_total,
         summary.params_trainable,
         cfg.limit_train
@@ -157,7 +160,18 @@ pub fn run_training_with(
             .min(data.train.len()),
         out_dir.display()
     );
-    let mut on_epoch = |end: &EpochEnd<'_>| checkpoint::save_epoch(out_dir, cfg, &trained, end);
+    let mut on_epoch = |end: &EpochEnd<'_>| {
+        checkpoint::save_epoch(out_dir, cfg, &trained, end)?;
+        if let (Some(n), Some(stop)) = (options.pause_after_epoch, options.stop) {
+            if end.history.len() == n {
+                eprintln!("paused after epoch {n}");
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        }
+        Ok(())
+    };
     let control = FitControl {
         resume,
         stop: options.stop,
@@ -172,7 +186,7 @@ pub fn run_training_with(
     let test = evaluate(&trained.net, &data.test, device)?;
     let results = RunResults {
         solution: cfg.model.solution.to_string(),
-        variant: cfg.model.variant.to_string(),
+        variant: cfg.model.label(),
         dataset: cfg.dataset.to_string(),
         params_total: summary.params_total,
         params_trainable: summary.params_trainable,

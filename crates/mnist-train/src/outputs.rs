@@ -2,8 +2,7 @@
 //! same folder and renamed into place, so a crash never leaves a half-written file behind.
 
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
@@ -19,14 +18,6 @@ pub const HISTORY_FILE: &str = "history.csv";
 /// Final figures.
 pub const RESULTS_FILE: &str = "results.json";
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
-}
-
 fn io_err(path: &Path, source: std::io::Error) -> TrainError {
     TrainError::Io {
         path: path.to_path_buf(),
@@ -34,29 +25,20 @@ fn io_err(path: &Path, source: std::io::Error) -> TrainError {
     }
 }
 
-/// Writes `path` atomically: a temporary file in the same folder, flushed and synced, then renamed.
-/// On any error the temporary file is removed and an existing `path` is left untouched.
+/// Writes `path` atomically (see [`mnist_fs::write_atomic`]): `write` fills a temporary file beside it,
+/// which is synced and renamed into place; on any error nothing is left behind and an existing `path` is
+/// untouched.
 pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&Path) -> Result<(), TrainError>,
 ) -> Result<(), TrainError> {
-    let tmp = tmp_path(path);
-    let result = write(&tmp).and_then(|()| {
-        let f = fs::File::open(&tmp).map_err(|e| io_err(&tmp, e))?;
-        f.sync_all().map_err(|e| io_err(&tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| io_err(path, e))
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    mnist_fs::write_atomic(path, write, io_err)
 }
 
 /// Writes bytes atomically.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     write_atomic(path, |tmp| {
-        let mut f = fs::File::create(tmp).map_err(|e| io_err(tmp, e))?;
-        f.write_all(bytes).map_err(|e| io_err(tmp, e))
+        fs::write(tmp, bytes).map_err(|e| io_err(tmp, e))
     })
 }
 
@@ -88,18 +70,36 @@ pub fn save_weights(path: &Path, vars: &VarMap) -> Result<(), TrainError> {
     })
 }
 
-/// Loads weights saved by [`save_weights`] into `vars`; every variable must be present with its shape.
+/// Loads weights saved by [`save_weights`] into `vars`; every variable must be present with its shape,
+/// and every value finite (a NaN or infinity is refused, naming the tensor).
 pub fn load_weights(path: &Path, vars: &mut VarMap) -> Result<(), TrainError> {
-    if !path.is_file() {
-        return Err(TrainError::Weights {
-            path: path.to_path_buf(),
-            reason: "no such file".into(),
-        });
-    }
-    vars.load(path).map_err(|e| TrainError::Weights {
+    let err = |reason: String| TrainError::Weights {
         path: path.to_path_buf(),
-        reason: format!("{e} (is it a weights file of this solution and variant?)"),
-    })
+        reason,
+    };
+    if !path.is_file() {
+        return Err(err("no such file".into()));
+    }
+    vars.load(path).map_err(|e| {
+        err(format!(
+            "{e} (is it a weights file of this solution and variant?)"
+        ))
+    })?;
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| err("variable map lock poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let values: Vec<f32> = data[name].as_tensor().flatten_all()?.to_vec1()?;
+        if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+            return Err(err(format!(
+                "tensor '{name}' holds {v}: the weights are broken (a diverged run?)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `history.csv`: epoch, lr, loss, accuracy, val_loss, val_accuracy, seconds.
@@ -168,21 +168,6 @@ pub fn prepare_run_dir(dir: &Path) -> Result<(), TrainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn failed_atomic_write_keeps_the_old_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("results.json");
-        write_bytes_atomic(&path, b"old").unwrap();
-        let err = write_atomic(&path, |tmp| {
-            fs::write(tmp, b"half").unwrap();
-            Err(TrainError::Config("disk full".into()))
-        });
-        assert!(err.is_err());
-        assert_eq!(fs::read(&path).unwrap(), b"old");
-        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(leftovers.len(), 1, "temporary file left behind");
-    }
 
     #[test]
     fn history_has_header_and_rows() {

@@ -232,11 +232,15 @@ pub struct Predictor {
 }
 
 impl Predictor {
+    /// The model.
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+
     /// Builds the model of `model` and loads `weights` into it.
     pub fn load(model: &ModelConfig, weights: &Path, device: &Device) -> Result<Self, TrainError> {
         let vars = SeededVarMap::new(0);
-        let net = mnist_models::build(
-            model,
+        let net = model.build(
             vars.var_builder(DType::F32, device),
             mnist_models::dropout_rng(0),
         )?;

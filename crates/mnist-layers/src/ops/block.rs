@@ -9,18 +9,15 @@
 //! The weights travel as one flattened parameter vector `[w, bias?, gamma|scale, beta|shift]` built with
 //! `Tensor::cat`, whose backward splits the op's parameter gradient again.
 
-use std::sync::{Arc, Mutex};
-
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::bn::{affine, channel_stats, check_vec};
+use super::bn::{affine, channel_stats, channel_sums, check_vec, dot_dev, BnBackward};
 use super::conv::{geometry, ConvGeom};
 use super::direct::{DirectConv, Epilogue};
 use super::pool::PoolGeom;
 use super::{
-    cpu_data, fwd_slice, give_buf, multiversion, sum_f32, take_buf, with_scratch, with_thread_buf,
-    Pad4,
+    cpu_data, fwd_slice, give_buf, sum_f32, take_buf, with_scratch, with_thread_buf, OpState, Pad4,
 };
 
 const OP_TRAIN: &str = "conv_bn_pool_train";
@@ -106,7 +103,7 @@ struct BlockOp {
     /// scale/shift.
     train_eps: Option<f64>,
     pool: Option<PoolGeom>,
-    saved: Arc<Mutex<Saved>>,
+    saved: OpState<Saved>,
 }
 
 /// The parameter vector split into `(w, bias, p1, p2)`.
@@ -154,18 +151,12 @@ impl BlockOp {
         }
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Saved>> {
-        self.saved.lock().map_err(|_| {
-            candle_core::Error::msg(format!("{}: state mutex poisoned", self.op_name()))
-        })
-    }
-
     fn fwd_train(&self, x: &[f32], params: Params, eps: f64) -> Result<Vec<f32>> {
         let g = self.g;
         let (w, bias, gamma, beta) = params;
         let (o, ohw, pl) = (g.o, g.ohw(), self.pooled_len());
         let mut y = take_buf(g.b * o * ohw); // [b, o, oh*ow]
-        g.forward_into(x, w, bias, self.relu, &mut y);
+        g.forward_into(x, w, bias, self.relu, &mut y)?;
         let (mean, var) = channel_stats(&y, g.b, o, ohw);
         let invstd: Vec<f32> = var
             .iter()
@@ -194,13 +185,13 @@ impl BlockOp {
             }
             None => (affine(&y, &scale, &shift, o, ohw), Vec::new()),
         };
-        *self.lock()? = Saved {
+        self.saved.set(Saved {
             y,
             mean,
             var,
             invstd,
             argmax,
-        };
+        })?;
         Ok(out)
     }
 
@@ -212,18 +203,18 @@ impl BlockOp {
         let mut argmax = vec![0u32; if self.pool.is_some() { g.b * o * pl } else { 0 }];
         let alen = if self.pool.is_some() { o * pl } else { 0 };
         let pool = self.pool;
-        let work = |(i, (op, ap)): (usize, (&mut [f32], &mut [u32]))| {
+        let work = |(i, (op, ap)): (usize, (&mut [f32], &mut [u32]))| -> Result<()> {
             let xi = &x[i * chw..(i + 1) * chw];
             let Some(pg) = pool else {
-                g.forward_image(xi, w, bias, self.relu, op);
+                g.forward_image(xi, w, bias, self.relu, op)?;
                 for (p, zp) in op.chunks_exact_mut(ohw).enumerate() {
                     zp.iter_mut().for_each(|v| *v = *v * scale[p] + shift[p]);
                 }
-                return;
+                return Ok(());
             };
             // The image's convolution output lives in a per-thread buffer (cache-resident).
             with_thread_buf(&EVAL_BUF, o * ohw, |y| {
-                g.forward_image(xi, w, bias, self.relu, y);
+                g.forward_image(xi, w, bias, self.relu, y)?;
                 for (p, ((zp, opl), apl)) in y
                     .chunks_exact_mut(ohw)
                     .zip(op.chunks_exact_mut(pl))
@@ -233,27 +224,28 @@ impl BlockOp {
                     zp.iter_mut().for_each(|v| *v = *v * scale[p] + shift[p]);
                     pg.plane_fwd(zp, opl, apl);
                 }
-            });
+                Ok(())
+            })
         };
         if g.b == 1 {
-            work((0, (&mut out, &mut argmax)));
+            work((0, (&mut out, &mut argmax)))?;
         } else if alen == 0 {
             out.par_chunks_mut(o * pl)
                 .enumerate()
-                .for_each(|(i, op)| work((i, (op, &mut []))));
+                .try_for_each(|(i, op)| work((i, (op, &mut []))))?;
         } else {
             out.par_chunks_mut(o * pl)
                 .zip(argmax.par_chunks_mut(alen))
                 .enumerate()
-                .for_each(work);
+                .try_for_each(work)?;
         }
-        *self.lock()? = Saved {
+        self.saved.set(Saved {
             y: Vec::new(),
             mean: vec![0.0; o],
             var: Vec::new(),
             invstd: vec![1.0; o],
             argmax,
-        };
+        })?;
         Ok(out)
     }
 
@@ -271,12 +263,12 @@ impl BlockOp {
         cpu_data!(params, pg, ps, name);
         cpu_data!(grad, dyg, dys, name);
         let (w, bias, p1, _) = self.split(ps)?;
-        let saved = self.lock()?;
+        let saved = self.saved.lock()?;
         let recomputed;
         let y: &[f32] = if self.train_eps.is_some() {
             &saved.y
         } else {
-            recomputed = g.forward(xs, w, bias, self.relu);
+            recomputed = g.forward(xs, w, bias, self.relu)?;
             &recomputed
         };
         let (mean, invstd, argmax) = (&saved.mean, &saved.invstd, &saved.argmax);
@@ -292,58 +284,30 @@ impl BlockOp {
             )
         }
         // Per channel: sum(dz) and sum(dz * (y - mean)), images in order (thread-count independent).
-        let sums: Vec<(f64, f64)> = (0..o)
-            .into_par_iter()
-            .map(|ch| {
-                let (mut s0, mut s1) = (0f64, 0f64);
-                let m = mean[ch];
-                for i in 0..g.b {
-                    let p = i * o + ch;
-                    let dp = &dys[p * pl..(p + 1) * pl];
-                    let yp = &y[p * ohw..(p + 1) * ohw];
-                    s0 += sum_f32(dp);
-                    if self.pool.is_some() {
-                        let ap = &argmax[p * pl..(p + 1) * pl];
-                        let mut acc = 0f32;
-                        for (&d, &a) in dp.iter().zip(ap) {
-                            if let Some(&yv) = yp.get(a as usize) {
-                                acc += d * (yv - m);
-                            }
-                        }
-                        s1 += acc as f64;
-                    } else {
-                        s1 += super::bn::dot_dev(dp, yp, m);
-                    }
+        let pooled = self.pool.is_some();
+        let sums = channel_sums(o, g.b, |i, ch| {
+            let p = i * o + ch;
+            let dp = &dys[p * pl..(p + 1) * pl];
+            let yp = &y[p * ohw..(p + 1) * ohw];
+            if !pooled {
+                return (sum_f32(dp), dot_dev(dp, yp, mean[ch]));
+            }
+            let mut acc = 0f32;
+            for (&d, &a) in dp.iter().zip(&argmax[p * pl..(p + 1) * pl]) {
+                if let Some(&yv) = yp.get(a as usize) {
+                    acc += d * (yv - mean[ch]);
                 }
-                (s0, s1)
-            })
-            .collect();
+            }
+            (sum_f32(dp), acc as f64)
+        });
         let n = (g.b * ohw) as f64;
-        let d2: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
-        let d1: Vec<f32> = sums
-            .iter()
-            .zip(invstd)
-            .map(|(s, &is)| (s.1 * is as f64) as f32)
-            .collect();
-        // g = a * (dz - mdy - (y - mean) * q), masked by y > 0 after a ReLU; eval: mdy = q = 0.
-        let a: Vec<f32> = (0..o).map(|ch| p1[ch] * invstd[ch]).collect();
-        let (mdy, q): (Vec<f32>, Vec<f32>) = if self.train_eps.is_some() {
-            (
-                sums.iter().map(|s| (s.0 / n) as f32).collect(),
-                (0..o)
-                    .map(|ch| (invstd[ch] as f64 * d1[ch] as f64 / n) as f32)
-                    .collect(),
-            )
-        } else {
-            (vec![0.0; o], vec![0.0; o])
-        };
+        let bn = BnBackward::new(&sums, p1, mean, invstd, n, self.train_eps.is_some());
         let relu = self.relu;
-        let pool = self.pool.is_some();
         let fill_g = |i: usize, gb: &mut [f32]| {
             for (ch, gp) in gb.chunks_exact_mut(ohw).enumerate() {
                 let p = i * o + ch;
                 let dp = &dys[p * pl..(p + 1) * pl];
-                if pool {
+                if pooled {
                     gp.fill(0.0);
                     for (&d, &ai) in dp.iter().zip(&argmax[p * pl..(p + 1) * pl]) {
                         if let Some(slot) = gp.get_mut(ai as usize) {
@@ -353,41 +317,22 @@ impl BlockOp {
                 } else {
                     gp.copy_from_slice(dp);
                 }
-                let yp = &y[p * ohw..(p + 1) * ohw];
-                bn_relu_grad(gp, yp, [a[ch], mdy[ch], q[ch], mean[ch]], relu);
+                bn.input_grad(ch, gp, &y[p * ohw..(p + 1) * ohw], relu);
             }
         };
-        let (dx, dw, db) = g.backward(xs, w, need_dx, &fill_g);
+        let (dx, dw, db) = g.backward(xs, w, need_dx, &fill_g)?;
         let mut dparams = dw;
         if self.bias {
             dparams.extend_from_slice(&db);
         }
-        dparams.extend_from_slice(&d1);
-        dparams.extend_from_slice(&d2);
+        dparams.extend_from_slice(&bn.dgamma);
+        dparams.extend_from_slice(&bn.dbeta);
         let dev = x.device();
         let dx = match dx {
             Some(v) => Some(Tensor::from_vec(v, (g.b, g.c, g.h, g.w), dev)?),
             None => None,
         };
         Ok((dx, Tensor::from_vec(dparams, params.shape(), dev)?))
-    }
-}
-
-multiversion! {
-    /// One plane of the BatchNorm (+ ReLU) backward: `g = a * (dz - mdy - (y - mean) * q)`, zero where
-    /// `y <= 0` after a ReLU; `g` holds `dz` on entry.
-    fn bn_relu_grad(g: &mut [f32], y: &[f32], coef: [f32; 4], relu: bool) {
-        let [a, m, q, mean] = coef;
-        if relu {
-            for (gv, &yv) in g.iter_mut().zip(y) {
-                let v = a * (*gv - m - (yv - mean) * q);
-                *gv = if yv > 0.0 { v } else { 0.0 };
-            }
-        } else {
-            for (gv, &yv) in g.iter_mut().zip(y) {
-                *gv = a * (*gv - m - (yv - mean) * q);
-            }
-        }
     }
 }
 
@@ -441,7 +386,7 @@ fn run(
     p2: &Tensor,
     spec: &BlockSpec,
     train: bool,
-) -> Result<(Tensor, Arc<Mutex<Saved>>)> {
+) -> Result<(Tensor, OpState<Saved>)> {
     let name = if train { OP_TRAIN } else { OP_EVAL };
     let g = geometry(x, w, bias, spec.stride, spec.pad)?;
     check_vec(p1, g.o, name, if train { "gamma" } else { "scale" })?;
@@ -460,14 +405,14 @@ fn run(
     parts.push(p1.clone());
     parts.push(p2.clone());
     let params = Tensor::cat(&parts, 0)?;
-    let saved = Arc::new(Mutex::new(Saved::default()));
+    let saved = OpState::new(name);
     let op = BlockOp {
         g,
         relu: spec.relu,
         bias: bias.is_some(),
         train_eps: train.then_some(spec.eps),
         pool,
-        saved: Arc::clone(&saved),
+        saved: saved.clone(),
     };
     let y = x.contiguous()?.apply_op2(&params, op)?;
     Ok((y, saved))
@@ -490,9 +435,7 @@ pub fn conv_bn_pool_train(
     spec: &BlockSpec,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (y, saved) = run(x, w, bias, gamma, beta, spec, true)?;
-    let s = saved
-        .lock()
-        .map_err(|_| candle_core::Error::msg("conv_bn_pool_train: state mutex poisoned"))?;
+    let s = saved.lock()?;
     let dev = x.device();
     let mean = Tensor::from_vec(s.mean.clone(), s.mean.len(), dev)?;
     let var = Tensor::from_vec(s.var.clone(), s.var.len(), dev)?;
@@ -572,7 +515,7 @@ pub fn conv_bn_pool_infer(
     let out = super::collect_images(g.b, per, |i, oimg| {
         with_scratch([dc.xp_len, dc.out_len()], |[xp, y]| {
             dc.pad_into(&xs[i * chw..(i + 1) * chw], xp);
-            dc.run(xp, &epi, y); // [o, nwide]
+            dc.run(xp, &epi, y)?; // [o, nwide]
             for (oc, op) in oimg.chunks_exact_mut(pl).enumerate() {
                 match pool {
                     Some(pg) => pg.plane_max(&y[oc * dc.nwide..(oc + 1) * dc.nwide], dc.wp, op),
@@ -583,8 +526,9 @@ pub fn conv_bn_pool_infer(
                     }
                 }
             }
+            Ok(())
         })
-    });
+    })?;
     let shape = match pool {
         Some(p) => Shape::from((g.b, g.o, p.oh, p.ow)),
         None => Shape::from((g.b, g.o, g.oh, g.ow)),

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_data, dims4, fwd_slice, sum_f32};
+use super::{cpu_data, dims4, fwd_slice, multiversion, sum_f32};
 use crate::error::shape_err;
 
 const OP_TRAIN: &str = "batch_norm_train";
@@ -77,6 +77,125 @@ pub(crate) fn affine(x: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usiz
     y
 }
 
+/// Per channel `(sum(dz), sum(dz * (y - mean)))` from `plane(i, ch)`, the sums of image `i`'s plane of
+/// channel `ch`, added in image order (thread-count independent).
+pub(crate) fn channel_sums(
+    c: usize,
+    b: usize,
+    plane: impl Fn(usize, usize) -> (f64, f64) + Sync,
+) -> Vec<(f64, f64)> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            (0..b).fold((0f64, 0f64), |(s0, s1), i| {
+                let (a, d) = plane(i, ch);
+                (s0 + a, s1 + d)
+            })
+        })
+        .collect()
+}
+
+/// The backward pass of BatchNorm `z = gamma * (y - mean) * invstd + beta` over `n` values per channel,
+/// from the [`channel_sums`] of its output gradient `dz`. With batch statistics (training) the mean and
+/// variance depend on `y`; without (inference: `mean` 0 and `invstd` 1 make `gamma`/`beta` a plain
+/// scale/shift) they are constants.
+pub(crate) struct BnBackward {
+    /// `d gamma` (or `d scale`).
+    pub dgamma: Vec<f32>,
+    /// `d beta` (or `d shift`).
+    pub dbeta: Vec<f32>,
+    /// Per channel `[a, mean(dz), q, mean]` of `dy = a * (dz - mean(dz) - (y - mean) * q)`.
+    coef: Vec<[f32; 4]>,
+}
+
+impl BnBackward {
+    pub(crate) fn new(
+        sums: &[(f64, f64)],
+        gamma: &[f32],
+        mean: &[f32],
+        invstd: &[f32],
+        n: f64,
+        batch_stats: bool,
+    ) -> Self {
+        let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+        let dgamma: Vec<f32> = sums
+            .iter()
+            .zip(invstd)
+            .map(|(s, &is)| (s.1 * is as f64) as f32)
+            .collect();
+        let coef = (0..sums.len())
+            .map(|ch| {
+                let a = gamma[ch] * invstd[ch];
+                if batch_stats {
+                    let mdy = (sums[ch].0 / n) as f32;
+                    let q = (invstd[ch] as f64 * dgamma[ch] as f64 / n) as f32;
+                    [a, mdy, q, mean[ch]]
+                } else {
+                    [a, 0.0, 0.0, mean[ch]]
+                }
+            })
+            .collect();
+        Self {
+            dgamma,
+            dbeta,
+            coef,
+        }
+    }
+
+    /// One plane of channel `ch`: `g` holds `dz` on entry and the gradient at BatchNorm's input `y` on
+    /// return, zero where `y <= 0` when a ReLU produced `y`.
+    #[inline]
+    pub(crate) fn input_grad(&self, ch: usize, g: &mut [f32], y: &[f32], relu: bool) {
+        bn_relu_grad(g, y, self.coef[ch], relu)
+    }
+}
+
+multiversion! {
+    /// One plane of the BatchNorm (+ ReLU) backward: `g = a * (dz - mdy - (y - mean) * q)`, zero where
+    /// `y <= 0` after a ReLU; `g` holds `dz` on entry.
+    fn bn_relu_grad(g: &mut [f32], y: &[f32], coef: [f32; 4], relu: bool) {
+        let [a, m, q, mean] = coef;
+        if relu {
+            for (gv, &yv) in g.iter_mut().zip(y) {
+                let v = a * (*gv - m - (yv - mean) * q);
+                *gv = if yv > 0.0 { v } else { 0.0 };
+            }
+        } else {
+            for (gv, &yv) in g.iter_mut().zip(y) {
+                *gv = a * (*gv - m - (yv - mean) * q);
+            }
+        }
+    }
+}
+
+/// [`channel_sums`] of `dy` against `x` (both `[b, c, hw]`) around `mean`.
+fn plane_sums(
+    dys: &[f32],
+    xs: &[f32],
+    mean: &[f32],
+    b: usize,
+    c: usize,
+    hw: usize,
+) -> Vec<(f64, f64)> {
+    channel_sums(c, b, |i, ch| {
+        let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+        (
+            sum_f32(&dys[r.clone()]),
+            dot_dev(&dys[r.clone()], &xs[r], mean[ch]),
+        )
+    })
+}
+
+/// `dx` of every plane of `[b, c, hw]` from `dy` (see [`BnBackward::input_grad`]).
+fn input_grads(bwd: &BnBackward, dys: &[f32], xs: &[f32], c: usize, hw: usize) -> Vec<f32> {
+    let mut dx = dys.to_vec();
+    dx.par_chunks_mut(hw.max(1))
+        .enumerate()
+        .with_min_len(8)
+        .for_each(|(p, dxp)| bwd.input_grad(p % c, dxp, &xs[p * hw..(p + 1) * hw], false));
+    dx
+}
+
 struct BnTrainOp {
     b: usize,
     c: usize,
@@ -119,59 +238,25 @@ impl CustomOp3 for BnTrainOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, c, hw) = (self.b, self.c, self.hw);
-        let need_dx = x.track_op();
         cpu_data!(x, xg, xs, OP_TRAIN);
         cpu_data!(gamma, gg, gs, OP_TRAIN);
         cpu_data!(grad, dyg, dys, OP_TRAIN);
-        // Per channel: sum(dy), sum(dy * (x - mean)), in image order (thread-count independent).
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let mut sdy = 0f64;
-                let mut sdyx = 0f64;
-                for i in 0..b {
-                    let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    sdy += sum_f32(&dys[r.clone()]);
-                    sdyx += dot_dev(&dys[r.clone()], &xs[r], self.mean[ch]);
-                }
-                (sdy, sdyx)
-            })
-            .collect();
-        let n = (b * hw) as f64;
-        let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
-        let dgamma: Vec<f32> = sums
-            .iter()
-            .zip(&self.invstd)
-            .map(|(s, &is)| (s.1 * is as f64) as f32)
-            .collect();
+        let sums = plane_sums(dys, xs, &self.mean, b, c, hw);
+        let bwd = BnBackward::new(&sums, gs, &self.mean, &self.invstd, (b * hw) as f64, true);
         let dev = x.device();
-        let dx = if need_dx {
-            // dx = gamma*invstd * (dy - sum_dy/N - (x - mean) * invstd * dgamma / N)
-            let a: Vec<f32> = (0..c).map(|ch| gs[ch] * self.invstd[ch]).collect();
-            let mdy: Vec<f32> = sums.iter().map(|s| (s.0 / n) as f32).collect();
-            let q: Vec<f32> = (0..c)
-                .map(|ch| (self.invstd[ch] as f64 * dgamma[ch] as f64 / n) as f32)
-                .collect();
-            let mut dx = vec![0f32; xs.len()];
-            dx.par_chunks_mut(hw)
-                .enumerate()
-                .with_min_len(8)
-                .for_each(|(p, dxp)| {
-                    let ch = p % c;
-                    let (a, m, q, mean) = (a[ch], mdy[ch], q[ch], self.mean[ch]);
-                    let r = p * hw..(p + 1) * hw;
-                    for ((d, &g), &xv) in dxp.iter_mut().zip(&dys[r.clone()]).zip(&xs[r]) {
-                        *d = a * (g - m - (xv - mean) * q);
-                    }
-                });
-            Some(Tensor::from_vec(dx, x.shape(), dev)?)
+        let dx = if x.track_op() {
+            Some(Tensor::from_vec(
+                input_grads(&bwd, dys, xs, c, hw),
+                x.shape(),
+                dev,
+            )?)
         } else {
             None
         };
         Ok((
             dx,
-            Some(Tensor::from_vec(dgamma, c, dev)?),
-            Some(Tensor::from_vec(dbeta, c, dev)?),
+            Some(Tensor::from_vec(bwd.dgamma, c, dev)?),
+            Some(Tensor::from_vec(bwd.dbeta, c, dev)?),
         ))
     }
 }
@@ -282,33 +367,15 @@ impl CustomOp3 for BnEvalOp {
         cpu_data!(scale, sg, ss, OP_EVAL);
         cpu_data!(grad, dyg, dys, OP_EVAL);
         let b = xs.len() / (c * hw).max(1);
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mut sdy, mut sdyx) = (0f64, 0f64);
-                for i in 0..b {
-                    let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    sdy += sum_f32(&dys[r.clone()]);
-                    sdyx += dot_dev(&dys[r.clone()], &xs[r], 0.0);
-                }
-                (sdy, sdyx)
-            })
-            .collect();
         let zeros = vec![0f32; c];
-        let dx = affine(dys, ss, &zeros, c, hw);
+        let sums = plane_sums(dys, xs, &zeros, b, c, hw);
+        let bwd = BnBackward::new(&sums, ss, &zeros, &vec![1.0; c], (b * hw) as f64, false);
+        let dx = input_grads(&bwd, dys, xs, c, hw);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(
-                sums.iter().map(|s| s.1 as f32).collect::<Vec<_>>(),
-                c,
-                dev,
-            )?),
-            Some(Tensor::from_vec(
-                sums.iter().map(|s| s.0 as f32).collect::<Vec<_>>(),
-                c,
-                dev,
-            )?),
+            Some(Tensor::from_vec(bwd.dgamma, c, dev)?),
+            Some(Tensor::from_vec(bwd.dbeta, c, dev)?),
         ))
     }
 }

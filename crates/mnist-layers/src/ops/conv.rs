@@ -10,6 +10,9 @@ use crate::error::shape_err;
 
 const OP: &str = "conv2d_fused";
 
+/// The gradients of a convolution: `(dx if asked for, dw [o, c*k*k], db [o])`.
+pub(crate) type ConvGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+
 /// Geometry of one convolution call.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConvGeom {
@@ -137,7 +140,7 @@ impl ConvGeom {
         bias: Option<&[f32]>,
         relu: bool,
         dst: &mut [f32],
-    ) {
+    ) -> Result<()> {
         let (o, ckk, ohw) = (self.o, self.ckk(), self.ohw());
         if self.wide() {
             let l = self.wide_len();
@@ -149,10 +152,11 @@ impl ConvGeom {
                     xi
                 };
                 self.im2col_wide(src, col);
-                sgemm((o, l, ckk), wide, (l, 1), false, w, (ckk, 1), col, (l, 1));
+                sgemm((o, l, ckk), wide, (l, 1), false, w, (ckk, 1), col, (l, 1))?;
                 self.compact_wide(wide, dst, bias, relu);
-            });
-            return;
+                Ok::<(), candle_core::Error>(())
+            })?;
+            return Ok(());
         }
         with_scratch([self.col_len()], |[col]| {
             let col: &[f32] = if self.direct {
@@ -170,8 +174,8 @@ impl ConvGeom {
                 (ckk, 1),
                 col,
                 (ohw, 1),
-            );
-        });
+            )
+        })?;
         for (oc, row) in dst.chunks_exact_mut(ohw).enumerate() {
             let bv = bias.map_or(0.0, |b| b[oc]);
             if relu {
@@ -180,6 +184,7 @@ impl ConvGeom {
                 row.iter_mut().for_each(|v| *v += bv);
             }
         }
+        Ok(())
     }
 
     /// The whole batch: `[b, o, oh, ow]` from `x [b, c, h, w]` (images in parallel).
@@ -189,10 +194,10 @@ impl ConvGeom {
         w: &[f32],
         bias: Option<&[f32]>,
         relu: bool,
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>> {
         let mut out = vec![0f32; self.b * self.o * self.ohw()];
-        self.forward_into(x, w, bias, relu, &mut out);
-        out
+        self.forward_into(x, w, bias, relu, &mut out)?;
+        Ok(out)
     }
 
     /// [`Self::forward`] into `out [b, o, oh*ow]` (every element is overwritten).
@@ -203,15 +208,15 @@ impl ConvGeom {
         bias: Option<&[f32]>,
         relu: bool,
         out: &mut [f32],
-    ) {
+    ) -> Result<()> {
         let (o, ohw, chw) = (self.o, self.ohw(), self.chw());
         let work = |(i, dst): (usize, &mut [f32])| {
             self.forward_image(&x[i * chw..(i + 1) * chw], w, bias, relu, dst)
         };
         if self.b == 1 {
-            work((0, out));
+            work((0, out))
         } else {
-            out.par_chunks_mut(o * ohw).enumerate().for_each(work);
+            out.par_chunks_mut(o * ohw).enumerate().try_for_each(work)
         }
     }
 
@@ -224,7 +229,7 @@ impl ConvGeom {
         w: &[f32],
         need_dx: bool,
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
-    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    ) -> Result<ConvGrads> {
         let g = *self;
         let (o, ckk, ohw, chw) = (g.o, g.ckk(), g.ohw(), g.chw());
         let (wide, padded, n) = (g.wide(), g.padded(), g.ncols());
@@ -246,7 +251,7 @@ impl ConvGeom {
             .zip(pdb.par_chunks_mut(o))
             .zip(dx.par_chunks_mut(dx_chunk))
             .enumerate()
-            .for_each(|(ch, ((dw, db), dxc))| {
+            .try_for_each(|(ch, ((dw, db), dxc))| {
                 let i0 = ch * GRAD_CHUNK;
                 let i1 = (i0 + GRAD_CHUNK).min(g.b);
                 with_scratch(lens, |[gbuf, col, xp, gwide, dcol, dxp]| {
@@ -275,18 +280,18 @@ impl ConvGeom {
                         };
                         // dw[o, ckk] += g[o, n] · col^T[n, ckk], stored transposed (`dw` is
                         // [ckk, o]) so that gemm packs the small g, not the im2col matrix.
-                        sgemm((o, ckk, n), dw, (1, o), true, gi, (n, 1), colr, (1, n));
+                        sgemm((o, ckk, n), dw, (1, o), true, gi, (n, 1), colr, (1, n))?;
                         if !need_dx {
                             continue;
                         }
                         let dxi = &mut dxc[(i - i0) * chw..(i - i0 + 1) * chw];
                         if g.direct {
                             // dx[c, hw] = w^T[c, o] · g[o, hw]
-                            sgemm((ckk, n, o), dxi, (n, 1), false, w, (1, ckk), gi, (n, 1));
+                            sgemm((ckk, n, o), dxi, (n, 1), false, w, (1, ckk), gi, (n, 1))?;
                             continue;
                         }
                         // dcol[ckk, n] = w^T[ckk, o] · g[o, n]
-                        sgemm((ckk, n, o), dcol, (n, 1), false, w, (1, ckk), gi, (n, 1));
+                        sgemm((ckk, n, o), dcol, (n, 1), false, w, (1, ckk), gi, (n, 1))?;
                         if !wide {
                             g.col2im(dcol, dxi);
                         } else if padded {
@@ -304,8 +309,9 @@ impl ConvGeom {
                             g.col2im_wide(dcol, dxi);
                         }
                     }
-                });
-            });
+                    Ok::<(), candle_core::Error>(())
+                })
+            })?;
         let mut dwt = vec![0f32; o * ckk]; // [ckk, o]
         for part in pdw.chunks_exact(o * ckk) {
             dwt.iter_mut().zip(part).for_each(|(a, b)| *a += b);
@@ -320,7 +326,7 @@ impl ConvGeom {
         for part in pdb.chunks_exact(o) {
             db.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
-        (need_dx.then_some(dx), dw, db)
+        Ok((need_dx.then_some(dx), dw, db))
     }
 
     /// Range of output columns whose input column `ox*s + kx - pl` lies inside `[0, w)`.
@@ -474,7 +480,8 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
 
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with explicit (row, col) strides, single-threaded.
 ///
-/// Safety contract is checked here: every index reached through the strides must be inside its slice.
+/// Every index reached through the strides must lie inside its slice: checked here, an error otherwise
+/// (only a bug in this module can cause it; shapes are validated before any call).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm(
     (m, n, k): (usize, usize, usize),
@@ -485,22 +492,27 @@ pub(crate) fn sgemm(
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
-) {
+) -> Result<()> {
     if m == 0 || n == 0 {
-        return;
+        return Ok(());
     }
     let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
-    if k == 0
-        || last(dst_rs, dst_cs, m, n) >= dst.len()
-        || last(lhs_rs, lhs_cs, m, k) >= lhs.len()
-        || last(rhs_rs, rhs_cs, k, n) >= rhs.len()
-    {
-        // Only reachable through a bug in this module: shapes are validated before any call.
-        debug_assert!(k == 0, "sgemm out of bounds");
+    if k == 0 {
         if !accumulate {
             dst.fill(0.0);
         }
-        return;
+        return Ok(());
+    }
+    if last(dst_rs, dst_cs, m, n) >= dst.len()
+        || last(lhs_rs, lhs_cs, m, k) >= lhs.len()
+        || last(rhs_rs, rhs_cs, k, n) >= rhs.len()
+    {
+        candle_core::bail!(
+            "sgemm: a [{m}, {n}] = [{m}, {k}] x [{k}, {n}] product does not fit its buffers ({}, {}, {})",
+            dst.len(),
+            lhs.len(),
+            rhs.len()
+        )
     }
     // SAFETY: all strided indices were checked to lie inside the slices above; dst does not alias
     // lhs/rhs (distinct borrows).
@@ -527,6 +539,7 @@ pub(crate) fn sgemm(
             gemm::Parallelism::None,
         )
     }
+    Ok(())
 }
 
 struct ConvOp {
@@ -565,7 +578,7 @@ impl ConvOp {
                 gb.copy_from_slice(dyi);
             }
         };
-        let (dx, dw, db) = g.backward(xs, ws, need_dx, &fill_g);
+        let (dx, dw, db) = g.backward(xs, ws, need_dx, &fill_g)?;
         let dev = x.device();
         let dx = match dx {
             Some(v) => Some(Tensor::from_vec(v, (g.b, g.c, g.h, g.w), dev)?),
@@ -594,7 +607,7 @@ impl CustomOp2 for ConvOp {
         let x = fwd_slice(s1, l1, OP)?;
         let w = fwd_slice(s2, l2, OP)?;
         Ok((
-            CpuStorage::F32(self.g.forward(x, w, None, self.relu)),
+            CpuStorage::F32(self.g.forward(x, w, None, self.relu)?),
             self.out_shape(),
         ))
     }
@@ -629,7 +642,7 @@ impl CustomOp3 for ConvOp {
         let w = fwd_slice(s2, l2, OP)?;
         let b = fwd_slice(s3, l3, OP)?;
         Ok((
-            CpuStorage::F32(self.g.forward(x, w, Some(b), self.relu)),
+            CpuStorage::F32(self.g.forward(x, w, Some(b), self.relu)?),
             self.out_shape(),
         ))
     }

@@ -55,13 +55,14 @@ impl DwGeom {
         taps: &[(usize, f32)],
         out: &mut [f32],
         xd: &mut [f32],
-    ) {
+    ) -> Result<()> {
         if self.stride != 1 {
-            return dw_plane_fwd(self, x, f, out, xd);
+            dw_plane_fwd(self, x, f, out, xd);
+            return Ok(());
         }
         let pad = Padded::new(self.oh, self.ow, self.k);
         pad.fill(x, self.h, self.w, self.pt as isize, self.pl as isize, xd);
-        sum_taps(xd, pad.wp, taps, self.oh, self.ow, out);
+        sum_taps(xd, pad.wp, taps, self.oh, self.ow, out)
     }
 
     /// The stride-1 forward taps `(offset in the padded plane, weight)` of every channel (`k * k` per
@@ -115,13 +116,19 @@ impl DwGeom {
     /// Stride 1: `dx [h, w] = conv^T(g, f)` as a convolution of the zero-padded gradient, taps in the
     /// order of the general loop in [`Self::plane_bwd`] (ky outer, kx inner; bit-identical sums).
     /// `taps`: this channel's part of [`Self::dx_taps`].
-    fn plane_dx_s1(&self, taps: &[(usize, f32)], g: &[f32], dx: &mut [f32], gp: &mut [f32]) {
+    fn plane_dx_s1(
+        &self,
+        taps: &[(usize, f32)],
+        g: &[f32],
+        dx: &mut [f32],
+        gp: &mut [f32],
+    ) -> Result<()> {
         let k = self.k as isize;
         let pad = Padded::new(self.h, self.w, self.k);
         // gp[r][c] = g[r - (k-1-pt)][c - (k-1-pl)]
         let (top, left) = (k - 1 - self.pt as isize, k - 1 - self.pl as isize);
         pad.fill(g, self.oh, self.ow, top, left, gp);
-        sum_taps(gp, pad.wp, taps, self.h, self.w, dx);
+        sum_taps(gp, pad.wp, taps, self.h, self.w, dx)
     }
 
     /// For one plane: `dx [h, w] = conv^T(g, f)` (if wanted) and `df [k, k] = sum g * x`.
@@ -136,12 +143,12 @@ impl DwGeom {
         dx: Option<&mut [f32]>,
         df: &mut [f32],
         gp: &mut [f32],
-    ) {
+    ) -> Result<()> {
         let (k, s, w, ow) = (self.k, self.stride, self.w, self.ow);
         let mut dx = dx;
         if s == 1 {
             if let Some(d) = dx.take() {
-                self.plane_dx_s1(dx_taps, g, d, gp);
+                self.plane_dx_s1(dx_taps, g, d, gp)?;
             }
         }
         if let Some(d) = dx.as_deref_mut() {
@@ -194,6 +201,7 @@ impl DwGeom {
                 df[ky * k + kx] = acc.iter().sum::<f32>() + tail;
             }
         }
+        Ok(())
     }
 }
 
@@ -319,10 +327,38 @@ fn chunk(ow: usize) -> usize {
     }
 }
 
+/// `out[oy][x] = sum over taps (off, w), in order, of w * src[oy * wp + x + off]` for an `[oh, ow]`
+/// output, from a [`Padded`] source: the accumulators of `chunk(ow)` columns stay in registers. An error
+/// when `src` does not hold every tap's run of every chunk or `out` is smaller than `[oh, ow]` ([`Padded`]
+/// sizes them: only a bug here can cause it).
+fn sum_taps(
+    src: &[f32],
+    wp: usize,
+    taps: &[(usize, f32)],
+    oh: usize,
+    ow: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    if oh == 0 || ow == 0 {
+        return Ok(()); // an empty plane (zero-width input padded to fit the window)
+    }
+    let c = chunk(ow);
+    let max_off = taps.iter().map(|t| t.0).max().unwrap_or(0);
+    let need = (oh - 1) * wp + ow.div_ceil(c) * c + max_off;
+    if src.len() < need || out.len() < oh * ow {
+        candle_core::bail!(
+            "{OP}: a padded plane of {} floats for taps reaching {need}, output {} for {oh}x{ow}",
+            src.len(),
+            out.len()
+        )
+    }
+    sum_taps_checked(src, wp, taps, oh, ow, out);
+    Ok(())
+}
+
 multiversion! {
-    /// `out[oy][x] = sum over taps (off, w), in order, of w * src[oy * wp + x + off]` for an `[oh, ow]`
-    /// output, from a [`Padded`] source: the accumulators of `chunk(ow)` columns stay in registers.
-    fn sum_taps(src: &[f32], wp: usize, taps: &[(usize, f32)], oh: usize, ow: usize, out: &mut [f32]) {
+    /// [`sum_taps`] once its bounds are checked.
+    fn sum_taps_checked(src: &[f32], wp: usize, taps: &[(usize, f32)], oh: usize, ow: usize, out: &mut [f32]) {
         match chunk(ow) {
             8 => sum_taps_c::<8>(src, wp, taps, oh, ow, out),
             16 => sum_taps_c::<16>(src, wp, taps, oh, ow, out),
@@ -340,20 +376,13 @@ fn sum_taps_c<const C: usize>(
     ow: usize,
     out: &mut [f32],
 ) {
-    if ow == 0 {
-        return; // an empty plane (zero-width input padded to fit the window)
-    }
     for (oy, orow) in out.chunks_exact_mut(ow).take(oh).enumerate() {
         let base = oy * wp;
         for (ci, ochunk) in orow.chunks_mut(C).enumerate() {
             let start = base + ci * C;
             let mut acc = [0f32; C];
             for &(off, w) in taps {
-                let Some(run) = src.get(start + off..start + off + C) else {
-                    // Unreachable: `Padded` sizes the source for every tap of every chunk.
-                    debug_assert!(false, "sum_taps: source too short");
-                    return;
-                };
+                let run = &src[start + off..start + off + C];
                 for (a, &v) in acc.iter_mut().zip(run) {
                     *a += w * v;
                 }
@@ -389,7 +418,7 @@ impl CustomOp2 for DepthwiseOp {
         out.par_chunks_mut(ohw)
             .enumerate()
             .with_min_len(4)
-            .for_each(|(p, dst)| {
+            .try_for_each(|(p, dst)| {
                 let ch = p % g.c;
                 with_scratch([g.fwd_scratch_len()], |[xd]| {
                     g.plane_fwd(
@@ -399,8 +428,8 @@ impl CustomOp2 for DepthwiseOp {
                         dst,
                         xd,
                     )
-                });
-            });
+                })
+            })?;
         Ok((CpuStorage::F32(out), Shape::from((g.b, g.c, g.oh, g.ow))))
     }
 
@@ -428,7 +457,7 @@ impl CustomOp2 for DepthwiseOp {
             .zip(dx.par_chunks_mut(dx_chunk))
             .enumerate()
             .with_min_len(4)
-            .for_each(|(p, (df, dxp))| {
+            .try_for_each(|(p, (df, dxp))| {
                 let ch = p % g.c;
                 with_scratch([g.bwd_scratch_len()], |[gp]| {
                     g.plane_bwd(
@@ -440,8 +469,8 @@ impl CustomOp2 for DepthwiseOp {
                         df,
                         gp,
                     )
-                });
-            });
+                })
+            })?;
         let mut df = vec![0f32; g.c * kk];
         for img in pdf.chunks_exact(g.c * kk) {
             df.iter_mut().zip(img).for_each(|(a, b)| *a += b);
@@ -587,7 +616,8 @@ mod tests {
             let f = rand_t(&[k * k], 22).to_vec1::<f32>().unwrap();
             let mut fast = vec![f32::NAN; g.oh * g.ow];
             let mut xp = vec![f32::NAN; g.fwd_scratch_len()];
-            g.plane_fwd(&x, &f, &g.fwd_taps(&f), &mut fast, &mut xp);
+            g.plane_fwd(&x, &f, &g.fwd_taps(&f), &mut fast, &mut xp)
+                .unwrap();
             let mut general = vec![0f32; g.oh * g.ow];
             dw_plane_fwd(&g, &x, &f, &mut general, &mut []);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -143,12 +143,24 @@ impl DirectConv {
         }
     }
 
-    /// `out [o, nwide] = epilogue(conv(xp))` (wide layout) from the padded image `xp`.
-    pub(crate) fn run(&self, xp: &[f32], epi: &Epilogue, out: &mut [f32]) {
-        if !tile_in_bounds(self, xp, out) {
-            // Only reachable through a bug in this module: the callers size the buffers.
-            debug_assert!(false, "direct conv: buffers too small");
-            return;
+    /// `out [o, nwide] = epilogue(conv(xp))` (wide layout) from the padded image `xp`. An error when
+    /// the buffers are smaller than [`Self::xp_len`] and [`Self::out_len`] or the epilogue's vectors
+    /// shorter than `o` (the callers size them: only a bug here can cause it).
+    pub(crate) fn run(&self, xp: &[f32], epi: &Epilogue, out: &mut [f32]) -> Result<()> {
+        let epi_ok = epi.bias.is_none_or(|b| b.len() >= self.o)
+            && epi
+                .affine
+                .is_none_or(|(s, t)| s.len() >= self.o && t.len() >= self.o);
+        if !tile_in_bounds(self, xp, out) || !epi_ok {
+            candle_core::bail!(
+                "direct conv: buffers of {} / {} floats for a [{}, {}] convolution needing {} / {}",
+                xp.len(),
+                out.len(),
+                self.o,
+                self.nwide,
+                self.xp_len,
+                self.out_len()
+            )
         }
         #[cfg(target_arch = "x86_64")]
         {
@@ -156,15 +168,20 @@ impl DirectConv {
                 && std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
             {
-                // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked just above).
-                return unsafe { k512::run(self, xp, epi, out) };
+                // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked just above) and the
+                // buffers fit (checked above).
+                unsafe { k512::run(self, xp, epi, out) };
+                return Ok(());
             }
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                return unsafe { k256::run(self, xp, epi, out) };
+                // SAFETY: the CPU supports AVX2 and FMA (checked just above) and the buffers fit.
+                unsafe { k256::run(self, xp, epi, out) };
+                return Ok(());
             }
         }
-        run_generic(self, xp, epi, out)
+        // SAFETY: the buffers fit (checked above).
+        unsafe { run_generic(self, xp, epi, out) };
+        Ok(())
     }
 
     /// Output row `oy` of channel `oc` (`ow` values) in a wide buffer from [`Self::run`].
@@ -187,8 +204,12 @@ fn tile_in_bounds(dc: &DirectConv, xp: &[f32], out: &[f32]) -> bool {
 }
 
 /// One tile: channels `o0..o0+OB`, columns `n0..n0 + NV*L`.
+///
+/// # Safety
+/// [`tile_in_bounds`] holds for `dc`, `xp` and `out`, `n0 + NV*L <= dc.nwide` and `o0 + OB <= dc.o_pad`
+/// (the reads of `xp` and of the weights are unchecked), and the epilogue's vectors hold `dc.o` values.
 #[inline(always)]
-fn tile<const L: usize, const OB: usize, const NV: usize>(
+unsafe fn tile<const L: usize, const OB: usize, const NV: usize>(
     dc: &DirectConv,
     xp: &[f32],
     epi: &Epilogue,
@@ -198,18 +219,13 @@ fn tile<const L: usize, const OB: usize, const NV: usize>(
 ) {
     let mut acc = [[[0f32; L]; NV]; OB];
     let op = dc.o_pad;
-    // No bounds checks in the hot loop: [`tile_in_bounds`] held in `run`, and `n0 + NV*L <= nwide`, `o0 + OB
-    // <= o_pad` here.
-    if n0 + NV * L > dc.nwide || o0 + OB > op {
-        debug_assert!(false, "direct conv tile out of bounds");
-        return;
-    }
+    debug_assert!(n0 + NV * L <= dc.nwide && o0 + OB <= op);
     let (xptr, wptr) = (xp.as_ptr(), dc.wt.as_ptr());
     for (t, &off) in dc.toff.iter().enumerate() {
         let mut xv = [[0f32; L]; NV];
         for (v, xvv) in xv.iter_mut().enumerate() {
-            // SAFETY: `off + n0 + (v+1)*L <= off + n0 + NV*L <= xp.len()` (checked above); unaligned read
-            // of plain floats.
+            // SAFETY: `off + n0 + (v+1)*L <= off + n0 + NV*L <= xp.len()` (the caller's contract);
+            // unaligned read of plain floats.
             *xvv = unsafe {
                 xptr.add(off + n0 + v * L)
                     .cast::<[f32; L]>()
@@ -217,7 +233,7 @@ fn tile<const L: usize, const OB: usize, const NV: usize>(
             };
         }
         for (j, accj) in acc.iter_mut().enumerate() {
-            // SAFETY: `t * op + o0 + j < (t + 1) * op <= wt.len()` (checked above).
+            // SAFETY: `t * op + o0 + j < (t + 1) * op <= wt.len()` (the caller's contract).
             let wj = unsafe { *wptr.add(t * op + o0 + j) };
             for (av, xvv) in accj.iter_mut().zip(&xv) {
                 for (a, &x) in av.iter_mut().zip(xvv) {
@@ -250,8 +266,12 @@ fn tile<const L: usize, const OB: usize, const NV: usize>(
 }
 
 /// All tiles of `OB` channels: blocks of `NV` vectors, then one narrower tile for the rest.
+///
+/// # Safety
+/// [`tile_in_bounds`] holds for `dc`, `xp` and `out`, `dc.o_pad` is a multiple of `OB`, and the
+/// epilogue's vectors hold `dc.o` values (see [`tile`]).
 #[inline(always)]
-fn sweep<const L: usize, const OB: usize, const NV: usize>(
+unsafe fn sweep<const L: usize, const OB: usize, const NV: usize>(
     dc: &DirectConv,
     xp: &[f32],
     epi: &Epilogue,
@@ -261,19 +281,23 @@ fn sweep<const L: usize, const OB: usize, const NV: usize>(
     for o0 in (0..dc.o_pad).step_by(OB) {
         let mut v0 = 0;
         while v0 + NV <= nv {
-            tile::<L, OB, NV>(dc, xp, epi, out, o0, v0 * L);
+            // SAFETY: the contract above, `v0 + NV <= nv` and `o0 + OB <= o_pad`.
+            unsafe { tile::<L, OB, NV>(dc, xp, epi, out, o0, v0 * L) };
             v0 += NV;
         }
         let n0 = v0 * L;
-        match nv - v0 {
-            0 => {}
-            1 => tile::<L, OB, 1>(dc, xp, epi, out, o0, n0),
-            2 => tile::<L, OB, 2>(dc, xp, epi, out, o0, n0),
-            3 => tile::<L, OB, 3>(dc, xp, epi, out, o0, n0),
-            4 => tile::<L, OB, 4>(dc, xp, epi, out, o0, n0),
-            5 => tile::<L, OB, 5>(dc, xp, epi, out, o0, n0),
-            6 => tile::<L, OB, 6>(dc, xp, epi, out, o0, n0),
-            _ => tile::<L, OB, 7>(dc, xp, epi, out, o0, n0),
+        // SAFETY: as above, with the remaining `nv - v0` vectors.
+        unsafe {
+            match nv - v0 {
+                0 => {}
+                1 => tile::<L, OB, 1>(dc, xp, epi, out, o0, n0),
+                2 => tile::<L, OB, 2>(dc, xp, epi, out, o0, n0),
+                3 => tile::<L, OB, 3>(dc, xp, epi, out, o0, n0),
+                4 => tile::<L, OB, 4>(dc, xp, epi, out, o0, n0),
+                5 => tile::<L, OB, 5>(dc, xp, epi, out, o0, n0),
+                6 => tile::<L, OB, 6>(dc, xp, epi, out, o0, n0),
+                _ => tile::<L, OB, 7>(dc, xp, epi, out, o0, n0),
+            }
         }
     }
 }
@@ -430,12 +454,19 @@ simd_kernel!(
     6
 );
 
-fn run_generic(dc: &DirectConv, xp: &[f32], epi: &Epilogue, out: &mut [f32]) {
-    match dc.ob {
-        5 => sweep::<8, 5, 1>(dc, xp, epi, out),
-        4 => sweep::<8, 4, 1>(dc, xp, epi, out),
-        2 => sweep::<8, 2, 2>(dc, xp, epi, out),
-        _ => sweep::<8, 1, 2>(dc, xp, epi, out),
+/// The portable kernel.
+///
+/// # Safety
+/// The buffers must be as [`DirectConv::run`] checks them.
+unsafe fn run_generic(dc: &DirectConv, xp: &[f32], epi: &Epilogue, out: &mut [f32]) {
+    // SAFETY: forwarded contract; `o_pad` is a multiple of `ob` (5, 4, 2 or 1) by construction.
+    unsafe {
+        match dc.ob {
+            5 => sweep::<8, 5, 1>(dc, xp, epi, out),
+            4 => sweep::<8, 4, 1>(dc, xp, epi, out),
+            2 => sweep::<8, 2, 2>(dc, xp, epi, out),
+            _ => sweep::<8, 1, 2>(dc, xp, epi, out),
+        }
     }
 }
 
@@ -486,11 +517,12 @@ mod tests {
             Tensor::from_vec(out, (1, o, oh, ow), &Device::Cpu).unwrap()
         };
         let mut y = vec![f32::NAN; dc.out_len()];
-        dc.run(&xp, &epi, &mut y);
+        dc.run(&xp, &epi, &mut y).unwrap();
         let yd = compact(&y);
         assert_close(&yd, &yr, 1e-4, &format!("dispatched {what}"));
         let mut y = vec![f32::NAN; dc.out_len()];
-        run_generic(&dc, &xp, &epi, &mut y);
+        // SAFETY: buffers sized by `dc`.
+        unsafe { run_generic(&dc, &xp, &epi, &mut y) };
         assert_close(&compact(&y), &yr, 1e-4, &format!("portable {what}"));
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -526,5 +558,17 @@ mod tests {
         assert!(DirectConv::new((2, 5, 5), &[0.0; 17], (1, 3), (0, 0, 0, 0)).is_err());
         assert!(DirectConv::new((1, 2, 2), &[0.0; 9], (1, 3), (0, 0, 0, 0)).is_err());
         assert!(DirectConv::new((0, 2, 2), &[], (1, 1), (0, 0, 0, 0)).is_err());
+        // Buffers too small for the convolution are an error, not silently wrong numbers.
+        let dc = DirectConv::new((1, 5, 5), &[0.5; 9], (1, 3), (1, 1, 1, 1)).unwrap();
+        let (xp, mut out) = (vec![0.0; dc.xp_len], vec![0.0; dc.out_len()]);
+        let epi = Epilogue::default();
+        assert!(dc.run(&xp, &epi, &mut out).is_ok());
+        assert!(dc.run(&xp[1..], &epi, &mut out).is_err());
+        assert!(dc.run(&xp, &epi, &mut out[1..]).is_err());
+        let short_bias = Epilogue {
+            bias: Some(&[]),
+            ..Epilogue::default()
+        };
+        assert!(dc.run(&xp, &short_bias, &mut out).is_err());
     }
 }

@@ -42,6 +42,7 @@ mod bn;
 mod conv;
 mod depthwise;
 mod direct;
+mod inception;
 mod pool;
 
 pub(crate) use direct::{DirectConv, Epilogue};
@@ -56,6 +57,7 @@ pub use bn::{
 };
 pub use conv::{conv2d_fused, conv2d_fused_reference};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
+pub use inception::{fold_separable, InceptionPlan, InferStep};
 pub use pool::{max_pool2d, max_pool2d_reference};
 
 use std::cell::RefCell;
@@ -196,40 +198,81 @@ pub(crate) fn with_thread_buf<R>(
 
 /// `[b, per]` from `f(i, buf)` for every image `i < b` (in parallel over images; inline for one image):
 /// `f` fills a per-thread buffer of `per` floats, which is then copied into the result. The large result
-/// is never zero-filled first (one pass over memory instead of two).
+/// is never zero-filled first (one pass over memory instead of two). The first error of `f` is returned.
 ///
 /// The buffer holds earlier values, never uninitialised memory: an `f` that leaves some of it unwritten
 /// gives wrong values, not undefined behaviour. `f` may use [`with_scratch`] (this uses its own buffer).
 pub(crate) fn collect_images(
     b: usize,
     per: usize,
-    f: impl Fn(usize, &mut [f32]) + Sync,
-) -> Vec<f32> {
+    f: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
+) -> Result<Vec<f32>> {
     use rayon::prelude::*;
     use std::mem::MaybeUninit;
     if b == 0 || per == 0 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let mut out: Vec<f32> = Vec::with_capacity(b * per);
     let work = |(i, dst): (usize, &mut [MaybeUninit<f32>])| {
-        let mut fill = |buf: &mut [f32]| {
-            f(i, buf);
+        let mut fill = |buf: &mut [f32]| -> Result<()> {
+            f(i, buf)?;
             for (d, &v) in dst.iter_mut().zip(buf.iter()) {
                 d.write(v);
             }
+            Ok(())
         };
         with_thread_buf(&IMAGE_BUF, per, &mut fill)
     };
     let spare = &mut out.spare_capacity_mut()[..b * per];
     if b == 1 {
-        work((0, spare));
+        work((0, spare))?;
     } else {
-        spare.par_chunks_mut(per).enumerate().for_each(work);
+        spare.par_chunks_mut(per).enumerate().try_for_each(work)?;
     }
-    // SAFETY: the capacity is `b * per` and every element of `spare[..b * per]` was written above: each
-    // chunk of `per` elements by the zip with its fully sized buffer.
+    // SAFETY: the capacity is `b * per` and every element of `spare[..b * per]` was written above (no
+    // error was returned): each chunk of `per` elements by the zip with its fully sized buffer.
     unsafe { out.set_len(b * per) };
-    out
+    Ok(out)
+}
+
+/// What a custom op keeps from its forward pass for its backward pass (and for the caller that built
+/// it, e.g. the batch statistics of a fused block): one value behind a shared lock, set by `cpu_fwd`
+/// and read by `bwd`. Clones share the value.
+pub(crate) struct OpState<T> {
+    op: &'static str,
+    value: std::sync::Arc<std::sync::Mutex<T>>,
+}
+
+impl<T> Clone for OpState<T> {
+    fn clone(&self) -> Self {
+        Self {
+            op: self.op,
+            value: std::sync::Arc::clone(&self.value),
+        }
+    }
+}
+
+impl<T: Default> OpState<T> {
+    /// An empty state of the op named `op` (named in errors).
+    pub(crate) fn new(op: &'static str) -> Self {
+        Self {
+            op,
+            value: Default::default(),
+        }
+    }
+
+    /// Replaces the state (the forward pass's result).
+    pub(crate) fn set(&self, value: T) -> Result<()> {
+        *self.lock()? = value;
+        Ok(())
+    }
+
+    /// The state, locked.
+    pub(crate) fn lock(&self) -> Result<std::sync::MutexGuard<'_, T>> {
+        self.value
+            .lock()
+            .map_err(|_| candle_core::Error::msg(format!("{}: saved state lock poisoned", self.op)))
+    }
 }
 
 /// Spare batch-sized buffers for state that lives inside an op between its forward and backward pass

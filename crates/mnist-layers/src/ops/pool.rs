@@ -7,12 +7,10 @@
 //! gradient to it (the first maximum in row-major window order wins); the reference twin unfolds the
 //! windows with `narrow`s and takes candle's `max`, whose gradient goes to the maximum.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_data, dims4, fwd_slice, multiversion, out_len, Pad4};
+use super::{cpu_data, dims4, fwd_slice, multiversion, out_len, OpState, Pad4};
 
 const OP: &str = "max_pool2d";
 
@@ -211,7 +209,7 @@ struct MaxPoolOp {
     g: PoolGeom,
     dims: (usize, usize, usize, usize),
     /// Argmax (index within its plane) of every output, filled by the forward pass.
-    argmax: Mutex<Vec<u32>>,
+    argmax: OpState<Vec<u32>>,
 }
 
 impl CustomOp1 for MaxPoolOp {
@@ -231,10 +229,7 @@ impl CustomOp1 for MaxPoolOp {
             .enumerate()
             .with_min_len(8)
             .for_each(|(p, (o, a))| g.plane_fwd(&x[p * hw..(p + 1) * hw], o, a));
-        *self
-            .argmax
-            .lock()
-            .map_err(|_| candle_core::Error::msg("max_pool2d: argmax mutex poisoned"))? = arg;
+        self.argmax.set(arg)?;
         Ok((CpuStorage::F32(out), Shape::from((b, c, g.oh, g.ow))))
     }
 
@@ -242,10 +237,7 @@ impl CustomOp1 for MaxPoolOp {
         let g = self.g;
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
         cpu_data!(grad, dyg, dys, OP);
-        let arg = self
-            .argmax
-            .lock()
-            .map_err(|_| candle_core::Error::msg("max_pool2d: argmax mutex poisoned"))?;
+        let arg = self.argmax.lock()?;
         if arg.len() != dys.len() {
             candle_core::bail!(
                 "max_pool2d backward: {} saved argmax for {} gradients",
@@ -291,7 +283,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result
     x.contiguous()?.apply_op1(MaxPoolOp {
         g,
         dims,
-        argmax: Mutex::new(Vec::new()),
+        argmax: OpState::new(OP),
     })
 }
 
