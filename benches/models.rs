@@ -1,8 +1,12 @@
 //! Forward-pass and training-step timings of every model, fast kernels vs candle's stock ops, in one run.
 //!
 //! `cargo bench --bench models` (add `-- --quick` for fewer repetitions, `-- --no-reference` to skip the
-//! slow stock-op runs). Prints images/s (forward) and ms/step (training), median of several runs after
-//! a warm-up, and the fast/stock ratio measured in the same process.
+//! slow stock-op runs, `-- --filter TEXT` to run only the rows whose `model what` contains TEXT, e.g.
+//! `"fwd b1000"` or `improved step`, `-- --reps N` for exactly N timed repetitions, so that `time`
+//! measures a fixed amount of work). Prints images/s (forward at batch 1, 32 and 1,000) and ms/step (one
+//! training step, forward + backward + Adam, at the batch size of the variant's recipe: 32 for seed, 64 for
+//! improved), median of several runs after a warm-up, and the fast/stock ratio measured in the same
+//! process.
 
 use std::time::Instant;
 
@@ -12,18 +16,32 @@ use mnist_challenge::layers::init::SeededVarMap;
 use mnist_challenge::layers::Kernels;
 use mnist_challenge::models::{dropout_rng, is_trainable, ModelConfig, Net, Solution, Variant};
 use mnist_challenge::optim::{Adam, AdamConfig};
+use mnist_challenge::train::TrainConfig;
 
 struct Opts {
     quick: bool,
     reference: bool,
+    filter: Option<String>,
+    reps: Option<usize>,
 }
 
-/// Median seconds of `f` over repetitions that last about `budget` seconds (at least 3), after one warm-up.
-fn median_secs(budget: f64, min_reps: usize, mut f: impl FnMut()) -> f64 {
+impl Opts {
+    fn wants(&self, row: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| row.contains(f))
+    }
+}
+
+/// Median seconds of `f` over repetitions that last about `budget` seconds (at least 3), after one
+/// warm-up; exactly `reps` repetitions when given (a fixed amount of work, for CPU-time measurements).
+fn median_secs(budget: f64, min_reps: usize, reps: Option<usize>, mut f: impl FnMut()) -> f64 {
     f();
     let mut times = Vec::new();
     let start = Instant::now();
-    while times.len() < min_reps || (start.elapsed().as_secs_f64() < budget && times.len() < 200) {
+    let more = |n: usize| match reps {
+        Some(r) => n < r,
+        None => n < min_reps || (start.elapsed().as_secs_f64() < budget && n < 200),
+    };
+    while more(times.len()) {
         let t = Instant::now();
         f();
         times.push(t.elapsed().as_secs_f64());
@@ -44,7 +62,7 @@ fn forward_ips(cfg: &ModelConfig, batch: usize, opts: &Opts) -> f64 {
     let (net, _vars) = model(cfg);
     let xs = Tensor::rand(0f32, 1f32, (batch, 1, 28, 28), &Device::Cpu).expect("input");
     let budget = if opts.quick { 0.3 } else { 1.5 };
-    let secs = median_secs(budget, 3, || {
+    let secs = median_secs(budget, 3, opts.reps, || {
         net.forward_t(&xs, false).expect("forward");
     });
     batch as f64 / secs
@@ -66,7 +84,7 @@ fn train_step_ms(cfg: &ModelConfig, batch: usize, opts: &Opts) -> f64 {
     let xs = Tensor::rand(0f32, 1f32, (batch, 1, 28, 28), &Device::Cpu).expect("input");
     let ys = Tensor::from_iter((0..batch as u32).map(|i| i % 10), &Device::Cpu).expect("labels");
     let budget = if opts.quick { 0.5 } else { 2.0 };
-    1e3 * median_secs(budget, 3, || {
+    1e3 * median_secs(budget, 3, opts.reps, || {
         let logits = net.forward_t(&xs, true).expect("forward");
         let loss = cross_entropy(&logits, &ys).expect("loss");
         opt.backward_step(&loss).expect("step");
@@ -79,6 +97,14 @@ fn main() {
     let opts = Opts {
         quick: args.iter().any(|a| a == "--quick"),
         reference: !args.iter().any(|a| a == "--no-reference"),
+        filter: args
+            .iter()
+            .position(|a| a == "--filter")
+            .and_then(|i| args.get(i + 1).cloned()),
+        reps: args
+            .iter()
+            .position(|a| a == "--reps")
+            .and_then(|i| args.get(i + 1)?.parse().ok()),
     };
     println!("threads: {}", rayon::current_num_threads());
     println!(
@@ -91,6 +117,9 @@ fn main() {
             let fast = ModelConfig::new(solution, variant);
             let stock = fast.clone().with_kernels(Kernels::Reference);
             for batch in [1usize, 32, 1000] {
+                if !opts.wants(&format!("{name} fwd b{batch}")) {
+                    continue;
+                }
                 let f = forward_ips(&fast, batch, &opts);
                 let (s, ratio) = if opts.reference {
                     let s = forward_ips(&stock, batch, &opts);
@@ -104,16 +133,20 @@ fn main() {
                     format!("{f:.0} img/s")
                 );
             }
-            let f = train_step_ms(&fast, 32, &opts);
+            let batch = TrainConfig::recipe(solution, variant).batch_size;
+            let what = format!("step b{batch}");
+            if !opts.wants(&format!("{name} {what}")) {
+                continue;
+            }
+            let f = train_step_ms(&fast, batch, &opts);
             let (s, ratio) = if opts.reference {
-                let s = train_step_ms(&stock, 32, &opts);
+                let s = train_step_ms(&stock, batch, &opts);
                 (format!("{s:.2} ms"), format!("{:.1}x", s / f))
             } else {
                 ("-".into(), "-".into())
             };
             println!(
-                "{name:<22}{:>10}{:>16}{s:>16}{ratio:>9}",
-                "step b32",
+                "{name:<22}{what:>10}{:>16}{s:>16}{ratio:>9}",
                 format!("{f:.2} ms")
             );
         }

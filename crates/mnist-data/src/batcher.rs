@@ -226,6 +226,33 @@ impl Iterator for Batcher<'_> {
 
 impl ExactSizeIterator for Batcher<'_> {}
 
+/// Runs `batches` on a thread of its own, up to `depth` items ahead, and hands every item to `consume` in
+/// order, so that preparing the next batch (shuffling, augmentation, conversion) overlaps with the work
+/// on the current one. The items and their order are exactly those of `batches`: prefetching changes no
+/// result. The first error of `consume` stops both sides and is returned.
+pub fn with_prefetch<T: Send, E>(
+    batches: impl Iterator<Item = T> + Send,
+    depth: usize,
+    mut consume: impl FnMut(T) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(depth.max(1));
+        scope.spawn(move || {
+            for item in batches {
+                // The consumer is gone (it stopped early): stop producing.
+                if tx.send(item).is_err() {
+                    break;
+                }
+            }
+        });
+        // `rx` is dropped on return, which ends the producer before the scope joins it.
+        for item in rx {
+            consume(item)?;
+        }
+        Ok(())
+    })
+}
+
 /// Shorthand for [`Batcher::new`].
 pub fn batches<'a>(
     split: &'a Split,

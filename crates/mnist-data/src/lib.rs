@@ -22,7 +22,8 @@ mod source;
 
 pub use augment::{augment_into, warp_into, warp_into_with, Affine, AugmentConfig, Interpolation};
 pub use batcher::{
-    batches, epoch_rng, labels_to_tensor, permutation, to_tensor, Batch, Batcher, BatcherConfig,
+    batches, epoch_rng, labels_to_tensor, permutation, to_tensor, with_prefetch, Batch, Batcher,
+    BatcherConfig,
 };
 pub use dataset::{
     load_dir, Dataset, Mnist, Split, FILE_NAMES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES,

@@ -83,26 +83,46 @@ impl ConvBnPool {
     fn spec(&self, h: usize, w: usize) -> Result<BlockSpec> {
         let cfg = self.conv.config();
         let k = self.conv.weight().dim(3)?;
-        let (pad, (oh, ow)) = cfg.padding.resolve2d(h, w, k, cfg.stride)?;
-        let pool = match self.pool {
-            Some(p) => {
-                let (pp, _) = p.padding.resolve2d(oh, ow, p.kernel, p.stride)?;
-                Some(PoolSpec {
-                    kernel: p.kernel,
-                    stride: p.stride,
-                    pad: pp,
-                })
-            }
-            None => None,
-        };
-        Ok(BlockSpec {
-            stride: cfg.stride,
-            pad,
-            relu: cfg.activation.is_relu(),
-            eps: self.bn.config().eps,
-            pool,
-        })
+        block_spec(
+            (h, w),
+            k,
+            cfg,
+            cfg.activation.is_relu(),
+            &self.bn,
+            self.pool,
+        )
     }
+}
+
+/// The op spec of a block whose (first) convolution is `k x k` with `cfg`'s stride and padding on
+/// `h x w` inputs, then `relu`, BatchNorm and `pool`.
+fn block_spec(
+    (h, w): (usize, usize),
+    k: usize,
+    cfg: &Conv2dConfig,
+    relu: bool,
+    bn: &BatchNorm,
+    pool: Option<MaxPool2dConfig>,
+) -> Result<BlockSpec> {
+    let (pad, (oh, ow)) = cfg.padding.resolve2d(h, w, k, cfg.stride)?;
+    let pool = match pool {
+        Some(p) => {
+            let (pp, _) = p.padding.resolve2d(oh, ow, p.kernel, p.stride)?;
+            Some(PoolSpec {
+                kernel: p.kernel,
+                stride: p.stride,
+                pad: pp,
+            })
+        }
+        None => None,
+    };
+    Ok(BlockSpec {
+        stride: cfg.stride,
+        pad,
+        relu,
+        eps: bn.config().eps,
+        pool,
+    })
 }
 
 /// Builds a [`ConvBnPool`] from fresh layers: [`conv2d`]`(in_c, out_c, k, cfg.conv, vb_conv)`,
@@ -148,8 +168,14 @@ impl ModuleT for ConvBnPool {
     }
 }
 
-/// Keras `SeparableConv2D -> BatchNormalization -> [MaxPooling2D]`: the depthwise convolution as its
-/// own op, then the pointwise 1x1 convolution, BatchNorm and pool as one [`ConvBnPool`].
+/// Keras `SeparableConv2D -> BatchNormalization -> [MaxPooling2D]` (the same variables as the separate
+/// layers).
+///
+/// With the fast kernels (the default; [`SeparableBnPool::with_kernels`]) on an `f32` CPU input,
+/// training mode is ONE custom op ([`ops::separable_bn_pool_train`]: each image's depthwise output goes
+/// straight into the pointwise convolution in cache) and the running statistics are updated as
+/// [`BatchNorm`] does; inference mode is [`ops::separable_bn_pool_infer`]. Otherwise the layers run one
+/// after the other.
 #[derive(Debug, Clone)]
 pub struct SeparableBnPool {
     depthwise: DepthwiseConv2d,
@@ -180,7 +206,7 @@ impl SeparableBnPool {
     pub fn depthwise(&self) -> &DepthwiseConv2d {
         &self.depthwise
     }
-    /// The pointwise -> BatchNorm -> pool block.
+    /// The pointwise -> BatchNorm -> pool part.
     pub fn block(&self) -> &ConvBnPool {
         &self.block
     }
@@ -204,7 +230,42 @@ pub fn separable_bn_pool(
 
 impl ModuleT for SeparableBnPool {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        xs.apply(&self.depthwise)?.apply_t(&self.block, train)
+        let blk = &self.block;
+        if !blk.kernels.use_fast(xs) {
+            return xs.apply(&self.depthwise)?.apply_t(blk, train);
+        }
+        let (h, w) = match xs.dims() {
+            &[_, _, h, w] => (h, w),
+            d => return Err(shape_err("separable_bn_pool", "[b, c, h, w]", d)),
+        };
+        let (dw, pw) = (&self.depthwise, &blk.conv);
+        let k = dw.weight().dim(3)?;
+        let relu = pw.config().activation.is_relu();
+        let spec = block_spec((h, w), k, dw.config(), relu, &blk.bn, blk.pool)?;
+        if train {
+            let (ys, mean, var) = ops::separable_bn_pool_train(
+                xs,
+                dw.weight(),
+                pw.weight(),
+                pw.bias(),
+                blk.bn.gamma(),
+                blk.bn.beta(),
+                &spec,
+            )?;
+            blk.bn.update_running(&mean, &var)?;
+            Ok(ys)
+        } else {
+            let (scale, shift) = blk.bn.eval_scale_shift()?;
+            ops::separable_bn_pool_infer(
+                xs,
+                dw.weight(),
+                pw.weight(),
+                pw.bias(),
+                &scale,
+                &shift,
+                &spec,
+            )
+        }
     }
 }
 

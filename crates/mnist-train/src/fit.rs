@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::loss::smoothed_cross_entropy;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::loss::cross_entropy;
-use mnist_data::{batches, epoch_rng, to_tensor, BatcherConfig, Mnist, Split};
+use mnist_data::{batches, epoch_rng, to_tensor, with_prefetch, BatcherConfig, Mnist, Split};
 use mnist_layers::init::SeededVarMap;
 use mnist_layers::SharedRng;
 use mnist_metrics::{argmax_rows, Accuracy, ConfusionMatrix, MeanLoss};
@@ -260,8 +260,9 @@ pub fn fit_with(
         let mut loss_sum = MeanLoss::default();
         let mut acc = Accuracy::default();
         let started = Instant::now();
-        for (step, batch) in batches(&train, &batcher, Some(&mut shuffle_rng), device)?.enumerate()
-        {
+        let epoch_batches = batches(&train, &batcher, Some(&mut shuffle_rng), device)?.enumerate();
+        // The next batches are made (and augmented) on another thread while this one trains.
+        let res = with_prefetch(epoch_batches, 2, |(step, batch)| {
             if stop_requested() {
                 return Err(TrainError::Interrupted {
                     completed: epoch0,
@@ -285,7 +286,9 @@ pub fn fit_with(
             loss_sum.update(loss_value, n);
             acc.update(&logits, &batch.labels_u8)?;
             reporter.step(step + 1, loss_sum.value(), acc.value());
-        }
+            Ok(())
+        });
+        res?;
         let seconds = started.elapsed().as_secs_f64();
         let val = evaluate(&trained.net, &data.val, device)?;
         let record = EpochRecord {

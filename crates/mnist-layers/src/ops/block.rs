@@ -1,4 +1,5 @@
-//! A fused `conv (+bias, ReLU) -> BatchNorm -> [max-pool]` block as ONE custom op.
+//! A fused `conv (+bias, ReLU) -> BatchNorm -> [max-pool]` block as ONE custom op, the convolution dense
+//! or separable (depthwise then pointwise, see `separable.rs`).
 //!
 //! Training mode normalises with the batch statistics; the convolution output and the pool argmax stay
 //! inside the op (saved for the backward pass), so candle never allocates, zero-fills and sums the large
@@ -6,19 +7,23 @@
 //! per-thread buffer straight from the pooled gradient. Inference mode applies `scale`/`shift`
 //! (the running statistics folded in) image by image while the convolution output is still in cache.
 //!
-//! The weights travel as one flattened parameter vector `[w, bias?, gamma|scale, beta|shift]` built with
-//! `Tensor::cat`, whose backward splits the op's parameter gradient again.
+//! The weights travel as one flattened parameter vector `[w, bias?, gamma|scale, beta|shift]` (`w` is
+//! the depthwise then the pointwise weights for a separable block) built with `Tensor::cat`, whose
+//! backward splits the op's parameter gradient again.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::bn::{affine, channel_stats, channel_sums, check_vec, dot_dev, BnBackward};
-use super::conv::{geometry, ConvGeom};
+use super::conv::{geometry, ConvGeom, ConvGrads};
 use super::direct::{DirectConv, Epilogue};
 use super::pool::PoolGeom;
+use super::separable::{SepGeom, SepKernels};
 use super::{
-    cpu_data, fwd_slice, give_buf, sum_f32, take_buf, with_scratch, with_thread_buf, OpState, Pad4,
+    cpu_data, fwd_slice, give_buf, par_zeros, sum_f32, take_buf, with_scratch, with_thread_buf,
+    OpState, Pad4,
 };
+use crate::error::shape_err;
 
 const OP_TRAIN: &str = "conv_bn_pool_train";
 const OP_EVAL: &str = "conv_bn_pool_eval";
@@ -95,8 +100,128 @@ impl Drop for Saved {
     }
 }
 
+/// The convolution of a fused block.
+#[derive(Debug, Clone, Copy)]
+enum BlockConv {
+    /// A dense convolution.
+    Dense(ConvGeom),
+    /// A separable convolution: depthwise (no bias), then pointwise.
+    Separable(SepGeom),
+}
+
+/// What a call prepares once from the weights, for every image.
+enum Prepared {
+    Dense(Option<DirectConv>),
+    Separable(SepKernels),
+}
+
+impl BlockConv {
+    /// `(b, c, h, w)` of the input.
+    fn input(&self) -> (usize, usize, usize, usize) {
+        match self {
+            BlockConv::Dense(g) => (g.b, g.c, g.h, g.w),
+            BlockConv::Separable(s) => (s.dw.b, s.dw.c, s.dw.h, s.dw.w),
+        }
+    }
+
+    /// `(o, oh, ow)` of the output.
+    fn output(&self) -> (usize, usize, usize) {
+        match self {
+            BlockConv::Dense(g) => (g.o, g.oh, g.ow),
+            BlockConv::Separable(s) => (s.o, s.dw.oh, s.dw.ow),
+        }
+    }
+
+    fn ohw(&self) -> usize {
+        let (_, oh, ow) = self.output();
+        oh * ow
+    }
+
+    fn chw(&self) -> usize {
+        let (_, c, h, w) = self.input();
+        c * h * w
+    }
+
+    /// Number of convolution weights at the start of the parameter vector.
+    fn weight_len(&self) -> usize {
+        match self {
+            BlockConv::Dense(g) => g.o * g.ckk(),
+            BlockConv::Separable(s) => s.weight_len(),
+        }
+    }
+
+    fn prepare(&self, w: &[f32]) -> Result<Prepared> {
+        Ok(match self {
+            BlockConv::Dense(g) => Prepared::Dense(g.direct_conv(w)?),
+            BlockConv::Separable(s) => Prepared::Separable(s.kernels(w)?),
+        })
+    }
+
+    /// One image: `dst [o, oh*ow] = relu?(conv(xi) + bias)`.
+    fn forward_image(
+        &self,
+        prep: &Prepared,
+        xi: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        dst: &mut [f32],
+    ) -> Result<()> {
+        match (self, prep) {
+            (BlockConv::Dense(g), Prepared::Dense(dc)) => {
+                g.forward_image(dc.as_ref(), xi, w, bias, relu, dst)
+            }
+            (BlockConv::Separable(s), Prepared::Separable(k)) => {
+                let epi = Epilogue {
+                    bias,
+                    relu,
+                    affine: None,
+                };
+                s.forward_image(k, xi, w, &epi, dst)
+            }
+            _ => candle_core::bail!("fused block: kernels of another convolution"),
+        }
+    }
+
+    /// The whole batch into `out [b, o, oh*ow]`.
+    fn forward_into(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        out: &mut [f32],
+    ) -> Result<()> {
+        match self {
+            BlockConv::Dense(g) => g.forward_into(x, w, bias, relu, out),
+            BlockConv::Separable(s) => s.forward_into(x, w, bias, relu, out),
+        }
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>, relu: bool) -> Result<Vec<f32>> {
+        let (b, _, _, _) = self.input();
+        let (o, _, _) = self.output();
+        let mut out = par_zeros(b * o * self.ohw());
+        self.forward_into(x, w, bias, relu, &mut out)?;
+        Ok(out)
+    }
+
+    fn backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        need_dx: bool,
+        fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) -> Result<ConvGrads> {
+        match self {
+            BlockConv::Dense(g) => g.backward(x, w, need_dx, fill_g),
+            BlockConv::Separable(s) => s.backward(x, w, need_dx, fill_g),
+        }
+    }
+}
+
 struct BlockOp {
-    g: ConvGeom,
+    g: BlockConv,
     relu: bool,
     bias: bool,
     /// `Some(eps)`: training mode (batch statistics, params hold gamma/beta); `None`: params hold
@@ -119,8 +244,8 @@ impl BlockOp {
     }
 
     fn split<'a>(&self, p: &'a [f32]) -> Result<Params<'a>> {
-        let (o, ckk) = (self.g.o, self.g.ckk());
-        let need = o * ckk + o * (2 + self.bias as usize);
+        let (o, nw) = (self.g.output().0, self.g.weight_len());
+        let need = nw + o * (2 + self.bias as usize);
         if p.len() != need {
             candle_core::bail!(
                 "{}: parameter vector has {} values, expected {need}",
@@ -128,7 +253,7 @@ impl BlockOp {
                 p.len()
             )
         }
-        let (w, rest) = p.split_at(o * ckk);
+        let (w, rest) = p.split_at(nw);
         let (bias, rest) = if self.bias {
             let (b, r) = rest.split_at(o);
             (Some(b), r)
@@ -144,20 +269,22 @@ impl BlockOp {
     }
 
     fn out_shape(&self) -> Shape {
-        let g = self.g;
+        let (b, _, _, _) = self.g.input();
+        let (o, oh, ow) = self.g.output();
         match self.pool {
-            Some(p) => Shape::from((g.b, g.o, p.oh, p.ow)),
-            None => Shape::from((g.b, g.o, g.oh, g.ow)),
+            Some(p) => Shape::from((b, o, p.oh, p.ow)),
+            None => Shape::from((b, o, oh, ow)),
         }
     }
 
     fn fwd_train(&self, x: &[f32], params: Params, eps: f64) -> Result<Vec<f32>> {
         let g = self.g;
         let (w, bias, gamma, beta) = params;
-        let (o, ohw, pl) = (g.o, g.ohw(), self.pooled_len());
-        let mut y = take_buf(g.b * o * ohw); // [b, o, oh*ow]
+        let (b, _, _, _) = g.input();
+        let (o, ohw, pl) = (g.output().0, g.ohw(), self.pooled_len());
+        let mut y = take_buf(b * o * ohw); // [b, o, oh*ow]
         g.forward_into(x, w, bias, self.relu, &mut y)?;
-        let (mean, var) = channel_stats(&y, g.b, o, ohw);
+        let (mean, var) = channel_stats(&y, b, o, ohw);
         let invstd: Vec<f32> = var
             .iter()
             .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
@@ -166,8 +293,8 @@ impl BlockOp {
         let shift: Vec<f32> = (0..o).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
         let (out, argmax) = match self.pool {
             Some(pg) => {
-                let mut out = vec![0f32; g.b * o * pl];
-                let mut arg = vec![0u32; g.b * o * pl];
+                let mut out = par_zeros(b * o * pl);
+                let mut arg = par_zeros(b * o * pl);
                 out.par_chunks_mut(pl)
                     .zip(arg.par_chunks_mut(pl))
                     .enumerate()
@@ -198,15 +325,18 @@ impl BlockOp {
     fn fwd_eval(&self, x: &[f32], params: Params) -> Result<Vec<f32>> {
         let g = self.g;
         let (w, bias, scale, shift) = params;
-        let (o, ohw, chw, pl) = (g.o, g.ohw(), g.chw(), self.pooled_len());
-        let mut out = vec![0f32; g.b * o * pl];
-        let mut argmax = vec![0u32; if self.pool.is_some() { g.b * o * pl } else { 0 }];
+        let (b, _, _, _) = g.input();
+        let (o, ohw, chw, pl) = (g.output().0, g.ohw(), g.chw(), self.pooled_len());
+        let mut out = par_zeros(b * o * pl);
+        let mut argmax = par_zeros(if self.pool.is_some() { b * o * pl } else { 0 });
         let alen = if self.pool.is_some() { o * pl } else { 0 };
         let pool = self.pool;
+        let prep = g.prepare(w)?;
+        let dc = &prep;
         let work = |(i, (op, ap)): (usize, (&mut [f32], &mut [u32]))| -> Result<()> {
             let xi = &x[i * chw..(i + 1) * chw];
             let Some(pg) = pool else {
-                g.forward_image(xi, w, bias, self.relu, op)?;
+                g.forward_image(dc, xi, w, bias, self.relu, op)?;
                 for (p, zp) in op.chunks_exact_mut(ohw).enumerate() {
                     zp.iter_mut().for_each(|v| *v = *v * scale[p] + shift[p]);
                 }
@@ -214,7 +344,7 @@ impl BlockOp {
             };
             // The image's convolution output lives in a per-thread buffer (cache-resident).
             with_thread_buf(&EVAL_BUF, o * ohw, |y| {
-                g.forward_image(xi, w, bias, self.relu, y)?;
+                g.forward_image(dc, xi, w, bias, self.relu, y)?;
                 for (p, ((zp, opl), apl)) in y
                     .chunks_exact_mut(ohw)
                     .zip(op.chunks_exact_mut(pl))
@@ -227,7 +357,7 @@ impl BlockOp {
                 Ok(())
             })
         };
-        if g.b == 1 {
+        if b == 1 {
             work((0, (&mut out, &mut argmax)))?;
         } else if alen == 0 {
             out.par_chunks_mut(o * pl)
@@ -257,7 +387,8 @@ impl BlockOp {
     ) -> Result<(Option<Tensor>, Tensor)> {
         let g = self.g;
         let name = self.op_name();
-        let (o, ohw, pl) = (g.o, g.ohw(), self.pooled_len());
+        let (b, c, h, wd) = g.input();
+        let (o, ohw, pl) = (g.output().0, g.ohw(), self.pooled_len());
         let need_dx = x.track_op();
         cpu_data!(x, xg, xs, name);
         cpu_data!(params, pg, ps, name);
@@ -272,8 +403,8 @@ impl BlockOp {
             &recomputed
         };
         let (mean, invstd, argmax) = (&saved.mean, &saved.invstd, &saved.argmax);
-        if y.len() != g.b * o * ohw
-            || dys.len() != g.b * o * pl
+        if y.len() != b * o * ohw
+            || dys.len() != b * o * pl
             || mean.len() != o
             || invstd.len() != o
             || (self.pool.is_some() && argmax.len() != dys.len())
@@ -285,7 +416,7 @@ impl BlockOp {
         }
         // Per channel: sum(dz) and sum(dz * (y - mean)), images in order (thread-count independent).
         let pooled = self.pool.is_some();
-        let sums = channel_sums(o, g.b, |i, ch| {
+        let sums = channel_sums(o, b, |i, ch| {
             let p = i * o + ch;
             let dp = &dys[p * pl..(p + 1) * pl];
             let yp = &y[p * ohw..(p + 1) * ohw];
@@ -300,7 +431,7 @@ impl BlockOp {
             }
             (sum_f32(dp), acc as f64)
         });
-        let n = (g.b * ohw) as f64;
+        let n = (b * ohw) as f64;
         let bn = BnBackward::new(&sums, p1, mean, invstd, n, self.train_eps.is_some());
         let relu = self.relu;
         let fill_g = |i: usize, gb: &mut [f32]| {
@@ -329,7 +460,7 @@ impl BlockOp {
         dparams.extend_from_slice(&bn.dbeta);
         let dev = x.device();
         let dx = match dx {
-            Some(v) => Some(Tensor::from_vec(v, (g.b, g.c, g.h, g.w), dev)?),
+            Some(v) => Some(Tensor::from_vec(v, (b, c, h, wd), dev)?),
             None => None,
         };
         Ok((dx, Tensor::from_vec(dparams, params.shape(), dev)?))
@@ -376,11 +507,64 @@ impl CustomOp2 for BlockOp {
     }
 }
 
+/// The convolution of a block: `w [o, c, k, k]` (dense) or `(depthwise [c, 1, k, k], pointwise
+/// [o, c, 1, 1])` (separable).
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    Dense(&'a Tensor),
+    Separable(&'a Tensor, &'a Tensor),
+}
+
+impl Weights<'_> {
+    /// The geometry of `x` through these weights, checked.
+    fn geometry(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        spec: &BlockSpec,
+        op: &'static str,
+    ) -> Result<BlockConv> {
+        Ok(match *self {
+            Weights::Dense(w) => BlockConv::Dense(geometry(x, w, bias, spec.stride, spec.pad)?),
+            Weights::Separable(dw, pw) => {
+                let dims = super::dims4(x, op)?;
+                let (c, one, k, k2) = super::dims4(dw, op)?;
+                let (o, pc, p1, p2) = super::dims4(pw, op)?;
+                if c != dims.1 || one != 1 || k != k2 {
+                    return Err(shape_err(
+                        op,
+                        format!("depthwise [{}, 1, k, k]", dims.1),
+                        dw.dims(),
+                    ));
+                }
+                if pc != c || p1 != 1 || p2 != 1 {
+                    return Err(shape_err(
+                        op,
+                        format!("pointwise [o, {c}, 1, 1]"),
+                        pw.dims(),
+                    ));
+                }
+                if let Some(b) = bias {
+                    check_vec(b, o, op, "bias")?;
+                }
+                BlockConv::Separable(SepGeom::new(dims, k, o, spec.stride, spec.pad)?)
+            }
+        })
+    }
+
+    fn flat(&self) -> Result<Vec<Tensor>> {
+        Ok(match *self {
+            Weights::Dense(w) => vec![w.flatten_all()?],
+            Weights::Separable(dw, pw) => vec![dw.flatten_all()?, pw.flatten_all()?],
+        })
+    }
+}
+
 /// Validates the inputs, packs the parameters and runs the op; returns the output and the saved state.
 #[allow(clippy::too_many_arguments)]
 fn run(
     x: &Tensor,
-    w: &Tensor,
+    w: Weights,
     bias: Option<&Tensor>,
     p1: &Tensor,
     p2: &Tensor,
@@ -388,17 +572,18 @@ fn run(
     train: bool,
 ) -> Result<(Tensor, OpState<Saved>)> {
     let name = if train { OP_TRAIN } else { OP_EVAL };
-    let g = geometry(x, w, bias, spec.stride, spec.pad)?;
-    check_vec(p1, g.o, name, if train { "gamma" } else { "scale" })?;
-    check_vec(p2, g.o, name, if train { "beta" } else { "shift" })?;
+    let g = w.geometry(x, bias, spec, name)?;
+    let (o, oh, ow) = g.output();
+    check_vec(p1, o, name, if train { "gamma" } else { "scale" })?;
+    check_vec(p2, o, name, if train { "beta" } else { "shift" })?;
     if train && (spec.eps.is_nan() || spec.eps <= 0.0) {
         candle_core::bail!("{name}: eps must be positive, got {}", spec.eps)
     }
     let pool = match spec.pool {
-        Some(p) => Some(PoolGeom::new(g.oh, g.ow, p.kernel, p.stride, p.pad)?),
+        Some(p) => Some(PoolGeom::new(oh, ow, p.kernel, p.stride, p.pad)?),
         None => None,
     };
-    let mut parts = vec![w.flatten_all()?];
+    let mut parts = w.flat()?;
     if let Some(b) = bias {
         parts.push(b.clone());
     }
@@ -429,6 +614,18 @@ fn run(
 pub fn conv_bn_pool_train(
     x: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    spec: &BlockSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    train_with(x, Weights::Dense(w), bias, gamma, beta, spec)
+}
+
+/// The training-mode block of any convolution: the output and the batch statistics.
+fn train_with(
+    x: &Tensor,
+    w: Weights,
     bias: Option<&Tensor>,
     gamma: &Tensor,
     beta: &Tensor,
@@ -473,7 +670,7 @@ pub fn conv_bn_pool_eval(
     shift: &Tensor,
     spec: &BlockSpec,
 ) -> Result<Tensor> {
-    Ok(run(x, w, bias, scale, shift, spec, false)?.0)
+    Ok(run(x, Weights::Dense(w), bias, scale, shift, spec, false)?.0)
 }
 
 /// Inference-only twin of [`conv_bn_pool_eval`] (same formula, same reference
@@ -489,51 +686,162 @@ pub fn conv_bn_pool_infer(
     shift: &Tensor,
     spec: &BlockSpec,
 ) -> Result<Tensor> {
-    let g = geometry(x, w, bias, spec.stride, spec.pad)?;
-    check_vec(scale, g.o, OP_INFER, "scale")?;
-    check_vec(shift, g.o, OP_INFER, "shift")?;
-    if g.stride != 1 {
-        return Ok(conv_bn_pool_eval(x, w, bias, scale, shift, spec)?.detach());
+    infer_with(x, Weights::Dense(w), bias, scale, shift, spec)
+}
+
+/// The inference-mode block of any convolution, image by image (see [`conv_bn_pool_infer`]).
+fn infer_with(
+    x: &Tensor,
+    w: Weights,
+    bias: Option<&Tensor>,
+    scale: &Tensor,
+    shift: &Tensor,
+    spec: &BlockSpec,
+) -> Result<Tensor> {
+    let conv = w.geometry(x, bias, spec, OP_INFER)?;
+    let (b, _, _, _) = conv.input();
+    let (o, oh, ow) = conv.output();
+    check_vec(scale, o, OP_INFER, "scale")?;
+    check_vec(shift, o, OP_INFER, "shift")?;
+    if let (BlockConv::Dense(g), Weights::Dense(wt)) = (conv, w) {
+        if g.stride != 1 {
+            return Ok(conv_bn_pool_eval(x, wt, bias, scale, shift, spec)?.detach());
+        }
     }
     let pool = match spec.pool {
-        Some(p) => Some(PoolGeom::new(g.oh, g.ow, p.kernel, p.stride, p.pad)?),
+        Some(p) => Some(PoolGeom::new(oh, ow, p.kernel, p.stride, p.pad)?),
         None => None,
     };
-    let wv = w.flatten_all()?.to_vec1::<f32>()?; // [o * c * k * k]
+    let wv = Tensor::cat(&w.flat()?, 0)?.to_vec1::<f32>()?; // the convolution's weights
     let bv = bias.map(|b| b.to_vec1::<f32>()).transpose()?; // [o]
     let (sc, sh) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?); // [o]
-    let dc = DirectConv::new((g.c, g.h, g.w), &wv, (g.o, g.k), spec.pad)?;
     let epi = Epilogue {
         bias: bv.as_deref(),
         relu: spec.relu,
         affine: Some((&sc, &sh)),
     };
-    let (pl, chw) = (pool.map_or(g.ohw(), |p| p.oh * p.ow), g.chw());
-    let per = g.o * pl;
+    let prep = conv.prepare(&wv)?;
+    let (pl, chw) = (pool.map_or(oh * ow, |p| p.oh * p.ow), conv.chw());
     cpu_data!(x, xg, xs, OP_INFER);
     // [b, o, pooled h*w]
-    let out = super::collect_images(g.b, per, |i, oimg| {
-        with_scratch([dc.xp_len, dc.out_len()], |[xp, y]| {
-            dc.pad_into(&xs[i * chw..(i + 1) * chw], xp);
-            dc.run(xp, &epi, y)?; // [o, nwide]
+    let out = super::collect_images(b, o * pl, |i, oimg| {
+        let xi = &xs[i * chw..(i + 1) * chw];
+        // The image's output `[o, nwide]` in the wide layout of `dc`, then pooled or compacted.
+        let emit = |dc: &DirectConv, y: &[f32], oimg: &mut [f32]| {
             for (oc, op) in oimg.chunks_exact_mut(pl).enumerate() {
                 match pool {
                     Some(pg) => pg.plane_max(&y[oc * dc.nwide..(oc + 1) * dc.nwide], dc.wp, op),
                     None => {
-                        for (oy, orow) in op.chunks_exact_mut(g.ow).enumerate() {
+                        for (oy, orow) in op.chunks_exact_mut(ow).enumerate() {
                             orow.copy_from_slice(dc.row(y, oc, oy));
                         }
                     }
                 }
             }
-            Ok(())
-        })
+        };
+        match (&conv, &prep) {
+            (BlockConv::Dense(_), Prepared::Dense(Some(dc))) => {
+                with_scratch([dc.xp_len, dc.out_len()], |[xp, y]| {
+                    dc.pad_into(xi, xp);
+                    dc.run(xp, &epi, y)?; // [o, nwide]
+                    emit(dc, y, oimg);
+                    Ok(())
+                })
+            }
+            (BlockConv::Separable(sg), Prepared::Separable(k)) => {
+                let dc = sg.pointwise(k);
+                with_scratch([dc.out_len()], |[y]| {
+                    sg.wide_image(k, xi, &wv, &epi, y)?; // [o, nwide]
+                    emit(dc, y, oimg);
+                    Ok(())
+                })
+            }
+            _ => candle_core::bail!("{OP_INFER}: no direct kernels for this convolution"),
+        }
     })?;
     let shape = match pool {
-        Some(p) => Shape::from((g.b, g.o, p.oh, p.ow)),
-        None => Shape::from((g.b, g.o, g.oh, g.ow)),
+        Some(p) => Shape::from((b, o, p.oh, p.ow)),
+        None => Shape::from((b, o, oh, ow)),
     };
     Tensor::from_vec(out, shape, x.device())
+}
+
+/// Fast fused training-mode separable block `pool?(BatchNorm_train(relu?(pointwise(depthwise(x)) +
+/// bias)))` on `f32` CPU tensors: `x [b, c, h, w]`, `depthwise [c, 1, k, k]` (stride and padding from
+/// `spec`), `pointwise [o, c, 1, 1]`, `bias`, `gamma`, `beta` `[o]`. Returns `(y, batch_mean [o],
+/// batch_var [o])` as [`conv_bn_pool_train`]; the backward gives dx (skipped when `x` needs no
+/// gradient), d depthwise, d pointwise, dbias, dgamma and dbeta. The depthwise output is never stored
+/// for the batch: each image's is made in cache, and again in the backward pass.
+pub fn separable_bn_pool_train(
+    x: &Tensor,
+    depthwise: &Tensor,
+    pointwise: &Tensor,
+    bias: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    spec: &BlockSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let w = Weights::Separable(depthwise, pointwise);
+    train_with(x, w, bias, gamma, beta, spec)
+}
+
+/// The reference twin of [`separable_bn_pool_train`]: [`super::depthwise_conv2d_reference`] ->
+/// [`conv_bn_pool_train_reference`] of the 1x1 pointwise convolution (any device / dtype).
+pub fn separable_bn_pool_train_reference(
+    x: &Tensor,
+    depthwise: &Tensor,
+    pointwise: &Tensor,
+    bias: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    spec: &BlockSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = super::depthwise_conv2d_reference(x, depthwise, spec.stride, spec.pad)?;
+    conv_bn_pool_train_reference(&d, pointwise, bias, gamma, beta, &pointwise_spec(spec))
+}
+
+/// Inference-only fused separable block `pool?(relu?(pointwise(depthwise(x)) + bias) * scale + shift)`,
+/// image by image in cache, WITHOUT gradient (reference: [`separable_bn_pool_eval_reference`]).
+pub fn separable_bn_pool_infer(
+    x: &Tensor,
+    depthwise: &Tensor,
+    pointwise: &Tensor,
+    bias: Option<&Tensor>,
+    scale: &Tensor,
+    shift: &Tensor,
+    spec: &BlockSpec,
+) -> Result<Tensor> {
+    infer_with(
+        x,
+        Weights::Separable(depthwise, pointwise),
+        bias,
+        scale,
+        shift,
+        spec,
+    )
+}
+
+/// The reference twin of [`separable_bn_pool_infer`], from candle ops.
+pub fn separable_bn_pool_eval_reference(
+    x: &Tensor,
+    depthwise: &Tensor,
+    pointwise: &Tensor,
+    bias: Option<&Tensor>,
+    scale: &Tensor,
+    shift: &Tensor,
+    spec: &BlockSpec,
+) -> Result<Tensor> {
+    let d = super::depthwise_conv2d_reference(x, depthwise, spec.stride, spec.pad)?;
+    conv_bn_pool_eval_reference(&d, pointwise, bias, scale, shift, &pointwise_spec(spec))
+}
+
+/// The block spec of the pointwise part of a separable block: stride 1, no padding.
+fn pointwise_spec(spec: &BlockSpec) -> BlockSpec {
+    BlockSpec {
+        stride: 1,
+        pad: (0, 0, 0, 0),
+        ..*spec
+    }
 }
 
 /// The reference twin of [`conv_bn_pool_eval`], from candle ops.
@@ -784,6 +1092,153 @@ mod tests {
         let (w, v3) = (rand_t(&[3, 2, 3, 3], 2), rand_t(&[3], 3));
         let bad = conv_bn_pool_infer(&x, &w, None, &rand_t(&[2], 4), &v3, &BlockSpec::default());
         assert!(bad.is_err());
+    }
+
+    /// The fused separable block against its reference twin (depthwise, then the pointwise block, from
+    /// candle ops): forward, batch statistics and every gradient in training; the inference kernel;
+    /// bit-identical results on 1 and 3 threads.
+    fn check_separable(xd: [usize; 4], o: usize, k: usize, spec: BlockSpec, bias: bool, seed: u64) {
+        let c = xd[1];
+        let x = Var::from_tensor(&rand_t(&xd, seed)).unwrap();
+        let dw = Var::from_tensor(&rand_t(&[c, 1, k, k], seed + 1)).unwrap();
+        let pw = Var::from_tensor(&rand_t(&[o, c, 1, 1], seed + 2)).unwrap();
+        // A large bias keeps every pre-ReLU value positive: no pooling ties, where the reference's
+        // `max` gradient (split between tied maxima) differs from the fast op's (first maximum).
+        let b = Var::from_tensor(&rand_t(&[o], seed + 3).affine(0.5, 30.0).unwrap()).unwrap();
+        let gm = Var::from_tensor(&rand_t(&[o], seed + 4).affine(1.0, 0.3).unwrap()).unwrap();
+        let bt = Var::from_tensor(&rand_t(&[o], seed + 5)).unwrap();
+        let bo = bias.then_some(b.as_tensor());
+        let what = format!("{xd:?} o{o} k{k} {spec:?} bias{bias}");
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| separable_bn_pool_train(&x, &dw, &pw, bo, &gm, &bt, &spec).unwrap())
+        };
+        let (yf, mf, vf) = run(2);
+        let (yr, mr, vr) =
+            separable_bn_pool_train_reference(&x, &dw, &pw, bo, &gm, &bt, &spec).unwrap();
+        assert_close(&yf, &yr, 1e-4, &format!("fwd {what}"));
+        assert_close(&mf, &mr, 1e-5, &format!("mean {what}"));
+        assert_close(&vf, &vr, 1e-4, &format!("var {what}"));
+        // The same block from the separate fast ops: the depthwise op, then the dense fused block.
+        let d = crate::ops::depthwise_conv2d(&x, &dw, spec.stride, spec.pad).unwrap();
+        let (yc, _, _) = conv_bn_pool_train(&d, &pw, bo, &gm, &bt, &pointwise_spec(&spec)).unwrap();
+        assert_close(&yf, &yc, 1e-5, &format!("fwd vs separate fast ops {what}"));
+        let r = rand_t(yf.dims(), seed + 6);
+        let gf = (&yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (yc * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [
+            ("dx", &x),
+            ("ddepthwise", &dw),
+            ("dpointwise", &pw),
+            ("dbias", &b),
+            ("dgamma", &gm),
+            ("dbeta", &bt),
+        ] {
+            if name == "dbias" && !bias {
+                assert!(
+                    gf.get(v).is_none(),
+                    "{name} should have no gradient: {what}"
+                );
+                continue;
+            }
+            let got = gf.get(v).unwrap();
+            let fast = gc.get(v).unwrap();
+            assert_close(
+                got,
+                fast,
+                1e-4,
+                &format!("{name} vs separate fast ops {what}"),
+            );
+            // With one input channel, BatchNorm cancels any scaling of a pointwise weight: the true
+            // gradient is 0 and both sides hold rounding noise of large cancelling sums.
+            if name == "dpointwise" && c == 1 {
+                continue;
+            }
+            assert_close(
+                got,
+                gr.get(v).unwrap(),
+                1e-3,
+                &format!("{name} vs reference {what}"),
+            );
+        }
+        // The same gradients on 1 and 3 threads, bit for bit.
+        let bits = |threads: usize| {
+            let (y, _, _) = run(threads);
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            [&x, &dw, &pw, &gm, &bt]
+                .iter()
+                .flat_map(|v| {
+                    let t = g.get(v).unwrap().flatten_all().unwrap();
+                    t.to_vec1::<f32>().unwrap()
+                })
+                .map(f32::to_bits)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            bits(1),
+            bits(3),
+            "thread count changes the gradients: {what}"
+        );
+        let (sc, sh) = (rand_t(&[o], seed + 7), rand_t(&[o], seed + 8));
+        let yi = separable_bn_pool_infer(&x, &dw, &pw, bo, &sc, &sh, &spec).unwrap();
+        let ye = separable_bn_pool_eval_reference(&x, &dw, &pw, bo, &sc, &sh, &spec).unwrap();
+        assert_close(&yi, &ye, 1e-4, &format!("infer {what}"));
+    }
+
+    #[test]
+    fn separable_block_matches_reference() {
+        let same = BlockSpec {
+            pad: (1, 1, 1, 1),
+            ..Default::default()
+        };
+        let no_pool = BlockSpec { pool: None, ..same };
+        let strided = BlockSpec {
+            stride: 2,
+            pad: (0, 0, 1, 1),
+            relu: false,
+            ..Default::default()
+        };
+        let five = BlockSpec {
+            pad: (2, 2, 2, 2),
+            pool: Some(PoolSpec {
+                kernel: 3,
+                stride: 2,
+                pad: (1, 1, 1, 1),
+            }),
+            ..Default::default()
+        };
+        check_separable([5, 1, 28, 28], 16, 3, no_pool, true, 1);
+        check_separable([6, 16, 14, 14], 24, 3, same, true, 2);
+        check_separable([3, 7, 9, 11], 5, 3, strided, false, 3);
+        check_separable([4, 3, 10, 10], 6, 5, five, true, 4);
+        check_separable([2, 24, 7, 7], 12, 3, no_pool, false, 5);
+        // Malformed weights are refused with an error.
+        let x = rand_t(&[2, 3, 6, 6], 1);
+        let v3 = rand_t(&[4], 2);
+        let bad_dw = separable_bn_pool_train(
+            &x,
+            &rand_t(&[2, 1, 3, 3], 3),
+            &rand_t(&[4, 3, 1, 1], 4),
+            None,
+            &v3,
+            &v3,
+            &same,
+        );
+        assert!(bad_dw.is_err());
+        let bad_pw = separable_bn_pool_train(
+            &x,
+            &rand_t(&[3, 1, 3, 3], 3),
+            &rand_t(&[4, 2, 1, 1], 4),
+            None,
+            &v3,
+            &v3,
+            &same,
+        );
+        assert!(bad_pw.is_err());
     }
 
     #[test]

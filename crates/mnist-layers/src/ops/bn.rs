@@ -63,7 +63,7 @@ pub(crate) fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f3
 
 /// `y = x * scale[c] + shift[c]` over planes of `x [b, c, hw]`.
 pub(crate) fn affine(x: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usize) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    let mut y = super::par_zeros(x.len());
     y.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
         .enumerate()

@@ -4,7 +4,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::{
-    cpu_data, dims4, fwd_slice, multiversion, out_len, sum_f32, with_scratch, Pad4, GRAD_CHUNK,
+    copy_row, cpu_data, dims4, fwd_slice, multiversion, out_len, sum_f32, with_scratch, DirectConv,
+    Epilogue, Pad4, GRAD_CHUNK,
 };
 use crate::error::shape_err;
 
@@ -132,15 +133,49 @@ impl ConvGeom {
         }
     }
 
-    /// One image: `dst [o, oh*ow] = act(conv(xi [c, h, w], w) + bias)`.
+    /// The padding `(top, left, bottom, right)`.
+    fn pad(&self) -> Pad4 {
+        (
+            self.pt,
+            self.pl,
+            self.hp - self.h - self.pt,
+            self.wp - self.w - self.pl,
+        )
+    }
+
+    /// The direct convolution with weights `w` (`[o, c, k, k]`) for stride 1, `None` for other strides
+    /// (those run as im2col + gemm).
+    pub(crate) fn direct_conv(&self, w: &[f32]) -> Result<Option<DirectConv>> {
+        if self.stride != 1 {
+            return Ok(None);
+        }
+        DirectConv::new((self.c, self.h, self.w), w, (self.o, self.k), self.pad()).map(Some)
+    }
+
+    /// One image: `dst [o, oh*ow] = act(conv(xi [c, h, w], w) + bias)`; `dc` is [`Self::direct_conv`]
+    /// of the same weights.
     pub(crate) fn forward_image(
         &self,
+        dc: Option<&DirectConv>,
         xi: &[f32],
         w: &[f32],
         bias: Option<&[f32]>,
         relu: bool,
         dst: &mut [f32],
     ) -> Result<()> {
+        if let Some(dc) = dc {
+            return with_scratch([dc.xp_len, dc.out_len()], |[xp, wide]| {
+                dc.pad_into(xi, xp);
+                let epi = Epilogue {
+                    bias,
+                    relu,
+                    affine: None,
+                };
+                dc.run(xp, &epi, wide)?;
+                dc.compact_into(wide, dst);
+                Ok(())
+            });
+        }
         let (o, ckk, ohw) = (self.o, self.ckk(), self.ohw());
         if self.wide() {
             let l = self.wide_len();
@@ -195,7 +230,7 @@ impl ConvGeom {
         bias: Option<&[f32]>,
         relu: bool,
     ) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; self.b * self.o * self.ohw()];
+        let mut out = super::par_zeros(self.b * self.o * self.ohw());
         self.forward_into(x, w, bias, relu, &mut out)?;
         Ok(out)
     }
@@ -210,8 +245,9 @@ impl ConvGeom {
         out: &mut [f32],
     ) -> Result<()> {
         let (o, ohw, chw) = (self.o, self.ohw(), self.chw());
+        let dc = self.direct_conv(w)?;
         let work = |(i, dst): (usize, &mut [f32])| {
-            self.forward_image(&x[i * chw..(i + 1) * chw], w, bias, relu, dst)
+            self.forward_image(dc.as_ref(), &x[i * chw..(i + 1) * chw], w, bias, relu, dst)
         };
         if self.b == 1 {
             work((0, out))
@@ -230,6 +266,21 @@ impl ConvGeom {
         need_dx: bool,
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) -> Result<ConvGrads> {
+        if let Some(dc) = self.direct_conv(w)? {
+            let dx_conv = if need_dx {
+                DirectConv::input_grad_of(
+                    (self.c, self.h, self.w),
+                    w,
+                    (self.o, self.k),
+                    self.pad(),
+                )?
+            } else {
+                None
+            };
+            if dx_conv.is_some() || !need_dx {
+                return self.backward_direct(x, &dc, dx_conv.as_ref(), fill_g);
+            }
+        }
         let g = *self;
         let (o, ckk, ohw, chw) = (g.o, g.ckk(), g.ohw(), g.chw());
         let (wide, padded, n) = (g.wide(), g.padded(), g.ncols());
@@ -237,7 +288,7 @@ impl ConvGeom {
         let mut pdw = vec![0f32; nchunks * o * ckk];
         let mut pdb = vec![0f32; nchunks * o];
         let dx_chunk = if need_dx { GRAD_CHUNK * chw } else { 1 };
-        let mut dx = vec![0f32; if need_dx { g.b * chw } else { nchunks }];
+        let mut dx = super::par_zeros(if need_dx { g.b * chw } else { nchunks });
         let lens = [
             o * ohw,
             g.col_len(),
@@ -329,6 +380,67 @@ impl ConvGeom {
         Ok((need_dx.then_some(dx), dw, db))
     }
 
+    /// [`Self::backward`] of a stride-1 convolution on the direct kernels: the weight gradient image by
+    /// image from the padded input and the wide gradient, the input gradient (when `dx_conv` is given) as
+    /// the convolution of the padded gradient with the flipped kernel. Same chunked, ordered reduction.
+    fn backward_direct(
+        &self,
+        x: &[f32],
+        dc: &DirectConv,
+        dx_conv: Option<&DirectConv>,
+        fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) -> Result<ConvGrads> {
+        let g = *self;
+        let (o, ckk, ohw, chw) = (g.o, g.ckk(), g.ohw(), g.chw());
+        let nchunks = g.b.div_ceil(GRAD_CHUNK);
+        let need_dx = dx_conv.is_some();
+        let mut pdw = vec![0f32; nchunks * o * ckk];
+        let mut pdb = vec![0f32; nchunks * o];
+        let dx_chunk = if need_dx { GRAD_CHUNK * chw } else { 1 };
+        let mut dx = super::par_zeros(if need_dx { g.b * chw } else { nchunks });
+        let lens = [
+            o * ohw,
+            dc.xp_len,
+            dc.out_len(),
+            dx_conv.map_or(0, |d| d.xp_len),
+            dx_conv.map_or(0, |d| d.out_len()),
+        ];
+        pdw.par_chunks_mut(o * ckk)
+            .zip(pdb.par_chunks_mut(o))
+            .zip(dx.par_chunks_mut(dx_chunk))
+            .enumerate()
+            .try_for_each(|(ch, ((dw, db), dxc))| {
+                let i0 = ch * GRAD_CHUNK;
+                let i1 = (i0 + GRAD_CHUNK).min(g.b);
+                with_scratch(lens, |[gbuf, xp, gwide, gp, dxwide]| {
+                    for i in i0..i1 {
+                        fill_g(i, gbuf);
+                        for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
+                            db[oc] += sum_f32(row) as f32;
+                        }
+                        dc.pad_into(&x[i * chw..(i + 1) * chw], xp);
+                        dc.spread_into(gbuf, gwide);
+                        dc.weight_grad(xp, gwide, dw)?;
+                        if let Some(dxk) = dx_conv {
+                            dxk.pad_into(gbuf, gp);
+                            dxk.run(gp, &Epilogue::default(), dxwide)?;
+                            dxk.compact_into(dxwide, &mut dxc[(i - i0) * chw..(i - i0 + 1) * chw]);
+                        }
+                    }
+                    Ok::<(), candle_core::Error>(())
+                })
+            })?;
+        let mut dw = vec![0f32; o * ckk];
+        for part in pdw.chunks_exact(o * ckk) {
+            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        let mut db = vec![0f32; o];
+        for part in pdb.chunks_exact(o) {
+            db.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        Ok((need_dx.then_some(dx), dw, db))
+    }
+
     /// Range of output columns whose input column `ox*s + kx - pl` lies inside `[0, w)`.
     #[inline]
     fn ox_range(&self, kx: usize) -> (usize, usize) {
@@ -362,7 +474,7 @@ impl ConvGeom {
                         if lo < hi {
                             let ix0 = lo * s + kx - self.pl;
                             if s == 1 {
-                                copy_short(&mut dst[lo..hi], &src[ix0..ix0 + hi - lo]);
+                                copy_row(&mut dst[lo..hi], &src[ix0..ix0 + hi - lo]);
                             } else {
                                 for (j, d) in dst[lo..hi].iter_mut().enumerate() {
                                     *d = src[ix0 + j * s];
@@ -457,24 +569,6 @@ pub(crate) fn relu_f32(v: f32) -> f32 {
         v
     } else {
         0.0
-    }
-}
-
-/// `dst.copy_from_slice(src)` for the short rows of im2col (10-30 floats) without a `memcpy` call:
-/// fixed-size 8-float blocks, then the tail.
-#[inline(always)]
-fn copy_short(dst: &mut [f32], src: &[f32]) {
-    if dst.len() != src.len() {
-        return;
-    }
-    let mut d = dst.chunks_exact_mut(8);
-    let mut s = src.chunks_exact(8);
-    for (a, b) in (&mut d).zip(&mut s) {
-        let b: &[f32; 8] = b.try_into().unwrap_or(&[0.0; 8]);
-        a.copy_from_slice(b);
-    }
-    for (a, b) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        *a = *b;
     }
 }
 

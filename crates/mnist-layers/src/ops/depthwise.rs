@@ -5,26 +5,55 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_data, dims4, fwd_slice, multiversion, out_len, with_scratch, Pad4};
+use super::{
+    copy_row, cpu_data, dims4, fwd_slice, multiversion, multiversion_unsafe, out_len, with_scratch,
+    zero_row, Pad4,
+};
 use crate::error::shape_err;
 
 const OP: &str = "depthwise_conv2d";
 
+/// Geometry of one depthwise convolution call.
 #[derive(Debug, Clone, Copy)]
-struct DwGeom {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pt: usize,
-    pl: usize,
-    oh: usize,
-    ow: usize,
+pub(crate) struct DwGeom {
+    pub b: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pt: usize,
+    pub pl: usize,
+    pub oh: usize,
+    pub ow: usize,
 }
 
 impl DwGeom {
+    /// The geometry of a `k x k` depthwise convolution of `[b, c, h, w]` with `stride` and zero padding
+    /// `pad`.
+    pub(crate) fn new(
+        (b, c, h, w): (usize, usize, usize, usize),
+        k: usize,
+        stride: usize,
+        pad: Pad4,
+    ) -> Result<Self> {
+        let (pt, pl, pb, pr) = pad;
+        let oh = out_len(h, pt, pb, k, stride, OP)?;
+        let ow = out_len(w, pl, pr, k, stride, OP)?;
+        Ok(Self {
+            b,
+            c,
+            h,
+            w,
+            k,
+            stride,
+            pt,
+            pl,
+            oh,
+            ow,
+        })
+    }
+
     /// Range of output columns whose input column lies inside the image, for kernel column `kx`.
     #[inline]
     fn ox_range(&self, kx: usize) -> (usize, usize) {
@@ -38,7 +67,7 @@ impl DwGeom {
 
     /// Scratch a forward pass needs per plane: the zero-padded plane for stride 1 (see [`Padded`]), the
     /// de-interleaved plane for larger strides.
-    fn fwd_scratch_len(&self) -> usize {
+    pub(crate) fn fwd_scratch_len(&self) -> usize {
         if self.stride == 1 {
             Padded::new(self.oh, self.ow, self.k).len()
         } else {
@@ -48,7 +77,7 @@ impl DwGeom {
 
     /// `out [oh, ow] = conv(x [h, w], f [k, k])` for one plane; `xd` is scratch of
     /// [`Self::fwd_scratch_len`] floats; `taps`: this channel's part of [`Self::fwd_taps`] (used for stride 1 only).
-    fn plane_fwd(
+    pub(crate) fn plane_fwd(
         &self,
         x: &[f32],
         f: &[f32],
@@ -65,18 +94,98 @@ impl DwGeom {
         sum_taps(xd, pad.wp, taps, self.oh, self.ow, out)
     }
 
+    /// Stride 1: the padded planes of one image (see [`Self::pad_image`]).
+    pub(crate) fn padded_len(&self) -> usize {
+        self.c * Padded::new(self.oh, self.ow, self.k).len()
+    }
+
+    /// Stride 1: every plane of `xi [c, h, w]` zero-padded (a [`Padded`] of the output size each, planes
+    /// one after the other), for [`Self::image_fwd`] and [`Self::image_df`].
+    pub(crate) fn pad_image(&self, xi: &[f32], xp: &mut [f32]) {
+        let pad = Padded::new(self.oh, self.ow, self.k);
+        pad_planes(
+            &pad,
+            xi,
+            (self.h, self.w),
+            (self.pt as isize, self.pl as isize),
+            xp,
+        )
+    }
+
+    /// Stride 1: `out [c, oh, ow]` from the padded image `xp` ([`Self::pad_image`]) and the taps of
+    /// [`Self::fwd_taps`].
+    pub(crate) fn image_fwd(
+        &self,
+        xp: &[f32],
+        taps: &[(usize, f32)],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let pad = Padded::new(self.oh, self.ow, self.k);
+        let (kk, ohw) = (self.k * self.k, self.oh * self.ow);
+        for ((xpl, t), o) in xp
+            .chunks_exact(pad.len())
+            .zip(taps.chunks_exact(kk))
+            .zip(out.chunks_exact_mut(ohw))
+        {
+            sum_taps(xpl, pad.wp, t, self.oh, self.ow, o)?;
+        }
+        Ok(())
+    }
+
+    /// Stride 1: `df [c, k, k]` (written, not added) from the padded image `xp` ([`Self::pad_image`])
+    /// and the output gradient `g [c, oh, ow]`; `gq` is scratch of `oh * ceil8(ow)` floats. `None` for a
+    /// kernel size without accumulators (see [`Self::plane_df_s1`]).
+    pub(crate) fn image_df(
+        &self,
+        xp: &[f32],
+        g: &[f32],
+        df: &mut [f32],
+        gq: &mut [f32],
+    ) -> Option<()> {
+        let pad = Padded::new(self.oh, self.ow, self.k);
+        let (kk, ohw) = (self.k * self.k, self.oh * self.ow);
+        for ((xpl, gpl), d) in xp
+            .chunks_exact(pad.len())
+            .zip(g.chunks_exact(ohw))
+            .zip(df.chunks_exact_mut(kk))
+        {
+            self.df_from_padded(xpl, gpl, d, gq)?;
+        }
+        Some(())
+    }
+
+    /// Stride 1: `dx [c, h, w] = conv^T(g, f)` of one image (see [`Self::plane_dx_s1`]); `gp` is scratch
+    /// of one padded gradient plane.
+    pub(crate) fn image_dx(
+        &self,
+        taps: &[(usize, f32)],
+        g: &[f32],
+        dx: &mut [f32],
+        gp: &mut [f32],
+    ) -> Result<()> {
+        let (kk, ohw, hw) = (self.k * self.k, self.oh * self.ow, self.h * self.w);
+        for ((t, gpl), d) in taps
+            .chunks_exact(kk)
+            .zip(g.chunks_exact(ohw))
+            .zip(dx.chunks_exact_mut(hw))
+        {
+            self.plane_dx_s1(t, gpl, d, gp)?;
+        }
+        Ok(())
+    }
+
     /// The stride-1 forward taps `(offset in the padded plane, weight)` of every channel (`k * k` per
     /// channel; empty for other strides), built once per call so the planes allocate nothing. They run
     /// in the order of the general loop (kx outer, ky inner), so both sum every output in the same
     /// order: the results are bit-identical.
-    fn fwd_taps(&self, f: &[f32]) -> Vec<(usize, f32)> {
+    pub(crate) fn fwd_taps(&self, f: &[f32]) -> Vec<(usize, f32)> {
         let (k, wp) = (self.k, Padded::new(self.oh, self.ow, self.k).wp);
         self.taps(f, |kx, ky| (ky * wp + kx, ky * k + kx))
     }
 
     /// The stride-1 `dx` taps of every channel (see [`Self::plane_dx_s1`]; empty for other strides): the
     /// flipped filter, in the order of the general loop in [`Self::plane_bwd`] (ky outer, kx inner).
-    fn dx_taps(&self, f: &[f32]) -> Vec<(usize, f32)> {
+    pub(crate) fn dx_taps(&self, f: &[f32]) -> Vec<(usize, f32)> {
         let (k, wp) = (self.k, Padded::new(self.h, self.w, self.k).wp);
         self.taps(f, |ky, kx| ((k - 1 - ky) * wp + (k - 1 - kx), ky * k + kx))
     }
@@ -104,13 +213,56 @@ impl DwGeom {
             .collect()
     }
 
-    /// Scratch [`Self::plane_bwd`] needs per plane (the zero-padded gradient, stride 1 only).
-    fn bwd_scratch_len(&self) -> usize {
+    /// Scratch [`Self::plane_bwd`] needs per plane (stride 1 only): the zero-padded gradient for `dx`,
+    /// then the forward's padded input and the gradient in rows of whole 8-lane vectors for `df`.
+    pub(crate) fn bwd_scratch_len(&self) -> usize {
         if self.stride == 1 {
             Padded::new(self.h, self.w, self.k).len()
+                + self.fwd_scratch_len()
+                + self.oh * self.ow.div_ceil(8) * 8
         } else {
             0
         }
+    }
+
+    /// Stride 1: `df [k, k] = sum g[oy, ox] * x[oy + ky - pt, ox + kx - pl]` in one pass over the plane,
+    /// from the forward's zero-padded input `xd` (see [`Self::plane_fwd`]) and `g` copied into rows `gq` of
+    /// whole 8-lane vectors (zeros past `ow`): 8-lane accumulators per tap, summed across lanes in a fixed
+    /// order. `None` for a kernel size it has no accumulator set for (the general loop then runs).
+    fn plane_df_s1(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        df: &mut [f32],
+        xd: &mut [f32],
+        gq: &mut [f32],
+    ) -> Option<()> {
+        if !matches!(self.k, 1 | 3 | 5) {
+            return None;
+        }
+        let pad = Padded::new(self.oh, self.ow, self.k);
+        pad.fill(x, self.h, self.w, self.pt as isize, self.pl as isize, xd);
+        self.df_from_padded(xd, g, df, gq)
+    }
+
+    /// [`Self::plane_df_s1`] from the plane already padded into `xd`.
+    fn df_from_padded(&self, xd: &[f32], g: &[f32], df: &mut [f32], gq: &mut [f32]) -> Option<()> {
+        if !matches!(self.k, 1 | 3 | 5) {
+            return None;
+        }
+        let pad = Padded::new(self.oh, self.ow, self.k);
+        let ow8 = self.ow.div_ceil(8) * 8;
+        for (dst, src) in gq.chunks_exact_mut(ow8).zip(g.chunks_exact(self.ow)) {
+            dst[..self.ow].copy_from_slice(src);
+            dst[self.ow..].fill(0.0);
+        }
+        let (oh, wp, k) = (self.oh, pad.wp, self.k);
+        match k {
+            1 => df_s1::<1>(DfDims { k, oh, ow8, wp }, xd, gq, df),
+            3 => df_s1::<9>(DfDims { k, oh, ow8, wp }, xd, gq, df),
+            _ => df_s1::<25>(DfDims { k, oh, ow8, wp }, xd, gq, df),
+        }
+        Some(())
     }
 
     /// Stride 1: `dx [h, w] = conv^T(g, f)` as a convolution of the zero-padded gradient, taps in the
@@ -134,7 +286,7 @@ impl DwGeom {
     /// For one plane: `dx [h, w] = conv^T(g, f)` (if wanted) and `df [k, k] = sum g * x`.
     /// `gp`: scratch of [`Self::bwd_scratch_len`] floats.
     #[allow(clippy::too_many_arguments)]
-    fn plane_bwd(
+    pub(crate) fn plane_bwd(
         &self,
         x: &[f32],
         f: &[f32],
@@ -147,8 +299,13 @@ impl DwGeom {
         let (k, s, w, ow) = (self.k, self.stride, self.w, self.ow);
         let mut dx = dx;
         if s == 1 {
+            let (gp, rest) = gp.split_at_mut(Padded::new(self.h, self.w, self.k).len());
+            let (xd, gq) = rest.split_at_mut(self.fwd_scratch_len());
             if let Some(d) = dx.take() {
                 self.plane_dx_s1(dx_taps, g, d, gp)?;
+            }
+            if self.plane_df_s1(x, g, df, xd, gq).is_some() {
+                return Ok(());
             }
         }
         if let Some(d) = dx.as_deref_mut() {
@@ -267,6 +424,62 @@ multiversion! {
     }
 }
 
+/// The sizes [`DwGeom::plane_df_s1`]'s accumulation walks: kernel side, output rows, output row length
+/// rounded up to 8 lanes, and the padded input row length.
+#[derive(Clone, Copy)]
+struct DfDims {
+    k: usize,
+    oh: usize,
+    ow8: usize,
+    wp: usize,
+}
+
+multiversion! {
+    /// The accumulation of [`DwGeom::plane_df_s1`] for `KK = k * k` taps.
+    fn df_s1_imp(d: DfDims, xd: &[f32], gq: &[f32], df: &mut [f32], kk: usize) {
+        match kk {
+            1 => df_acc::<1>(d, xd, gq, df),
+            9 => df_acc::<9>(d, xd, gq, df),
+            _ => df_acc::<25>(d, xd, gq, df),
+        }
+    }
+}
+
+fn df_s1<const KK: usize>(d: DfDims, xd: &[f32], gq: &[f32], df: &mut [f32]) {
+    df_s1_imp(d, xd, gq, df, KK)
+}
+
+#[inline(always)]
+fn df_acc<const KK: usize>(d: DfDims, xd: &[f32], gq: &[f32], df: &mut [f32]) {
+    let DfDims { k, oh, ow8, wp } = d;
+    let mut acc = [[0f32; 8]; KK];
+    for (oy, grow) in gq.chunks_exact(ow8).take(oh).enumerate() {
+        for (v, gv) in grow.chunks_exact(8).enumerate() {
+            for (t, a) in acc.iter_mut().enumerate() {
+                let off = (oy + t / k) * wp + t % k + v * 8;
+                let xv = &xd[off..off + 8];
+                for l in 0..8 {
+                    a[l] += gv[l] * xv[l];
+                }
+            }
+        }
+    }
+    for (d, a) in df.iter_mut().zip(&acc) {
+        let h = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+        *d = (h[0] + h[2]) + (h[1] + h[3]);
+    }
+}
+
+multiversion! {
+    /// Every plane of `x` (`h x w` each) into its [`Padded`] copy in `xp`, shifted by `(top, left)`.
+    fn pad_planes(pad: &Padded, x: &[f32], hw: (usize, usize), tl: (isize, isize), xp: &mut [f32]) {
+        let (h, w) = hw;
+        for (dst, src) in xp.chunks_exact_mut(pad.len()).zip(x.chunks_exact(h * w)) {
+            pad.fill(src, h, w, tl.0, tl.1, dst);
+        }
+    }
+}
+
 /// A zero-padded copy of a plane laid out so that a stride-1 `k x k` convolution producing `[oh, ow]`
 /// reads every tap as one contiguous run of `chunk(ow)` values that always lies inside it: `oh + k - 1`
 /// rows of `wp = ceil(ow / chunk) * chunk + k - 1` values.
@@ -291,6 +504,7 @@ impl Padded {
     /// `dst[r][c] = src[r - top][c - left]` where that lies inside `src [h, w]`, zero elsewhere.
     /// Only the zero border is written besides the copied values, and rows are copied in blocks of 8
     /// (a `memcpy` call per short row costs as much as the convolution).
+    #[inline(always)]
     fn fill(&self, src: &[f32], h: usize, w: usize, top: isize, left: isize, dst: &mut [f32]) {
         let c0 = (left.max(0) as usize).min(self.wp);
         let c1 = (left + w as isize).clamp(c0 as isize, self.wp as isize) as usize;
@@ -298,22 +512,14 @@ impl Padded {
         for (r, row) in dst.chunks_exact_mut(self.wp).take(self.rows).enumerate() {
             let sr = r as isize - top;
             if sr < 0 || sr >= h as isize || c0 == c1 {
-                row.fill(0.0);
+                zero_row(row);
                 continue;
             }
             let (head, rest) = row.split_at_mut(c0);
             let (mid, tail) = rest.split_at_mut(c1 - c0);
-            head.fill(0.0);
-            tail.fill(0.0);
-            let srow = &src[sr as usize * w + s0..][..c1 - c0];
-            let (mut d8, mut s8) = (mid.chunks_exact_mut(8), srow.chunks_exact(8));
-            for (d, s) in d8.by_ref().zip(s8.by_ref()) {
-                let s: &[f32; 8] = s.try_into().unwrap_or(&[0.0; 8]);
-                d.copy_from_slice(s);
-            }
-            for (d, &s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
-                *d = s;
-            }
+            zero_row(head);
+            zero_row(tail);
+            copy_row(mid, &src[sr as usize * w + s0..][..c1 - c0]);
         }
     }
 }
@@ -352,23 +558,32 @@ fn sum_taps(
             out.len()
         )
     }
-    sum_taps_checked(src, wp, taps, oh, ow, out);
+    // SAFETY: `src` holds every tap's run of every chunk (checked just above).
+    unsafe { sum_taps_checked(src, wp, taps, oh, ow, out) };
     Ok(())
 }
 
-multiversion! {
+multiversion_unsafe! {
     /// [`sum_taps`] once its bounds are checked.
+    ///
+    /// # Safety
+    /// `src` must hold `(oh - 1) * wp + ceil(ow / chunk(ow)) * chunk(ow) + max tap offset` floats.
     fn sum_taps_checked(src: &[f32], wp: usize, taps: &[(usize, f32)], oh: usize, ow: usize, out: &mut [f32]) {
-        match chunk(ow) {
-            8 => sum_taps_c::<8>(src, wp, taps, oh, ow, out),
-            16 => sum_taps_c::<16>(src, wp, taps, oh, ow, out),
-            _ => sum_taps_c::<32>(src, wp, taps, oh, ow, out),
+        // SAFETY: forwarded contract.
+        unsafe {
+            match chunk(ow) {
+                8 => sum_taps_c::<8>(src, wp, taps, oh, ow, out),
+                16 => sum_taps_c::<16>(src, wp, taps, oh, ow, out),
+                _ => sum_taps_c::<32>(src, wp, taps, oh, ow, out),
+            }
         }
     }
 }
 
+/// # Safety
+/// As [`sum_taps_checked`].
 #[inline(always)]
-fn sum_taps_c<const C: usize>(
+unsafe fn sum_taps_c<const C: usize>(
     src: &[f32],
     wp: usize,
     taps: &[(usize, f32)],
@@ -376,18 +591,20 @@ fn sum_taps_c<const C: usize>(
     ow: usize,
     out: &mut [f32],
 ) {
+    let ptr = src.as_ptr();
     for (oy, orow) in out.chunks_exact_mut(ow).take(oh).enumerate() {
         let base = oy * wp;
         for (ci, ochunk) in orow.chunks_mut(C).enumerate() {
             let start = base + ci * C;
             let mut acc = [0f32; C];
             for &(off, w) in taps {
-                let run = &src[start + off..start + off + C];
-                for (a, &v) in acc.iter_mut().zip(run) {
+                // SAFETY: `start + off + C <= src.len()` (the caller's contract); plain floats.
+                let run = unsafe { ptr.add(start + off).cast::<[f32; C]>().read_unaligned() };
+                for (a, &v) in acc.iter_mut().zip(&run) {
                     *a += w * v;
                 }
             }
-            ochunk.copy_from_slice(&acc[..ochunk.len()]);
+            copy_row(ochunk, &acc);
         }
     }
 }
@@ -412,7 +629,7 @@ impl CustomOp2 for DepthwiseOp {
         let f = fwd_slice(s2, l2, OP)?;
         let g = self.g;
         let (hw, ohw, kk) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
-        let mut out = vec![0f32; g.b * g.c * ohw];
+        let mut out = super::par_zeros(g.b * g.c * ohw);
         let taps = g.fwd_taps(f);
         let tk = if g.stride == 1 { kk } else { 0 };
         out.par_chunks_mut(ohw)
@@ -448,7 +665,7 @@ impl CustomOp2 for DepthwiseOp {
         let (hw, ohw, kk, planes) = (g.h * g.w, g.oh * g.ow, g.k * g.k, g.b * g.c);
         // One filter-gradient partial per plane, summed over the batch in image order below.
         let mut pdf = vec![0f32; planes * kk];
-        let mut dx = vec![0f32; if need_dx { planes * hw } else { planes }];
+        let mut dx = super::par_zeros(if need_dx { planes * hw } else { planes });
         // (hw.max(1): a zero-width input has no dx to write, and chunks must not be empty.)
         let dx_chunk = if need_dx { hw.max(1) } else { 1 };
         let taps = if need_dx { g.dx_taps(fs) } else { Vec::new() };
@@ -493,21 +710,7 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Pad4) -> Res
     if wc != c || one != 1 || k != k2 {
         return Err(shape_err(OP, format!("weight [{c}, 1, k, k]"), w.dims()));
     }
-    let (pt, pl, pb, pr) = pad;
-    let oh = out_len(h, pt, pb, k, stride, OP)?;
-    let ow = out_len(wd, pl, pr, k, stride, OP)?;
-    let g = DwGeom {
-        b,
-        c,
-        h,
-        w: wd,
-        k,
-        stride,
-        pt,
-        pl,
-        oh,
-        ow,
-    };
+    let g = DwGeom::new((b, c, h, wd), k, stride, pad)?;
     x.contiguous()?
         .apply_op2(&w.contiguous()?, DepthwiseOp { g })
 }

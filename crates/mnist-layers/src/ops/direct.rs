@@ -1,4 +1,5 @@
-//! Direct stride-1 convolution for inference, one image at a time, no im2col matrix.
+//! Direct stride-1 convolution, one image at a time, no im2col matrix (its backward pass for training is in
+//! `direct_grad.rs`).
 //!
 //! The output is computed in the "wide" layout of [`super::conv`]: with the zero-padded image
 //! `xp [c, hp, wp]` flattened, output pixel `(oy, ox)` of channel `oc` is column `n = oy*wp + ox` of
@@ -15,7 +16,7 @@
 
 use candle_core::Result;
 
-use super::Pad4;
+use super::{copy_row, zero_row, Pad4};
 
 /// Columns of `out` are padded to a multiple of this (the widest vector).
 const ALIGN: usize = 16;
@@ -50,7 +51,7 @@ pub(crate) struct DirectConv {
     /// Weights `[c*k*k, o_pad]` (transposed; the padding channels are zero).
     wt: Vec<f32>,
     /// Offset in `xp` of every tap `(ci, ky, kx)`.
-    toff: Vec<usize>,
+    pub toff: Vec<usize>,
     /// Row stride of the output planes: `oh*wp` rounded up to [`ALIGN`].
     pub nwide: usize,
     /// Length of the padded input buffer (`c*hp*wp` plus zeros that the last tiles read).
@@ -130,17 +131,30 @@ impl DirectConv {
         self.o * self.nwide
     }
 
-    /// Copies `x [c, h, w]` into the zero-padded `xp` (length [`Self::xp_len`]).
+    /// Copies `x [c, h, w]` into the zero-padded `xp` (length [`Self::xp_len`]): only the border and the
+    /// tail are zeroed, rows are copied without `memcpy` calls.
     pub(crate) fn pad_into(&self, x: &[f32], xp: &mut [f32]) {
         let (h, w, hp, wp) = (self.h, self.w, self.hp, self.wp);
-        xp.fill(0.0);
-        for ci in 0..self.c {
-            let src = &x[ci * h * w..(ci + 1) * h * w];
-            for (iy, row) in src.chunks_exact(w).enumerate() {
-                let d = ci * hp * wp + (iy + self.pt) * wp + self.pl;
-                xp[d..d + w].copy_from_slice(row);
+        let plane = hp * wp;
+        let (planes, tail) = xp.split_at_mut(self.c * plane);
+        for (dst, src) in planes.chunks_exact_mut(plane).zip(x.chunks_exact(h * w)) {
+            let (top, rest) = dst.split_at_mut(self.pt * wp);
+            zero_row(top);
+            let (rows, bottom) = rest.split_at_mut(h * wp);
+            zero_row(bottom);
+            if self.pl == 0 && wp == w {
+                copy_row(rows, src);
+                continue;
+            }
+            for (drow, srow) in rows.chunks_exact_mut(wp).zip(src.chunks_exact(w)) {
+                let (left, rest) = drow.split_at_mut(self.pl);
+                zero_row(left);
+                let (mid, right) = rest.split_at_mut(w);
+                copy_row(mid, srow);
+                zero_row(right);
             }
         }
+        zero_row(tail);
     }
 
     /// `out [o, nwide] = epilogue(conv(xp))` (wide layout) from the padded image `xp`. An error when

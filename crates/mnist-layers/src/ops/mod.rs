@@ -42,15 +42,18 @@ mod bn;
 mod conv;
 mod depthwise;
 mod direct;
+mod direct_grad;
 mod inception;
 mod pool;
+mod separable;
 
 pub(crate) use direct::{DirectConv, Epilogue};
 pub(crate) use pool::PoolGeom;
 
 pub use block::{
     conv_bn_pool_eval, conv_bn_pool_eval_reference, conv_bn_pool_infer, conv_bn_pool_train,
-    conv_bn_pool_train_reference, BlockSpec, PoolSpec,
+    conv_bn_pool_train_reference, separable_bn_pool_eval_reference, separable_bn_pool_infer,
+    separable_bn_pool_train, separable_bn_pool_train_reference, BlockSpec, PoolSpec,
 };
 pub use bn::{
     batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
@@ -128,6 +131,32 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// [`multiversion!`] of an `unsafe fn` (the caller upholds its `# Safety` contract).
+macro_rules! multiversion_unsafe {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis unsafe fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            unsafe fn imp($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    // SAFETY: forwarded contract.
+                    unsafe { imp($($arg),*) }
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above); forwarded contract.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            // SAFETY: forwarded contract.
+            unsafe { imp($($arg),*) }
+        }
+    };
+}
+pub(crate) use multiversion_unsafe;
 
 thread_local! {
     static SCRATCH: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
@@ -275,6 +304,27 @@ impl<T: Default> OpState<T> {
     }
 }
 
+/// `n` zeros, written by all threads in parallel: a batch-sized output is not zeroed by one thread while
+/// the others wait (the training step's large buffers are made on the thread that drives it).
+pub(crate) fn par_zeros<T: Copy + Default + Send + Sync>(n: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    if n <= CHUNK {
+        return vec![T::default(); n];
+    }
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .for_each(|c| {
+            c.iter_mut().for_each(|x| {
+                x.write(T::default());
+            })
+        });
+    // SAFETY: the capacity is `n` and all `n` elements were written just above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Spare batch-sized buffers for state that lives inside an op between its forward and backward pass
 /// (recycled so a training loop neither zero-fills nor page-faults them in every step).
 static SPARE: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
@@ -306,6 +356,33 @@ pub(crate) fn give_buf(v: Vec<f32>) {
         if spare.len() < 8 {
             spare.push(v);
         }
+    }
+}
+
+/// `dst = src` over the shorter of the two, for the short rows of planes (10-40 floats): fixed 8-float
+/// blocks, then the tail, never a `memcpy` call (whose call cost is that of the copy at these sizes).
+#[inline(always)]
+pub(crate) fn copy_row(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len().min(src.len());
+    let (dst, src) = (&mut dst[..n], &src[..n]);
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (a, b) in (&mut d).zip(&mut s) {
+        let b: &[f32; 8] = b.try_into().unwrap_or(&[0.0; 8]);
+        a.copy_from_slice(b);
+    }
+    for (a, b) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *a = *b;
+    }
+}
+
+/// `dst.fill(0.0)` for short runs (a border of a few floats, a row), without a `memset` call (the zero
+/// comes through `black_box`, so the compiler cannot turn the loop back into one).
+#[inline(always)]
+pub(crate) fn zero_row(dst: &mut [f32]) {
+    let z = std::hint::black_box(0.0f32);
+    for a in dst {
+        *a = z;
     }
 }
 

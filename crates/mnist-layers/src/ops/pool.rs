@@ -64,6 +64,10 @@ impl PoolGeom {
             pool2x2_s1(w, self.oh, self.ow, x, out, arg);
             return;
         }
+        if s == 1 {
+            pool_s1_argmax(self, x, out, arg);
+            return;
+        }
         for oy in 0..self.oh {
             let (ky0, ky1) = Self::window(oy, s, self.pt, k, self.h);
             for ox in 0..self.ow {
@@ -154,6 +158,39 @@ multiversion! {
 }
 
 multiversion! {
+    /// A stride-1 pool of any size and padding with its argmax, row by row: the window cells are visited
+    /// in row-major order for every output at once (each output sees its own valid cells in the same
+    /// order as the general loop of [`PoolGeom::plane_fwd`]: the same maxima and the same ties).
+    fn pool_s1_argmax(g: &PoolGeom, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
+        let (k, w, ow) = (g.k, g.w, g.ow);
+        for (oy, (orow, arow)) in out.chunks_exact_mut(ow).zip(arg.chunks_exact_mut(ow)).take(g.oh).enumerate() {
+            orow.fill(f32::NEG_INFINITY);
+            arow.fill(u32::MAX);
+            for ky in 0..k {
+                let Some(iy) = super::tap_row(g.h, g.pt, 1, oy, ky) else {
+                    continue;
+                };
+                for kx in 0..k {
+                    let (lo, hi) = super::tap_cols(w, g.pl, 1, ow, kx);
+                    if lo >= hi {
+                        continue;
+                    }
+                    // The first input read: column `lo + kx - pl >= 0` of row `iy`.
+                    let start = iy * w + lo + kx - g.pl;
+                    let src = &x[start..start + hi - lo];
+                    for (j, ((o, a), &v)) in orow[lo..hi].iter_mut().zip(&mut arow[lo..hi]).zip(src).enumerate() {
+                        if *a == u32::MAX || v > *o {
+                            *o = v;
+                            *a = (start + j) as u32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
     /// The common 2x2 / stride-2 pool of one plane, branch-free: pairwise maxima, the earlier
     /// candidate wins ties (the first maximum in row-major window order).
     fn pool2x2(w: usize, oh: usize, ow: usize, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
@@ -222,8 +259,8 @@ impl CustomOp1 for MaxPoolOp {
         let g = self.g;
         let (b, c, _, _) = self.dims;
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-        let mut out = vec![0f32; b * c * ohw];
-        let mut arg = vec![0u32; b * c * ohw];
+        let mut out = super::par_zeros(b * c * ohw);
+        let mut arg = super::par_zeros(b * c * ohw);
         out.par_chunks_mut(ohw)
             .zip(arg.par_chunks_mut(ohw))
             .enumerate()

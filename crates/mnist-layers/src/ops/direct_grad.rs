@@ -1,0 +1,345 @@
+//! The backward pass of the direct stride-1 convolution of `direct.rs`, for training.
+//!
+//! - Input gradient: for stride 1, `dx = conv(pad(g), flip(w)^T)`, itself a direct convolution of the
+//!   output gradient (padded by `k - 1 - pad` on each side) with the kernel flipped in both spatial axes
+//!   and its channel axes swapped ([`DirectConv::input_grad_of`]).
+//! - Weight gradient: `dw[o, (c, ky, kx)] = sum_n g[o, n] * xp[toff + n]` in the wide layout (`g` is zero in
+//!   the columns that are not outputs), a register-blocked product of `OB` output channels by `TB` taps
+//!   with 8-lane accumulators, summed across lanes in a fixed tree ([`DirectConv::weight_grad`]). The same
+//!   8-lane code runs on AVX2 and AVX-512 machines (so both give the same bits); machines without AVX2 +
+//!   FMA run a portable copy of it (plain multiply-add: it differs by rounding).
+
+use candle_core::Result;
+
+use super::direct::DirectConv;
+use super::{copy_row, zero_row, Pad4};
+
+/// Lanes of the weight-gradient accumulators (one AVX2 vector).
+const L: usize = 8;
+/// Output channels and taps per weight-gradient tile: 2 x 6 accumulators, 2 gradient loads and one input
+/// load per step fit the 16 AVX2 registers.
+const OB: usize = 2;
+const TB: usize = 6;
+
+impl DirectConv {
+    /// The convolution that computes the input gradient of the stride-1 convolution of `[c, h, w]` images
+    /// with `weight [o, c, k, k]` and padding `pad`: its input is the output gradient `[o, oh, ow]`, its
+    /// output `[c, h, w]`. `None` when a side's padding exceeds `k - 1` (no such direct form).
+    pub(crate) fn input_grad_of(
+        (c, h, w): (usize, usize, usize),
+        weight: &[f32],
+        (o, k): (usize, usize),
+        pad: Pad4,
+    ) -> Result<Option<Self>> {
+        let (pt, pl, pb, pr) = pad;
+        if [pt, pl, pb, pr].iter().any(|&p| p > k - 1) || weight.len() != o * c * k * k {
+            return Ok(None);
+        }
+        let (oh, ow) = (
+            (h + pt + pb + 1).saturating_sub(k),
+            (w + pl + pr + 1).saturating_sub(k),
+        );
+        // flipped[ci, oc, ky, kx] = weight[oc, ci, k-1-ky, k-1-kx]
+        let kk = k * k;
+        let mut flipped = vec![0f32; weight.len()];
+        for oc in 0..o {
+            for ci in 0..c {
+                for t in 0..kk {
+                    flipped[(ci * o + oc) * kk + t] = weight[(oc * c + ci) * kk + (kk - 1 - t)];
+                }
+            }
+        }
+        let gpad = (k - 1 - pt, k - 1 - pl, k - 1 - pb, k - 1 - pr);
+        let dc = DirectConv::new((o, oh, ow), &flipped, (c, k), gpad)?;
+        debug_assert_eq!((dc.oh, dc.ow), (h, w));
+        Ok(Some(dc))
+    }
+
+    /// `dw [o, taps] += sum over the wide columns n of g[oc, n] * xp[toff[t] + n]`: the weight gradient
+    /// of this convolution for one image, from its padded input `xp` ([`DirectConv::pad_into`]) and the
+    /// gradient at its output in the wide layout `g [o, nwide]`, zero in the columns that are not
+    /// outputs (see [`DirectConv::spread_into`]). An error when a buffer is too small (only a bug here
+    /// can cause it).
+    pub(crate) fn weight_grad(&self, xp: &[f32], g: &[f32], dw: &mut [f32]) -> Result<()> {
+        let taps = self.toff.len();
+        let n = self.nwide;
+        if xp.len() < self.xp_len
+            || g.len() < self.o * n
+            || dw.len() < self.o * taps
+            || !n.is_multiple_of(L)
+            || self.toff.iter().any(|&off| off + n > self.xp_len)
+        {
+            candle_core::bail!(
+                "direct conv weight gradient: buffers {} / {} / {} for [{}, {taps}] over {n} columns",
+                xp.len(),
+                g.len(),
+                dw.len(),
+                self.o
+            )
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA are present (checked just above); the bounds hold (checked above).
+            unsafe { avx2::weight_grad(self, xp, g, dw) };
+            return Ok(());
+        }
+        // SAFETY: the bounds hold (checked above).
+        unsafe { portable::weight_grad(self, xp, g, dw) };
+        Ok(())
+    }
+
+    /// `g [o, nwide]` in the wide layout from the compact `src [o, oh*ow]`, zeros elsewhere.
+    pub(crate) fn spread_into(&self, src: &[f32], g: &mut [f32]) {
+        let (ow, wp, n, ohw) = (self.ow, self.wp, self.nwide, self.oh * self.ow);
+        for (dst, s) in g
+            .chunks_exact_mut(n)
+            .zip(src.chunks_exact(ohw))
+            .take(self.o)
+        {
+            let (rows, rest) = dst.split_at_mut(self.oh * wp);
+            if wp == ow {
+                copy_row(rows, s);
+            } else {
+                for (drow, srow) in rows.chunks_exact_mut(wp).zip(s.chunks_exact(ow)) {
+                    let (a, b) = drow.split_at_mut(ow);
+                    copy_row(a, srow);
+                    zero_row(b);
+                }
+            }
+            zero_row(rest);
+        }
+    }
+
+    /// `dst [o, oh*ow]` from the wide output `wide [o, nwide]` of [`DirectConv::run`].
+    pub(crate) fn compact_into(&self, wide: &[f32], dst: &mut [f32]) {
+        let (ohw, ow, wp) = (self.oh * self.ow, self.ow, self.wp);
+        for (plane, src) in dst
+            .chunks_exact_mut(ohw)
+            .zip(wide.chunks(self.nwide))
+            .take(self.o)
+        {
+            if wp == ow {
+                copy_row(plane, src);
+                continue;
+            }
+            for (row, srow) in plane.chunks_exact_mut(ow).zip(src.chunks(wp)) {
+                copy_row(row, srow);
+            }
+        }
+    }
+}
+
+/// The sum of the 8 lanes, in a fixed order: `((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))`, the order
+/// the AVX2 code's shuffles add them in.
+#[inline(always)]
+fn hsum(v: [f32; L]) -> f32 {
+    let a = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
+    let b = [a[0] + a[2], a[1] + a[3]];
+    b[0] + b[1]
+}
+
+/// The tiles: `OB` output channels (fewer in the last) by `TB` taps (fewer in the last).
+macro_rules! tiles {
+    ($dc:expr, $tile:ident, $xp:expr, $g:expr, $dw:expr) => {{
+        let (o, taps) = ($dc.o, $dc.toff.len());
+        let mut o0 = 0;
+        while o0 < o {
+            let ob = (o - o0).min($crate::ops::direct_grad::OB);
+            let mut t0 = 0;
+            while t0 < taps {
+                let tb = (taps - t0).min($crate::ops::direct_grad::TB);
+                match (ob, tb) {
+                    (2, 6) => $tile::<2, 6>($dc, $xp, $g, $dw, o0, t0),
+                    (2, 5) => $tile::<2, 5>($dc, $xp, $g, $dw, o0, t0),
+                    (2, 4) => $tile::<2, 4>($dc, $xp, $g, $dw, o0, t0),
+                    (2, 3) => $tile::<2, 3>($dc, $xp, $g, $dw, o0, t0),
+                    (2, 2) => $tile::<2, 2>($dc, $xp, $g, $dw, o0, t0),
+                    (2, _) => $tile::<2, 1>($dc, $xp, $g, $dw, o0, t0),
+                    (_, 6) => $tile::<1, 6>($dc, $xp, $g, $dw, o0, t0),
+                    (_, 5) => $tile::<1, 5>($dc, $xp, $g, $dw, o0, t0),
+                    (_, 4) => $tile::<1, 4>($dc, $xp, $g, $dw, o0, t0),
+                    (_, 3) => $tile::<1, 3>($dc, $xp, $g, $dw, o0, t0),
+                    (_, 2) => $tile::<1, 2>($dc, $xp, $g, $dw, o0, t0),
+                    (_, _) => $tile::<1, 1>($dc, $xp, $g, $dw, o0, t0),
+                }
+                t0 += tb;
+            }
+            o0 += ob;
+        }
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{hsum, DirectConv, L};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX2 and FMA must be present; the buffers must be as [`DirectConv::weight_grad`] checks them.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weight_grad(dc: &DirectConv, xp: &[f32], g: &[f32], dw: &mut [f32]) {
+        // SAFETY: forwarded contract.
+        unsafe { tiles!(dc, tile, xp, g, dw) }
+    }
+
+    /// One tile of `OB2` channels from `o0` by `TB2` taps from `t0`.
+    ///
+    /// # Safety
+    /// As [`weight_grad`], with `o0 + OB2 <= o` and `t0 + TB2 <= taps`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const OB2: usize, const TB2: usize>(
+        dc: &DirectConv,
+        xp: &[f32],
+        g: &[f32],
+        dw: &mut [f32],
+        o0: usize,
+        t0: usize,
+    ) {
+        let n = dc.nwide;
+        let taps = dc.toff.len();
+        let offs: [usize; TB2] = std::array::from_fn(|t| dc.toff[t0 + t]);
+        let (xptr, gptr) = (xp.as_ptr(), g.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); TB2]; OB2];
+        for v in (0..n).step_by(L) {
+            // SAFETY: `(o0 + j) * n + v + L <= o * n <= g.len()` and `off + v + L <= off + n <= xp.len()`.
+            let gv: [__m256; OB2] =
+                std::array::from_fn(|j| unsafe { _mm256_loadu_ps(gptr.add((o0 + j) * n + v)) });
+            for (t, &off) in offs.iter().enumerate() {
+                // SAFETY: as above.
+                let xv = unsafe { _mm256_loadu_ps(xptr.add(off + v)) };
+                for (j, a) in acc.iter_mut().enumerate() {
+                    a[t] = _mm256_fmadd_ps(gv[j], xv, a[t]);
+                }
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            for (t, &v) in a.iter().enumerate() {
+                let mut lanes = [0f32; L];
+                // SAFETY: `lanes` holds 8 floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+                dw[(o0 + j) * taps + t0 + t] += hsum(lanes);
+            }
+        }
+    }
+}
+
+mod portable {
+    use super::{hsum, DirectConv, L};
+
+    /// # Safety
+    /// The buffers must be as [`DirectConv::weight_grad`] checks them (this copy indexes them checked,
+    /// it is `unsafe` only to share the caller's contract with the AVX2 copy).
+    pub(super) unsafe fn weight_grad(dc: &DirectConv, xp: &[f32], g: &[f32], dw: &mut [f32]) {
+        tiles!(dc, tile, xp, g, dw)
+    }
+
+    fn tile<const OB2: usize, const TB2: usize>(
+        dc: &DirectConv,
+        xp: &[f32],
+        g: &[f32],
+        dw: &mut [f32],
+        o0: usize,
+        t0: usize,
+    ) {
+        let n = dc.nwide;
+        let taps = dc.toff.len();
+        let mut acc = [[[0f32; L]; TB2]; OB2];
+        for v in (0..n).step_by(L) {
+            for t in 0..TB2 {
+                let off = dc.toff[t0 + t] + v;
+                let xv = &xp[off..off + L];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let gv = &g[(o0 + j) * n + v..(o0 + j) * n + v + L];
+                    for l in 0..L {
+                        a[t][l] += gv[l] * xv[l];
+                    }
+                }
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            for (t, &lanes) in a.iter().enumerate() {
+                dw[(o0 + j) * taps + t0 + t] += hsum(lanes);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::{assert_close, rand_t};
+    use candle_core::{Device, Tensor, Var};
+
+    /// dx and dw of the direct kernels against candle's autograd through the reference convolution.
+    fn check(c: usize, (h, w): (usize, usize), o: usize, k: usize, pad: Pad4, seed: u64) {
+        let x = Var::from_tensor(&rand_t(&[1, c, h, w], seed)).unwrap();
+        let wt = Var::from_tensor(&rand_t(&[o, c, k, k], seed + 1)).unwrap();
+        let y = crate::ops::conv2d_fused_reference(&x, &wt, None, 1, pad, false).unwrap();
+        let (_, _, oh, ow) = y.dims4().unwrap();
+        let gy = rand_t(&[1, o, oh, ow], seed + 2);
+        let grads = (&y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (xv, wv, gv) = (v(&x), v(&wt), v(&gy));
+        let what = format!("c{c} {h}x{w} o{o} k{k} {pad:?}");
+
+        let dc = DirectConv::new((c, h, w), &wv, (o, k), pad).unwrap();
+        let mut xp = vec![f32::NAN; dc.xp_len];
+        dc.pad_into(&xv, &mut xp);
+        let mut gw = vec![f32::NAN; dc.out_len()];
+        dc.spread_into(&gv, &mut gw);
+        let mut dw = vec![0f32; o * c * k * k];
+        dc.weight_grad(&xp, &gw, &mut dw).unwrap();
+        let dw = Tensor::from_vec(dw, (o, c, k, k), &Device::Cpu).unwrap();
+        assert_close(&dw, grads.get(&wt).unwrap(), 1e-4, &format!("dw {what}"));
+
+        let Some(dx_conv) = DirectConv::input_grad_of((c, h, w), &wv, (o, k), pad).unwrap() else {
+            panic!("no input-gradient convolution for {what}");
+        };
+        let mut gp = vec![f32::NAN; dx_conv.xp_len];
+        dx_conv.pad_into(&gv, &mut gp);
+        let mut wide = vec![f32::NAN; dx_conv.out_len()];
+        dx_conv.run(&gp, &Default::default(), &mut wide).unwrap();
+        let mut dx = vec![f32::NAN; c * h * w];
+        dx_conv.compact_into(&wide, &mut dx);
+        let dx = Tensor::from_vec(dx, (1, c, h, w), &Device::Cpu).unwrap();
+        assert_close(&dx, grads.get(&x).unwrap(), 1e-4, &format!("dx {what}"));
+
+        // The portable copy gives the same weight gradient up to rounding.
+        let mut dwp = vec![0f32; o * c * k * k];
+        // SAFETY: the buffers are sized by `dc`.
+        unsafe { portable::weight_grad(&dc, &xp, &gw, &mut dwp) };
+        let dwp = Tensor::from_vec(dwp, (o, c, k, k), &Device::Cpu).unwrap();
+        assert_close(&dwp, &dw, 1e-5, &format!("portable dw {what}"));
+    }
+
+    #[test]
+    fn direct_gradients_match_autograd() {
+        check(1, (28, 28), 8, 3, (1, 1, 1, 1), 1);
+        check(8, (28, 28), 16, 3, (1, 1, 1, 1), 2);
+        check(16, (7, 7), 12, 3, (0, 0, 0, 0), 3);
+        check(1, (28, 28), 20, 7, (3, 3, 3, 3), 4);
+        check(20, (14, 14), 10, 5, (0, 0, 0, 0), 5);
+        check(3, (9, 11), 5, 3, (1, 0, 2, 1), 6);
+        check(7, (5, 6), 3, 1, (0, 0, 0, 0), 7);
+        check(1, (28, 28), 16, 1, (0, 0, 0, 0), 9);
+        check(16, (14, 14), 24, 1, (0, 0, 0, 0), 10);
+        check(2, (6, 5), 13, 5, (2, 2, 2, 2), 8);
+    }
+
+    #[test]
+    fn no_direct_input_gradient_for_padding_beyond_the_kernel() {
+        let w = vec![0.1f32; 2 * 3 * 9];
+        assert!(
+            DirectConv::input_grad_of((3, 5, 5), &w, (2, 3), (3, 0, 0, 0))
+                .unwrap()
+                .is_none()
+        );
+        let dc = DirectConv::new((3, 5, 5), &w, (2, 3), (1, 1, 1, 1)).unwrap();
+        let (xp, g) = (vec![0.0; dc.xp_len], vec![0.0; dc.out_len()]);
+        let mut dw = vec![0.0; w.len()];
+        assert!(dc.weight_grad(&xp, &g, &mut dw).is_ok());
+        assert!(dc.weight_grad(&xp[1..], &g, &mut dw).is_err());
+        assert!(dc.weight_grad(&xp, &g[1..], &mut dw).is_err());
+    }
+}

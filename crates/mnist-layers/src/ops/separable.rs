@@ -1,0 +1,291 @@
+//! The separable convolution of a fused block (Keras `SeparableConv2D`: a depthwise `k x k` convolution
+//! without bias, then a pointwise 1x1 convolution with the bias and the activation), image by image in
+//! cache: the depthwise output of an image goes straight into the pointwise convolution (a direct 1x1
+//! convolution, see `direct.rs`) and is never stored for the batch; the backward pass recomputes it, which
+//! costs `9` multiply-adds per value, less than storing and reloading it.
+
+use candle_core::Result;
+use rayon::prelude::*;
+
+use super::conv::ConvGrads;
+use super::depthwise::DwGeom;
+use super::{sum_f32, with_scratch, DirectConv, Epilogue, Pad4, GRAD_CHUNK};
+
+/// Geometry of a separable convolution: `[b, c, h, w]` through the depthwise `dw` to `[b, c, oh, ow]`,
+/// then the pointwise to `[b, o, oh, ow]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SepGeom {
+    pub dw: DwGeom,
+    pub o: usize,
+}
+
+/// What a call prepares once from the weights for every image.
+pub(crate) struct SepKernels {
+    /// The depthwise stride-1 taps of every channel (see `DwGeom::fwd_taps`).
+    fwd_taps: Vec<(usize, f32)>,
+    /// The pointwise convolution `[c, oh, ow] -> [o, oh, ow]`.
+    pw: DirectConv,
+}
+
+impl SepGeom {
+    /// The geometry of `x [b, c, h, w]` through a `k x k` depthwise convolution (`stride`, `pad`) and a
+    /// pointwise one to `o` channels.
+    pub(crate) fn new(
+        dims: (usize, usize, usize, usize),
+        k: usize,
+        o: usize,
+        stride: usize,
+        pad: Pad4,
+    ) -> Result<Self> {
+        if o == 0 {
+            candle_core::bail!("separable conv: no output channels")
+        }
+        Ok(Self {
+            dw: DwGeom::new(dims, k, stride, pad)?,
+            o,
+        })
+    }
+
+    pub(crate) fn ohw(&self) -> usize {
+        self.dw.oh * self.dw.ow
+    }
+
+    pub(crate) fn chw(&self) -> usize {
+        self.dw.c * self.dw.h * self.dw.w
+    }
+
+    /// Weights of the convolution: the depthwise `[c, 1, k, k]` then the pointwise `[o, c, 1, 1]`.
+    pub(crate) fn weight_len(&self) -> usize {
+        let d = self.dw;
+        d.c * d.k * d.k + self.o * d.c
+    }
+
+    /// `w` split into the depthwise and the pointwise weights.
+    fn split<'a>(&self, w: &'a [f32]) -> (&'a [f32], &'a [f32]) {
+        w.split_at(self.dw.c * self.dw.k * self.dw.k)
+    }
+
+    /// The kernels of the weights `w` (depthwise then pointwise, see [`Self::weight_len`]).
+    pub(crate) fn kernels(&self, w: &[f32]) -> Result<SepKernels> {
+        let d = self.dw;
+        let (f, p) = self.split(w);
+        Ok(SepKernels {
+            fwd_taps: d.fwd_taps(f),
+            pw: DirectConv::new((d.c, d.oh, d.ow), p, (self.o, 1), (0, 0, 0, 0))?,
+        })
+    }
+
+    /// Scratch of [`Self::depthwise_image`]: the padded image for stride 1, one plane's otherwise.
+    fn dw_scratch_len(&self) -> usize {
+        if self.dw.stride == 1 {
+            self.dw.padded_len()
+        } else {
+            self.dw.fwd_scratch_len()
+        }
+    }
+
+    /// The depthwise output of one image `xi [c, h, w]` into `dwo`, which holds the pointwise
+    /// convolution's input (`[c, oh, ow]` then slack up to `pw.xp_len`, zeroed). For stride 1, `xd`
+    /// holds the padded image afterwards ([`DwGeom::pad_image`]).
+    fn depthwise_image(
+        &self,
+        kern: &SepKernels,
+        xi: &[f32],
+        f: &[f32],
+        dwo: &mut [f32],
+        xd: &mut [f32],
+    ) -> Result<()> {
+        let d = self.dw;
+        let (hw, ohw, kk) = (d.h * d.w, self.ohw(), d.k * d.k);
+        if d.stride == 1 {
+            d.pad_image(xi, xd);
+            d.image_fwd(xd, &kern.fwd_taps, &mut dwo[..d.c * ohw])?;
+            dwo[d.c * ohw..].fill(0.0);
+            return Ok(());
+        }
+        let tk = 0;
+        for ch in 0..d.c {
+            d.plane_fwd(
+                &xi[ch * hw..(ch + 1) * hw],
+                &f[ch * kk..(ch + 1) * kk],
+                &kern.fwd_taps[ch * tk..(ch + 1) * tk],
+                &mut dwo[ch * ohw..(ch + 1) * ohw],
+                xd,
+            )?;
+        }
+        dwo[d.c * ohw..].fill(0.0);
+        Ok(())
+    }
+
+    /// The pointwise convolution of the kernels (its wide layout is that of the output).
+    pub(crate) fn pointwise<'a>(&self, kern: &'a SepKernels) -> &'a DirectConv {
+        &kern.pw
+    }
+
+    /// One image: `wide [o, nwide]` (the wide layout of [`Self::pointwise`]) = the separable
+    /// convolution of `xi [c, h, w]` through the epilogue (bias, ReLU, and an affine for inference).
+    pub(crate) fn wide_image(
+        &self,
+        kern: &SepKernels,
+        xi: &[f32],
+        w: &[f32],
+        epi: &Epilogue,
+        wide: &mut [f32],
+    ) -> Result<()> {
+        let pw = &kern.pw;
+        let (f, _) = self.split(w);
+        with_scratch([self.dw_scratch_len(), pw.xp_len], |[xd, dwo]| {
+            self.depthwise_image(kern, xi, f, dwo, xd)?;
+            pw.run(dwo, epi, wide)
+        })
+    }
+
+    /// One image: `dst [o, oh*ow]` = [`Self::wide_image`], compacted.
+    pub(crate) fn forward_image(
+        &self,
+        kern: &SepKernels,
+        xi: &[f32],
+        w: &[f32],
+        epi: &Epilogue,
+        dst: &mut [f32],
+    ) -> Result<()> {
+        let pw = &kern.pw;
+        with_scratch([pw.out_len()], |[wide]| {
+            self.wide_image(kern, xi, w, epi, wide)?;
+            pw.compact_into(wide, dst);
+            Ok(())
+        })
+    }
+
+    /// The whole batch into `out [b, o, oh*ow]`, images in parallel.
+    pub(crate) fn forward_into(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let kern = self.kernels(w)?;
+        let epi = Epilogue {
+            bias,
+            relu,
+            affine: None,
+        };
+        let (chw, per) = (self.chw(), self.o * self.ohw());
+        out.par_chunks_mut(per)
+            .enumerate()
+            .try_for_each(|(i, dst)| {
+                self.forward_image(&kern, &x[i * chw..(i + 1) * chw], w, &epi, dst)
+            })
+    }
+
+    /// The backward pass given the gradient at the pointwise convolution's (pre-activation) output:
+    /// `fill_g(i, g)` writes image `i`'s `g [o, oh*ow]`. Returns `(dx if need_dx, dw, db)` with `dw` the
+    /// depthwise then the pointwise weights' gradients; `dw` and `db` are reduced over fixed chunks of
+    /// [`GRAD_CHUNK`] images in chunk order (thread-count independent).
+    pub(crate) fn backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        need_dx: bool,
+        fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) -> Result<ConvGrads> {
+        let d = self.dw;
+        let (c, o, kk) = (d.c, self.o, d.k * d.k);
+        let (ohw, chw, hw) = (self.ohw(), self.chw(), d.h * d.w);
+        let (f, p) = self.split(w);
+        let kern = self.kernels(w)?;
+        let pw = &kern.pw;
+        // d(depthwise output) = pointwise^T(g): the 1x1 convolution with the transposed weights.
+        let pw_t = DirectConv::input_grad_of((c, d.oh, d.ow), p, (o, 1), (0, 0, 0, 0))?
+            .ok_or_else(|| candle_core::Error::msg("separable conv: no transposed pointwise"))?;
+        let dx_taps = if need_dx { d.dx_taps(f) } else { Vec::new() };
+        let tk = if dx_taps.is_empty() { 0 } else { kk };
+        let nw = self.weight_len();
+        let nchunks = d.b.div_ceil(GRAD_CHUNK);
+        let mut pdw = vec![0f32; nchunks * nw];
+        let mut pdb = vec![0f32; nchunks * o];
+        let dx_chunk = if need_dx { GRAD_CHUNK * chw } else { 1 };
+        let mut dx = super::par_zeros(if need_dx { d.b * chw } else { nchunks });
+        let lens = [
+            o * ohw,
+            self.dw_scratch_len(),
+            pw.xp_len,
+            pw.out_len(),
+            pw_t.xp_len,
+            pw_t.out_len(),
+            c * ohw,
+            d.bwd_scratch_len(),
+        ];
+        pdw.par_chunks_mut(nw)
+            .zip(pdb.par_chunks_mut(o))
+            .zip(dx.par_chunks_mut(dx_chunk))
+            .enumerate()
+            .try_for_each(|(ch, ((dw, db), dxc))| {
+                let i0 = ch * GRAD_CHUNK;
+                let i1 = (i0 + GRAD_CHUNK).min(d.b);
+                let (ddw, dpw) = dw.split_at_mut(c * kk);
+                with_scratch(lens, |[gbuf, xd, dwo, gwide, gxp, dwide, ddwo, gp]| {
+                    let mut df = vec![0f32; c * kk];
+                    for i in i0..i1 {
+                        let xi = &x[i * chw..(i + 1) * chw];
+                        fill_g(i, gbuf);
+                        for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
+                            db[oc] += sum_f32(row) as f32;
+                        }
+                        // The pointwise weights' gradient, from the recomputed depthwise output.
+                        self.depthwise_image(&kern, xi, f, dwo, xd)?;
+                        pw.spread_into(gbuf, gwide);
+                        pw.weight_grad(dwo, gwide, dpw)?;
+                        // The gradient at the depthwise output.
+                        pw_t.pad_into(gbuf, gxp);
+                        pw_t.run(gxp, &Epilogue::default(), dwide)?;
+                        pw_t.compact_into(dwide, ddwo);
+                        if d.stride == 1 {
+                            // The padded image of the recomputation is still in `xd`.
+                            let (gq, gpl) = gp.split_at_mut(d.oh * d.ow.div_ceil(8) * 8);
+                            if d.image_df(xd, ddwo, &mut df, gq).is_some() {
+                                for (a, b) in ddw.iter_mut().zip(&df) {
+                                    *a += b;
+                                }
+                                if need_dx {
+                                    let dxi = &mut dxc[(i - i0) * chw..(i - i0 + 1) * chw];
+                                    d.image_dx(&dx_taps, ddwo, dxi, gpl)?;
+                                }
+                                continue;
+                            }
+                        }
+                        for chn in 0..c {
+                            let dfc = &mut df[..kk];
+                            let dxp = need_dx.then(|| {
+                                &mut dxc[(i - i0) * chw + chn * hw..(i - i0) * chw + (chn + 1) * hw]
+                            });
+                            d.plane_bwd(
+                                &xi[chn * hw..(chn + 1) * hw],
+                                &f[chn * kk..(chn + 1) * kk],
+                                &dx_taps[chn * tk..(chn + 1) * tk],
+                                &ddwo[chn * ohw..(chn + 1) * ohw],
+                                dxp,
+                                dfc,
+                                gp,
+                            )?;
+                            for (a, b) in ddw[chn * kk..(chn + 1) * kk].iter_mut().zip(dfc.iter()) {
+                                *a += b;
+                            }
+                        }
+                    }
+                    Ok::<(), candle_core::Error>(())
+                })
+            })?;
+        let mut dw = vec![0f32; nw];
+        for part in pdw.chunks_exact(nw) {
+            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        let mut db = vec![0f32; o];
+        for part in pdb.chunks_exact(o) {
+            db.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        Ok((need_dx.then_some(dx), dw, db))
+    }
+}
