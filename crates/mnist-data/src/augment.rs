@@ -1,9 +1,11 @@
 //! Random affine augmentation of 28x28 images: rotation, scale and shift about the image centre, applied
 //! as one inverse map with bilinear or nearest-neighbour sampling (zero outside the image), written
-//! straight to `f32 / 255`.
+//! straight to `f32 / 255`; optionally composed with an elastic distortion ([`crate::ElasticConfig`]) in
+//! the same sampling pass.
 
 use rand::Rng;
 
+use crate::elastic::{Displacement, ElasticConfig};
 use crate::error::{DataError, Result};
 use crate::{IMAGE_PIXELS, IMAGE_SIDE};
 
@@ -20,6 +22,9 @@ pub struct AugmentConfig {
     /// How the warped image samples the source (default bilinear; configs saved before this field
     /// existed read as bilinear).
     pub interpolation: Interpolation,
+    /// An elastic distortion after the affine map (`None`, the default, = off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elastic: Option<ElasticConfig>,
 }
 
 /// How [`warp_into_with`] samples the source image.
@@ -51,6 +56,7 @@ impl Default for AugmentConfig {
             max_shift_px: 0.0,
             scale_range: (1.0, 1.0),
             interpolation: Interpolation::Bilinear,
+            elastic: None,
         }
     }
 }
@@ -58,6 +64,10 @@ impl Default for AugmentConfig {
 impl AugmentConfig {
     /// True when every draw is the identity map (the default).
     pub fn is_identity(&self) -> bool {
+        self.is_affine_identity() && self.elastic.is_none_or(|e| e.is_identity())
+    }
+
+    fn is_affine_identity(&self) -> bool {
         self.max_rotation_deg == 0.0 && self.max_shift_px == 0.0 && self.scale_range == (1.0, 1.0)
     }
 
@@ -68,7 +78,11 @@ impl AugmentConfig {
             max_shift_px: t,
             scale_range: (s0, s1),
             interpolation: _,
+            elastic,
         } = *self;
+        if let Some(e) = elastic {
+            e.validate()?;
+        }
         let ok = r.is_finite()
             && r >= 0.0
             && t.is_finite()
@@ -151,6 +165,19 @@ pub fn warp_into(src: &[u8], dst: &mut [f32], t: &Affine) {
 /// [`warp_into`] with the given sampling: `Nearest` reads the source pixel nearest to the inverse-mapped
 /// position (the one whose bilinear weight is largest) instead of blending four.
 pub fn warp_into_with(src: &[u8], dst: &mut [f32], t: &Affine, interpolation: Interpolation) {
+    warp_field_into(src, dst, t, None, interpolation)
+}
+
+/// [`warp_into_with`] followed by a displacement field, in one sampling pass: output pixel `p` samples
+/// the source at `A^-1(p + d(p))`, i.e. the affine-warped image distorted by `d` (no field: exactly
+/// [`warp_into_with`]).
+pub fn warp_field_into(
+    src: &[u8],
+    dst: &mut [f32],
+    t: &Affine,
+    field: Option<&Displacement>,
+    interpolation: Interpolation,
+) {
     let nearest = interpolation == Interpolation::Nearest;
     let (Some(src), Some(dst)) = (src.get(..IMAGE_PIXELS), dst.get_mut(..IMAGE_PIXELS)) else {
         tracing::warn!(
@@ -181,8 +208,15 @@ pub fn warp_into_with(src: &[u8], dst: &mut [f32], t: &Affine, interpolation: In
         let v0 = c + 1.0 - b * dx0 + a * dy;
         for (x, out) in dst_row.iter_mut().enumerate() {
             let xf = x as f32;
-            let u = u0 + a * xf;
-            let v = v0 - b * xf;
+            let (mut u, mut v) = (u0 + a * xf, v0 - b * xf);
+            if let Some(f) = field {
+                // The inverse map is linear: a displacement (ex, ey) of the output position moves the
+                // source position by R(-θ) (ex, ey) / scale.
+                let i = y * IMAGE_SIDE + x;
+                let (ex, ey) = (f.dx[i], f.dy[i]);
+                u += a * ex + b * ey;
+                v += a * ey - b * ex;
+            }
             *out = if u >= 0.0 && v >= 0.0 && u < limit && v < limit {
                 let (x0, y0) = (u as usize, v as usize);
                 let (fx, fy) = (u - x0 as f32, v - y0 as f32);
@@ -208,14 +242,22 @@ pub fn warp_into_with(src: &[u8], dst: &mut [f32], t: &Affine, interpolation: In
 /// Augments one 28x28 `u8` image into `dst` as `f32 / 255`, drawing a transform from `cfg` with `rng`.
 ///
 /// With an identity config (the default) nothing is drawn and `dst[i] == src[i] as f32 / 255.0` exactly;
-/// otherwise four uniforms are drawn per image, so the result depends only on `cfg` and the rng state.
+/// otherwise four uniforms are drawn per image (then, with an elastic distortion, its `2 * 784`), so the
+/// result depends only on `cfg` and the rng state.
 pub fn augment_into(src: &[u8], dst: &mut [f32], cfg: &AugmentConfig, rng: &mut impl Rng) {
     if cfg.is_identity() {
         for (d, &s) in dst.iter_mut().zip(src.iter().take(IMAGE_PIXELS)) {
             *d = s as f32 / 255.0;
         }
-    } else {
-        warp_into_with(src, dst, &cfg.sample(rng), cfg.interpolation);
+        return;
+    }
+    let t = cfg.sample(rng);
+    match cfg.elastic.filter(|e| !e.is_identity()) {
+        Some(e) => {
+            let field = e.sample(rng);
+            warp_field_into(src, dst, &t, Some(&field), cfg.interpolation);
+        }
+        None => warp_into_with(src, dst, &t, cfg.interpolation),
     }
 }
 
@@ -448,6 +490,107 @@ mod tests {
         );
         let partial: AugmentConfig = serde_json::from_str(r#"{"max_rotation_deg": 10.0}"#).unwrap();
         assert_eq!(partial.scale_range, (1.0, 1.0));
+    }
+
+    #[test]
+    fn elastic_distortion_composes_with_the_affine_map() {
+        let src = blob();
+        let affine = AugmentConfig {
+            max_rotation_deg: 10.0,
+            max_shift_px: 2.0,
+            scale_range: (0.9, 1.1),
+            ..Default::default()
+        };
+        let run = |cfg: &AugmentConfig, seed| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut out = vec![0.0; 784 * 3];
+            for d in out.chunks_exact_mut(784) {
+                augment_into(&src, d, cfg, &mut rng);
+            }
+            out
+        };
+        // Zero alpha is the identity: the same images and draws as no elastic distortion at all.
+        let zero = AugmentConfig {
+            elastic: Some(ElasticConfig::new(0.0)),
+            ..affine
+        };
+        assert_eq!(run(&zero, 5), run(&affine, 5));
+        let only_zero = AugmentConfig {
+            elastic: Some(ElasticConfig::new(0.0)),
+            ..Default::default()
+        };
+        assert!(only_zero.is_identity());
+        // Deterministic per seed, and different from the affine map alone.
+        let elastic = AugmentConfig {
+            elastic: Some(ElasticConfig::new(6.0)),
+            ..affine
+        };
+        assert!(!elastic.is_identity());
+        assert_eq!(run(&elastic, 5), run(&elastic, 5));
+        assert_ne!(run(&elastic, 5), run(&elastic, 6));
+        assert_ne!(run(&elastic, 5), run(&affine, 5));
+        // One image by hand: the affine transform is drawn first, then the field, and the output is
+        // the source sampled at A^-1(p + d(p)) (checked against a zero field and a constant one).
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut got = vec![0.0; 784];
+        augment_into(&src, &mut got, &elastic, &mut rng);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let t = elastic.sample(&mut rng);
+        let field = ElasticConfig::new(6.0).sample(&mut rng);
+        let mut want = vec![0.0; 784];
+        warp_field_into(&src, &mut want, &t, Some(&field), Interpolation::Bilinear);
+        assert_eq!(got, want);
+        let still = Displacement {
+            dx: [0.0; 784],
+            dy: [0.0; 784],
+        };
+        let (mut a, mut b) = (vec![0.0; 784], vec![0.0; 784]);
+        warp_field_into(&src, &mut a, &t, Some(&still), Interpolation::Bilinear);
+        warp_into(&src, &mut b, &t);
+        assert_eq!(a, b, "a zero field changes nothing");
+        // A constant field of (+2, -1) samples 2 px right and 1 px up: the digit moves left and down.
+        let shift = Displacement {
+            dx: [2.0; 784],
+            dy: [-1.0; 784],
+        };
+        warp_field_into(
+            &src,
+            &mut a,
+            &Affine::default(),
+            Some(&shift),
+            Interpolation::Bilinear,
+        );
+        warp_into(
+            &src,
+            &mut b,
+            &Affine {
+                shift_x: -2.0,
+                shift_y: 1.0,
+                ..Affine::default()
+            },
+        );
+        assert_eq!(a, b);
+        // Still a valid image, of about the same mass.
+        let mass: f32 = div255(&src).iter().sum();
+        let m: f32 = got.iter().sum();
+        assert!(got.iter().all(|v| (0.0..=1.0).contains(v)));
+        assert!((m / mass - 1.0).abs() < 0.3, "mass ratio {}", m / mass);
+        // Bad elastic settings are refused by the augmentation's validation.
+        let bad = AugmentConfig {
+            elastic: Some(ElasticConfig::new(-1.0)),
+            ..affine
+        };
+        assert!(matches!(bad.validate(), Err(DataError::Config(_))));
+        // Configs without the field read as no elastic distortion, and None is not written.
+        let json = serde_json::to_string(&affine).unwrap();
+        assert!(!json.contains("elastic"), "{json}");
+        let back: AugmentConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, affine);
+        let json = serde_json::to_string(&elastic).unwrap();
+        assert_eq!(
+            serde_json::from_str::<AugmentConfig>(&json).unwrap(),
+            elastic
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! Optimisation for the MNIST models: a Keras-exact [`Adam`] (no hidden weight decay) with a fast
-//! in-place CPU path, and per-step learning-rate schedules ([`Scheduler`]).
+//! Optimisation for the MNIST models: a Keras-exact [`Adam`] (no hidden weight decay) and a
+//! PyTorch-exact [`Sgd`] with Nesterov momentum, each with a fast in-place CPU path and chosen by an
+//! [`OptimizerConfig`]; per-step learning-rate schedules ([`Scheduler`]); and an exponential moving
+//! average of the weights ([`Ema`]).
 //!
 //! The crate sees only candle `Var`s and gradients; it knows nothing of models or data.
 //!
@@ -16,9 +18,15 @@
 //! ```
 
 mod adam;
+mod ema;
 mod error;
+mod optimizer;
 mod schedule;
+mod sgd;
 
 pub use adam::{Adam, AdamConfig, AdamState, MomentState};
+pub use ema::{Ema, EmaConfig, EmaState};
 pub use error::{OptimError, Result};
+pub use optimizer::{Optimizer, OptimizerConfig, OptimizerState};
 pub use schedule::{ScheduleConfig, Scheduler, SchedulerState};
+pub use sgd::{Sgd, SgdConfig, SgdState};

@@ -1,0 +1,152 @@
+//! What the recipe options of issue 14 Part B cost, measured in one process on each improved model:
+//! a training step (forward, backward, update at the recipe's batch 64) with Adam and with SGD, the
+//! moving-average update (`--ema`) after a step, the augmentation of one image with and without the
+//! elastic distortion (`--elastic`), and the test-time augmentation of `evaluate --tta` against a plain
+//! evaluation. Median of several runs after a warm-up (`-- --quick` for shorter runs).
+//!
+//! The last column estimates the share of one training epoch (844 steps of 64, 54,000 images) each
+//! option adds when its work is done on the training thread; the augmentation runs on the prefetch
+//! thread, so its share is what it adds when no core is free for it.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::loss::cross_entropy;
+use mnist_challenge::data::{augment_into, AugmentConfig, ElasticConfig, Split};
+use mnist_challenge::layers::init::SeededVarMap;
+use mnist_challenge::models::{dropout_rng, is_trainable, ModelConfig, Net, Solution, Variant};
+use mnist_challenge::optim::{Ema, EmaConfig, Optimizer, OptimizerConfig, SgdConfig};
+use mnist_challenge::train::{evaluate, evaluate_tta, TrainConfig};
+use rand::SeedableRng;
+
+const IMAGES_PER_EPOCH: f64 = 54_000.0;
+
+/// Median seconds of `f` over repetitions lasting about `budget` seconds (at least 3), after a warm-up.
+fn median_secs(budget: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || (start.elapsed().as_secs_f64() < budget && times.len() < 2000) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+fn model(cfg: &ModelConfig) -> (Net, SeededVarMap) {
+    let vars = SeededVarMap::new(1);
+    let net = cfg
+        .build(vars.var_builder(DType::F32, &Device::Cpu), dropout_rng(1))
+        .expect("build");
+    (net, vars)
+}
+
+fn named(vars: &SeededVarMap, trainable_only: bool) -> Vec<(String, candle_core::Var)> {
+    let mut v: Vec<_> = vars
+        .var_map()
+        .data()
+        .lock()
+        .expect("vars")
+        .iter()
+        .filter(|(n, _)| !trainable_only || is_trainable(n))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// ms per training step (forward, backward, update) at batch 64 with `opt_cfg`.
+fn step_ms(cfg: &ModelConfig, opt_cfg: &OptimizerConfig, budget: f64) -> f64 {
+    let (net, vars) = model(cfg);
+    let mut opt = Optimizer::new(named(&vars, true), opt_cfg).expect("optimizer");
+    let xs = Tensor::rand(0f32, 1f32, (64, 1, 28, 28), &Device::Cpu).expect("input");
+    let ys = Tensor::from_iter((0..64u32).map(|i| i % 10), &Device::Cpu).expect("labels");
+    1e3 * median_secs(budget, || {
+        let logits = net.forward_t(&xs, true).expect("forward");
+        let loss = cross_entropy(&logits, &ys).expect("loss");
+        opt.backward_step(&loss).expect("step");
+    })
+}
+
+fn ema_us(cfg: &ModelConfig, budget: f64) -> f64 {
+    let (_net, vars) = model(cfg);
+    let mut ema = Ema::new(named(&vars, false), EmaConfig::new(0.999)).expect("ema");
+    1e6 * median_secs(budget, || ema.update().expect("update"))
+}
+
+/// µs per augmented image (a batch of 64 digits-like images).
+fn augment_us(cfg: &AugmentConfig, budget: f64) -> f64 {
+    let src: Vec<u8> = (0..784)
+        .map(|i| if (i / 28 + i % 28) % 7 < 3 { 200 } else { 0 })
+        .collect();
+    let mut dst = vec![0f32; 784];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    1e6 * median_secs(budget, || {
+        for _ in 0..64 {
+            augment_into(&src, &mut dst, cfg, &mut rng);
+        }
+    }) / 64.0
+}
+
+fn main() {
+    mnist_challenge::layers::init_runtime();
+    let quick = std::env::args().any(|a| a == "--quick");
+    let budget = if quick { 0.5 } else { 2.0 };
+    println!("threads: {}", rayon::current_num_threads());
+    let affine = TrainConfig::recipe(Solution::Conv, Variant::Improved)
+        .augment
+        .expect("the improved recipe augments");
+    let elastic = AugmentConfig {
+        elastic: Some(ElasticConfig::new(8.0)),
+        ..affine
+    };
+    let (a, e) = (augment_us(&affine, budget), augment_us(&elastic, budget));
+    println!(
+        "augment one image: affine {a:.2} us, affine + elastic {e:.2} us ({:.1}x); elastic adds {:.2} s per epoch on the prefetch thread",
+        e / a,
+        (e - a) * 1e-6 * IMAGES_PER_EPOCH
+    );
+    println!(
+        "{:<22}{:>12}{:>12}{:>10}{:>14}{:>10}{:>14}{:>14}{:>8}",
+        "model",
+        "adam step",
+        "sgd step",
+        "sgd/adam",
+        "ema update",
+        "ema share",
+        "eval 2000",
+        "tta 2000",
+        "tta/ev"
+    );
+    let images: Vec<u8> = (0..2000 * 784).map(|i| ((i * 37) % 251) as u8).collect();
+    let labels: Vec<u8> = (0..2000).map(|i| (i % 10) as u8).collect();
+    let split = Split::from_parts(images, labels).expect("split");
+    for solution in Solution::ALL {
+        let cfg = ModelConfig::new(solution, Variant::Improved);
+        let adam = TrainConfig::recipe(solution, Variant::Improved).optimizer;
+        let sgd = OptimizerConfig::Sgd(SgdConfig::default());
+        let (ta, ts) = (step_ms(&cfg, &adam, budget), step_ms(&cfg, &sgd, budget));
+        let te = ema_us(&cfg, budget);
+        let (net, _vars) = model(&cfg);
+        let ev = median_secs(budget, || {
+            evaluate(&net, &split, &Device::Cpu).expect("evaluate");
+        });
+        let tta = median_secs(budget, || {
+            evaluate_tta(&net, &split, &Device::Cpu).expect("tta");
+        });
+        println!(
+            "{:<22}{:>12}{:>12}{:>10}{:>14}{:>10}{:>14}{:>14}{:>8}",
+            format!("{solution}/improved"),
+            format!("{ta:.2} ms"),
+            format!("{ts:.2} ms"),
+            format!("{:.3}", ts / ta),
+            format!("{te:.1} us"),
+            format!("{:.2}%", 100.0 * te * 1e-3 / ta),
+            format!("{:.0} ms", ev * 1e3),
+            format!("{:.0} ms", tta * 1e3),
+            format!("{:.1}x", tta / ev)
+        );
+    }
+}

@@ -1,0 +1,283 @@
+//! The recipe options of issue 14 Part B end to end: weight averaging (`--ema`), SGD with Nesterov
+//! momentum (`--optimizer sgd`), elastic distortion (`--elastic`) and test-time augmentation
+//! (`evaluate --tta`). Each flag is accepted, lands in config.json, survives `train --resume` bit for bit,
+//! and bad values are refused with exit code 2 naming the flag.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Output;
+
+use candle_core::Device;
+use common::{mnist_dir_if_present, read_json, run, run_owned, train_args};
+
+const BIN: &str = "solution-conv";
+const LIMIT: &str = "1000";
+
+fn ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every tensor of a safetensors file as raw bits.
+fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            (name, v.into_iter().map(f32::to_bits).collect())
+        })
+        .collect()
+}
+
+/// history.csv without its last column (seconds).
+fn history(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("history.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+        .collect()
+}
+
+/// Trains the seed recipe (its learning rate does not depend on the number of epochs, so extending a
+/// run is exact) with `extra` flags for 2 epochs straight, and for 1 epoch then `--resume --epochs 2`;
+/// both must end with the same weights, checkpoint tensors and history. Returns the straight run's
+/// config.json.
+fn straight_and_resumed_agree(tmp: &Path, name: &str, extra: &[&str]) -> serde_json::Value {
+    let data = mnist_dir_if_present().unwrap();
+    let (straight, split) = (
+        tmp.join(format!("{name}-2")),
+        tmp.join(format!("{name}-1+1")),
+    );
+    ok(
+        &run_owned(BIN, &train_args("seed", "2", LIMIT, &straight, extra)),
+        name,
+    );
+    ok(
+        &run_owned(BIN, &train_args("seed", "1", LIMIT, &split, extra)),
+        name,
+    );
+    let args = [
+        "train",
+        "--resume",
+        split.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--quiet",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    ok(&run(BIN, &args), &format!("{name}: resume"));
+    for file in ["model.safetensors", "checkpoint.safetensors"] {
+        let (a, b) = (tensors(&straight.join(file)), tensors(&split.join(file)));
+        assert!(!a.is_empty());
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (tensor, bits) in &a {
+            assert!(bits == &b[tensor], "{name}: {file} tensor {tensor} differs");
+        }
+    }
+    assert_eq!(history(&straight), history(&split), "{name}");
+    assert_eq!(history(&straight).len(), 3);
+    read_json(&straight.join("config.json"))
+}
+
+#[test]
+fn ema_is_stored_saved_as_the_model_and_resumes_bit_for_bit() {
+    if mnist_dir_if_present().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = straight_and_resumed_agree(tmp.path(), "ema", &["--ema", "0.99"]);
+    assert_eq!(config["ema"]["decay"], 0.99);
+    assert_eq!(config["ema"]["warmup"], true);
+    // The saved model is the average; the checkpoint keeps the raw weights (model/) and the average
+    // (ema/) of every variable, BatchNorm statistics included.
+    let dir = tmp.path().join("ema-2");
+    let model = tensors(&dir.join("model.safetensors"));
+    let ckpt = tensors(&dir.join("checkpoint.safetensors"));
+    for (name, bits) in &model {
+        assert_eq!(bits, &ckpt[&format!("ema/{name}")], "{name}");
+    }
+    assert!(model.keys().any(|k| k.ends_with("running_var")));
+    assert!(model
+        .iter()
+        .any(|(name, bits)| bits != &ckpt[&format!("model/{name}")]));
+
+    let config = straight_and_resumed_agree(
+        tmp.path(),
+        "ema-plain",
+        &["--ema", "0.9", "--no-ema-warmup"],
+    );
+    assert_eq!(config["ema"]["warmup"], false);
+}
+
+#[test]
+fn sgd_is_stored_and_resumes_bit_for_bit() {
+    if mnist_dir_if_present().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = [
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.8",
+        "--weight-decay",
+        "0.0005",
+    ];
+    let config = straight_and_resumed_agree(tmp.path(), "sgd", &extra);
+    assert!(config.get("adam").is_none(), "{config}");
+    let sgd = &config["sgd"];
+    assert_eq!(
+        (&sgd["lr"], &sgd["momentum"], &sgd["nesterov"]),
+        (&0.05.into(), &0.8.into(), &true.into())
+    );
+    assert_eq!(sgd["weight_decay"], 0.0005);
+    let ckpt = tensors(&tmp.path().join("sgd-2/checkpoint.safetensors"));
+    assert!(ckpt.keys().any(|k| k.starts_with("sgd_momentum/")));
+    assert!(!ckpt.keys().any(|k| k.starts_with("adam_")));
+
+    let config = straight_and_resumed_agree(
+        tmp.path(),
+        "sgd-classical",
+        &["--optimizer", "sgd", "--lr", "0.05", "--no-nesterov"],
+    );
+    assert_eq!(config["sgd"]["nesterov"], false);
+    assert_eq!(config["sgd"]["momentum"], 0.9);
+}
+
+#[test]
+fn elastic_is_stored_and_resumes_bit_for_bit() {
+    if mnist_dir_if_present().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = straight_and_resumed_agree(
+        tmp.path(),
+        "elastic",
+        &["--elastic", "6", "--elastic-sigma", "3"],
+    );
+    // --elastic turns augmentation on, as --rotate does: the improved recipe's affine ranges plus it.
+    let aug = &config["augment"];
+    assert_eq!(aug["elastic"]["alpha"], 6.0);
+    assert_eq!(aug["elastic"]["sigma"], 3.0);
+    assert_eq!(aug["max_rotation_deg"], 10.0);
+    // Zero alpha is no distortion: nothing is stored.
+    let dir = tmp.path().join("zero");
+    ok(
+        &run_owned(
+            BIN,
+            &train_args("improved", "1", "200", &dir, &["--elastic", "0"]),
+        ),
+        "elastic 0",
+    );
+    let config = read_json(&dir.join("config.json"));
+    assert!(config["augment"].get("elastic").is_none(), "{config}");
+}
+
+#[test]
+fn bad_values_are_refused_with_exit_2_naming_the_flag() {
+    let Some(data) = mnist_dir_if_present() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("never");
+    for (args, flag) in [
+        (&["--ema", "1"][..], "--ema"),
+        (&["--ema", "0"], "--ema"),
+        (&["--ema", "-0.5"], "--ema"),
+        (&["--ema", "fast"], "--ema"),
+        (&["--no-ema-warmup"], "--ema"),
+        (&["--optimizer", "rmsprop"], "--optimizer"),
+        (&["--optimizer", "sgd", "--momentum", "1"], "--momentum"),
+        (&["--optimizer", "sgd", "--momentum", "-0.1"], "--momentum"),
+        (&["--momentum", "0.5"], "--momentum"),
+        (&["--no-nesterov"], "--no-nesterov"),
+        (&["--elastic", "-1"], "--elastic"),
+        (&["--elastic", "nan"], "--elastic"),
+        (
+            &["--elastic", "4", "--elastic-sigma", "0"],
+            "--elastic-sigma",
+        ),
+        (&["--elastic-sigma", "4"], "--elastic"),
+        (&["--elastic", "4", "--no-augment"], "--elastic"),
+    ] {
+        let out = run_owned(BIN, &train_args("improved", "1", "100", &out_dir, args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert!(!out_dir.exists(), "a refused run writes nothing");
+    // A resumed run takes every setting from its config.json.
+    for flag in [
+        &["--ema", "0.99"][..],
+        &["--optimizer", "sgd"],
+        &["--elastic", "2"],
+    ] {
+        let mut args = vec!["train", "--resume", "somewhere", "--data-dir"];
+        args.push(data.to_str().unwrap());
+        args.extend_from_slice(flag);
+        let out = run(BIN, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag:?}: {err}");
+        assert!(
+            err.contains("cannot be used with") && err.contains(flag[0]),
+            "{flag:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn evaluate_tta_reports_a_separate_labelled_figure() {
+    let Some(data) = mnist_dir_if_present() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    ok(
+        // 2 epochs on 2,000 images: well above chance (about 87%), so the views matter.
+        &run_owned(BIN, &train_args("improved", "2", "2000", &dir, &[])),
+        "train",
+    );
+    let weights = dir.join("model.safetensors");
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "evaluate",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = run(BIN, &args);
+        ok(&out, &format!("evaluate {extra:?}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plain: serde_json::Value = serde_json::from_str(&eval(&["--json"])).unwrap();
+    assert!(plain.get("tta_accuracy").is_none());
+    let tta: serde_json::Value = serde_json::from_str(&eval(&["--json", "--tta"])).unwrap();
+    // The plain figure is unchanged; the TTA figure stands beside it, with its views named.
+    assert_eq!(tta["test_accuracy"], plain["test_accuracy"]);
+    assert_eq!(
+        tta["test_accuracy"],
+        read_json(&dir.join("results.json"))["test_accuracy"]
+    );
+    let acc = tta["tta_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.5 && acc <= 1.0, "{tta}");
+    assert!(tta["tta_loss"].as_f64().unwrap().is_finite());
+    assert!(tta["tta_views"].as_str().unwrap().contains("1-px shifts"));
+    let text = eval(&["--tta"]);
+    assert!(
+        text.contains("test accuracy") && text.contains("tta_accuracy"),
+        "{text}"
+    );
+}
