@@ -213,8 +213,7 @@ fn preprocessing_keeps_real_digits_recognisable() {
     for i in 0..50 {
         let img = digit(mnist.test.images(), i);
         let big = image::imageops::resize(&img, 84, 84, FilterType::Triangle);
-        let back = mnist_challenge::train::predict::to_mnist(&image::DynamicImage::ImageLuma8(big))
-            .unwrap();
+        let back = mnist_challenge::data::to_mnist(&image::DynamicImage::ImageLuma8(big)).unwrap();
         let orig = mnist.test.image(i);
         let diff: f64 = orig
             .iter()
@@ -235,5 +234,5 @@ fn preprocessing_keeps_real_digits_recognisable() {
     );
     // A blank picture is refused, not classified.
     let blank = image::DynamicImage::ImageLuma8(GrayImage::from_pixel(40, 40, Luma([30])));
-    assert!(mnist_challenge::train::predict::to_mnist(&blank).is_err());
+    assert!(mnist_challenge::data::to_mnist(&blank).is_err());
 }

@@ -157,6 +157,8 @@ pub struct Mnist {
 
 /// The canonical (hyphenated, uncompressed) names of the four files.
 pub const FILE_NAMES: [&str; 4] = [TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS];
+/// The two training files: all that a run which never sees the test split reads.
+pub const TRAIN_FILE_NAMES: [&str; 2] = [TRAIN_IMAGES, TRAIN_LABELS];
 /// Training images file name.
 pub const TRAIN_IMAGES: &str = "train-images-idx3-ubyte";
 /// Training labels file name.
@@ -195,9 +197,9 @@ pub(crate) fn find_file(dir: &Path, name: &str) -> Result<PathBuf> {
         })
 }
 
-/// True when `dir` holds all four files.
-pub(crate) fn dir_is_complete(dir: &Path) -> bool {
-    FILE_NAMES.iter().all(|n| find_file(dir, n).is_ok())
+/// True when `dir` holds every one of `files`.
+pub(crate) fn dir_has(dir: &Path, files: &[&str]) -> bool {
+    files.iter().all(|n| find_file(dir, n).is_ok())
 }
 
 fn load_pair(dir: &Path, images_name: &str, labels_name: &str) -> Result<Split> {
@@ -237,8 +239,22 @@ fn load_pair(dir: &Path, images_name: &str, labels_name: &str) -> Result<Split> 
 /// Reads and validates the four files in `dir` (each `NAME.gz` or raw `NAME`), keeping the last
 /// `validation` training examples apart as `val`.
 pub fn load_dir(dir: &Path, validation: usize) -> Result<Mnist> {
+    load_splits(dir, validation, true)
+}
+
+/// [`load_dir`] without the test split: `test` is empty and the test files are never opened (they need
+/// not exist), for runs that must not see the test split (choosing recipes on the validation split).
+pub fn load_dir_without_test(dir: &Path, validation: usize) -> Result<Mnist> {
+    load_splits(dir, validation, false)
+}
+
+fn load_splits(dir: &Path, validation: usize, with_test: bool) -> Result<Mnist> {
     let full = load_pair(dir, TRAIN_IMAGES, TRAIN_LABELS)?;
-    let test = load_pair(dir, TEST_IMAGES, TEST_LABELS)?;
+    let test = if with_test {
+        load_pair(dir, TEST_IMAGES, TEST_LABELS)?
+    } else {
+        Split::default()
+    };
     if validation > full.len() {
         return Err(DataError::BadValidation {
             validation,
@@ -330,6 +346,27 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn without_test_the_test_files_are_never_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        write_set(dir.path(), 20, 7, true);
+        let full = load_dir(dir.path(), 5).unwrap();
+        // Corrupt test files: loading without the test split does not notice, a full load does.
+        for name in [TEST_IMAGES, TEST_LABELS] {
+            std::fs::write(dir.path().join(format!("{name}.gz")), b"not gzip").unwrap();
+        }
+        assert!(load_dir(dir.path(), 5).is_err());
+        let m = load_dir_without_test(dir.path(), 5).unwrap();
+        assert_eq!((m.train.len(), m.val.len(), m.test.len()), (15, 5, 0));
+        assert_eq!((&m.train, &m.val), (&full.train, &full.val));
+        // Or absent altogether.
+        for name in [TEST_IMAGES, TEST_LABELS] {
+            std::fs::remove_file(dir.path().join(format!("{name}.gz"))).unwrap();
+        }
+        assert_eq!(load_dir_without_test(dir.path(), 5).unwrap(), m);
+        assert!(dir_has(dir.path(), &TRAIN_FILE_NAMES) && !dir_has(dir.path(), &FILE_NAMES));
     }
 
     #[test]

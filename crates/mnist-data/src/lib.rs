@@ -16,24 +16,30 @@
 mod augment;
 mod batcher;
 mod dataset;
+mod elastic;
 mod error;
 mod idx;
+pub mod preprocess;
 mod source;
 
-pub use augment::{augment_into, warp_into, warp_into_with, Affine, AugmentConfig, Interpolation};
+pub use augment::{
+    augment_into, warp_field_into, warp_into, warp_into_with, Affine, AugmentConfig, Interpolation,
+};
 pub use batcher::{
     batches, epoch_rng, labels_to_tensor, permutation, to_tensor, with_prefetch, Batch, Batcher,
     BatcherConfig,
 };
 pub use dataset::{
-    load_dir, Dataset, Mnist, Split, FILE_NAMES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES,
-    TRAIN_LABELS,
+    load_dir, load_dir_without_test, Dataset, Mnist, Split, FILE_NAMES, TEST_IMAGES, TEST_LABELS,
+    TRAIN_FILE_NAMES, TRAIN_IMAGES, TRAIN_LABELS,
 };
+pub use elastic::{Displacement, ElasticConfig, DEFAULT_ELASTIC_SIGMA};
 pub use error::{DataError, Result};
 pub use idx::{
     parse_idx_images, parse_idx_labels, read_idx_images, read_idx_labels, write_idx_images,
     write_idx_labels, IMAGES_MAGIC, LABELS_MAGIC,
 };
+pub use preprocess::{decode_mnist_image, load_mnist_image, to_mnist, ImageError, FIT_SIDE};
 pub use source::{save_tensors, DataSource, DEBIAN_FASHION_DIR};
 
 /// Side of an MNIST image, in pixels.

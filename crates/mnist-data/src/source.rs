@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 
 use crate::dataset::{
-    dir_is_complete, find_file, load_dir, Dataset, Mnist, FILE_NAMES, TEST_IMAGES, TEST_LABELS,
-    TRAIN_IMAGES, TRAIN_LABELS,
+    dir_has, find_file, load_dir, load_dir_without_test, Dataset, Mnist, FILE_NAMES, TEST_IMAGES,
+    TEST_LABELS, TRAIN_FILE_NAMES, TRAIN_IMAGES, TRAIN_LABELS,
 };
 use crate::error::{DataError, Result};
 use crate::idx::{write_idx_images, write_idx_labels};
@@ -50,6 +50,11 @@ impl DataSource {
     ///
     /// If all fail, the error lists every place tried and says where to put the files.
     pub fn resolve(&self) -> Result<PathBuf> {
+        self.resolve_files(&FILE_NAMES)
+    }
+
+    /// [`DataSource::resolve`] for a folder that holds `files` (e.g. [`TRAIN_FILE_NAMES`]).
+    fn resolve_files(&self, files: &[&str]) -> Result<PathBuf> {
         let env = |k: &str| std::env::var_os(k);
         let system_dirs = match self.dataset {
             Dataset::Mnist => vec![],
@@ -59,11 +64,14 @@ impl DataSource {
         let download: Option<Downloader> = Some(&hub_download);
         #[cfg(not(feature = "hub"))]
         let download: Option<Downloader> = None;
-        self.resolve_with(&Lookup {
-            env: &env,
-            system_dirs,
-            download,
-        })
+        self.resolve_files_with(
+            &Lookup {
+                env: &env,
+                system_dirs,
+                download,
+            },
+            files,
+        )
     }
 
     /// Resolves the folder and loads it with the standard 6,000-example validation split.
@@ -76,13 +84,24 @@ impl DataSource {
         load_dir(&self.resolve()?, validation)
     }
 
+    /// Resolves a folder holding the two training files and loads them with the standard validation
+    /// split; `test` is empty and the test files are never opened (they need not exist).
+    pub fn load_without_test(&self) -> Result<Mnist> {
+        load_dir_without_test(&self.resolve_files(&TRAIN_FILE_NAMES)?, VALIDATION_SIZE)
+    }
+
     /// `$XDG_CACHE_HOME/mnist-challenge/<dataset>`, else `~/.cache/mnist-challenge/<dataset>`
     /// (`None` when neither variable is set).
     pub fn cache_dir(&self) -> Option<PathBuf> {
         cache_dir_with(self.dataset, &|k| std::env::var_os(k))
     }
 
+    #[cfg(test)]
     fn resolve_with(&self, look: &Lookup) -> Result<PathBuf> {
+        self.resolve_files_with(look, &FILE_NAMES)
+    }
+
+    fn resolve_files_with(&self, look: &Lookup, files: &[&str]) -> Result<PathBuf> {
         let name = self.dataset.name();
         if let Some(dir) = &self.dir {
             if !dir.is_dir() {
@@ -103,7 +122,7 @@ impl DataSource {
                 });
             }
             // Name the first missing file.
-            for file in FILE_NAMES {
+            for file in files {
                 find_file(dir, file)?;
             }
             tracing::info!(dir = %dir.display(), "using {name} data from the given folder");
@@ -119,7 +138,7 @@ impl DataSource {
             .chain(look.system_dirs.iter().map(|d| (d, "system folder")))
             .chain(cache.iter().map(|d| (d, "cache")));
         for (dir, what) in places {
-            if dir_is_complete(dir) {
+            if dir_has(dir, files) {
                 tracing::info!(dir = %dir.display(), "using {name} data from the {what}");
                 return Ok(dir.clone());
             }
@@ -443,6 +462,51 @@ mod tests {
             cache.ends_with("mnist-challenge/fashion"),
             "{}",
             cache.display()
+        );
+    }
+
+    #[test]
+    fn a_folder_of_training_files_serves_runs_without_the_test_split() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("train-only");
+        fill(&dir, 4);
+        for name in [TEST_IMAGES, TEST_LABELS] {
+            std::fs::remove_file(dir.join(format!("{name}.gz"))).unwrap();
+        }
+        let w = World {
+            vars: HashMap::from([("MNIST_DIR", dir.clone().into_os_string())]),
+            system: vec![],
+        };
+        let env = |k: &str| w.vars.get(k).cloned();
+        let look = Lookup {
+            env: &env,
+            system_dirs: vec![],
+            download: None,
+        };
+        let given = DataSource {
+            dir: Some(dir.clone()),
+            dataset: Dataset::Mnist,
+        };
+        assert_eq!(
+            given.resolve_files_with(&look, &TRAIN_FILE_NAMES).unwrap(),
+            dir
+        );
+        assert!(matches!(
+            given.resolve_files_with(&look, &FILE_NAMES),
+            Err(DataError::Missing { .. })
+        ));
+        let from_env = DataSource::new(Dataset::Mnist);
+        assert_eq!(
+            from_env
+                .resolve_files_with(&look, &TRAIN_FILE_NAMES)
+                .unwrap(),
+            dir
+        );
+        assert!(from_env.resolve_files_with(&look, &FILE_NAMES).is_err());
+        let m = given.load_without_test();
+        assert!(
+            m.is_err(),
+            "4 training images cannot hold the 6,000 of validation"
         );
     }
 

@@ -6,6 +6,21 @@
 //! any spec to a [`Net`] that takes `[b, 1, 28, 28]` f32 images (pixels / 255) and returns `[b, 10]`
 //! logits; [`summary()`] describes one layer by layer, as Keras's `model.summary()`.
 //!
+//! Every built-in variant also ships trained: [`pretrained`] returns a [`Classifier`] ready to classify
+//! images, and [`pretrained_info`] says how it was made and how it scores (test accuracy on the 10,000
+//! MNIST test images):
+//!
+//! | model | params | test accuracy | seed |
+//! |---|---|---|---|
+//! | conv-seed | 8,640 | 99.05% | 1 |
+//! | conv-improved | 8,030 | 99.34% | 1 |
+//! | separable-seed | 4,967 | 98.18% | 1 |
+//! | separable-improved | 4,795 | 99.28% | 1 |
+//! | inception-seed | 3,077 | 95.95% | 1 |
+//! | inception-improved | 3,022 | 99.22% | 1 |
+//!
+//! Made by `scripts/pretrain.sh` (the command and date of each are in its `pretrained/*.json`).
+//!
 //! ```no_run
 //! use candle_core::{DType, Device, ModuleT, Tensor};
 //! use mnist_layers::{init::SeededVarMap, Kernels};
@@ -20,10 +35,12 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod classify;
 mod config;
 mod lower;
 mod net;
 pub mod plan;
+mod pretrained;
 pub mod spec;
 mod summary;
 
@@ -33,10 +50,13 @@ use std::sync::{Arc, Mutex};
 use mnist_layers::SharedRng;
 use rand_chacha::rand_core::SeedableRng;
 
+pub use classify::{Classifier, Prediction, INFER_BATCH};
 pub use config::{builtin, ModelConfig, Solution, Variant};
 pub use lower::build;
+pub use mnist_data::{load_mnist_image, to_mnist, ImageError};
 pub use net::{is_trainable, Net, StageTrace};
 pub use plan::{Dims, LayerSummary};
+pub use pretrained::{pretrained, pretrained_info, PretrainedInfo};
 pub use spec::{ArchSpec, SpecError};
 pub use summary::{summary, thousands, Summary};
 
@@ -60,6 +80,23 @@ pub enum ModelError {
         /// What is wrong.
         reason: String,
     },
+    /// A weights file (or shipped weights) that is missing, corrupt or of another model.
+    #[error("weights {}: {reason}", path.display())]
+    Weights {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Images that cannot be classified (wrong size).
+    #[error("{0}")]
+    Input(String),
+    /// A picture that cannot be brought into MNIST's form.
+    #[error(transparent)]
+    Image(#[from] mnist_data::ImageError),
+    /// Turning logits into predictions failed.
+    #[error(transparent)]
+    Metrics(#[from] mnist_metrics::MetricsError),
     /// An error from candle while building or running a model.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

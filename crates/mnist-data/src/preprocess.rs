@@ -1,5 +1,5 @@
-//! Classifying image files: turning any PNG or JPEG into the 28x28 MNIST form ([`to_mnist`]) and running a
-//! saved model on it ([`Predictor`]).
+//! Any picture of a digit -> the 28x28 MNIST form ([`to_mnist`]): the one preprocessing path of `predict`,
+//! the pretrained-model API and the draw-a-digit server.
 //!
 //! MNIST was made by fitting each (anti-aliased, grey) digit into a 20x20 box, keeping its aspect ratio, and
 //! placing that box in a 28x28 field so that the centre of mass of the ink lies at the field's centre. Ink
@@ -9,16 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, ModuleT};
 use image::imageops::FilterType;
 use image::{DynamicImage, GrayImage};
-use mnist_data::{to_tensor, IMAGE_PIXELS, IMAGE_SIDE};
-use mnist_layers::init::SeededVarMap;
-use mnist_metrics::softmax_rows;
-use mnist_models::{ModelConfig, Net};
-use serde::Serialize;
 
-use crate::{load_weights, TrainError, EVAL_BATCH};
+use crate::{IMAGE_PIXELS, IMAGE_SIDE};
 
 /// The side of the box a digit is fitted into, as in MNIST.
 pub const FIT_SIDE: u32 = 20;
@@ -39,6 +33,12 @@ pub enum ImageError {
     Decode {
         /// The file.
         path: PathBuf,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// Bytes that are not a PNG or JPEG image (no file involved).
+    #[error("not a readable PNG or JPEG image: {reason}")]
+    Undecodable {
         /// What the decoder said.
         reason: String,
     },
@@ -83,6 +83,15 @@ pub fn load_mnist_image(path: &Path) -> Result<Vec<u8>, ImageError> {
         path: path.to_path_buf(),
         source: Box::new(e),
     })
+}
+
+/// Decodes PNG or JPEG bytes (the format is taken from the content) and converts the picture with
+/// [`to_mnist`]: what a server does with an uploaded image.
+pub fn decode_mnist_image(bytes: &[u8]) -> Result<Vec<u8>, ImageError> {
+    let img = image::load_from_memory(bytes).map_err(|e| ImageError::Undecodable {
+        reason: e.to_string(),
+    })?;
+    to_mnist(&img)
 }
 
 /// Grey levels of `img`: transparent pixels are composited over white (a drawing on a transparent canvas is
@@ -197,100 +206,6 @@ pub fn to_mnist(img: &DynamicImage) -> Result<Vec<u8>, ImageError> {
         }
     }
     Ok(out)
-}
-
-/// The classification of one image.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Prediction {
-    /// The most probable class.
-    pub digit: u8,
-    /// Softmax probability of each class, in class order.
-    pub probabilities: Vec<f32>,
-}
-
-impl Prediction {
-    /// The `k` most probable classes, most probable first, with their probabilities.
-    pub fn top(&self, k: usize) -> Vec<(u8, f32)> {
-        let mut ranked: Vec<(u8, f32)> = self
-            .probabilities
-            .iter()
-            .enumerate()
-            .map(|(c, &p)| (c as u8, p))
-            .collect();
-        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-        ranked.truncate(k);
-        ranked
-    }
-}
-
-/// A saved model ready to classify 28x28 images.
-pub struct Predictor {
-    net: Net,
-    device: Device,
-    // Keeps the variables alive (the model holds them too; this makes ownership explicit).
-    _vars: SeededVarMap,
-}
-
-impl Predictor {
-    /// The model.
-    pub fn net(&self) -> &Net {
-        &self.net
-    }
-
-    /// Builds the model of `model` and loads `weights` into it.
-    pub fn load(model: &ModelConfig, weights: &Path, device: &Device) -> Result<Self, TrainError> {
-        let vars = SeededVarMap::new(0);
-        let net = model.build(
-            vars.var_builder(DType::F32, device),
-            mnist_models::dropout_rng(0),
-        )?;
-        let mut map = vars.var_map().clone();
-        load_weights(weights, &mut map)?;
-        Ok(Self {
-            net,
-            device: device.clone(),
-            _vars: vars,
-        })
-    }
-
-    /// Classifies MNIST-form images (each 784 grey levels, as [`to_mnist`] returns), in inference mode.
-    pub fn predict(&self, images: &[Vec<u8>]) -> Result<Vec<Prediction>, TrainError> {
-        if images.is_empty() {
-            return Ok(Vec::new());
-        }
-        if let Some((i, img)) = images
-            .iter()
-            .enumerate()
-            .find(|(_, im)| im.len() != IMAGE_PIXELS)
-        {
-            return Err(TrainError::Config(format!(
-                "image #{i} has {} pixels, expected {IMAGE_PIXELS} (28x28)",
-                img.len()
-            )));
-        }
-        let mut probs = Vec::with_capacity(images.len());
-        for chunk in images.chunks(EVAL_BATCH) {
-            let flat: Vec<u8> = chunk.concat();
-            let xs = to_tensor(&flat, chunk.len(), &self.device)?; // [n, 1, 28, 28]
-            let logits = self.net.forward_t(&xs, false)?; // [n, 10]
-            probs.extend(softmax_rows(&logits)?);
-        }
-        Ok(probs
-            .into_iter()
-            .map(|p| {
-                let digit = p
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map(|(c, _)| c as u8)
-                    .unwrap_or(0);
-                Prediction {
-                    digit,
-                    probabilities: p,
-                }
-            })
-            .collect())
-    }
 }
 
 #[cfg(test)]
@@ -446,15 +361,5 @@ mod tests {
             out,
             to_mnist(&DynamicImage::ImageLuma8(seven(50, 50))).unwrap()
         );
-    }
-
-    #[test]
-    fn top_ranks_by_probability() {
-        let p = Prediction {
-            digit: 3,
-            probabilities: vec![0.1, 0.0, 0.2, 0.6, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],
-        };
-        let top = p.top(2);
-        assert_eq!(top, vec![(3, 0.6), (2, 0.2)]);
     }
 }
