@@ -1,0 +1,387 @@
+//! An [`ArchSpec`] and its weights as a [`Graph`]: every layer as the standard ONNX operators that compute
+//! what `mnist_models::build` computes in inference mode.
+//!
+//! - conv: `Conv` (weight `[out, in, k, k]`, bias `[out]`), pads from [`Padding::resolve2d`] (Keras
+//!   'same' puts the odd pixel at the bottom/right, so pads may be asymmetric).
+//! - separable_conv: a depthwise `Conv` with `group = in` (weight `[in, 1, k, k]`, no bias, the layer's
+//!   stride and pads), then a 1x1 `Conv` (weight `[out, in, 1, 1]`, the bias).
+//! - The activation follows the convolution, unless the BatchNorm is placed before it.
+//! - batch_norm: `BatchNormalization` with the running statistics and the spec's epsilon.
+//! - max_pool: `MaxPool`; ONNX ignores padded cells as our pool counts them `-inf`, and rounds down
+//!   (`ceil_mode = 0`) as Keras 'valid' does.
+//! - dropout: nothing (the identity at inference).
+//! - flatten: `Flatten` (axis 1: `[N, c, h, w] -> [N, c*h*w]`, NCHW order as candle's).
+//! - global_avg_pool: `GlobalAveragePool` then `Flatten`.
+//! - dense: `Gemm` with `transB = 1` (weight `[out, in]`, bias `[out]`), then `Relu` if asked.
+//! - inception: each branch from the module's input, then `Concat` on the channels (axis 1), then the
+//!   module's BatchNorm if any.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use mnist_layers::{Activation, Padding};
+use mnist_models::plan::{self, branch_layer_name, inception_bn_name, BlockNames, Planned};
+use mnist_models::spec::{ArchSpec, BnPlace, ConvSpec, InceptionSpec, LayerSpec, PoolSpec};
+use mnist_models::Dims;
+
+use crate::graph::{Attr, Attrs, Graph};
+use crate::{OnnxError, INPUT_NAME, OUTPUT_NAME};
+
+/// The graph of `arch` with the weights `weights` (by the names `mnist_models::build` gives them).
+pub(crate) fn lower(
+    arch: &ArchSpec,
+    weights: &HashMap<String, Tensor>,
+) -> Result<Graph, OnnxError> {
+    let planned = plan::plan(arch)?;
+    let mut emit = Emit {
+        graph: Graph::new(INPUT_NAME),
+        weights,
+        eps: arch.batch_norm.eps as f32,
+        at: String::new(),
+    };
+    let mut x = INPUT_NAME.to_string(); // [N, 1, 28, 28]
+    let mut dims = plan::INPUT;
+    for (i, layer) in planned.layers.iter().enumerate() {
+        emit.at = format!("layers[{i}] ({})", layer.spec.type_name());
+        if dims != layer.input {
+            return Err(emit.unsupported(format!(
+                "its input is {dims} here, but {} in the plan",
+                layer.input
+            )));
+        }
+        (x, dims) = emit.layer(layer, x, dims)?;
+        if dims != layer.output {
+            return Err(emit.unsupported(format!(
+                "it gives {dims} here, but {} in the plan",
+                layer.output
+            )));
+        }
+    }
+    if x == INPUT_NAME || !emit.graph.name_last_output(OUTPUT_NAME) {
+        return Err(OnnxError::Unsupported {
+            at: "the model".into(),
+            reason: "it has no operator to export".into(),
+        });
+    }
+    Ok(emit.graph)
+}
+
+/// Whether a convolution applies its activation itself: with the BatchNorm before the activation, the
+/// activation moves behind the BatchNorm (as `mnist_models::build` does).
+fn conv_relu(c: &ConvSpec) -> bool {
+    c.activation == Activation::Relu && c.batch_norm != BnPlace::Before
+}
+
+fn ints(v: &[usize]) -> Attr {
+    Attr::Ints(v.iter().map(|&x| x as i64).collect())
+}
+
+struct Emit<'w> {
+    graph: Graph,
+    weights: &'w HashMap<String, Tensor>,
+    /// Every BatchNorm's epsilon.
+    eps: f32,
+    /// Where in the spec the layer being lowered is (`layers[3] (conv)`), for errors.
+    at: String,
+}
+
+impl Emit<'_> {
+    fn unsupported(&self, reason: impl Into<String>) -> OnnxError {
+        OnnxError::Unsupported {
+            at: self.at.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The feature maps `(c, h, w)` a layer needs.
+    fn map(&self, dims: Dims) -> Result<(usize, usize, usize), OnnxError> {
+        match dims {
+            Dims::Map { c, h, w } => Ok((c, h, w)),
+            Dims::Flat(n) => Err(self.unsupported(format!(
+                "needs [c, h, w] feature maps, gets {n} flat values"
+            ))),
+        }
+    }
+
+    /// The variable `name` as an initializer, checked to be `dims`.
+    fn weight(&mut self, name: &str, dims: &[usize]) -> Result<String, OnnxError> {
+        let t = self
+            .weights
+            .get(name)
+            .ok_or_else(|| OnnxError::MissingWeight {
+                at: self.at.clone(),
+                name: name.to_string(),
+            })?;
+        if t.dims() != dims {
+            return Err(OnnxError::WeightShape {
+                at: self.at.clone(),
+                name: name.to_string(),
+                expected: dims.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        let data = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|source| OnnxError::Candle {
+                at: self.at.clone(),
+                name: name.to_string(),
+                source: Box::new(source),
+            })?;
+        Ok(self.graph.initializer(name, dims.to_vec(), data))
+    }
+
+    /// The attributes of a `k x k` window with `stride` and Keras `padding` over an `h x w` input, and
+    /// the output size: ONNX `pads` are `[top, left, bottom, right]`.
+    fn window(
+        &self,
+        padding: Padding,
+        (h, w): (usize, usize),
+        k: usize,
+        stride: usize,
+    ) -> Result<(Attrs, (usize, usize)), OnnxError> {
+        let ((top, left, bottom, right), out) = padding
+            .resolve2d(h, w, k, stride)
+            .map_err(|e| self.unsupported(e.to_string()))?;
+        Ok((
+            vec![
+                ("kernel_shape", ints(&[k, k])),
+                ("strides", ints(&[stride, stride])),
+                ("pads", ints(&[top, left, bottom, right])),
+            ],
+            out,
+        ))
+    }
+
+    fn relu(&mut self, x: String, name: &str) -> String {
+        self.graph.node("Relu", name, vec![x], vec![])
+    }
+
+    fn layer(&mut self, l: &Planned, x: String, dims: Dims) -> Result<(String, Dims), OnnxError> {
+        match l.spec {
+            LayerSpec::Conv(c) | LayerSpec::SeparableConv(c) => {
+                let separable = matches!(l.spec, LayerSpec::SeparableConv(_));
+                let names = l
+                    .block
+                    .as_ref()
+                    .ok_or_else(|| self.unsupported("a conv block without part names"))?;
+                self.conv_block(x, dims, c, separable, names)
+            }
+            LayerSpec::MaxPool(p) => self.max_pool(x, dims, p, &l.name),
+            LayerSpec::BatchNorm => Ok((self.batch_norm(x, dims, &l.name)?, dims)),
+            // Inverted dropout is the identity at inference.
+            LayerSpec::Dropout(_) => Ok((x, dims)),
+            LayerSpec::Flatten => {
+                let (c, h, w) = self.map(dims)?;
+                let y = self
+                    .graph
+                    .node("Flatten", &l.name, vec![x], vec![("axis", Attr::Int(1))]); // [N, c*h*w]
+                Ok((y, Dims::Flat(c * h * w)))
+            }
+            LayerSpec::GlobalAvgPool => {
+                let (c, _, _) = self.map(dims)?;
+                let y = self
+                    .graph
+                    .node("GlobalAveragePool", &l.name, vec![x], vec![]); // [N, c, 1, 1]
+                let y = self.graph.node(
+                    "Flatten",
+                    &format!("{}.flatten", l.name),
+                    vec![y],
+                    vec![("axis", Attr::Int(1))],
+                ); // [N, c]
+                Ok((y, Dims::Flat(c)))
+            }
+            LayerSpec::Dense(d) => {
+                let n = match dims {
+                    Dims::Flat(n) => n,
+                    Dims::Map { .. } => {
+                        return Err(self.unsupported(format!("needs a flat input, gets {dims}")))
+                    }
+                };
+                let w = self.weight(&format!("{}.weight", l.name), &[d.units, n])?;
+                let b = self.weight(&format!("{}.bias", l.name), &[d.units])?;
+                // x [N, n] . w^T [n, units] + b
+                let mut y = self.graph.node(
+                    "Gemm",
+                    &l.name,
+                    vec![x, w, b],
+                    vec![("transB", Attr::Int(1))],
+                ); // [N, units]
+                if d.activation == Activation::Relu {
+                    y = self.relu(y, &format!("{}.relu", l.name));
+                }
+                Ok((y, Dims::Flat(d.units)))
+            }
+            LayerSpec::Inception(m) => self.inception(x, dims, m, &l.name),
+        }
+    }
+
+    /// The convolution of a conv or separable_conv layer, with its activation when `relu`.
+    fn conv(
+        &mut self,
+        x: String,
+        dims: Dims,
+        c: &ConvSpec,
+        separable: bool,
+        prefix: &str,
+        relu: bool,
+    ) -> Result<(String, Dims), OnnxError> {
+        let (ci, h, w) = self.map(dims)?;
+        let k = c.kernel;
+        let (mut attrs, (oh, ow)) = self.window(c.padding, (h, w), k, c.stride)?;
+        let y = if separable {
+            let dw = self.weight(&format!("{prefix}.depthwise.weight"), &[ci, 1, k, k])?;
+            attrs.push(("group", Attr::Int(ci as i64)));
+            let y = self
+                .graph
+                .node("Conv", &format!("{prefix}.depthwise"), vec![x, dw], attrs); // [N, ci, oh, ow]
+            let pw = self.weight(
+                &format!("{prefix}.pointwise.weight"),
+                &[c.filters, ci, 1, 1],
+            )?;
+            let mut inputs = vec![y, pw];
+            if c.bias {
+                inputs.push(self.weight(&format!("{prefix}.pointwise.bias"), &[c.filters])?);
+            }
+            self.graph.node(
+                "Conv",
+                &format!("{prefix}.pointwise"),
+                inputs,
+                vec![("kernel_shape", ints(&[1, 1]))],
+            ) // [N, filters, oh, ow]
+        } else {
+            let wt = self.weight(&format!("{prefix}.weight"), &[c.filters, ci, k, k])?;
+            let mut inputs = vec![x, wt];
+            if c.bias {
+                inputs.push(self.weight(&format!("{prefix}.bias"), &[c.filters])?);
+            }
+            self.graph.node("Conv", prefix, inputs, attrs) // [N, filters, oh, ow]
+        };
+        let y = if relu {
+            self.relu(y, &format!("{prefix}.relu"))
+        } else {
+            y
+        };
+        Ok((
+            y,
+            Dims::Map {
+                c: c.filters,
+                h: oh,
+                w: ow,
+            },
+        ))
+    }
+
+    /// A conv block: convolution, activation and BatchNorm in the spec's order, then the pool.
+    fn conv_block(
+        &mut self,
+        x: String,
+        dims: Dims,
+        c: &ConvSpec,
+        separable: bool,
+        names: &BlockNames,
+    ) -> Result<(String, Dims), OnnxError> {
+        let (mut y, mut dims) = self.conv(x, dims, c, separable, &names.conv, conv_relu(c))?;
+        if c.batch_norm != BnPlace::None {
+            y = self.batch_norm(y, dims, &names.bn)?;
+            if c.batch_norm == BnPlace::Before && c.activation == Activation::Relu {
+                y = self.relu(y, &names.act);
+            }
+        }
+        if let Some(p) = &c.pool {
+            (y, dims) = self.max_pool(y, dims, p, &names.pool)?;
+        }
+        Ok((y, dims))
+    }
+
+    fn max_pool(
+        &mut self,
+        x: String,
+        dims: Dims,
+        p: &PoolSpec,
+        name: &str,
+    ) -> Result<(String, Dims), OnnxError> {
+        let (c, h, w) = self.map(dims)?;
+        let (attrs, (oh, ow)) = self.window(p.padding, (h, w), p.kernel, p.stride())?;
+        let y = self.graph.node("MaxPool", name, vec![x], attrs); // [N, c, oh, ow]
+        Ok((y, Dims::Map { c, h: oh, w: ow }))
+    }
+
+    /// Inference BatchNorm over the channels of `x` with the variables under `prefix`.
+    fn batch_norm(&mut self, x: String, dims: Dims, prefix: &str) -> Result<String, OnnxError> {
+        let (c, _, _) = self.map(dims)?;
+        let mut inputs = vec![x];
+        for part in ["gamma", "beta", "running_mean", "running_var"] {
+            inputs.push(self.weight(&format!("{prefix}.{part}"), &[c])?);
+        }
+        Ok(self.graph.node(
+            "BatchNormalization",
+            prefix,
+            inputs,
+            vec![("epsilon", Attr::Float(self.eps))],
+        ))
+    }
+
+    fn inception(
+        &mut self,
+        x: String,
+        dims: Dims,
+        m: &InceptionSpec,
+        name: &str,
+    ) -> Result<(String, Dims), OnnxError> {
+        let mut ends = Vec::with_capacity(m.branches.len());
+        let mut channels = 0;
+        let mut size = None;
+        for (i, branch) in m.branches.iter().enumerate() {
+            let (mut y, mut d) = (x.clone(), dims);
+            for (j, layer) in branch.iter().enumerate() {
+                let lname = branch_layer_name(name, i, j);
+                (y, d) = match layer {
+                    LayerSpec::Conv(c) | LayerSpec::SeparableConv(c) => {
+                        let separable = matches!(layer, LayerSpec::SeparableConv(_));
+                        if c.batch_norm != BnPlace::None || c.pool.is_some() {
+                            return Err(self.unsupported(format!(
+                                "branches[{i}][{j}] ({}): a BatchNorm or pool inside a branch's convolution",
+                                layer.type_name()
+                            )));
+                        }
+                        self.conv(y, d, c, separable, &lname, conv_relu(c))?
+                    }
+                    LayerSpec::MaxPool(p) => self.max_pool(y, d, p, &lname)?,
+                    LayerSpec::BatchNorm => (self.batch_norm(y, d, &lname)?, d),
+                    LayerSpec::Dropout(_) => (y, d),
+                    other => {
+                        return Err(self.unsupported(format!(
+                            "branches[{i}][{j}]: a {} layer inside an inception branch",
+                            other.type_name()
+                        )))
+                    }
+                };
+            }
+            let (c, h, w) = self.map(d)?;
+            match size {
+                None => size = Some((h, w)),
+                Some(s) if s != (h, w) => {
+                    return Err(self.unsupported(format!(
+                        "branch {i} ends at {h}x{w}, branch 0 at {}x{}",
+                        s.0, s.1
+                    )))
+                }
+                Some(_) => {}
+            }
+            channels += c;
+            ends.push(y); // [N, c, h, w]
+        }
+        let (h, w) =
+            size.ok_or_else(|| self.unsupported("an inception module without branches"))?;
+        let out = Dims::Map { c: channels, h, w };
+        let mut y = self
+            .graph
+            .node("Concat", name, ends, vec![("axis", Attr::Int(1))]); // [N, channels, h, w]
+        if m.batch_norm {
+            y = self.batch_norm(y, out, &inception_bn_name(name))?;
+        }
+        Ok((y, out))
+    }
+}
