@@ -1,9 +1,11 @@
 //! Checkpoints: the complete training state after an epoch, in one file written atomically.
 //!
 //! `checkpoint.safetensors` holds the model's variables (`model/<name>`, BatchNorm statistics
-//! included) and Adam's moments (`adam_m/<name>`, `adam_v/<name>`, flat f32) as tensors, and in its
-//! metadata (key `mnist_checkpoint`) a JSON record of everything else: the epoch, Adam's step and
-//! learning rate, the scheduler's state, the random state and the history. Being one file renamed into
+//! included) and the optimizer's state (Adam's moments `adam_m/<name>`, `adam_v/<name>`, or SGD's
+//! momentum buffers `sgd_momentum/<name>`, flat f32) as tensors, with a run that averages its weights
+//! also the averages (`ema/<name>`), and in its metadata (key `mnist_checkpoint`) a JSON record of
+//! everything else: the epoch, the optimizer's step and learning rate, the number of average updates,
+//! the scheduler's state, the random state and the history. Being one file renamed into
 //! place, the tensors and the record always belong to the same epoch, and a kill at any moment leaves
 //! the previous checkpoint intact.
 
@@ -13,7 +15,7 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use mnist_optim::{AdamState, MomentState, SchedulerState};
+use mnist_optim::{AdamState, EmaState, MomentState, OptimizerState, SchedulerState, SgdState};
 use serde::{Deserialize, Serialize};
 
 use crate::fit::{EpochEnd, ResumeState, STREAM_DROPOUT, STREAM_SHUFFLE};
@@ -29,6 +31,8 @@ const FORMAT: u32 = 1;
 const MODEL_PREFIX: &str = "model/";
 const ADAM_M_PREFIX: &str = "adam_m/";
 const ADAM_V_PREFIX: &str = "adam_v/";
+const SGD_PREFIX: &str = "sgd_momentum/";
+const EMA_PREFIX: &str = "ema/";
 
 /// The state of the random generators. They are re-derived from `(seed, stream, epoch)` with
 /// `mnist_data::epoch_rng` at each epoch start, so this is all there is to restore.
@@ -140,8 +144,16 @@ struct Record {
     solution: String,
     variant: String,
     epoch: usize,
+    /// The optimizer's step count and learning rate (named so since the checkpoints written before SGD
+    /// existed, which are all Adam's).
     adam_step: u64,
     adam_lr: Exact,
+    /// `sgd` for SGD; absent for Adam.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    optimizer: Option<String>,
+    /// Updates of the moving average, for a run with `ema`; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ema_updates: Option<u64>,
     scheduler: ExactScheduler,
     rng: RngState,
     history: Vec<ExactEpoch>,
@@ -192,7 +204,7 @@ pub fn save_checkpoint(
 ) -> Result<(), TrainError> {
     let path = dir.join(CHECKPOINT_FILE);
     let epoch = end.history.len();
-    let adam = end.adam.state()?;
+    let state = end.optimizer.state()?;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     {
         let data = match vars.data().lock() {
@@ -203,24 +215,41 @@ pub fn save_checkpoint(
             tensors.push((format!("{MODEL_PREFIX}{name}"), var.as_tensor().copy()?));
         }
     }
-    for (name, ms) in &adam.moments {
-        let n = ms.m.len();
-        tensors.push((
-            format!("{ADAM_M_PREFIX}{name}"),
-            Tensor::from_slice(&ms.m, n, &Device::Cpu)?,
-        ));
-        tensors.push((
-            format!("{ADAM_V_PREFIX}{name}"),
-            Tensor::from_slice(&ms.v, ms.v.len(), &Device::Cpu)?,
-        ));
-    }
+    let flat = |x: &[f32]| Tensor::from_slice(x, x.len(), &Device::Cpu);
+    let (step, lr, optimizer) = match &state {
+        OptimizerState::Adam(adam) => {
+            for (name, ms) in &adam.moments {
+                tensors.push((format!("{ADAM_M_PREFIX}{name}"), flat(&ms.m)?));
+                tensors.push((format!("{ADAM_V_PREFIX}{name}"), flat(&ms.v)?));
+            }
+            (adam.step, adam.lr, None)
+        }
+        OptimizerState::Sgd(sgd) => {
+            for (name, b) in &sgd.momentum {
+                tensors.push((format!("{SGD_PREFIX}{name}"), flat(b)?));
+            }
+            (sgd.step, sgd.lr, Some("sgd".to_string()))
+        }
+    };
+    let ema_updates = match end.ema {
+        Some(ema) => {
+            let ema = ema.state()?;
+            for (name, s) in &ema.shadow {
+                tensors.push((format!("{EMA_PREFIX}{name}"), flat(s)?));
+            }
+            Some(ema.updates)
+        }
+        None => None,
+    };
     let record = Record {
         format: FORMAT,
         solution: cfg.model.solution.to_string(),
         variant: cfg.model.label(),
         epoch,
-        adam_step: adam.step,
-        adam_lr: Exact(adam.lr),
+        adam_step: step,
+        adam_lr: Exact(lr),
+        optimizer,
+        ema_updates,
         scheduler: end.scheduler.state().into(),
         rng: RngState {
             seed: cfg.seed,
@@ -301,6 +330,8 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint, TrainE
     let mut weights = HashMap::new();
     let mut m = HashMap::new();
     let mut v = HashMap::new();
+    let mut sgd = HashMap::new();
+    let mut ema = HashMap::new();
     for (name, tensor) in tensors {
         if let Some(n) = name.strip_prefix(MODEL_PREFIX) {
             weights.insert(n.to_string(), tensor);
@@ -308,9 +339,57 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint, TrainE
             m.insert(n.to_string(), tensor);
         } else if let Some(n) = name.strip_prefix(ADAM_V_PREFIX) {
             v.insert(n.to_string(), tensor);
+        } else if let Some(n) = name.strip_prefix(SGD_PREFIX) {
+            sgd.insert(n.to_string(), tensor);
+        } else if let Some(n) = name.strip_prefix(EMA_PREFIX) {
+            ema.insert(n.to_string(), tensor);
         } else {
             return Err(ckpt_err(&path, format!("unexpected tensor '{name}'")));
         }
+    }
+    let flat = |t: Tensor, what: &str, name: &str| -> Result<Vec<f32>, TrainError> {
+        t.to_vec1::<f32>()
+            .map_err(|e| ckpt_err(&path, format!("{what} of '{name}': {e}")))
+    };
+    let is_sgd = match record.optimizer.as_deref() {
+        None => false,
+        Some("sgd") => true,
+        Some(other) => {
+            return Err(ckpt_err(
+                &path,
+                format!("unknown optimizer '{other}' (adam or sgd)"),
+            ))
+        }
+    };
+    let has_adam = !(m.is_empty() && v.is_empty());
+    if (is_sgd && has_adam) || (!is_sgd && !sgd.is_empty()) {
+        return Err(ckpt_err(
+            &path,
+            format!(
+                "holds both Adam moments and SGD momentum buffers (the record says {})",
+                if is_sgd { "sgd" } else { "adam" }
+            ),
+        ));
+    }
+    let ema = match record.ema_updates {
+        Some(updates) => {
+            let mut shadow = std::collections::BTreeMap::new();
+            for (name, t) in ema {
+                shadow.insert(name.clone(), flat(t, "moving average", &name)?);
+            }
+            Some(EmaState { updates, shadow })
+        }
+        None if ema.is_empty() => None,
+        None => {
+            return Err(ckpt_err(
+                &path,
+                "holds moving averages ('ema/' tensors) but no 'ema_updates' in its record",
+            ))
+        }
+    };
+    let mut momentum = std::collections::BTreeMap::new();
+    for (name, b) in sgd {
+        momentum.insert(name.clone(), flat(b, "SGD momentum", &name)?);
     }
     let mut moments = std::collections::BTreeMap::new();
     for (name, m) in m {
@@ -320,15 +399,11 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint, TrainE
                 format!("Adam moment m of '{name}' has no matching v"),
             )
         })?;
-        let flat = |t: Tensor, which: &str| -> Result<Vec<f32>, TrainError> {
-            t.to_vec1::<f32>()
-                .map_err(|e| ckpt_err(&path, format!("Adam moment {which} of '{name}': {e}")))
-        };
         moments.insert(
             name.clone(),
             MomentState {
-                m: flat(m, "m")?,
-                v: flat(v, "v")?,
+                m: flat(m, "Adam moment m", &name)?,
+                v: flat(v, "Adam moment v", &name)?,
             },
         );
     }
@@ -346,11 +421,19 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint, TrainE
         weights,
         state: ResumeState {
             epoch: record.epoch,
-            adam: AdamState {
-                step: record.adam_step,
-                lr: record.adam_lr.0,
-                moments,
+            optimizer: match is_sgd {
+                true => OptimizerState::Sgd(SgdState {
+                    step: record.adam_step,
+                    lr: record.adam_lr.0,
+                    momentum,
+                }),
+                false => OptimizerState::Adam(AdamState {
+                    step: record.adam_step,
+                    lr: record.adam_lr.0,
+                    moments,
+                }),
             },
+            ema,
             scheduler: record.scheduler.into(),
             history: record.history.into_iter().map(EpochRecord::from).collect(),
         },
@@ -421,19 +504,19 @@ impl Checkpoint {
 mod tests {
     use super::*;
     use mnist_models::{Solution, Variant};
-    use mnist_optim::{Adam, Scheduler};
+    use mnist_optim::{Optimizer, Scheduler};
 
-    fn setup() -> (TrainConfig, Trained, Adam, Scheduler, Vec<EpochRecord>) {
+    fn setup() -> (TrainConfig, Trained, Optimizer, Scheduler, Vec<EpochRecord>) {
         let cfg = TrainConfig::recipe(Solution::Conv, Variant::Seed);
         let trained = Trained::init(&cfg, &Device::Cpu).unwrap();
-        let mut adam = Adam::new(trained.trainable_vars(), cfg.adam).unwrap();
+        let mut adam = Optimizer::new(trained.trainable_vars(), &cfg.optimizer).unwrap();
         // One real step so the moments are not all zero.
         let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu).unwrap();
         let logits = candle_core::ModuleT::forward_t(&trained.net, &x, true).unwrap();
         let labels = Tensor::new(&[3u32, 7], &Device::Cpu).unwrap();
         let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
         adam.backward_step(&loss).unwrap();
-        let mut sched = Scheduler::new(cfg.schedule, cfg.adam.lr, 10, 3).unwrap();
+        let mut sched = Scheduler::new(cfg.schedule, cfg.optimizer.lr(), 10, 3).unwrap();
         sched.on_epoch_end(1, 0.5);
         let history = vec![EpochRecord {
             epoch: 1,
@@ -453,14 +536,16 @@ mod tests {
         let (cfg, trained, adam, sched, history) = setup();
         let end = EpochEnd {
             history: &history,
-            adam: &adam,
+            optimizer: &adam,
+            ema: None,
             scheduler: &sched,
         };
         save_checkpoint(dir.path(), &cfg, trained.vars.var_map(), &end).unwrap();
         let ckpt = load_checkpoint(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(ckpt.state.epoch, 1);
         assert_eq!(ckpt.state.history, history);
-        assert_eq!(ckpt.state.adam, adam.state().unwrap());
+        assert_eq!(ckpt.state.optimizer, adam.state().unwrap());
+        assert_eq!(ckpt.state.ema, None);
         assert_eq!(ckpt.state.scheduler, sched.state());
         assert_eq!(ckpt.rng.seed, cfg.seed);
         assert_eq!(ckpt.rng.next_epoch, 1);
@@ -491,6 +576,38 @@ mod tests {
     }
 
     #[test]
+    fn sgd_buffers_and_moving_averages_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut cfg, trained, _, sched, history) = setup();
+        cfg.optimizer = mnist_optim::OptimizerConfig::Sgd(mnist_optim::SgdConfig::default());
+        let mut sgd = Optimizer::new(trained.trainable_vars(), &cfg.optimizer).unwrap();
+        let mut ema =
+            mnist_optim::Ema::new(trained.all_vars(), mnist_optim::EmaConfig::new(0.9)).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu).unwrap();
+        let logits = candle_core::ModuleT::forward_t(&trained.net, &x, true).unwrap();
+        let labels = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
+        sgd.backward_step(&candle_nn::loss::cross_entropy(&logits, &labels).unwrap())
+            .unwrap();
+        ema.update().unwrap();
+        let end = EpochEnd {
+            history: &history,
+            optimizer: &sgd,
+            ema: Some(&ema),
+            scheduler: &sched,
+        };
+        save_checkpoint(dir.path(), &cfg, trained.vars.var_map(), &end).unwrap();
+        let ckpt = load_checkpoint(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(ckpt.state.optimizer, sgd.state().unwrap());
+        assert!(matches!(ckpt.state.optimizer, OptimizerState::Sgd(_)));
+        let saved = ckpt.state.ema.clone().unwrap();
+        assert_eq!(saved, ema.state().unwrap());
+        assert_eq!(saved.updates, 1);
+        // Every variable is averaged, BatchNorm statistics included.
+        assert!(saved.shadow.keys().any(|k| k.ends_with("running_mean")));
+        assert_eq!(saved.shadow.len(), trained.all_vars().len());
+    }
+
+    #[test]
     fn floats_survive_the_record_bit_for_bit() {
         for x in [
             0.009698475165405384,
@@ -516,7 +633,8 @@ mod tests {
         let (cfg, trained, adam, sched, history) = setup();
         let end = EpochEnd {
             history: &history,
-            adam: &adam,
+            optimizer: &adam,
+            ema: None,
             scheduler: &sched,
         };
         save_checkpoint(dir.path(), &cfg, trained.vars.var_map(), &end).unwrap();

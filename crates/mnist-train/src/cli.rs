@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use mnist_data::{DataSource, Dataset, Interpolation};
+use mnist_data::{DataSource, Dataset, ElasticConfig, Interpolation, DEFAULT_ELASTIC_SIGMA};
 use mnist_layers::Kernels;
-use mnist_models::{ArchSpec, ModelConfig, Solution, Variant};
-use mnist_optim::ScheduleConfig;
+use mnist_models::{thousands, ArchSpec, Classifier, ModelConfig, Solution, Variant};
+use mnist_optim::{AdamConfig, EmaConfig, OptimizerConfig, ScheduleConfig, SgdConfig};
 
 use crate::{
     default_run_dir, evaluate, load_checkpoint, read_json, run_training_with, Checkpoint,
@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train the model (the default when no subcommand is given), then evaluate it on the test split.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate saved weights on the test split.
     Evaluate(EvalArgs),
     /// Print the model's layers and parameter counts, like Keras's model.summary(), or its architecture
@@ -45,6 +45,15 @@ enum Command {
     /// Compare finished runs (run folders, or folders of runs): a table, and per configuration trained
     /// with several seeds the mean, standard deviation and min of the test accuracy.
     Compare(CompareArgs),
+    /// Write a model as an ONNX file (opset 13) for other runtimes: input `input` [N, 1, 28, 28] float32
+    /// (pixels / 255), output `logits` [N, 10]. Saved weights, or without --weights the shipped model.
+    Export(ExportArgs),
+    /// Compare recipes on paired seeds (validation split only): train a plan's baseline and candidates as
+    /// run folders, several at once, and report each candidate's difference with an interval and a verdict.
+    /// With --final, train the chosen recipe on fresh seeds and test each run once.
+    Sweep(crate::sweep::SweepArgs),
+    /// Serve the draw-a-digit page and its JSON API (POST /api/predict, GET /api/model) until Ctrl-C.
+    Serve(ServeArgs),
 }
 
 /// A number flag's value: `s` parsed as `f64`, accepted when `ok` holds; `want` completes "must be ..."
@@ -67,6 +76,10 @@ fn smoothing_f64(s: &str) -> std::result::Result<f64, String> {
 
 fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
     f64_where(s, |v| v.is_finite() && v >= 0.0, "a number of at least 0")
+}
+
+fn ema_decay(s: &str) -> std::result::Result<f64, String> {
+    f64_where(s, |v| v > 0.0 && v < 1.0, "above 0 and below 1")
 }
 
 fn positive_usize(s: &str) -> std::result::Result<usize, String> {
@@ -95,6 +108,14 @@ enum ScheduleArg {
     OneCycle,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+enum OptimizerArg {
+    /// Adam (Keras form).
+    Adam,
+    /// SGD with momentum (PyTorch form).
+    Sgd,
+}
+
 #[derive(Args, Debug, Clone)]
 struct DataArgs {
     /// Folder with the four IDX files (.gz or raw). Default: $MNIST_DIR, then the cache folder, then a download.
@@ -120,13 +141,31 @@ struct TrainArgs {
     /// Batch size [recipe: 32 for seed, 64 for improved].
     #[arg(long, allow_negative_numbers = true, value_parser = positive_usize)]
     batch_size: Option<usize>,
-    /// Learning rate: Adam's for seed; the peak of the schedule for improved [recipe].
+    /// Learning rate: the optimizer's for seed; the peak of the schedule for improved [recipe].
     #[arg(long, allow_negative_numbers = true, value_parser = positive_f64)]
     lr: Option<f64>,
-    /// Decoupled (AdamW) weight decay: each step multiplies every weight by `1 - lr * WD`, with the
-    /// scheduled lr [recipe: 0].
+    /// Weight decay [recipe: 0]. Adam: decoupled (AdamW), each step multiplies every weight by
+    /// `1 - lr * WD`, with the scheduled lr. SGD: coupled L2 (PyTorch's), `WD * w` is added to the gradient.
     #[arg(long, value_name = "WD", allow_negative_numbers = true, value_parser = non_negative_f64)]
     weight_decay: Option<f64>,
+    /// The optimizer: adam (Keras form) or sgd (PyTorch form, momentum and Nesterov on by default; pass
+    /// its --lr, e.g. 0.1) [recipe: adam].
+    #[arg(long, value_enum, value_name = "OPT")]
+    optimizer: Option<OptimizerArg>,
+    /// SGD momentum, in [0, 1) [default: 0.9]. Needs --optimizer sgd.
+    #[arg(long, value_name = "M", allow_negative_numbers = true, value_parser = smoothing_f64)]
+    momentum: Option<f64>,
+    /// SGD with classical (heavy-ball) momentum instead of Nesterov's. Needs --optimizer sgd.
+    #[arg(long)]
+    no_nesterov: bool,
+    /// Average the weights: keep an exponential moving average of every model variable (BatchNorm
+    /// statistics included) with this decay per step, in (0, 1), e.g. 0.999; validate, test and save the
+    /// average [default: off].
+    #[arg(long, value_name = "DECAY", allow_negative_numbers = true, value_parser = ema_decay)]
+    ema: Option<f64>,
+    /// Use the --ema decay from the first step instead of ramping it up as min(DECAY, (1+t)/(10+t)).
+    #[arg(long, requires = "ema")]
+    no_ema_warmup: bool,
     /// Learning-rate schedule [recipe: plateau for seed, one-cycle for improved].
     #[arg(long, value_enum)]
     schedule: Option<ScheduleArg>,
@@ -152,6 +191,13 @@ struct TrainArgs {
     /// [improved recipe: bilinear].
     #[arg(long, value_name = "MODE", conflicts_with = "no_augment")]
     interpolation: Option<Interpolation>,
+    /// Augmentation: elastic distortion (Simard et al. 2003) of strength ALPHA pixels after the affine
+    /// warp, >= 0, 0 = off (turns augmentation on) [recipe: off].
+    #[arg(long, value_name = "ALPHA", conflicts_with = "no_augment", allow_negative_numbers = true, value_parser = non_negative_f64)]
+    elastic: Option<f64>,
+    /// Augmentation: smoothing of the elastic displacement field, a Gaussian of S pixels [default: 4].
+    #[arg(long, value_name = "S", requires = "elastic", allow_negative_numbers = true, value_parser = positive_f64)]
+    elastic_sigma: Option<f64>,
     /// Train the last N epochs without augmentation [improved recipe: 1 for separable and inception, 0 for conv].
     #[arg(long, value_name = "N")]
     clean_epochs: Option<usize>,
@@ -173,6 +219,10 @@ struct TrainArgs {
     /// No progress bar; one log line per epoch.
     #[arg(long)]
     quiet: bool,
+    /// Never load or evaluate the test split (only the two training files are read): results.json holds
+    /// the validation figures only, for choosing recipes (`evaluate` can test the run later).
+    #[arg(long)]
+    no_test: bool,
     /// Train into --out even if it holds an unfinished run or a run with other settings (they are lost).
     #[arg(long)]
     overwrite: bool,
@@ -186,7 +236,8 @@ struct TrainArgs {
         value_name = "DIR",
         conflicts_with_all = [
             "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "augment", "no_augment",
-            "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset",
+            "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
+            "optimizer", "momentum", "no_nesterov", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
         ]
     )]
     resume: Option<PathBuf>,
@@ -196,14 +247,19 @@ struct TrainArgs {
 
 #[derive(Args, Debug)]
 struct EvalArgs {
-    /// The weights file (model.safetensors of a run folder).
+    /// The weights file (model.safetensors of a run folder) [default: the shipped pretrained model of
+    /// --variant].
     #[arg(long, value_name = "FILE")]
-    weights: PathBuf,
+    weights: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also report the test accuracy with test-time augmentation (`tta_accuracy`: the mean softmax of
+    /// each image and its 1-px shifts left, right, up and down), beside the plain figure.
+    #[arg(long)]
+    tta: bool,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -228,10 +284,12 @@ struct SummaryArgs {
     kernels: Kernels,
 }
 
-/// Which model a weights file holds, when no config.json lies beside it.
+/// Which model a weights file holds, when no config.json lies beside it; without --weights, which shipped
+/// model.
 #[derive(Args, Debug)]
 struct ModelArgs {
-    /// The built-in variant, when no config.json lies beside the weights.
+    /// The built-in variant, when no config.json lies beside the weights; without --weights, the shipped
+    /// pretrained model to use [default: improved].
     #[arg(long)]
     variant: Option<Variant>,
     /// The architecture (JSON), when no config.json lies beside the weights.
@@ -275,6 +333,11 @@ pub fn main(solution: Solution) -> ExitCode {
                     Some(TrainError::Interrupted { .. })
                 )
             });
+            let interrupted = interrupted
+                || e.chain().any(|c| {
+                    c.downcast_ref::<crate::sweep::SweepError>()
+                        .is_some_and(crate::sweep::SweepError::is_interrupted)
+                });
             let usage = e.chain().any(|c| c.downcast_ref::<UsageError>().is_some());
             if interrupted {
                 ExitCode::from(INTERRUPTED_EXIT_CODE)
@@ -314,12 +377,15 @@ fn init_logging() {
 
 fn run(solution: Solution, cli: Cli) -> Result<()> {
     match cli.command {
-        Some(Command::Train(args)) => train(solution, args),
+        Some(Command::Train(args)) => train(solution, *args),
         None => train(solution, cli.train),
         Some(Command::Evaluate(args)) => evaluate_cmd(solution, args),
         Some(Command::Summary(args)) => summary_cmd(solution, args),
         Some(Command::Predict(args)) => predict_cmd(solution, args),
         Some(Command::Compare(args)) => compare_cmd(args),
+        Some(Command::Export(args)) => export_cmd(solution, args),
+        Some(Command::Sweep(args)) => sweep_cmd(solution, args),
+        Some(Command::Serve(args)) => serve_cmd(solution, args),
     }
 }
 
@@ -333,21 +399,27 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
     cfg.dataset = args.data.dataset;
     cfg.seed = args.seed;
     cfg.limit_train = args.limit_train;
+    cfg.no_test = args.no_test;
     if let Some(e) = args.epochs {
         cfg.epochs = e;
     }
     if let Some(b) = args.batch_size {
         cfg.batch_size = b;
     }
+    apply_optimizer_flags(&mut cfg, args)?;
     if let Some(lr) = args.lr {
-        cfg.adam.lr = lr;
+        cfg.optimizer.set_lr(lr);
         if let ScheduleConfig::OneCycle { max_lr, .. } = &mut cfg.schedule {
             *max_lr = lr;
         }
     }
     if let Some(wd) = args.weight_decay {
-        cfg.adam.weight_decay = wd;
+        cfg.optimizer.set_weight_decay(wd);
     }
+    cfg.ema = args.ema.map(|decay| EmaConfig {
+        decay,
+        warmup: !args.no_ema_warmup,
+    });
     match args.schedule {
         Some(ScheduleArg::Constant) => cfg.schedule = ScheduleConfig::Constant,
         Some(ScheduleArg::Plateau) => {
@@ -357,7 +429,7 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
         }
         Some(ScheduleArg::OneCycle) => {
             cfg.schedule = ScheduleConfig::OneCycle {
-                max_lr: cfg.adam.lr,
+                max_lr: cfg.optimizer.lr(),
                 pct_start: 0.25,
                 div_factor: 25.0,
                 final_div_factor: 1e3,
@@ -372,7 +444,8 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
     let custom_augment = args.rotate.is_some()
         || args.shift.is_some()
         || args.scale.is_some()
-        || args.interpolation.is_some();
+        || args.interpolation.is_some()
+        || args.elastic.is_some();
     if (args.augment || custom_augment) && cfg.augment.is_none() {
         cfg.augment = TrainConfig::recipe(solution, Variant::Improved).augment;
     }
@@ -389,6 +462,13 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
         if let Some(i) = args.interpolation {
             aug.interpolation = i;
         }
+        if let Some(alpha) = args.elastic {
+            // Zero alpha moves nothing: the same run as no elastic distortion.
+            aug.elastic = (alpha > 0.0).then(|| ElasticConfig {
+                alpha: alpha as f32,
+                sigma: args.elastic_sigma.unwrap_or(DEFAULT_ELASTIC_SIGMA as f64) as f32,
+            });
+        }
     }
     if let Some(n) = args.clean_epochs {
         cfg.clean_epochs = n;
@@ -400,6 +480,50 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
         cfg.augment = None;
     }
     Ok(cfg)
+}
+
+/// `--optimizer`, `--momentum`, `--no-nesterov`: switching to SGD keeps the recipe's learning rate and
+/// weight decay (flags given after override them); the SGD flags need SGD.
+fn apply_optimizer_flags(cfg: &mut TrainConfig, args: &TrainArgs) -> Result<()> {
+    match args.optimizer {
+        Some(OptimizerArg::Sgd) if !matches!(cfg.optimizer, OptimizerConfig::Sgd(_)) => {
+            cfg.optimizer = OptimizerConfig::Sgd(SgdConfig {
+                lr: cfg.optimizer.lr(),
+                weight_decay: cfg.optimizer.weight_decay(),
+                ..SgdConfig::default()
+            });
+        }
+        Some(OptimizerArg::Adam) if !matches!(cfg.optimizer, OptimizerConfig::Adam(_)) => {
+            cfg.optimizer = OptimizerConfig::Adam(AdamConfig {
+                lr: cfg.optimizer.lr(),
+                weight_decay: cfg.optimizer.weight_decay(),
+                ..AdamConfig::default()
+            });
+        }
+        _ => {}
+    }
+    match &mut cfg.optimizer {
+        OptimizerConfig::Sgd(sgd) => {
+            if let Some(m) = args.momentum {
+                sgd.momentum = m;
+            }
+            if args.no_nesterov {
+                sgd.nesterov = false;
+            }
+        }
+        OptimizerConfig::Adam(_) => {
+            let flag = match (args.momentum, args.no_nesterov) {
+                (Some(_), _) => "--momentum",
+                (None, true) => "--no-nesterov",
+                (None, false) => return Ok(()),
+            };
+            return Err(UsageError(format!(
+                "{flag} applies to SGD only: add --optimizer sgd (the optimizer is adam)"
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 fn load_data(args: &DataArgs) -> Result<mnist_data::Mnist> {
@@ -431,10 +555,19 @@ fn train(solution: Solution, args: TrainArgs) -> Result<()> {
             (cfg, out, None)
         }
     };
-    let data = load_data(&DataArgs {
+    let data_args = DataArgs {
         data_dir: args.data.data_dir.clone(),
         dataset: cfg.dataset,
-    })?;
+    };
+    let data = match cfg.no_test {
+        // Only the two training files are read: the test split cannot leak into a choice.
+        true => DataSource {
+            dir: data_args.data_dir,
+            dataset: data_args.dataset,
+        }
+        .load_without_test()?,
+        false => load_data(&data_args)?,
+    };
     let device = Device::Cpu;
     let mut reporter: Box<dyn Reporter> = if args.quiet {
         Box::new(LogReporter::default())
@@ -471,13 +604,18 @@ fn train(solution: Solution, args: TrainArgs) -> Result<()> {
     };
     let mean_epoch =
         results.epoch_seconds.iter().sum::<f64>() / results.epoch_seconds.len().max(1) as f64;
+    let figure = match (results.test_accuracy, results.test_loss) {
+        (Some(acc), Some(loss)) => format!("test accuracy {:.2}% (loss {loss:.4})", 100.0 * acc),
+        _ => format!(
+            "validation accuracy {:.2}% (test split not read)",
+            100.0 * results.final_val_accuracy
+        ),
+    };
     println!(
-        "{solution} ({}), {} params, seed {}: test accuracy {:.2}% (loss {:.4}) after {} epochs, {:.1} s/epoch; saved to {}",
+        "{solution} ({}), {} params, seed {}: {figure} after {} epochs, {:.1} s/epoch; saved to {}",
         results.variant,
         results.params_total,
         results.seed,
-        100.0 * results.test_accuracy,
-        results.test_loss,
         results.epochs,
         mean_epoch,
         out.display()
@@ -501,18 +639,7 @@ fn check_out_dir(out: &Path, cfg: &TrainConfig) -> Result<()> {
     }
     let config_path = out.join(CONFIG_FILE);
     if config_path.exists() {
-        // Both sides through TrainConfig and text, so fields added since the run was written compare by
-        // their defaults and f32 fields compare as written.
-        let normal = |c: &TrainConfig| {
-            serde_json::to_string(c)
-                .ok()
-                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        };
-        let same = read_json::<TrainConfig>(&config_path)
-            .ok()
-            .and_then(|old| normal(&old))
-            .zip(normal(cfg))
-            .is_some_and(|(old, new)| old == new);
+        let same = read_json::<TrainConfig>(&config_path).is_ok_and(|old| old.same_settings(cfg));
         if !same {
             bail!(
                 "{} holds a run with other settings ({}): choose another --out, pass --overwrite to replace \
@@ -613,15 +740,50 @@ fn model_config_for(solution: Solution, weights: &Path, flags: &ModelArgs) -> Re
     Ok(model)
 }
 
+/// The model to evaluate, predict or export with: `weights` with the model `config.json` beside it (or
+/// the flags) name, or without `weights` the shipped pretrained model of `flags.variant` (said on stderr).
+fn load_classifier(
+    solution: Solution,
+    weights: Option<&Path>,
+    flags: &ModelArgs,
+) -> Result<Classifier> {
+    let Some(weights) = weights else {
+        if let Some(path) = &flags.arch {
+            return Err(UsageError(format!(
+                "--arch {} needs --weights: only the built-in variants ship trained",
+                path.display()
+            ))
+            .into());
+        }
+        let variant = flags.variant.unwrap_or_default();
+        let info = mnist_models::pretrained_info(solution, variant);
+        eprintln!(
+            "using the shipped {solution}-{variant} model (no --weights): {} parameters, test accuracy \
+             {:.2}%, trained with seed {} ({})",
+            thousands(info.params),
+            100.0 * info.test_accuracy(),
+            info.seed,
+            info.made
+        );
+        return Ok(mnist_models::pretrained(solution, variant)?);
+    };
+    let model = model_config_for(solution, weights, flags)?;
+    Ok(Classifier::load(model, weights, &Device::Cpu)?)
+}
+
 fn evaluate_cmd(solution: Solution, args: EvalArgs) -> Result<()> {
-    let model = model_config_for(solution, &args.weights, &args.model)?;
+    let classifier = load_classifier(solution, args.weights.as_deref(), &args.model)?;
+    let model = classifier.config();
     let device = Device::Cpu;
-    let predictor = crate::predict::Predictor::load(&model, &args.weights, &device)?;
     let data = load_data(&args.data)?;
-    let eval = evaluate(predictor.net(), &data.test, &device)?;
+    let eval = evaluate(classifier.net(), &data.test, &device)?;
+    let tta = match args.tta {
+        true => Some(crate::evaluate_tta(classifier.net(), &data.test, &device)?),
+        false => None,
+    };
     let per_class = eval.confusion.per_class();
     if args.json {
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "solution": model.solution,
             "variant": model.label(),
             "test_accuracy": eval.accuracy,
@@ -629,6 +791,11 @@ fn evaluate_cmd(solution: Solution, args: EvalArgs) -> Result<()> {
             "per_class": per_class,
             "confusion": eval.confusion.counts(),
         });
+        if let Some(tta) = &tta {
+            json["tta_accuracy"] = tta.accuracy.into();
+            json["tta_loss"] = tta.loss.into();
+            json["tta_views"] = crate::TTA_LABEL.into();
+        }
         println!("{json}");
     } else {
         println!(
@@ -640,6 +807,14 @@ fn evaluate_cmd(solution: Solution, args: EvalArgs) -> Result<()> {
             data.test.len()
         );
         println!("{}", eval.confusion);
+        if let Some(tta) = &tta {
+            println!(
+                "tta_accuracy {:.2}% (loss {:.4}), {}; not the plain test accuracy above",
+                100.0 * tta.accuracy,
+                tta.loss,
+                crate::TTA_LABEL
+            );
+        }
     }
     Ok(())
 }
@@ -696,9 +871,10 @@ fn summary_cmd(solution: Solution, args: SummaryArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 struct PredictArgs {
-    /// The weights file (model.safetensors of a run folder; its config.json says which model).
+    /// The weights file (model.safetensors of a run folder; its config.json says which model)
+    /// [default: the shipped pretrained model of --variant].
     #[arg(long, value_name = "FILE")]
-    weights: PathBuf,
+    weights: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
     /// How many of the most probable classes to print per file.
@@ -734,13 +910,16 @@ fn dataset_for(weights: &Path) -> Result<Dataset> {
 }
 
 fn predict_cmd(solution: Solution, args: PredictArgs) -> Result<()> {
-    let model = model_config_for(solution, &args.weights, &args.model)?;
-    let names = crate::plots::class_names(dataset_for(&args.weights)?);
-    let predictor = crate::predict::Predictor::load(&model, &args.weights, &Device::Cpu)?;
+    let dataset = match &args.weights {
+        Some(w) => dataset_for(w)?,
+        None => Dataset::Mnist,
+    };
+    let names = crate::plots::class_names(dataset);
+    let predictor = load_classifier(solution, args.weights.as_deref(), &args.model)?;
     let loaded: Vec<_> = args
         .images
         .iter()
-        .map(|path| crate::predict::load_mnist_image(path))
+        .map(|path| mnist_data::load_mnist_image(path))
         .collect();
     let good: Vec<Vec<u8>> = loaded
         .iter()
@@ -803,6 +982,79 @@ fn predict_cmd(solution: Solution, args: PredictArgs) -> Result<()> {
     Ok(())
 }
 
+/// The settings `train ARGS` runs with (`argv` = `train ...`), as `train` checks them before it starts:
+/// how `sweep` checks every run of a plan and recognises the finished ones.
+fn train_settings(solution: Solution, argv: &[String]) -> std::result::Result<TrainConfig, String> {
+    let name = format!("solution-{solution}");
+    let cli = Cli::try_parse_from(std::iter::once(&name).chain(argv)).map_err(|e| {
+        let text = e.to_string();
+        let lines: Vec<&str> = text
+            .lines()
+            .map(|l| l.trim().trim_start_matches("error: "))
+            .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+            .collect();
+        lines.join("; ")
+    })?;
+    let Some(Command::Train(args)) = cli.command else {
+        return Err(format!("not a train command: {}", argv.join(" ")));
+    };
+    let cfg = train_config(solution, &args).map_err(|e| one_line(&e))?;
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn sweep_cmd(solution: Solution, args: crate::sweep::SweepArgs) -> Result<()> {
+    let interrupt = Interrupt::install()?;
+    let settings = |argv: &[String]| train_settings(solution, argv);
+    crate::sweep::run(solution, &args, &settings, &interrupt.flag()).map_err(|e| {
+        match e.is_usage() {
+            true => UsageError(e.to_string()).into(),
+            false => anyhow::Error::new(e),
+        }
+    })
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// The weights file (model.safetensors of a run folder) [default: the shipped pretrained model of
+    /// --variant].
+    #[arg(long, value_name = "FILE")]
+    weights: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The address to listen on (this machine only by default; port 0 picks a free one).
+    #[arg(long, value_name = "IP:PORT", default_value = mnist_serve::DEFAULT_ADDR)]
+    addr: std::net::SocketAddr,
+}
+
+fn serve_cmd(solution: Solution, args: ServeArgs) -> Result<()> {
+    let classifier = load_classifier(solution, args.weights.as_deref(), &args.model)?;
+    let (test_accuracy, weights) = match &args.weights {
+        // The run folder's results.json, when there, says how the weights scored.
+        Some(path) => (
+            read_json::<crate::RunResults>(&path.with_file_name(RESULTS_FILE))
+                .ok()
+                .and_then(|r| r.test_accuracy),
+            path.display().to_string(),
+        ),
+        None => {
+            let info =
+                mnist_models::pretrained_info(solution, args.model.variant.unwrap_or_default());
+            (
+                Some(info.test_accuracy()),
+                format!("pretrained, seed {}", info.seed),
+            )
+        }
+    };
+    let info = mnist_serve::ModelInfo::of(&classifier, test_accuracy, weights);
+    let what = format!("{solution} ({})", info.variant);
+    let state = mnist_serve::AppState::new(classifier, info, mnist_serve::ServeConfig::default())?;
+    mnist_serve::run(args.addr, state, |addr| {
+        println!("serving {what} at http://{addr}/ (Ctrl-C stops)")
+    })?;
+    Ok(())
+}
+
 fn compare_cmd(args: CompareArgs) -> Result<()> {
     let comparison = crate::compare::compare(&args.runs)?;
     if args.json {
@@ -810,5 +1062,61 @@ fn compare_cmd(args: CompareArgs) -> Result<()> {
     } else {
         println!("{comparison}");
     }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// The ONNX file to write (an existing file is replaced, all at once).
+    #[arg(long, value_name = "OUT.onnx")]
+    onnx: PathBuf,
+    /// The weights file (model.safetensors of a run folder; its config.json says which model)
+    /// [default: the shipped pretrained model of --variant].
+    #[arg(long, value_name = "FILE")]
+    weights: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+fn export_cmd(solution: Solution, args: ExportArgs) -> Result<()> {
+    let out = &args.onnx;
+    if out.is_dir() {
+        return Err(UsageError(format!(
+            "--onnx {}: is a folder; name the file to write (such as {})",
+            out.display(),
+            out.join("model.onnx").display()
+        ))
+        .into());
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(UsageError(format!(
+                "--onnx {}: there is no folder {}",
+                out.display(),
+                dir.display()
+            ))
+            .into());
+        }
+    }
+    let classifier = load_classifier(solution, args.weights.as_deref(), &args.model)?;
+    let model = classifier.config();
+    let bytes = mnist_onnx::export(model, classifier.vars())
+        .with_context(|| format!("exporting {solution} ({}) to ONNX", model.label()))?;
+    mnist_fs::write_bytes_atomic(out, &bytes)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    let from = match &args.weights {
+        Some(w) => w.display().to_string(),
+        None => "the shipped pretrained model".into(),
+    };
+    println!(
+        "wrote {}: {solution} ({}) from {from}, ONNX opset {}, {} bytes; input '{}' [N, 1, 28, 28] \
+         float32 (pixels / 255), output '{}' [N, 10]",
+        out.display(),
+        model.label(),
+        mnist_onnx::OPSET,
+        bytes.len(),
+        mnist_onnx::INPUT_NAME,
+        mnist_onnx::OUTPUT_NAME
+    );
     Ok(())
 }

@@ -170,7 +170,14 @@ pub fn load_run(dir: &Path) -> Result<RunRow, TrainError> {
         epochs: results.epochs,
         seed: results.seed,
         limit_train,
-        test_accuracy: results.test_accuracy,
+        test_accuracy: results.test_accuracy.ok_or_else(|| {
+            TrainError::Config(format!(
+                "{} was trained with --no-test and has no test accuracy to compare (`evaluate --weights {}` \
+                 tests it)",
+                dir.display(),
+                dir.join(crate::WEIGHTS_FILE).display()
+            ))
+        })?,
         seconds_per_epoch,
     })
 }
@@ -326,8 +333,8 @@ mod tests {
             epochs,
             seed,
             batch_size: 32,
-            test_accuracy: acc,
-            test_loss: 0.1,
+            test_accuracy: Some(acc),
+            test_loss: Some(0.1),
             best_val_accuracy: acc,
             final_val_accuracy: acc,
             epoch_seconds: vec![2.0, 4.0],

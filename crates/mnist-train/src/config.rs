@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use mnist_data::{AugmentConfig, Dataset, Interpolation};
 use mnist_models::{ModelConfig, Solution, Variant};
-use mnist_optim::{AdamConfig, ScheduleConfig};
+use mnist_optim::{AdamConfig, EmaConfig, OptimizerConfig, ScheduleConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -20,8 +20,10 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Images per optimizer step.
     pub batch_size: usize,
-    /// The optimizer (its `lr` is the base learning rate of the schedule).
-    pub adam: AdamConfig,
+    /// The optimizer and its hyper-parameters (its `lr` is the base learning rate of the schedule),
+    /// written as `"adam": {..}` or `"sgd": {..}`: files written before SGD existed hold `"adam"`.
+    #[serde(flatten)]
+    pub optimizer: OptimizerConfig,
     /// How the learning rate changes over training.
     pub schedule: ScheduleConfig,
     /// On-the-fly augmentation of training images (`None` = off).
@@ -34,10 +36,19 @@ pub struct TrainConfig {
     /// Validation and test losses are always plain cross-entropy.
     #[serde(default)]
     pub label_smoothing: f64,
+    /// An exponential moving average of every model variable (weights and BatchNorm statistics),
+    /// updated after each optimizer step; when set, validation, the test and `model.safetensors` use the
+    /// average (the checkpoint keeps the raw weights too). `None` (the default) = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<EmaConfig>,
     /// The seed of every random draw: initial weights, dropout masks, shuffles, augmentation.
     pub seed: u64,
     /// Use only the first N training images (quick trials).
     pub limit_train: Option<usize>,
+    /// Never load or evaluate the test split (`--no-test`): the run reports validation figures only, as
+    /// runs that choose a recipe must.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_test: bool,
 }
 
 impl TrainConfig {
@@ -55,13 +66,15 @@ impl TrainConfig {
                 dataset: Dataset::Mnist,
                 epochs: 10,
                 batch_size: 32,
-                adam: AdamConfig::default(),
+                optimizer: OptimizerConfig::Adam(AdamConfig::default()),
                 schedule: ScheduleConfig::Plateau { factor: 1.0 },
                 augment: None,
                 clean_epochs: 0,
                 label_smoothing: 0.0,
+                ema: None,
                 seed: 42,
                 limit_train: None,
+                no_test: false,
             },
             Variant::Improved => {
                 let max_lr = match solution {
@@ -74,10 +87,10 @@ impl TrainConfig {
                     dataset: Dataset::Mnist,
                     epochs: 10,
                     batch_size: 64,
-                    adam: AdamConfig {
+                    optimizer: OptimizerConfig::Adam(AdamConfig {
                         lr: max_lr,
                         ..AdamConfig::default()
-                    },
+                    }),
                     schedule: ScheduleConfig::OneCycle {
                         max_lr,
                         pct_start: 0.25,
@@ -89,6 +102,7 @@ impl TrainConfig {
                         max_shift_px: 2.0,
                         scale_range: (0.9, 1.1),
                         interpolation: Interpolation::Bilinear,
+                        elastic: None,
                     }),
                     // Chosen on the validation split (README, "Improved variants"): the separable
                     // and inception models gained from a last epoch on plain images; conv did not.
@@ -97,11 +111,24 @@ impl TrainConfig {
                         Solution::Conv => 0,
                     },
                     label_smoothing: 0.0,
+                    ema: None,
                     seed: 42,
                     limit_train: None,
+                    no_test: false,
                 }
             }
         }
+    }
+
+    /// True when `other` describes the same run: both compared as the JSON of `config.json`, so fields
+    /// added since a run was written compare by their defaults and f32 fields compare as written.
+    pub fn same_settings(&self, other: &TrainConfig) -> bool {
+        let normal = |c: &TrainConfig| {
+            serde_json::to_string(c)
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        };
+        normal(self).zip(normal(other)).is_some_and(|(a, b)| a == b)
     }
 
     /// Rejects invalid settings once, before any work starts.
@@ -117,9 +144,13 @@ impl TrainConfig {
                 "--limit-train must be at least 1".into(),
             ));
         }
-        self.adam
+        self.optimizer
             .validate()
             .map_err(|e| TrainError::Config(e.to_string()))?;
+        if let Some(ema) = &self.ema {
+            ema.validate()
+                .map_err(|e| TrainError::Config(e.to_string()))?;
+        }
         self.schedule
             .validate()
             .map_err(|e| TrainError::Config(e.to_string()))?;

@@ -11,7 +11,7 @@ use mnist_layers::init::SeededVarMap;
 use mnist_layers::SharedRng;
 use mnist_metrics::{argmax_rows, Accuracy, ConfusionMatrix, MeanLoss};
 use mnist_models::{is_trainable, Net};
-use mnist_optim::{Adam, AdamState, Scheduler, SchedulerState};
+use mnist_optim::{Ema, EmaState, Optimizer, OptimizerState, Scheduler, SchedulerState};
 use serde::{Deserialize, Serialize};
 
 use crate::{Reporter, TrainConfig, TrainError};
@@ -65,6 +65,15 @@ impl Trained {
 
     /// The trainable variables with their names, sorted by name (a stable order for the optimizer).
     pub fn trainable_vars(&self) -> Vec<(String, candle_core::Var)> {
+        self.named_vars(is_trainable)
+    }
+
+    /// Every variable (BatchNorm statistics included) with its name, sorted by name.
+    pub fn all_vars(&self) -> Vec<(String, candle_core::Var)> {
+        self.named_vars(|_| true)
+    }
+
+    fn named_vars(&self, keep: impl Fn(&str) -> bool) -> Vec<(String, candle_core::Var)> {
         let map = self.vars.var_map();
         let data = match map.data().lock() {
             Ok(d) => d,
@@ -72,7 +81,7 @@ impl Trained {
         };
         let mut vars: Vec<_> = data
             .iter()
-            .filter(|(name, _)| is_trainable(name))
+            .filter(|(name, _)| keep(name))
             .map(|(name, var)| (name.clone(), var.clone()))
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -130,8 +139,10 @@ pub fn evaluate(net: &Net, split: &Split, device: &Device) -> Result<Evaluation,
 pub struct ResumeState {
     /// Epochs completed so far (the 1-based number of the last one; 0 = none).
     pub epoch: usize,
-    /// The optimizer's moments, step count and learning rate.
-    pub adam: AdamState,
+    /// The optimizer's moments (or momentum buffers), step count and learning rate.
+    pub optimizer: OptimizerState,
+    /// The moving average of the variables, for a run with `ema` (`None` otherwise).
+    pub ema: Option<EmaState>,
     /// The scheduler's state (plateau learning rate, validation history).
     pub scheduler: SchedulerState,
     /// One record per completed epoch.
@@ -143,7 +154,9 @@ pub struct EpochEnd<'a> {
     /// One record per completed epoch; the last is the epoch just finished.
     pub history: &'a [EpochRecord],
     /// The optimizer after the epoch's last step.
-    pub adam: &'a Adam,
+    pub optimizer: &'a Optimizer,
+    /// The moving average of the variables after the epoch's last step (a run with `ema`).
+    pub ema: Option<&'a Ema>,
     /// The scheduler after the epoch's plateau rule.
     pub scheduler: &'a Scheduler,
 }
@@ -180,6 +193,10 @@ pub fn fit(
 /// Resuming from the state after epoch `k` and training to epoch `n` gives the same weights and history
 /// (bit for bit, `seconds` aside) as training to `n` in one go, provided the weights were restored too
 /// and the schedule does not depend on the total number of epochs (or `cfg.epochs` is unchanged).
+///
+/// With `cfg.ema`, every variable's moving average is updated after each optimizer step, each epoch
+/// validates the average, and `trained` ends holding the average (the raw weights are what `on_epoch`
+/// sees in `trained` and what a checkpoint keeps for resuming).
 pub fn fit_with(
     cfg: &TrainConfig,
     trained: &Trained,
@@ -216,8 +233,17 @@ pub fn fit_with(
         drop_last: false,
     };
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
-    let mut opt = Adam::new(trained.trainable_vars(), cfg.adam)?;
-    let mut scheduler = Scheduler::new(cfg.schedule, cfg.adam.lr, steps_per_epoch, cfg.epochs)?;
+    let mut opt = Optimizer::new(trained.trainable_vars(), &cfg.optimizer)?;
+    let mut scheduler = Scheduler::new(
+        cfg.schedule,
+        cfg.optimizer.lr(),
+        steps_per_epoch,
+        cfg.epochs,
+    )?;
+    let mut ema = match cfg.ema {
+        Some(c) => Some(Ema::new(trained.all_vars(), c)?),
+        None => None,
+    };
     let mut history = Vec::with_capacity(cfg.epochs);
     let mut first_epoch0 = 0;
     if let Some(state) = resume {
@@ -234,7 +260,22 @@ pub fn fit_with(
                 state.history.len()
             )));
         }
-        opt.load_state(state.adam)?;
+        opt.load_state(state.optimizer)?;
+        match (ema.as_mut(), state.ema) {
+            (Some(ema), Some(saved)) => ema.load_state(saved)?,
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(TrainError::Config(
+                    "the run averages its weights (ema) but the resume state holds no average"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(TrainError::Config(
+                    "the resume state holds a moving average but the run has no ema".into(),
+                ))
+            }
+        }
         scheduler.load_state(state.scheduler)?;
         history = state.history;
         first_epoch0 = state.epoch;
@@ -282,6 +323,9 @@ pub fn fit_with(
                 });
             }
             opt.backward_step(&loss)?;
+            if let Some(ema) = ema.as_mut() {
+                ema.update()?;
+            }
             let n = batch.labels_u8.len();
             loss_sum.update(loss_value, n);
             acc.update(&logits, &batch.labels_u8)?;
@@ -290,7 +334,16 @@ pub fn fit_with(
         });
         res?;
         let seconds = started.elapsed().as_secs_f64();
-        let val = evaluate(&trained.net, &data.val, device)?;
+        let val = match ema.as_mut() {
+            // The average is swapped into the model for validation and back out, exactly.
+            Some(ema) => {
+                ema.swap()?;
+                let val = evaluate(&trained.net, &data.val, device);
+                ema.swap()?;
+                val?
+            }
+            None => evaluate(&trained.net, &data.val, device)?,
+        };
         let record = EpochRecord {
             epoch,
             lr: opt.lr(),
@@ -306,10 +359,15 @@ pub fn fit_with(
         if let Some(callback) = on_epoch.as_mut() {
             callback(&EpochEnd {
                 history: &history,
-                adam: &opt,
+                optimizer: &opt,
+                ema: ema.as_ref(),
                 scheduler: &scheduler,
             })?;
         }
+    }
+    if let Some(ema) = ema.as_mut() {
+        // The model leaves holding the average: it is what is tested and saved.
+        ema.swap()?;
     }
     Ok(history)
 }
@@ -320,6 +378,7 @@ mod tests {
     use crate::{load_checkpoint, save_checkpoint, LogReporter};
     use mnist_data::Split;
     use mnist_models::{Solution, Variant};
+    use mnist_optim::ScheduleConfig;
 
     /// A tiny synthetic data set: each image is bright in a band that depends on its label.
     fn tiny_data(n: usize) -> Mnist {
@@ -463,8 +522,95 @@ mod tests {
     #[test]
     fn resuming_from_a_checkpoint_matches_an_uninterrupted_fit() {
         // The improved recipe: one-cycle schedule, augmentation and BatchNorm all carry state.
+        assert_resume_matches_uninterrupted(&cfg(3));
+    }
+
+    /// SGD's momentum buffers and the moving average are state too; the elastic distortion is drawn from
+    /// the per-epoch generator.
+    #[test]
+    fn sgd_ema_and_elastic_runs_resume_bit_for_bit() {
+        let mut sgd = cfg(3);
+        sgd.optimizer = mnist_optim::OptimizerConfig::Sgd(mnist_optim::SgdConfig {
+            lr: 0.05,
+            ..Default::default()
+        });
+        assert_resume_matches_uninterrupted(&sgd);
+        let mut ema = cfg(3);
+        ema.ema = Some(mnist_optim::EmaConfig::new(0.9));
+        assert_resume_matches_uninterrupted(&ema);
+        let mut all = sgd.clone();
+        all.ema = Some(mnist_optim::EmaConfig {
+            decay: 0.95,
+            warmup: false,
+        });
+        if let Some(aug) = all.augment.as_mut() {
+            aug.elastic = Some(mnist_data::ElasticConfig::new(4.0));
+        }
+        assert_resume_matches_uninterrupted(&all);
+    }
+
+    #[test]
+    fn ema_changes_what_is_validated_and_kept_not_how_it_trains() {
         let data = tiny_data(64);
-        let cfg = cfg(3);
+        let plain = cfg(2);
+        let mut ema = cfg(2);
+        ema.ema = Some(mnist_optim::EmaConfig::new(0.9));
+        let (w_plain, h_plain) = train(&plain, &data);
+        let (w_ema, h_ema) = train(&ema, &data);
+        for (a, b) in h_plain.iter().zip(&h_ema) {
+            assert_eq!(
+                (a.lr, a.loss, a.accuracy),
+                (b.lr, b.loss, b.accuracy),
+                "training itself is unchanged"
+            );
+        }
+        assert_ne!(
+            h_plain.iter().map(|r| r.val_loss).collect::<Vec<_>>(),
+            h_ema.iter().map(|r| r.val_loss).collect::<Vec<_>>(),
+            "validation sees the average"
+        );
+        assert_ne!(w_plain, w_ema, "the model ends holding the average");
+        // Every variable is averaged: the BatchNorm statistics differ too.
+        let stats = |w: &[(String, Vec<u32>)]| -> Vec<Vec<u32>> {
+            w.iter()
+                .filter(|(n, _)| n.ends_with("running_mean"))
+                .map(|(_, v)| v.clone())
+                .collect()
+        };
+        assert!(!stats(&w_plain).is_empty());
+        assert_ne!(stats(&w_plain), stats(&w_ema));
+        let mut bad = cfg(1);
+        bad.ema = Some(mnist_optim::EmaConfig::new(1.0));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("ema.decay"));
+    }
+
+    #[test]
+    fn sgd_trains_and_differs_from_adam() {
+        let data = tiny_data(64);
+        let mut sgd = cfg(2);
+        sgd.optimizer = mnist_optim::OptimizerConfig::Sgd(mnist_optim::SgdConfig {
+            lr: 0.1,
+            ..Default::default()
+        });
+        if let ScheduleConfig::OneCycle { max_lr, .. } = &mut sgd.schedule {
+            *max_lr = 0.1;
+        }
+        let (w_sgd, h_sgd) = train(&sgd, &data);
+        let (w_adam, _) = train(&cfg(2), &data);
+        assert_ne!(w_sgd, w_adam);
+        assert!(h_sgd.iter().all(|r| r.loss.is_finite()));
+        assert!(h_sgd[1].loss < h_sgd[0].loss, "{h_sgd:?}");
+    }
+
+    /// Trains `cfg` straight, and again stopped after epoch 1, checkpointed and resumed in a new model:
+    /// the weights and history must agree bit for bit.
+    fn assert_resume_matches_uninterrupted(cfg: &TrainConfig) {
+        let data = tiny_data(64);
+        let cfg = cfg.clone();
         let device = Device::Cpu;
 
         let straight = Trained::init(&cfg, &device).unwrap();
@@ -552,11 +698,12 @@ mod tests {
             &mut LogReporter::default(),
         )
         .unwrap();
-        let opt = Adam::new(trained.trainable_vars(), cfg1.adam).unwrap();
+        let opt = Optimizer::new(trained.trainable_vars(), &cfg1.optimizer).unwrap();
         let state = ResumeState {
             epoch: 2,
-            adam: opt.state().unwrap(),
-            scheduler: Scheduler::new(cfg1.schedule, cfg1.adam.lr, 2, 1)
+            optimizer: opt.state().unwrap(),
+            ema: None,
+            scheduler: Scheduler::new(cfg1.schedule, cfg1.optimizer.lr(), 2, 1)
                 .unwrap()
                 .state(),
             history: vec![history[0].clone(), history[0].clone()],

@@ -11,8 +11,9 @@ mod interrupt;
 pub mod loss;
 mod outputs;
 pub mod plots;
-pub mod predict;
 mod report;
+pub mod sweep;
+mod tta;
 
 use std::path::{Path, PathBuf};
 
@@ -29,10 +30,11 @@ pub use fit::{
 };
 pub use interrupt::{Interrupt, INTERRUPTED_EXIT_CODE};
 pub use outputs::{
-    history_csv, load_weights, read_json, save_weights, write_atomic, write_bytes_atomic,
-    write_json, RunResults, CONFIG_FILE, HISTORY_FILE, RESULTS_FILE, WEIGHTS_FILE,
+    history_csv, read_json, save_weights, write_atomic, write_bytes_atomic, write_json, RunResults,
+    CONFIG_FILE, HISTORY_FILE, RESULTS_FILE, WEIGHTS_FILE,
 };
 pub use report::{LogReporter, ProgressReporter, Reporter};
+pub use tta::{evaluate_tta, shift_image, TtaEvaluation, TTA_LABEL, TTA_SHIFTS};
 
 /// Errors of training and evaluation.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +185,11 @@ pub fn run_training_with(
         &out_dir.join(HISTORY_FILE),
         history_csv(&history).as_bytes(),
     )?;
-    let test = evaluate(&trained.net, &data.test, device)?;
+    // A `no_test` run never evaluates the test split (its data holds none).
+    let test = match cfg.no_test {
+        true => None,
+        false => Some(evaluate(&trained.net, &data.test, device)?),
+    };
     let results = RunResults {
         solution: cfg.model.solution.to_string(),
         variant: cfg.model.label(),
@@ -194,17 +200,26 @@ pub fn run_training_with(
         epochs: history.len(),
         seed: cfg.seed,
         batch_size: cfg.batch_size,
-        test_accuracy: test.accuracy,
-        test_loss: test.loss,
+        test_accuracy: test.as_ref().map(|t| t.accuracy),
+        test_loss: test.as_ref().map(|t| t.loss),
         best_val_accuracy: history.iter().map(|r| r.val_accuracy).fold(0.0, f64::max),
         final_val_accuracy: history.last().map(|r| r.val_accuracy).unwrap_or(0.0),
         epoch_seconds: history.iter().map(|r| r.seconds).collect(),
-        confusion: test.confusion.counts().to_vec(),
+        confusion: test
+            .as_ref()
+            .map(|t| t.confusion.counts().to_vec())
+            .unwrap_or_default(),
         threads: rayon::current_num_threads(),
     };
     write_json(&out_dir.join(RESULTS_FILE), &results)?;
     // Pictures are a by-product: a failure is logged, never fatal.
-    let (_, failed) = plots::write_run_plots(out_dir, &history, &data.test, &test, cfg.dataset);
+    let failed = match &test {
+        Some(test) => plots::write_run_plots(out_dir, &history, &data.test, test, cfg.dataset).1,
+        None => plots::write_curves(out_dir, &history)
+            .err()
+            .into_iter()
+            .collect(),
+    };
     for e in failed {
         tracing::warn!("plot not written: {e}");
     }

@@ -70,38 +70,6 @@ pub fn save_weights(path: &Path, vars: &VarMap) -> Result<(), TrainError> {
     })
 }
 
-/// Loads weights saved by [`save_weights`] into `vars`; every variable must be present with its shape,
-/// and every value finite (a NaN or infinity is refused, naming the tensor).
-pub fn load_weights(path: &Path, vars: &mut VarMap) -> Result<(), TrainError> {
-    let err = |reason: String| TrainError::Weights {
-        path: path.to_path_buf(),
-        reason,
-    };
-    if !path.is_file() {
-        return Err(err("no such file".into()));
-    }
-    vars.load(path).map_err(|e| {
-        err(format!(
-            "{e} (is it a weights file of this solution and variant?)"
-        ))
-    })?;
-    let data = vars
-        .data()
-        .lock()
-        .map_err(|_| err("variable map lock poisoned".into()))?;
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let values: Vec<f32> = data[name].as_tensor().flatten_all()?.to_vec1()?;
-        if let Some(v) = values.iter().find(|v| !v.is_finite()) {
-            return Err(err(format!(
-                "tensor '{name}' holds {v}: the weights are broken (a diverged run?)"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// `history.csv`: epoch, lr, loss, accuracy, val_loss, val_accuracy, seconds.
 pub fn history_csv(history: &[EpochRecord]) -> String {
     let mut out = String::from("epoch,lr,loss,accuracy,val_loss,val_accuracy,seconds\n");
@@ -135,17 +103,20 @@ pub struct RunResults {
     pub seed: u64,
     /// Batch size.
     pub batch_size: usize,
-    /// Test accuracy as a fraction.
-    pub test_accuracy: f64,
-    /// Mean test cross-entropy.
-    pub test_loss: f64,
+    /// Test accuracy as a fraction (`None` for a run trained with `--no-test`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    /// Mean test cross-entropy (`None` for a run trained with `--no-test`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_loss: Option<f64>,
     /// Best validation accuracy over the epochs.
     pub best_val_accuracy: f64,
     /// Validation accuracy after the last epoch.
     pub final_val_accuracy: f64,
     /// Seconds of training per epoch.
     pub epoch_seconds: Vec<f64>,
-    /// Test confusion matrix (rows: true class, columns: predicted).
+    /// Test confusion matrix (rows: true class, columns: predicted); empty for a `--no-test` run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub confusion: Vec<Vec<u64>>,
     /// Rayon threads used.
     pub threads: usize,

@@ -27,7 +27,7 @@ pub const MISTAKES_FILE: &str = "mistakes.png";
 pub const MAX_MISTAKES: usize = 24;
 
 /// The font family the bundled font is registered under.
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 /// DejaVu Sans, subset to printable ASCII (licence: `assets/FONT-LICENSE.txt`).
 static FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSans-ascii.ttf");
 
@@ -111,7 +111,7 @@ fn ensure_font() -> Result<(), String> {
 }
 
 /// Draws into a white `w` x `h` RGB canvas with `draw` and returns it encoded as PNG.
-fn render(
+pub(crate) fn render(
     file: &'static str,
     (w, h): (u32, u32),
     draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> DrawResult,
@@ -444,6 +444,11 @@ fn write_png(
         source: Box::new(e),
     })?;
     Ok(path)
+}
+
+/// Writes `curves.png` alone into the run folder `dir` (a run that never saw the test split).
+pub fn write_curves(dir: &Path, history: &[EpochRecord]) -> Result<PathBuf, PlotError> {
+    write_png(dir, CURVES_FILE, curves_png(history))
 }
 
 /// Writes `curves.png`, `confusion.png` and `mistakes.png` into the run folder `dir`: each is attempted even
