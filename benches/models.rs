@@ -8,13 +8,14 @@
 //! improved), median of several runs after a warm-up, and the fast/stock ratio measured in the same
 //! process.
 
-use std::time::Instant;
+mod common;
 
-use candle_core::{DType, Device, ModuleT, Tensor};
+use common::{median_secs, model};
+
+use candle_core::{Device, ModuleT, Tensor};
 use candle_nn::loss::cross_entropy;
-use mnist_challenge::layers::init::SeededVarMap;
 use mnist_challenge::layers::Kernels;
-use mnist_challenge::models::{dropout_rng, is_trainable, ModelConfig, Net, Solution, Variant};
+use mnist_challenge::models::{is_trainable, ModelConfig, Solution, Variant};
 use mnist_challenge::optim::{Adam, AdamConfig};
 use mnist_challenge::train::TrainConfig;
 
@@ -29,33 +30,6 @@ impl Opts {
     fn wants(&self, row: &str) -> bool {
         self.filter.as_deref().is_none_or(|f| row.contains(f))
     }
-}
-
-/// Median seconds of `f` over repetitions that last about `budget` seconds (at least 3), after one
-/// warm-up; exactly `reps` repetitions when given (a fixed amount of work, for CPU-time measurements).
-fn median_secs(budget: f64, min_reps: usize, reps: Option<usize>, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut times = Vec::new();
-    let start = Instant::now();
-    let more = |n: usize| match reps {
-        Some(r) => n < r,
-        None => n < min_reps || (start.elapsed().as_secs_f64() < budget && n < 200),
-    };
-    while more(times.len()) {
-        let t = Instant::now();
-        f();
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    times[times.len() / 2]
-}
-
-fn model(cfg: &ModelConfig) -> (Net, SeededVarMap) {
-    let vars = SeededVarMap::new(1);
-    let net = cfg
-        .build(vars.var_builder(DType::F32, &Device::Cpu), dropout_rng(1))
-        .expect("build");
-    (net, vars)
 }
 
 fn forward_ips(cfg: &ModelConfig, batch: usize, opts: &Opts) -> f64 {

@@ -8,40 +8,20 @@
 //! option adds when its work is done on the training thread; the augmentation runs on the prefetch
 //! thread, so its share is what it adds when no core is free for it.
 
-use std::time::Instant;
+mod common;
 
-use candle_core::{DType, Device, ModuleT, Tensor};
+use common::{median_secs, model};
+
+use candle_core::{Device, ModuleT, Tensor};
 use candle_nn::loss::cross_entropy;
 use mnist_challenge::data::{augment_into, AugmentConfig, ElasticConfig, Split};
 use mnist_challenge::layers::init::SeededVarMap;
-use mnist_challenge::models::{dropout_rng, is_trainable, ModelConfig, Net, Solution, Variant};
+use mnist_challenge::models::{is_trainable, ModelConfig, Solution, Variant};
 use mnist_challenge::optim::{Ema, EmaConfig, Optimizer, OptimizerConfig, SgdConfig};
 use mnist_challenge::train::{evaluate, evaluate_tta, TrainConfig};
 use rand::SeedableRng;
 
 const IMAGES_PER_EPOCH: f64 = 54_000.0;
-
-/// Median seconds of `f` over repetitions lasting about `budget` seconds (at least 3), after a warm-up.
-fn median_secs(budget: f64, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < 3 || (start.elapsed().as_secs_f64() < budget && times.len() < 2000) {
-        let t = Instant::now();
-        f();
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    times[times.len() / 2]
-}
-
-fn model(cfg: &ModelConfig) -> (Net, SeededVarMap) {
-    let vars = SeededVarMap::new(1);
-    let net = cfg
-        .build(vars.var_builder(DType::F32, &Device::Cpu), dropout_rng(1))
-        .expect("build");
-    (net, vars)
-}
 
 fn named(vars: &SeededVarMap, trainable_only: bool) -> Vec<(String, candle_core::Var)> {
     let mut v: Vec<_> = vars
@@ -63,7 +43,7 @@ fn step_ms(cfg: &ModelConfig, opt_cfg: &OptimizerConfig, budget: f64) -> f64 {
     let mut opt = Optimizer::new(named(&vars, true), opt_cfg).expect("optimizer");
     let xs = Tensor::rand(0f32, 1f32, (64, 1, 28, 28), &Device::Cpu).expect("input");
     let ys = Tensor::from_iter((0..64u32).map(|i| i % 10), &Device::Cpu).expect("labels");
-    1e3 * median_secs(budget, || {
+    1e3 * median_secs(budget, 3, None, || {
         let logits = net.forward_t(&xs, true).expect("forward");
         let loss = cross_entropy(&logits, &ys).expect("loss");
         opt.backward_step(&loss).expect("step");
@@ -73,7 +53,7 @@ fn step_ms(cfg: &ModelConfig, opt_cfg: &OptimizerConfig, budget: f64) -> f64 {
 fn ema_us(cfg: &ModelConfig, budget: f64) -> f64 {
     let (_net, vars) = model(cfg);
     let mut ema = Ema::new(named(&vars, false), EmaConfig::new(0.999)).expect("ema");
-    1e6 * median_secs(budget, || ema.update().expect("update"))
+    1e6 * median_secs(budget, 3, None, || ema.update().expect("update"))
 }
 
 /// µs per augmented image (a batch of 64 digits-like images).
@@ -83,7 +63,7 @@ fn augment_us(cfg: &AugmentConfig, budget: f64) -> f64 {
         .collect();
     let mut dst = vec![0f32; 784];
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    1e6 * median_secs(budget, || {
+    1e6 * median_secs(budget, 3, None, || {
         for _ in 0..64 {
             augment_into(&src, &mut dst, cfg, &mut rng);
         }
@@ -130,10 +110,10 @@ fn main() {
         let (ta, ts) = (step_ms(&cfg, &adam, budget), step_ms(&cfg, &sgd, budget));
         let te = ema_us(&cfg, budget);
         let (net, _vars) = model(&cfg);
-        let ev = median_secs(budget, || {
+        let ev = median_secs(budget, 3, None, || {
             evaluate(&net, &split, &Device::Cpu).expect("evaluate");
         });
-        let tta = median_secs(budget, || {
+        let tta = median_secs(budget, 3, None, || {
             evaluate_tta(&net, &split, &Device::Cpu).expect("tta");
         });
         println!(

@@ -4,13 +4,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use candle_core::Device;
-use common::{bin, mnist_dir, run, run_owned, train_args};
+use common::{bin, history, mnist_dir, ok, run, run_owned, tensors, train_args};
 
 const BIN: &str = "solution-conv";
 const LIMIT: &str = "2000";
@@ -35,36 +33,6 @@ fn resume(dir: &Path, extra: &[&str]) -> Output {
     ];
     args.extend_from_slice(extra);
     run(BIN, &args)
-}
-
-fn ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Every tensor of a safetensors file as raw bits.
-fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(name, t)| {
-            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            (name, v.into_iter().map(f32::to_bits).collect())
-        })
-        .collect()
-}
-
-/// history.csv without its last column (seconds).
-fn history(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("history.csv"))
-        .unwrap()
-        .lines()
-        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
-        .collect()
 }
 
 fn assert_same_run(a: &Path, b: &Path, epochs: usize) {

@@ -5,45 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Output;
 
-use candle_core::Device;
-use common::{mnist_dir_if_present, read_json, run, run_owned, train_args};
+use common::{history, mnist_dir_if_present, ok, read_json, run, run_owned, tensors, train_args};
 
 const BIN: &str = "solution-conv";
 const LIMIT: &str = "1000";
-
-fn ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Every tensor of a safetensors file as raw bits.
-fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(name, t)| {
-            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            (name, v.into_iter().map(f32::to_bits).collect())
-        })
-        .collect()
-}
-
-/// history.csv without its last column (seconds).
-fn history(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("history.csv"))
-        .unwrap()
-        .lines()
-        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
-        .collect()
-}
 
 /// Trains the seed recipe (its learning rate does not depend on the number of epochs, so extending a
 /// run is exact) with `extra` flags for 2 epochs straight, and for 1 epoch then `--resume --epochs 2`;

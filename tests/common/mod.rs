@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -88,4 +89,35 @@ pub fn train_args(
 pub fn run_owned(name: &str, args: &[String]) -> Output {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     run(name, &refs)
+}
+
+/// Asserts that a command succeeded, with its stderr in the message.
+pub fn ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every tensor of a safetensors file as raw bits.
+pub fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            (name, v.into_iter().map(f32::to_bits).collect())
+        })
+        .collect()
+}
+
+/// history.csv without its last column (seconds).
+pub fn history(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("history.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+        .collect()
 }

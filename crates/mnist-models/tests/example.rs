@@ -1,6 +1,8 @@
 //! Runs `examples/classify.rs` (built by `cargo test` beside the tests) on real MNIST test digits saved
 //! as PNG files, as a user of this crate would.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -20,16 +22,9 @@ fn example_exe() -> PathBuf {
 
 #[test]
 fn the_example_classifies_png_files() {
-    let Some(dir) = std::env::var_os("MNIST_DIR") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "MNIST_DIR is not set (CI needs the MNIST files)"
-        );
-        eprintln!("SKIPPED: set MNIST_DIR to the folder of the MNIST files");
+    let Some(data) = common::mnist() else {
         return;
     };
-    let data =
-        mnist_data::load_dir(&PathBuf::from(dir), mnist_data::VALIDATION_SIZE).expect("MNIST");
     let tmp = tempfile::tempdir().unwrap();
     let n = 20;
     let mut files = Vec::new();

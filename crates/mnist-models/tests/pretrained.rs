@@ -1,22 +1,15 @@
 //! Every shipped model, evaluated on the 10,000 real MNIST test images, gets exactly the accuracy its
 //! `pretrained/<solution>-<variant>.json` records (and the crate docs list).
 
-use std::path::PathBuf;
+mod common;
 
 use mnist_models::{pretrained, pretrained_info, Solution, Variant};
 
 #[test]
 fn every_shipped_model_scores_what_it_records() {
-    let Some(dir) = std::env::var_os("MNIST_DIR") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "MNIST_DIR is not set (CI needs the MNIST files)"
-        );
-        eprintln!("SKIPPED: set MNIST_DIR to the folder of the MNIST files");
+    let Some(data) = common::mnist() else {
         return;
     };
-    let data =
-        mnist_data::load_dir(&PathBuf::from(dir), mnist_data::VALIDATION_SIZE).expect("MNIST");
     let images: Vec<Vec<u8>> = (0..data.test.len())
         .map(|i| data.test.image(i).to_vec())
         .collect();

@@ -20,6 +20,7 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{OptimError, Result};
+use crate::saved::{take_in_order, tensor_like};
 
 /// Hyper-parameters of [`Adam`]; the defaults are those of `keras.optimizers.Adam`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -316,55 +317,22 @@ impl Adam {
     /// of this optimiser exactly; on error nothing is changed.
     pub fn load_state(&mut self, state: AdamState) -> Result<()> {
         check_lr("adam state lr", state.lr)?;
-        for slot in &self.slots {
-            let Some(ms) = state.moments.get(&slot.name) else {
-                return Err(OptimError::StateMismatch {
-                    name: slot.name.clone(),
-                    reason: "variable missing from the saved optimiser state".into(),
-                });
-            };
-            let n = slot.var.elem_count();
-            if ms.m.len() != n || ms.v.len() != n {
-                return Err(OptimError::StateMismatch {
-                    name: slot.name.clone(),
-                    reason: format!(
-                        "saved moments have {} / {} values, the variable {:?} has {n}",
-                        ms.m.len(),
-                        ms.v.len(),
-                        slot.var.dims()
-                    ),
-                });
-            }
-        }
-        if let Some(extra) = state
-            .moments
-            .keys()
-            .find(|k| !self.slots.iter().any(|s| &s.name == *k))
-        {
-            return Err(OptimError::StateMismatch {
-                name: extra.clone(),
-                reason: "saved optimiser state has a variable this optimiser does not".into(),
-            });
-        }
+        let saved = take_in_order(
+            self.slots.iter().map(|s| (s.name.as_str(), &s.var)),
+            state.moments,
+            |ms| vec![ms.m.len(), ms.v.len()],
+            "moments",
+            "optimiser",
+        )?;
         // Build every new moment first, so a device error also leaves the state untouched.
-        let mut moments = state.moments;
         let mut new = Vec::with_capacity(self.slots.len());
-        for slot in &self.slots {
-            let Some(ms) = moments.remove(&slot.name) else {
-                continue; // checked above
-            };
+        for (slot, ms) in self.slots.iter().zip(saved) {
             new.push(match &slot.moments {
                 Moments::Host { .. } => Moments::Host { m: ms.m, v: ms.v },
-                Moments::Tensors { .. } => {
-                    let to_tensor = |x: Vec<f32>| -> Result<Tensor> {
-                        Ok(Tensor::from_vec(x, slot.var.shape(), slot.var.device())?
-                            .to_dtype(slot.var.dtype())?)
-                    };
-                    Moments::Tensors {
-                        m: to_tensor(ms.m)?,
-                        v: to_tensor(ms.v)?,
-                    }
-                }
+                Moments::Tensors { .. } => Moments::Tensors {
+                    m: tensor_like(ms.m, &slot.var)?,
+                    v: tensor_like(ms.v, &slot.var)?,
+                },
             });
         }
         for (slot, moments) in self.slots.iter_mut().zip(new) {
@@ -460,42 +428,8 @@ impl InplaceOp2 for AdamCpuUpdate<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::saved::test_util::{lcg, max_abs_diff, vars_from};
     use candle_core::Device;
-
-    fn vars_from(data: &[(&str, Vec<f32>, &[usize])]) -> Vec<(String, Var)> {
-        data.iter()
-            .map(|(n, d, s)| {
-                let t = Tensor::from_vec(d.clone(), *s, &Device::Cpu).unwrap();
-                (n.to_string(), Var::from_tensor(&t).unwrap())
-            })
-            .collect()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    /// A deterministic pseudo-random sequence in [-1, 1).
-    fn lcg(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     #[test]
     fn config_validation() {

@@ -23,6 +23,7 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{OptimError, Result};
+use crate::saved::{take_in_order, tensor_like};
 
 fn default_warmup() -> bool {
     true
@@ -226,47 +227,18 @@ impl Ema {
     /// Restores a snapshot taken by [`Ema::state`]. The names and sizes must match the variables
     /// exactly; on error nothing is changed.
     pub fn load_state(&mut self, state: EmaState) -> Result<()> {
-        for slot in &self.slots {
-            let Some(s) = state.shadow.get(&slot.name) else {
-                return Err(OptimError::StateMismatch {
-                    name: slot.name.clone(),
-                    reason: "variable missing from the saved moving average".into(),
-                });
-            };
-            let n = slot.var.elem_count();
-            if s.len() != n {
-                return Err(OptimError::StateMismatch {
-                    name: slot.name.clone(),
-                    reason: format!(
-                        "saved average has {} values, the variable {:?} has {n}",
-                        s.len(),
-                        slot.var.dims()
-                    ),
-                });
-            }
-        }
-        if let Some(extra) = state
-            .shadow
-            .keys()
-            .find(|k| !self.slots.iter().any(|s| &s.name == *k))
-        {
-            return Err(OptimError::StateMismatch {
-                name: extra.clone(),
-                reason: "saved moving average has a variable this one does not".into(),
-            });
-        }
-        let mut saved = state.shadow;
+        let saved = take_in_order(
+            self.slots.iter().map(|s| (s.name.as_str(), &s.var)),
+            state.shadow,
+            |s| vec![s.len()],
+            "average",
+            "moving average",
+        )?;
         let mut new = Vec::with_capacity(self.slots.len());
-        for slot in &self.slots {
-            let Some(s) = saved.remove(&slot.name) else {
-                continue; // checked above
-            };
+        for (slot, s) in self.slots.iter().zip(saved) {
             new.push(match &slot.shadow {
                 Shadow::Host(_) => Shadow::Host(s),
-                Shadow::Tensor(_) => Shadow::Tensor(
-                    Tensor::from_vec(s, slot.var.shape(), slot.var.device())?
-                        .to_dtype(slot.var.dtype())?,
-                ),
+                Shadow::Tensor(_) => Shadow::Tensor(tensor_like(s, &slot.var)?),
             });
         }
         for (slot, shadow) in self.slots.iter_mut().zip(new) {

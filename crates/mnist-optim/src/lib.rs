@@ -21,6 +21,7 @@ mod adam;
 mod ema;
 mod error;
 mod optimizer;
+mod saved;
 mod schedule;
 mod sgd;
 

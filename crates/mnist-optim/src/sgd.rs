@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adam::check_lr;
 use crate::error::{OptimError, Result};
+use crate::saved::{take_in_order, tensor_like};
 
 /// Hyper-parameters of [`Sgd`]; the defaults are those of the public tiny-MNIST leaders
 /// (momentum 0.9, Nesterov on, no weight decay).
@@ -256,47 +257,18 @@ impl Sgd {
     /// this optimiser exactly; on error nothing is changed.
     pub fn load_state(&mut self, state: SgdState) -> Result<()> {
         check_lr("sgd state lr", state.lr)?;
-        for slot in &self.slots {
-            let Some(b) = state.momentum.get(&slot.name) else {
-                return Err(OptimError::StateMismatch {
-                    name: slot.name.clone(),
-                    reason: "variable missing from the saved optimiser state".into(),
-                });
-            };
-            let n = slot.var.elem_count();
-            if b.len() != n {
-                return Err(OptimError::StateMismatch {
-                    name: slot.name.clone(),
-                    reason: format!(
-                        "saved momentum buffer has {} values, the variable {:?} has {n}",
-                        b.len(),
-                        slot.var.dims()
-                    ),
-                });
-            }
-        }
-        if let Some(extra) = state
-            .momentum
-            .keys()
-            .find(|k| !self.slots.iter().any(|s| &s.name == *k))
-        {
-            return Err(OptimError::StateMismatch {
-                name: extra.clone(),
-                reason: "saved optimiser state has a variable this optimiser does not".into(),
-            });
-        }
-        let mut saved = state.momentum;
+        let saved = take_in_order(
+            self.slots.iter().map(|s| (s.name.as_str(), &s.var)),
+            state.momentum,
+            |b| vec![b.len()],
+            "momentum buffer",
+            "optimiser",
+        )?;
         let mut new = Vec::with_capacity(self.slots.len());
-        for slot in &self.slots {
-            let Some(b) = saved.remove(&slot.name) else {
-                continue; // checked above
-            };
+        for (slot, b) in self.slots.iter().zip(saved) {
             new.push(match &slot.buffer {
                 Buffer::Host(_) => Buffer::Host(b),
-                Buffer::Tensor(_) => Buffer::Tensor(
-                    Tensor::from_vec(b, slot.var.shape(), slot.var.device())?
-                        .to_dtype(slot.var.dtype())?,
-                ),
+                Buffer::Tensor(_) => Buffer::Tensor(tensor_like(b, &slot.var)?),
             });
         }
         for (slot, buffer) in self.slots.iter_mut().zip(new) {
@@ -382,42 +354,8 @@ impl InplaceOp2 for SgdCpuUpdate<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::saved::test_util::{lcg, max_abs_diff, vars_from};
     use candle_core::Device;
-
-    fn vars_from(data: &[(&str, Vec<f32>, &[usize])]) -> Vec<(String, Var)> {
-        data.iter()
-            .map(|(n, d, s)| {
-                let t = Tensor::from_vec(d.clone(), *s, &Device::Cpu).unwrap();
-                (n.to_string(), Var::from_tensor(&t).unwrap())
-            })
-            .collect()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    /// A deterministic pseudo-random sequence in [-1, 1).
-    fn lcg(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     #[test]
     fn config_validation_names_the_parameter() {
