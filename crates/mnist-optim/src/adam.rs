@@ -12,7 +12,7 @@
 //! there is no hidden decay.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
@@ -20,7 +20,7 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{OptimError, Result};
-use crate::saved::{take_in_order, tensor_like};
+use crate::slots::{is_fast, take_in_order, tensor_like, unique_names};
 
 /// Hyper-parameters of [`Adam`]; the defaults are those of `keras.optimizers.Adam`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -147,11 +147,6 @@ impl std::fmt::Debug for Adam {
     }
 }
 
-/// True when the variable can take the fast in-place path.
-fn is_fast(var: &Var) -> bool {
-    var.device().is_cpu() && var.dtype() == DType::F32 && var.layout().is_contiguous()
-}
-
 impl Adam {
     /// Builds the optimiser over named variables (names must be unique; they key checkpoints).
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamConfig) -> Result<Self> {
@@ -166,12 +161,9 @@ impl Adam {
 
     fn build(vars: Vec<(String, Var)>, cfg: AdamConfig, allow_fast: bool) -> Result<Self> {
         cfg.validate()?;
-        let mut seen = HashSet::new();
+        let vars = unique_names(vars)?;
         let mut slots = Vec::with_capacity(vars.len());
         for (name, var) in vars {
-            if !seen.insert(name.clone()) {
-                return Err(OptimError::DuplicateVar { name });
-            }
             let moments = if allow_fast && is_fast(&var) {
                 let n = var.elem_count();
                 Moments::Host {
@@ -428,7 +420,7 @@ impl InplaceOp2 for AdamCpuUpdate<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::saved::test_util::{lcg, max_abs_diff, vars_from};
+    use crate::slots::test_util::{lcg, max_abs_diff, vars_from};
     use candle_core::Device;
 
     #[test]

@@ -16,14 +16,14 @@
 //! model, BatchNorm running statistics included, as `ModelEmaV2` averages the whole `state_dict`.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{OptimError, Result};
-use crate::saved::{take_in_order, tensor_like};
+use crate::slots::{is_fast, take_in_order, tensor_like, unique_names};
 
 fn default_warmup() -> bool {
     true
@@ -113,10 +113,6 @@ impl std::fmt::Debug for Ema {
     }
 }
 
-fn is_fast(var: &Var) -> bool {
-    var.device().is_cpu() && var.dtype() == DType::F32 && var.layout().is_contiguous()
-}
-
 impl Ema {
     /// Starts the average of named variables at their current values (names must be unique).
     pub fn new(vars: Vec<(String, Var)>, cfg: EmaConfig) -> Result<Self> {
@@ -131,12 +127,9 @@ impl Ema {
 
     fn build(vars: Vec<(String, Var)>, cfg: EmaConfig, allow_fast: bool) -> Result<Self> {
         cfg.validate()?;
-        let mut seen = HashSet::new();
+        let vars = unique_names(vars)?;
         let mut slots = Vec::with_capacity(vars.len());
         for (name, var) in vars {
-            if !seen.insert(name.clone()) {
-                return Err(OptimError::DuplicateVar { name });
-            }
             let shadow = if allow_fast && is_fast(&var) {
                 Shadow::Host(var.flatten_all()?.to_vec1()?)
             } else {

@@ -21,9 +21,9 @@ mod adam;
 mod ema;
 mod error;
 mod optimizer;
-mod saved;
 mod schedule;
 mod sgd;
+mod slots;
 
 pub use adam::{Adam, AdamConfig, AdamState, MomentState};
 pub use ema::{Ema, EmaConfig, EmaState};

@@ -13,7 +13,7 @@
 //! learning rate rescales the momentum too, as in PyTorch and the public tiny-MNIST recipes built on it.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adam::check_lr;
 use crate::error::{OptimError, Result};
-use crate::saved::{take_in_order, tensor_like};
+use crate::slots::{is_fast, take_in_order, tensor_like, unique_names};
 
 /// Hyper-parameters of [`Sgd`]; the defaults are those of the public tiny-MNIST leaders
 /// (momentum 0.9, Nesterov on, no weight decay).
@@ -115,10 +115,6 @@ impl std::fmt::Debug for Sgd {
     }
 }
 
-fn is_fast(var: &Var) -> bool {
-    var.device().is_cpu() && var.dtype() == DType::F32 && var.layout().is_contiguous()
-}
-
 impl Sgd {
     /// Builds the optimiser over named variables (names must be unique; they key checkpoints).
     pub fn new(vars: Vec<(String, Var)>, cfg: SgdConfig) -> Result<Self> {
@@ -133,12 +129,9 @@ impl Sgd {
 
     fn build(vars: Vec<(String, Var)>, cfg: SgdConfig, allow_fast: bool) -> Result<Self> {
         cfg.validate()?;
-        let mut seen = HashSet::new();
+        let vars = unique_names(vars)?;
         let mut slots = Vec::with_capacity(vars.len());
         for (name, var) in vars {
-            if !seen.insert(name.clone()) {
-                return Err(OptimError::DuplicateVar { name });
-            }
             let buffer = if allow_fast && is_fast(&var) {
                 Buffer::Host(vec![0.0; var.elem_count()])
             } else {
@@ -354,7 +347,7 @@ impl InplaceOp2 for SgdCpuUpdate<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::saved::test_util::{lcg, max_abs_diff, vars_from};
+    use crate::slots::test_util::{lcg, max_abs_diff, vars_from};
     use candle_core::Device;
 
     #[test]

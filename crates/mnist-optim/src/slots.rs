@@ -1,11 +1,28 @@
-//! Loading saved per-variable state (Adam's moments, SGD's momentum, the EMA's average) back into the
-//! variables it was taken from: one check that names every mismatch, then the values in variable order.
+//! What Adam, SGD and the EMA share about their per-variable state (Adam's moments, SGD's momentum, the
+//! EMA's average): unique variable names, which variables take the fast in-place CPU path, and loading a
+//! saved state back (one check that names every mismatch, then the values in variable order).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::{OptimError, Result};
+
+/// `vars` as given, or the first name that occurs twice (names key checkpoints, so they must be unique).
+pub(crate) fn unique_names(vars: Vec<(String, Var)>) -> Result<Vec<(String, Var)>> {
+    let mut seen = HashSet::new();
+    for (name, _) in &vars {
+        if !seen.insert(name.as_str()) {
+            return Err(OptimError::DuplicateVar { name: name.clone() });
+        }
+    }
+    Ok(vars)
+}
+
+/// True when the variable can take the fast in-place path (contiguous f32 on the CPU).
+pub(crate) fn is_fast(var: &Var) -> bool {
+    var.device().is_cpu() && var.dtype() == DType::F32 && var.layout().is_contiguous()
+}
 
 /// Checks `saved` (variable name -> saved buffers) against `vars` (name and variable, in order): every
 /// variable present, each of its buffers (`lens`) as long as the variable, and no saved variable unknown
