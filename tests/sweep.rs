@@ -235,6 +235,53 @@ fn a_tiny_sweep_end_to_end_without_the_test_split() {
     assert_eq!(results["test_accuracy"].as_f64().unwrap(), test);
     assert!((0.0..=1.0).contains(&test));
     assert_eq!(report["test"]["n"], 1);
+
+    // Several recipes' final runs in one pool: lr-high's finished run is reused, base's is trained.
+    let mut both = vec![s(&plan), "--final", "base,lr-high", "--seeds", "11"];
+    both.extend(args);
+    let stdout = ok(&sweep(&both), "final runs of two recipes");
+    assert!(stdout.contains("training 1 run(s)"), "{stdout}");
+    assert_eq!(
+        read_json(&out.join("final/base/final.json"))["recipe"],
+        "base"
+    );
+    assert_eq!(
+        read_json(&out.join("final/lr-high/final.json"))["test"]["mean"].as_f64(),
+        Some(test)
+    );
+    for (names, needles) in [
+        (
+            "base,nope",
+            &["--final \"nope\"", "no such recipe", "base, lr-high"][..],
+        ),
+        ("base,base", &["'base' is listed twice"][..]),
+    ] {
+        let mut bad = vec![s(&plan), "--final", names, "--seeds", "11"];
+        bad.extend(args);
+        fails(&sweep(&bad), 2, needles);
+    }
+
+    // The frontier of those final runs: one point per recipe, the files written.
+    let frontier = root.path().join("frontier");
+    let out_final = out.join("final");
+    let made = Command::new(bin(BIN))
+        .args(["frontier", s(&out_final), "--out", s(&frontier)])
+        .output()
+        .unwrap();
+    let table = ok(&made, "frontier");
+    assert!(
+        table.contains("base") && table.contains("lr-high"),
+        "{table}"
+    );
+    let points = read_json(&frontier.join("frontier.json"))["points"].clone();
+    assert_eq!(points.as_array().unwrap().len(), 2, "{points}");
+    assert!(frontier.join("frontier.png").is_file());
+    let missing = root.path().join("no-such-folder");
+    let refused = Command::new(bin(BIN))
+        .args(["frontier", s(&missing), "--out", s(&frontier)])
+        .output()
+        .unwrap();
+    fails(&refused, 2, &["no-such-folder", "no such file or folder"]);
 }
 
 #[test]

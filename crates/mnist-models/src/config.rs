@@ -35,6 +35,15 @@ impl Solution {
         }
     }
 
+    /// The test accuracy the original Keras notebook reports for this solution (one run, 10 epochs).
+    pub fn original_test_accuracy(self) -> f64 {
+        match self {
+            Solution::Conv => 0.9920,
+            Solution::Separable => 0.9842,
+            Solution::Inception => 0.9736,
+        }
+    }
+
     /// The name used on the command line and in files.
     pub fn name(self) -> &'static str {
         match self {

@@ -52,6 +52,9 @@ enum Command {
     /// run folders, several at once, and report each candidate's difference with an interval and a verdict.
     /// With --final, train the chosen recipe on fresh seeds and test each run once.
     Sweep(crate::sweep::SweepArgs),
+    /// Test accuracy against model size: one point per recipe of the final runs given (their final.json
+    /// files, or folders holding them), as frontier.txt, frontier.json and frontier.png.
+    Frontier(crate::frontier::FrontierArgs),
     /// Serve the draw-a-digit page and its JSON API (POST /api/predict, GET /api/model) until Ctrl-C.
     Serve(ServeArgs),
 }
@@ -385,6 +388,7 @@ fn run(solution: Solution, cli: Cli) -> Result<()> {
         Some(Command::Compare(args)) => compare_cmd(args),
         Some(Command::Export(args)) => export_cmd(solution, args),
         Some(Command::Sweep(args)) => sweep_cmd(solution, args),
+        Some(Command::Frontier(args)) => frontier_cmd(args),
         Some(Command::Serve(args)) => serve_cmd(solution, args),
     }
 }
@@ -1053,6 +1057,13 @@ fn serve_cmd(solution: Solution, args: ServeArgs) -> Result<()> {
         println!("serving {what} at http://{addr}/ (Ctrl-C stops)")
     })?;
     Ok(())
+}
+
+fn frontier_cmd(args: crate::frontier::FrontierArgs) -> Result<()> {
+    crate::frontier::run(&args).map_err(|e| match e {
+        crate::frontier::FrontierError::Input { .. } => UsageError(e.to_string()).into(),
+        e => anyhow::Error::new(e),
+    })
 }
 
 fn compare_cmd(args: CompareArgs) -> Result<()> {

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod compare;
 mod config;
 mod fit;
+pub mod frontier;
 mod interrupt;
 pub mod loss;
 mod outputs;

@@ -9,7 +9,7 @@
 //! ([`report`]). A sweep that was stopped resumes where it stopped: finished runs are reused, unfinished
 //! ones resumed from their checkpoints.
 //!
-//! `sweep PLAN.json --final NAME --seeds ...` trains the chosen recipe on fresh seeds (never the sweep's)
+//! `sweep PLAN.json --final NAME[,NAME...] --seeds ...` trains the chosen recipes on fresh seeds (never the sweep's)
 //! into `OUT/final/<name>/seed-<n>`, testing each finished run once, and reports the test accuracy's
 //! mean, standard deviation and minimum.
 
@@ -46,9 +46,9 @@ pub struct SweepArgs {
     /// Output folder [default: runs/sweep-<plan file name>].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Final-run mode: train CANDIDATE (without a name: the plan's "final" section) on fresh seeds, then
-    /// test each finished run once.
-    #[arg(long = "final", value_name = "CANDIDATE", num_args = 0..=1)]
+    /// Final-run mode: train CANDIDATE (several: comma-separated, one pool of runs; without a name: the
+    /// plan's "final" section) on fresh seeds, then test each finished run once.
+    #[arg(long = "final", value_name = "CANDIDATE[,CANDIDATE...]", num_args = 0..=1)]
     pub final_run: Option<Option<String>>,
     /// The fresh seeds of the final runs, comma-separated [default: the plan's "final" seeds].
     #[arg(
@@ -531,11 +531,11 @@ fn write_sweep(
     Ok(report)
 }
 
-fn final_runs(ctx: &Ctx<'_>, name: Option<&str>, flag_seeds: &[u64]) -> Result<(), SweepError> {
+fn final_runs(ctx: &Ctx<'_>, names: Option<&str>, flag_seeds: &[u64]) -> Result<(), SweepError> {
     let plan = &ctx.plan;
-    let name = match (name, &plan.final_run) {
-        (Some(n), _) => n.to_string(),
-        (None, Some(f)) => f.candidate.clone(),
+    let names: Vec<String> = match (names, &plan.final_run) {
+        (Some(n), _) => n.split(',').map(|s| s.trim().to_string()).collect(),
+        (None, Some(f)) => vec![f.candidate.clone()],
         (None, None) => {
             return Err(SweepError::Usage(format!(
                 "--final without a candidate needs a \"final\" section in {}: name one with --final CANDIDATE",
@@ -543,21 +543,31 @@ fn final_runs(ctx: &Ctx<'_>, name: Option<&str>, flag_seeds: &[u64]) -> Result<(
             )))
         }
     };
-    let Some(recipe) = plan.recipe(&name) else {
-        let names: Vec<&str> = plan.recipes().map(|c| c.name.as_str()).collect();
-        return Err(SweepError::Usage(format!(
-            "--final {name}: {} has no such recipe (one of: {})",
-            plan.path.display(),
-            names.join(", ")
-        )));
-    };
+    let mut recipes: Vec<&Candidate> = Vec::with_capacity(names.len());
+    for name in &names {
+        let Some(recipe) = plan.recipe(name) else {
+            let known: Vec<&str> = plan.recipes().map(|c| c.name.as_str()).collect();
+            return Err(SweepError::Usage(format!(
+                "--final {name:?}: {} has no such recipe (one of: {})",
+                plan.path.display(),
+                known.join(", ")
+            )));
+        };
+        if recipes.iter().any(|r| r.name == recipe.name) {
+            return Err(SweepError::Usage(format!(
+                "--final: '{name}' is listed twice"
+            )));
+        }
+        recipes.push(recipe);
+    }
+    let listed = names.join(", ");
     let seeds: Vec<u64> = if !flag_seeds.is_empty() {
         flag_seeds.to_vec()
     } else if let Some(f) = &plan.final_run {
         f.seeds.clone()
     } else {
         return Err(SweepError::Usage(format!(
-            "--final {name} needs --seeds (fresh ones), or a \"final\" section in {}",
+            "--final {listed} needs --seeds (fresh ones), or a \"final\" section in {}",
             plan.path.display()
         )));
     };
@@ -569,22 +579,28 @@ fn final_runs(ctx: &Ctx<'_>, name: Option<&str>, flag_seeds: &[u64]) -> Result<(
     }
     plan::check_fresh(&seeds, &plan.seeds)
         .map_err(|e| SweepError::Usage(format!("--seeds: {e}")))?;
-    println!(
-        "final runs of '{name}' ({}) on seeds {}, each tested once when it has finished",
-        recipe.describe(),
-        report::seed_list(&seeds)
-    );
+    for recipe in &recipes {
+        println!(
+            "final runs of '{}' ({}) on seeds {}, each tested once when it has finished",
+            recipe.name,
+            recipe.describe(),
+            report::seed_list(&seeds)
+        );
+    }
     let mut runs = BTreeMap::new();
     let dir_of = |name: &str, seed: u64| final_dir(&ctx.out, name, seed);
-    train_all(ctx, &[recipe], &seeds, &dir_of, true, &mut runs)?;
-    let runs: Vec<RunReport> = seeds
-        .iter()
-        .filter_map(|&s| runs.get(&(name.clone(), s)).cloned())
-        .collect();
-    let report = FinalReport::new(ctx.solution, recipe, runs);
-    let dir = ctx.out.join("final").join(&name);
-    report.write(&dir)?;
-    println!("\n{}", report.table());
-    println!("saved {}", dir.join(report::FINAL_JSON).display());
+    train_all(ctx, &recipes, &seeds, &dir_of, true, &mut runs)?;
+    for recipe in recipes {
+        let name = &recipe.name;
+        let mine: Vec<RunReport> = seeds
+            .iter()
+            .filter_map(|&s| runs.get(&(name.clone(), s)).cloned())
+            .collect();
+        let report = FinalReport::new(ctx.solution, recipe, mine);
+        let dir = ctx.out.join("final").join(name);
+        report.write(&dir)?;
+        println!("\n{}", report.table());
+        println!("saved {}", dir.join(report::FINAL_JSON).display());
+    }
     Ok(())
 }

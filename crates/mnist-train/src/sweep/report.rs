@@ -235,7 +235,7 @@ pub fn header(solution: Solution, plan: &Plan, level: f64) -> String {
 }
 
 /// Left-aligned first column, right-aligned numbers, two spaces apart; the last column free.
-fn aligned(rows: &[Vec<String>]) -> String {
+pub(crate) fn aligned(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let width = |c: usize| {
         rows.iter()
@@ -467,7 +467,7 @@ pub struct Spread {
 }
 
 impl Spread {
-    fn of(values: &[f64]) -> Option<Self> {
+    pub(crate) fn of(values: &[f64]) -> Option<Self> {
         compare::stats(values).map(|(mean, sd, min, max)| Spread {
             n: values.len(),
             mean,
@@ -477,7 +477,7 @@ impl Spread {
         })
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let sd = self
             .sd
             .map(|s| format!(" ± {:.2} (sd)", 100.0 * s))

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The accuracy-vs-size map (README "The frontier"): every model of frontier/<solution>.json trained with the
+# improved recipe on the fresh seeds 1-5, each run tested once (`sweep PLAN --final NAMES`), then
+# `frontier` over their final.json files and the other points named below, into frontier/.
+#
+#   scripts/frontier.sh [solution...]        # default: conv separable inception
+#
+# Environment: JOBS (runs at once, default 2), SEEDS (default 1,2,3,4,5), OUT (run folders, default
+# runs/frontier), BIN_DIR (our binaries; default target/release, built first), MNIST_DIR (default
+# ../shared/data/mnist). Finished runs are reused: rerunning goes on where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MNIST_DIR=${MNIST_DIR:-$(pwd)/../shared/data/mnist}
+jobs=${JOBS:-2}
+seeds=${SEEDS:-1,2,3,4,5}
+out=${OUT:-runs/frontier}
+solutions=("$@")
+if [ ${#solutions[@]} -eq 0 ]; then
+  solutions=(conv separable inception)
+fi
+bin=${BIN_DIR:-}
+if [ -z "$bin" ]; then
+  cargo build --release -p solution-conv -p solution-separable -p solution-inception
+  bin=target/release
+fi
+for s in "${solutions[@]}"; do
+  plan=frontier/$s.json
+  # Every recipe of the plan: its baseline (the improved variant) and its candidates; for conv the
+  # largest point is the wide-early conv (below) instead of the improved one.
+  names=$(grep -o '"name": *"[^"]*"' "$plan" | sed 's/.*"\([^"]*\)"$/\1/' | paste -sd, -)
+  if [ "$s" = conv ]; then names=${names#improved,}; fi
+  echo "== $s: solution-$s sweep $plan --final $names --seeds $seeds --jobs $jobs --out $out/$s" >&2
+  "$bin"/solution-"$s" sweep "$plan" --final "$names" --seeds "$seeds" --jobs "$jobs" --out "$out/$s"
+  for d in "$out/$s"/final/*/; do
+    name=$(basename "$d")
+    mkdir -p "frontier/results/$s/$name"
+    cp "$d/final.json" "$d/final.txt" "frontier/results/$s/$name/"
+  done
+done
+# The wide-early conv at 8,184 parameters is the final runs of sweeps/wide-early/conv-more.json.
+"$bin"/solution-conv frontier frontier/results sweeps/wide-early/results/conv-more/final --out frontier
