@@ -237,8 +237,9 @@ fn a_tiny_sweep_end_to_end_without_the_test_split() {
     assert_eq!(report["test"]["n"], 1);
 
     // Several recipes' final runs in one pool: lr-high's finished run is reused, base's is trained.
+    let full_data = ["--out", s(&out), "--data-dir", s(&mnist)];
     let mut both = vec![s(&plan), "--final", "base,lr-high", "--seeds", "11"];
-    both.extend(args);
+    both.extend(full_data);
     let stdout = ok(&sweep(&both), "final runs of two recipes");
     assert!(stdout.contains("training 1 run(s)"), "{stdout}");
     assert_eq!(
@@ -257,7 +258,7 @@ fn a_tiny_sweep_end_to_end_without_the_test_split() {
         ("base,base", &["'base' is listed twice"][..]),
     ] {
         let mut bad = vec![s(&plan), "--final", names, "--seeds", "11"];
-        bad.extend(args);
+        bad.extend(full_data);
         fails(&sweep(&bad), 2, needles);
     }
 
