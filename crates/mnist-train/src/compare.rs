@@ -83,6 +83,16 @@ fn is_run(dir: &Path) -> bool {
     dir.join(RESULTS_FILE).is_file()
 }
 
+/// The sub-folders of `dir`, sorted by name (entries that cannot be read are skipped).
+pub(crate) fn sorted_subfolders(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    subs.sort();
+    Ok(subs)
+}
+
 /// Expands `paths` into run folders: a folder holding `results.json` is a run; any other folder stands for
 /// its sub-folders that are runs (sorted by name; unfinished ones are skipped with a warning). Duplicates
 /// are dropped. Errors: a path that does not exist, or a folder with no finished run in it.
@@ -109,15 +119,10 @@ pub fn find_runs(paths: &[PathBuf]) -> Result<Vec<PathBuf>, TrainError> {
             push(path.clone(), &mut runs);
             continue;
         }
-        let entries = std::fs::read_dir(path).map_err(|source| TrainError::Io {
+        let subs = sorted_subfolders(path).map_err(|source| TrainError::Io {
             path: path.clone(),
             source,
         })?;
-        let mut subs: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        subs.sort();
         let mut found = 0;
         for sub in subs {
             if is_run(&sub) {

@@ -13,7 +13,8 @@ use mnist_models::{thousands, Solution};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::plots::{render, PlotError, FONT};
+use crate::compare::sorted_subfolders;
+use crate::plots::{render, write_png, PlotError, FONT};
 use crate::sweep::report::{aligned, Spread, FINAL_JSON};
 use crate::{write_bytes_atomic, write_json, TrainError};
 
@@ -140,15 +141,10 @@ pub fn find_finals(paths: &[PathBuf]) -> Result<Vec<PathBuf>, FrontierError> {
         if depth == 0 {
             return Ok(());
         }
-        let entries = std::fs::read_dir(dir).map_err(|e| FrontierError::Input {
+        let subs = sorted_subfolders(dir).map_err(|e| FrontierError::Input {
             path: dir.to_path_buf(),
             reason: format!("cannot read the folder: {e}"),
         })?;
-        let mut subs: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        subs.sort();
         for sub in subs {
             walk(&sub, depth - 1, out)?;
         }
@@ -364,14 +360,7 @@ impl Frontier {
         })?;
         write_json(&out.join(FRONTIER_JSON), self)?;
         write_bytes_atomic(&out.join(FRONTIER_TXT), self.table().as_bytes())?;
-        let path = out.join(FRONTIER_PNG);
-        let written = frontier_png(self).and_then(|png| {
-            write_bytes_atomic(&path, &png).map_err(|e| PlotError::Write {
-                path: path.clone(),
-                source: Box::new(e),
-            })
-        });
-        Ok(written.err())
+        Ok(write_png(out, FRONTIER_PNG, frontier_png(self)).err())
     }
 }
 

@@ -433,7 +433,8 @@ pub fn mistakes_png(
     })
 }
 
-fn write_png(
+/// Writes the picture `png` (or returns its failure) as `dir/file`, atomically.
+pub(crate) fn write_png(
     dir: &Path,
     file: &'static str,
     png: Result<Vec<u8>, PlotError>,

@@ -12,7 +12,7 @@ use super::plan::{Candidate, Plan};
 use super::stats::{PairedStats, Verdict};
 use super::SweepError;
 use crate::compare;
-use crate::plots::{render, PlotError, FONT};
+use crate::plots::{render, write_png, PlotError, FONT};
 use crate::{write_bytes_atomic, write_json, RunResults};
 
 /// The sweep's figures.
@@ -345,14 +345,7 @@ impl SweepReport {
             self.table()
         );
         write_bytes_atomic(&out.join(SWEEP_TXT), text.as_bytes())?;
-        let path = out.join(SWEEP_PNG);
-        let written = sweep_png(self).and_then(|png| {
-            write_bytes_atomic(&path, &png).map_err(|e| PlotError::Write {
-                path: path.clone(),
-                source: Box::new(e),
-            })
-        });
-        Ok(written.err())
+        Ok(write_png(out, SWEEP_PNG, sweep_png(self)).err())
     }
 }
 
