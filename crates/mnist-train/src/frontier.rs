@@ -578,7 +578,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let err = |paths: &[PathBuf]| Frontier::from_paths(paths, 0.99).unwrap_err().to_string();
         let missing = tmp.path().join("nope");
-        assert!(err(&[missing.clone()]).contains("no such file or folder"));
+        assert!(err(&[missing]).contains("no such file or folder"));
         let empty = tmp.path().join("empty");
         std::fs::create_dir_all(&empty).unwrap();
         assert!(err(&[empty]).contains("no final.json"));
