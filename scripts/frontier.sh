@@ -25,10 +25,11 @@ if [ -z "$bin" ]; then
 fi
 for s in "${solutions[@]}"; do
   plan=frontier/$s.json
-  # Every recipe of the plan: its baseline (the improved variant) and its candidates; for conv the
-  # largest point is the wide-early conv (below) instead of the improved one.
+  # Every recipe of the plan: its baseline (the improved variant) and its candidates; for conv and separable
+  # the improved model (the wide-early design) already has its final runs on these seeds, from the sweep that
+  # chose it (below), so it is not trained again.
   names=$(grep -o '"name": *"[^"]*"' "$plan" | sed 's/.*"\([^"]*\)"$/\1/' | paste -sd, -)
-  if [ "$s" = conv ]; then names=${names#improved,}; fi
+  case "$s" in conv|separable) names=${names#improved,} ;; esac
   echo "== $s: solution-$s sweep $plan --final $names --seeds $seeds --jobs $jobs --out $out/$s" >&2
   "$bin"/solution-"$s" sweep "$plan" --final "$names" --seeds "$seeds" --jobs "$jobs" --out "$out/$s"
   for d in "$out/$s"/final/*/; do
@@ -37,5 +38,6 @@ for s in "${solutions[@]}"; do
     cp "$d/final.json" "$d/final.txt" "frontier/results/$s/$name/"
   done
 done
-# The wide-early conv at 8,184 parameters is the final runs of sweeps/wide-early/conv-more.json.
-"$bin"/solution-conv frontier frontier/results sweeps/wide-early/results/conv-more/final --out frontier
+# The improved conv (8,184 params) and separable (4,427) are the final runs of sweeps/wide-early/*-more.json.
+"$bin"/solution-conv frontier frontier/results sweeps/wide-early/results/conv-more/final \
+  sweeps/wide-early/results/separable-more/final --out frontier
