@@ -168,6 +168,43 @@ pub fn builtin(solution: Solution, variant: Variant) -> &'static ArchSpec {
         .unwrap_or_else(|| unreachable!("every (solution, variant) pair has a built-in spec"))
 }
 
+/// The built-ins that have changed since run folders began to record their architecture (`arch`), as they
+/// were before: the improved conv and separable before the wide-early designs (2026-12-03).
+const LEGACY_JSON: [(Solution, Variant, &str); 2] = [
+    (
+        Solution::Conv,
+        Variant::Improved,
+        include_str!("../specs/conv-improved-v1.json"),
+    ),
+    (
+        Solution::Separable,
+        Variant::Improved,
+        include_str!("../specs/separable-improved-v1.json"),
+    ),
+];
+
+/// The architecture a `config.json` without `arch` (written before architectures were data) means by
+/// `variant`: the built-in of that time, which is today's unless it has changed since ([`LEGACY_JSON`]).
+pub fn builtin_before_specs(solution: Solution, variant: Variant) -> &'static ArchSpec {
+    static SPECS: OnceLock<Vec<(Solution, Variant, ArchSpec)>> = OnceLock::new();
+    let specs = SPECS.get_or_init(|| {
+        LEGACY_JSON
+            .iter()
+            .map(|&(s, v, json)| {
+                // Checked by this crate's tests, as the built-ins are.
+                let spec = ArchSpec::from_json(json)
+                    .unwrap_or_else(|e| panic!("legacy spec {s}-{v} is invalid: {e}"));
+                (s, v, spec)
+            })
+            .collect()
+    });
+    specs
+        .iter()
+        .find(|(s, v, _)| (*s, *v) == (solution, variant))
+        .map(|(_, _, spec)| spec)
+        .unwrap_or_else(|| builtin(solution, variant))
+}
+
 /// Everything needed to rebuild a model (saved beside its weights as part of `config.json`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelConfig {
@@ -183,7 +220,7 @@ pub struct ModelConfig {
 }
 
 /// `config.json`'s `model` as written: files from before architectures were data hold only `solution`
-/// and `variant`, and stand for that built-in architecture.
+/// and `variant`, and stand for that built-in architecture as it was then ([`builtin_before_specs`]).
 #[derive(Deserialize)]
 struct ModelConfigFile {
     solution: Solution,
@@ -200,7 +237,7 @@ impl<'de> Deserialize<'de> for ModelConfig {
         let f = ModelConfigFile::deserialize(d)?;
         let arch = match (f.arch, f.variant) {
             (Some(arch), _) => arch,
-            (None, Some(v)) => builtin(f.solution, v).clone(),
+            (None, Some(v)) => builtin_before_specs(f.solution, v).clone(),
             (None, None) => {
                 return Err(serde::de::Error::custom(
                     "a model needs an `arch` or a built-in `variant` (seed or improved)",
@@ -258,5 +295,34 @@ impl ModelConfig {
             Some(v) => v.name().to_string(),
             None => self.arch.label().to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_without_arch_mean_the_architecture_of_their_time() {
+        let old = |s| builtin_before_specs(s, Variant::Improved);
+        assert_eq!(old(Solution::Conv).name, "conv-improved-v1");
+        assert_eq!(old(Solution::Separable).name, "separable-improved-v1");
+        assert_eq!(
+            old(Solution::Inception),
+            builtin(Solution::Inception, Variant::Improved)
+        );
+        for s in Solution::ALL {
+            assert_eq!(
+                builtin_before_specs(s, Variant::Seed),
+                builtin(s, Variant::Seed)
+            );
+        }
+        let file = r#"{ "solution": "conv", "variant": "improved" }"#;
+        let cfg: ModelConfig = serde_json::from_str(file).unwrap();
+        assert_eq!(&cfg.arch, old(Solution::Conv));
+        let now =
+            serde_json::to_string(&ModelConfig::new(Solution::Conv, Variant::Improved)).unwrap();
+        let cfg: ModelConfig = serde_json::from_str(&now).unwrap();
+        assert_eq!(&cfg.arch, builtin(Solution::Conv, Variant::Improved));
     }
 }

@@ -51,7 +51,7 @@ use mnist_layers::SharedRng;
 use rand_chacha::rand_core::SeedableRng;
 
 pub use classify::{Classifier, Prediction, INFER_BATCH};
-pub use config::{builtin, ModelConfig, Solution, Variant};
+pub use config::{builtin, builtin_before_specs, ModelConfig, Solution, Variant};
 pub use lower::build;
 pub use mnist_data::{load_mnist_image, to_mnist, ImageError};
 pub use net::{is_trainable, Net, StageTrace};
