@@ -147,16 +147,23 @@ const BUILTIN_JSON: [(Solution, Variant, &str); 6] = [
     ),
 ];
 
-/// The architecture of a built-in variant.
-pub fn builtin(solution: Solution, variant: Variant) -> &'static ArchSpec {
-    static SPECS: OnceLock<Vec<(Solution, Variant, ArchSpec)>> = OnceLock::new();
-    let specs = SPECS.get_or_init(|| {
-        BUILTIN_JSON
+/// A table of embedded spec files, parsed once.
+type SpecTable = OnceLock<Vec<(Solution, Variant, ArchSpec)>>;
+
+/// The spec of `(solution, variant)` in `table` (the JSON of `files`, parsed on first use), if it has one.
+fn find_spec(
+    table: &'static SpecTable,
+    files: &[(Solution, Variant, &str)],
+    solution: Solution,
+    variant: Variant,
+) -> Option<&'static ArchSpec> {
+    let specs = table.get_or_init(|| {
+        files
             .iter()
             .map(|&(s, v, json)| {
-                // The built-in files are checked by this crate's tests; a broken one is a build defect.
+                // The embedded files are checked by this crate's tests; a broken one is a build defect.
                 let spec = ArchSpec::from_json(json)
-                    .unwrap_or_else(|e| panic!("built-in spec {s}-{v} is invalid: {e}"));
+                    .unwrap_or_else(|e| panic!("embedded spec {s}-{v} is invalid: {e}"));
                 (s, v, spec)
             })
             .collect()
@@ -165,6 +172,12 @@ pub fn builtin(solution: Solution, variant: Variant) -> &'static ArchSpec {
         .iter()
         .find(|(s, v, _)| (*s, *v) == (solution, variant))
         .map(|(_, _, spec)| spec)
+}
+
+/// The architecture of a built-in variant.
+pub fn builtin(solution: Solution, variant: Variant) -> &'static ArchSpec {
+    static SPECS: SpecTable = OnceLock::new();
+    find_spec(&SPECS, &BUILTIN_JSON, solution, variant)
         .unwrap_or_else(|| unreachable!("every (solution, variant) pair has a built-in spec"))
 }
 
@@ -186,23 +199,8 @@ const LEGACY_JSON: [(Solution, Variant, &str); 2] = [
 /// The architecture a `config.json` without `arch` (written before architectures were data) means by
 /// `variant`: the built-in of that time, which is today's unless it has changed since ([`LEGACY_JSON`]).
 pub fn builtin_before_specs(solution: Solution, variant: Variant) -> &'static ArchSpec {
-    static SPECS: OnceLock<Vec<(Solution, Variant, ArchSpec)>> = OnceLock::new();
-    let specs = SPECS.get_or_init(|| {
-        LEGACY_JSON
-            .iter()
-            .map(|&(s, v, json)| {
-                // Checked by this crate's tests, as the built-ins are.
-                let spec = ArchSpec::from_json(json)
-                    .unwrap_or_else(|e| panic!("legacy spec {s}-{v} is invalid: {e}"));
-                (s, v, spec)
-            })
-            .collect()
-    });
-    specs
-        .iter()
-        .find(|(s, v, _)| (*s, *v) == (solution, variant))
-        .map(|(_, _, spec)| spec)
-        .unwrap_or_else(|| builtin(solution, variant))
+    static SPECS: SpecTable = OnceLock::new();
+    find_spec(&SPECS, &LEGACY_JSON, solution, variant).unwrap_or_else(|| builtin(solution, variant))
 }
 
 /// Everything needed to rebuild a model (saved beside its weights as part of `config.json`).
