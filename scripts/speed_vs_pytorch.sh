@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training speed of this project against PyTorch (and optionally Keras) on the same architecture and recipe,
-# (improved: scripts/torch_spec.py builds the peer from the default model's spec file; seed: torch_seed.py),
+# (improved: scripts/torch_spec.py builds the peer from the spec our binary trains; seed: torch_seed.py),
 # in one sitting: each configuration trains for 2 epochs in ours and in the peer, and the epoch-2 training
 # seconds (validation excluded) and their ratio are printed; then inference throughput at batch 1,000 (ours from
 # `cargo bench --bench models`, the peer's from its own timing) and the speed-up.
@@ -68,9 +68,10 @@ for c in "${configs[@]}"; do
   ours=$(python3 -c "import json,sys; print('%.1f' % json.load(open(sys.argv[1]))['epoch_seconds'][1])" \
     "$run/results.json")
   if [ "$v" = improved ]; then
-    # The peer is built from the same spec file our default model is (scripts/torch_spec.py), so it is always
-    # the same architecture; its parameter count must match ours.
-    spec=$root/crates/mnist-models/specs/$c.json
+    # The peer is built (scripts/torch_spec.py) from the spec our binary itself trains (`summary --spec`), so it
+    # is always the same architecture; its parameter count must match ours.
+    spec=$out/$c.spec.json
+    "$bin/solution-$s" summary --variant "$v" --spec >"$spec"
     (cd "$anchors" && PYTHONPATH=$anchors SEED=1 THREADS=$threads "$venv/bin/python" "$root/scripts/torch_spec.py" \
       "$spec" "$s" 2) >"$out/torch-$c.log" 2>&1
     ours_params=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['params_total'])" "$run/results.json")
