@@ -38,6 +38,7 @@ for s in "${solutions[@]}"; do
     cp "$d/final.json" "$d/final.txt" "frontier/results/$s/$name/"
   done
 done
-# The improved conv (8,184 params) and separable (4,427) are the final runs of sweeps/wide-early/*-more.json.
+# The improved conv (8,184 params) is the final run of sweeps/wide-early/conv-more.json, the improved separable
+# (4,763) that of sweeps/full-budget/separable.json.
 "$bin"/solution-conv frontier frontier/results sweeps/wide-early/results/conv-more/final \
-  sweeps/wide-early/results/separable-more/final --out frontier
+  sweeps/full-budget/results/separable/final --out frontier
