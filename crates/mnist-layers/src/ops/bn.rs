@@ -9,41 +9,43 @@ use crate::error::shape_err;
 const OP_TRAIN: &str = "batch_norm_train";
 const OP_EVAL: &str = "batch_norm_eval";
 
-/// `sum((x - m)^2)` with 16 f32 lanes, lanes added in f64.
-#[inline]
-fn sum_sq_dev(xs: &[f32], m: f32) -> f64 {
-    let mut acc = [0f32; 16];
-    let chunks = xs.chunks_exact(16);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..16 {
-            let d = c[i] - m;
-            acc[i] += d * d;
+multiversion! {
+    /// `sum((x - m)^2)` with 16 f32 lanes, lanes added in f64.
+    fn sum_sq_dev(xs: &[f32], m: f32) -> f64 {
+        let mut acc = [0f32; 16];
+        let chunks = xs.chunks_exact(16);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..16 {
+                let d = c[i] - m;
+                acc[i] += d * d;
+            }
         }
+        let mut s: f64 = acc.iter().map(|&v| v as f64).sum();
+        for &v in rest {
+            s += ((v - m) * (v - m)) as f64;
+        }
+        s
     }
-    let mut s: f64 = acc.iter().map(|&v| v as f64).sum();
-    for &v in rest {
-        s += ((v - m) * (v - m)) as f64;
-    }
-    s
 }
 
-/// `sum(a * (b - m))` with 16 f32 lanes, lanes added in f64.
-#[inline]
-pub(crate) fn dot_dev(a: &[f32], b: &[f32], m: f32) -> f64 {
-    let mut acc = [0f32; 16];
-    let ca = a.chunks_exact(16);
-    let cb = b.chunks_exact(16);
-    let mut s = 0f64;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        s += (x * (y - m)) as f64;
-    }
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * (y[i] - m);
+multiversion! {
+    /// `sum(a * (b - m))` with 16 f32 lanes, lanes added in f64.
+    pub(crate) fn dot_dev(a: &[f32], b: &[f32], m: f32) -> f64 {
+        let mut acc = [0f32; 16];
+        let ca = a.chunks_exact(16);
+        let cb = b.chunks_exact(16);
+        let mut s = 0f64;
+        for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+            s += (x * (y - m)) as f64;
         }
+        for (x, y) in ca.zip(cb) {
+            for i in 0..16 {
+                acc[i] += x[i] * (y[i] - m);
+            }
+        }
+        s + acc.iter().map(|&v| v as f64).sum::<f64>()
     }
-    s + acc.iter().map(|&v| v as f64).sum::<f64>()
 }
 
 /// Per-channel `(mean, biased variance)` of `x [b, c, hw]`, two passes, f64 across planes.

@@ -111,14 +111,19 @@ pub(crate) use cpu_data;
 /// an FMA on its own).
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $crate::ops::multiversion! {
+            $(#[$m])* $vis fn $name($($arg: $ty),*) -> () $body
+        }
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$m])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
-            fn imp($($arg: $ty),*) $body
+            fn imp($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
                     imp($($arg),*)
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -386,22 +391,23 @@ pub(crate) fn zero_row(dst: &mut [f32]) {
     }
 }
 
-/// Sum of a slice with 16 independent f32 lanes (vectorises), the lanes added in f64.
-#[inline]
-pub(crate) fn sum_f32(xs: &[f32]) -> f64 {
-    let mut acc = [0f32; 16];
-    let chunks = xs.chunks_exact(16);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..16 {
-            acc[i] += c[i];
+multiversion! {
+    /// Sum of a slice with 16 independent f32 lanes (vectorises), the lanes added in f64.
+    pub(crate) fn sum_f32(xs: &[f32]) -> f64 {
+        let mut acc = [0f32; 16];
+        let chunks = xs.chunks_exact(16);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..16 {
+                acc[i] += c[i];
+            }
         }
+        let mut s: f64 = acc.iter().map(|&v| v as f64).sum();
+        for &v in rest {
+            s += v as f64;
+        }
+        s
     }
-    let mut s: f64 = acc.iter().map(|&v| v as f64).sum();
-    for &v in rest {
-        s += v as f64;
-    }
-    s
 }
 
 /// Requires an `f32` CPU tensor of rank 4 and returns its dims.
