@@ -25,11 +25,11 @@ if [ -z "$bin" ]; then
 fi
 for s in "${solutions[@]}"; do
   plan=frontier/$s.json
-  # Every recipe of the plan: its baseline (the improved variant) and its candidates; for conv and separable
-  # the improved model (the wide-early design) already has its final runs on these seeds, from the sweep that
-  # chose it (below), so it is not trained again.
+  # Every recipe of the plan: its baseline (the improved variant) and its candidates; the improved model (the
+  # wide-early design) already has its final runs on these seeds, from the sweep that chose it (below), so it
+  # is not trained again.
   names=$(grep -o '"name": *"[^"]*"' "$plan" | sed 's/.*"\([^"]*\)"$/\1/' | paste -sd, -)
-  case "$s" in conv|separable) names=${names#improved,} ;; esac
+  names=${names#improved,}
   echo "== $s: solution-$s sweep $plan --final $names --seeds $seeds --jobs $jobs --out $out/$s" >&2
   "$bin"/solution-"$s" sweep "$plan" --final "$names" --seeds "$seeds" --jobs "$jobs" --out "$out/$s"
   for d in "$out/$s"/final/*/; do
@@ -39,6 +39,7 @@ for s in "${solutions[@]}"; do
   done
 done
 # The improved conv (8,184 params) is the final run of sweeps/wide-early/conv-more.json, the improved separable
-# (4,763) that of sweeps/full-budget/separable.json.
+# (4,763) that of sweeps/full-budget/separable.json, the improved inception (3,066) that of
+# sweeps/recipe-and-head/inception.json.
 "$bin"/solution-conv frontier frontier/results sweeps/wide-early/results/conv-more/final \
-  sweeps/full-budget/results/separable/final --out frontier
+  sweeps/full-budget/results/separable/final sweeps/recipe-and-head/results/inception/final --out frontier
