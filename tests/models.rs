@@ -257,3 +257,31 @@ fn every_model_maps_a_batch_to_ten_logits_and_the_same_seed_gives_the_same_weigh
         );
     }
 }
+
+/// Inference over a batch larger than one chunk (`mnist_models::EVAL_CHUNK` images, run through the
+/// whole network chunk by chunk, in parallel) gives every image the logits it gets alone: at a batch that
+/// is not a multiple of the chunk, on both kernel choices, for every built-in model. Equal up to float
+/// rounding, not bit for bit: candle's matmul (the dense layers) sums in an order that depends on the
+/// number of rows.
+#[test]
+fn inference_in_chunks_matches_image_by_image() {
+    use mnist_challenge::models::EVAL_CHUNK;
+    let b = 2 * EVAL_CHUNK + 7;
+    let xs = Tensor::rand(0f32, 1f32, (b, 1, 28, 28), &Device::Cpu).unwrap();
+    for (solution, variant, _, _) in TABLE {
+        for kernels in [Kernels::Auto, Kernels::Reference] {
+            let vars = SeededVarMap::new(3);
+            let vb = vars.var_builder(DType::F32, &Device::Cpu);
+            let net = build(builtin(solution, variant), vb, kernels, dropout_rng(3)).unwrap();
+            let all = net.forward_t(&xs, false).unwrap();
+            assert_eq!(all.dims(), &[b, 10]);
+            let one_by_one: Vec<Tensor> = (0..b)
+                .map(|i| net.forward_t(&xs.narrow(0, i, 1).unwrap(), false).unwrap())
+                .collect();
+            let alone = Tensor::cat(&one_by_one, 0).unwrap();
+            let diff = (all - alone).unwrap().abs().unwrap().max_all().unwrap();
+            let diff = diff.to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "{solution} {variant} {kernels:?}: {diff}");
+        }
+    }
+}

@@ -54,7 +54,7 @@ pub use classify::{Classifier, Prediction, INFER_BATCH};
 pub use config::{builtin, builtin_before_specs, ModelConfig, Solution, Variant};
 pub use lower::build;
 pub use mnist_data::{load_mnist_image, to_mnist, ImageError};
-pub use net::{is_trainable, Net, StageTrace};
+pub use net::{is_trainable, Net, StageTrace, EVAL_CHUNK};
 pub use plan::{Dims, LayerSummary};
 pub use pretrained::{pretrained, pretrained_info, PretrainedInfo};
 pub use spec::{ArchSpec, SpecError};
