@@ -120,6 +120,15 @@ impl Net {
         &self.spec
     }
 
+    /// Every stage over `xs`, one after the other.
+    fn run(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut ys = xs.clone();
+        for stage in &self.stages {
+            ys = stage.forward_t(&ys, train)?;
+        }
+        Ok(ys)
+    }
+
     /// Runs the model in inference mode on `xs` and describes every stage's output.
     pub fn trace_shapes(&self, xs: &Tensor) -> Result<Vec<StageTrace>> {
         let mut shapes = Vec::with_capacity(self.stages.len());
@@ -137,23 +146,13 @@ impl Net {
     }
 }
 
-impl Net {
-    /// Every stage over `xs`, one after the other.
-    fn run(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut ys = xs.clone();
-        for stage in &self.stages {
-            ys = stage.forward_t(&ys, train)?;
-        }
-        Ok(ys)
-    }
-}
-
 /// Inference on the CPU runs a large batch through the whole network in chunks of this many images, the
 /// chunks in parallel, so that a chunk's activations stay in cache from stage to stage (one stage over
 /// 1,000 images writes tens of MB, which would go to memory and back). Images are independent in
 /// inference (BatchNorm uses its running statistics), so each image's logits are those of one pass, up
 /// to float rounding in the dense layers (candle's matmul sums in an order that depends on the number of
-/// rows; the convolution kernels work image by image and give the same bits). 32 and 64 were the fastest of 4-128 at batch 1,000 (`cargo bench --bench models`, 2 threads).
+/// rows; the convolution kernels work image by image and give the same bits). 32 and 64 were the
+/// fastest of 4 to 128 at batch 1,000 (`cargo bench --bench models`, 2 threads).
 pub const EVAL_CHUNK: usize = 32;
 
 impl ModuleT for Net {
