@@ -13,8 +13,8 @@ use mnist_optim::{AdamConfig, EmaConfig, OptimizerConfig, ScheduleConfig, SgdCon
 
 use crate::{
     default_run_dir, evaluate, load_checkpoint, read_json, run_training_with, Checkpoint,
-    Interrupt, LogReporter, ProgressReporter, Reporter, RunOptions, TrainConfig, TrainError,
-    CHECKPOINT_FILE, CONFIG_FILE, INTERRUPTED_EXIT_CODE, RESULTS_FILE,
+    DistillConfig, Interrupt, LogReporter, ProgressReporter, Reporter, RunOptions, TeacherRef,
+    TrainConfig, TrainError, CHECKPOINT_FILE, CONFIG_FILE, INTERRUPTED_EXIT_CODE, RESULTS_FILE,
 };
 
 #[derive(Parser, Debug)]
@@ -79,6 +79,10 @@ fn smoothing_f64(s: &str) -> std::result::Result<f64, String> {
 
 fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
     f64_where(s, |v| v.is_finite() && v >= 0.0, "a number of at least 0")
+}
+
+fn distill_weight(s: &str) -> std::result::Result<f64, String> {
+    f64_where(s, |v| v > 0.0 && v <= 1.0, "above 0 and at most 1")
 }
 
 fn ema_decay(s: &str) -> std::result::Result<f64, String> {
@@ -169,6 +173,18 @@ struct TrainArgs {
     /// Use the --ema decay from the first step instead of ramping it up as min(DECAY, (1+t)/(10+t)).
     #[arg(long, requires = "ema")]
     no_ema_warmup: bool,
+    /// Knowledge distillation: also learn the probabilities this trained model gives each training
+    /// batch (FILE is the model.safetensors of a finished run, its config.json beside it); several
+    /// (repeated or FILE,FILE,...) make an ensemble, whose probabilities are averaged [default: off].
+    #[arg(long, value_name = "FILE", value_delimiter = ',')]
+    teacher: Vec<PathBuf>,
+    /// Distillation: temperature of the teachers' and the student's softmax [default: 4].
+    #[arg(long, value_name = "T", requires = "teacher", allow_negative_numbers = true, value_parser = positive_f64)]
+    distill_temperature: Option<f64>,
+    /// Distillation: share w of the teachers' term in the loss, (1 - w) * labels + w * T^2 * teachers,
+    /// in (0, 1] [default: 0.5].
+    #[arg(long, value_name = "W", requires = "teacher", allow_negative_numbers = true, value_parser = distill_weight)]
+    distill_weight: Option<f64>,
     /// Learning-rate schedule [recipe: plateau for seed, one-cycle for improved].
     #[arg(long, value_enum)]
     schedule: Option<ScheduleArg>,
@@ -241,6 +257,7 @@ struct TrainArgs {
             "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "augment", "no_augment",
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
             "optimizer", "momentum", "no_nesterov", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
+            "teacher", "distill_temperature", "distill_weight",
         ]
     )]
     resume: Option<PathBuf>,
@@ -424,6 +441,21 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
         decay,
         warmup: !args.no_ema_warmup,
     });
+    if !args.teacher.is_empty() {
+        cfg.distill = Some(DistillConfig {
+            teachers: args
+                .teacher
+                .iter()
+                .map(|path| TeacherRef::of_file(path))
+                .collect::<Result<_, _>>()?,
+            temperature: args
+                .distill_temperature
+                .unwrap_or(crate::distill::DEFAULT_TEMPERATURE),
+            weight: args
+                .distill_weight
+                .unwrap_or(crate::distill::DEFAULT_WEIGHT),
+        });
+    }
     match args.schedule {
         Some(ScheduleArg::Constant) => cfg.schedule = ScheduleConfig::Constant,
         Some(ScheduleArg::Plateau) => {

@@ -7,7 +7,7 @@ use mnist_models::{ModelConfig, Solution, Variant};
 use mnist_optim::{AdamConfig, EmaConfig, OptimizerConfig, ScheduleConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::TrainError;
+use crate::{DistillConfig, TrainError};
 
 /// Everything that defines a training run. Saved as `config.json` so a run can be rebuilt and resumed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,6 +41,9 @@ pub struct TrainConfig {
     /// average (the checkpoint keeps the raw weights too). `None` (the default) = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<EmaConfig>,
+    /// Knowledge distillation from trained teacher models (`--teacher`). `None` (the default) = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
     /// The seed of every random draw: initial weights, dropout masks, shuffles, augmentation.
     pub seed: u64,
     /// Use only the first N training images (quick trials).
@@ -72,6 +75,7 @@ impl TrainConfig {
                 clean_epochs: 0,
                 label_smoothing: 0.0,
                 ema: None,
+                distill: None,
                 seed: 42,
                 limit_train: None,
                 no_test: false,
@@ -112,6 +116,7 @@ impl TrainConfig {
                     },
                     label_smoothing: 0.0,
                     ema: None,
+                    distill: None,
                     seed: 42,
                     limit_train: None,
                     no_test: false,
@@ -165,6 +170,9 @@ impl TrainConfig {
                 "--label-smoothing {} must be in [0, 1)",
                 self.label_smoothing
             )));
+        }
+        if let Some(distill) = &self.distill {
+            distill.validate()?;
         }
         if let Some(aug) = &self.augment {
             aug.validate()

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use crate::distill::{soft_kl_divergence, Teachers};
 use crate::loss::smoothed_cross_entropy;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::loss::cross_entropy;
@@ -244,6 +245,19 @@ pub fn fit_with(
         Some(c) => Some(Ema::new(trained.all_vars(), c)?),
         None => None,
     };
+    let teachers = match &cfg.distill {
+        Some(d) => {
+            let teachers = Teachers::load(d, cfg.dataset, device)?;
+            tracing::info!(
+                "distilling from {} teacher(s) at temperature {}, weight {}",
+                teachers.len(),
+                d.temperature,
+                d.weight
+            );
+            Some((teachers, d))
+        }
+        None => None,
+    };
     let mut history = Vec::with_capacity(cfg.epochs);
     let mut first_epoch0 = 0;
     if let Some(state) = resume {
@@ -301,8 +315,18 @@ pub fn fit_with(
         let mut loss_sum = MeanLoss::default();
         let mut acc = Accuracy::default();
         let started = Instant::now();
-        let epoch_batches = batches(&train, &batcher, Some(&mut shuffle_rng), device)?.enumerate();
-        // The next batches are made (and augmented) on another thread while this one trains.
+        // The next batches are made (augmented, and given the teachers' soft targets) on another thread
+        // while this one trains.
+        let epoch_batches = batches(&train, &batcher, Some(&mut shuffle_rng), device)?
+            .map(|batch| -> Result<_, TrainError> {
+                let batch = batch?;
+                let soft = match &teachers {
+                    Some((t, _)) => Some(t.soft_targets(&batch.images)?),
+                    None => None,
+                };
+                Ok((batch, soft))
+            })
+            .enumerate();
         let res = with_prefetch(epoch_batches, 2, |(step, batch)| {
             if stop_requested() {
                 return Err(TrainError::Interrupted {
@@ -310,10 +334,14 @@ pub fn fit_with(
                     epochs: cfg.epochs,
                 });
             }
-            let batch = batch?;
+            let (batch, soft) = batch?;
             opt.set_lr(scheduler.lr_at(epoch0, step));
             let logits = trained.net.forward_t(&batch.images, true)?;
-            let loss = smoothed_cross_entropy(&logits, &batch.labels, cfg.label_smoothing)?;
+            let mut loss = smoothed_cross_entropy(&logits, &batch.labels, cfg.label_smoothing)?;
+            if let (Some(soft), Some((_, d))) = (soft, &teachers) {
+                let distill = soft_kl_divergence(&logits, &soft, d.temperature)?;
+                loss = ((loss * (1.0 - d.weight))? + (distill * d.weight)?)?;
+            }
             let loss_value = loss.to_scalar::<f32>()? as f64;
             if !loss_value.is_finite() {
                 return Err(TrainError::NonFinite {
@@ -604,6 +632,63 @@ mod tests {
         assert_ne!(w_sgd, w_adam);
         assert!(h_sgd.iter().all(|r| r.loss.is_finite()));
         assert!(h_sgd[1].loss < h_sgd[0].loss, "{h_sgd:?}");
+    }
+
+    /// A finished run folder to teach with: a model trained for one epoch on `data`, its config.json beside.
+    fn teacher_run(data: &Mnist, seed: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut teacher_cfg = cfg(1);
+        teacher_cfg.seed = seed;
+        let device = Device::Cpu;
+        let t = Trained::init(&teacher_cfg, &device).unwrap();
+        fit(&teacher_cfg, &t, data, &device, &mut LogReporter::default()).unwrap();
+        crate::outputs::write_config(dir.path(), &teacher_cfg).unwrap();
+        crate::save_weights(&dir.path().join(crate::WEIGHTS_FILE), t.vars.var_map()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn distillation_changes_training_resumes_bit_for_bit_and_refuses_a_changed_teacher() {
+        let data = tiny_data(64);
+        let (a, b) = (teacher_run(&data, 7), teacher_run(&data, 8));
+        let files = [a.path(), b.path()].map(|d| d.join(crate::WEIGHTS_FILE));
+        let mut distilled = cfg(2);
+        distilled.distill = Some(crate::DistillConfig {
+            teachers: files
+                .iter()
+                .map(|f| crate::TeacherRef::of_file(f).unwrap())
+                .collect(),
+            temperature: 3.0,
+            weight: 0.7,
+        });
+        let (w_plain, _) = train(&cfg(2), &data);
+        let (w_kd, h_kd) = train(&distilled, &data);
+        assert_ne!(w_plain, w_kd, "the teachers' term changes the gradients");
+        assert!(h_kd.iter().all(|r| r.loss.is_finite() && r.loss >= 0.0));
+        assert_resume_matches_uninterrupted(&distilled);
+
+        // A teacher retrained (or replaced) after the run was configured is refused, by name.
+        let other = teacher_run(&data, 9);
+        std::fs::copy(other.path().join(crate::WEIGHTS_FILE), &files[1]).unwrap();
+        let device = Device::Cpu;
+        let t = Trained::init(&distilled, &device).unwrap();
+        let err = fit(&distilled, &t, &data, &device, &mut LogReporter::default())
+            .err()
+            .expect("changed teacher")
+            .to_string();
+        assert!(
+            err.contains(&files[1].display().to_string()) && err.contains("changed"),
+            "{err}"
+        );
+        // So is a teacher of another data set.
+        let mut fashion = distilled.clone();
+        fashion.dataset = mnist_data::Dataset::Fashion;
+        fashion.distill.as_mut().unwrap().teachers.truncate(1);
+        let err = fit(&fashion, &t, &data, &device, &mut LogReporter::default())
+            .err()
+            .expect("other data set")
+            .to_string();
+        assert!(err.contains("trained on mnist"), "{err}");
     }
 
     /// Trains `cfg` straight, and again stopped after epoch 1, checkpointed and resumed in a new model:

@@ -6,6 +6,7 @@ mod checkpoint;
 pub mod cli;
 pub mod compare;
 mod config;
+pub mod distill;
 mod fit;
 pub mod frontier;
 mod interrupt;
@@ -25,6 +26,7 @@ pub use checkpoint::{
     load_checkpoint, save_checkpoint, Checkpoint, RngState, RunOptions, CHECKPOINT_FILE,
 };
 pub use config::{default_run_dir, TrainConfig};
+pub use distill::{DistillConfig, TeacherRef, Teachers};
 pub use fit::{
     evaluate, fit, fit_with, EpochEnd, EpochRecord, Evaluation, FitControl, OnEpoch, ResumeState,
     Trained, EVAL_BATCH,
@@ -135,6 +137,10 @@ pub fn run_training_with(
     options: RunOptions<'_>,
 ) -> Result<RunResults, TrainError> {
     cfg.validate()?;
+    if let Some(distill) = &cfg.distill {
+        // A teacher that cannot be used is reported before the run folder is touched.
+        Teachers::load(distill, cfg.dataset, device)?;
+    }
     outputs::prepare_run_dir(out_dir)?;
     outputs::write_config(out_dir, cfg)?;
     let trained = Trained::init(cfg, device)?;

@@ -18,7 +18,8 @@
 //!
 //! `args` are `train` flags, as an object (`"flag": value`; `true` = the flag alone, `false` = left out)
 //! or a list of command-line words. The top-level `args` go to every run; a candidate's own replace them
-//! flag by flag. Paths (`arch`) are relative to the plan file. The sweep never lets train parse what it
+//! flag by flag. Paths (`arch`, and the files of [`PATH_FLAGS`] such as `"teacher": "a.safetensors,b.safetensors"`)
+//! are relative to the plan file. The sweep never lets train parse what it
 //! sets itself (seed, output folder, resume, test split).
 
 use std::collections::BTreeSet;
@@ -43,6 +44,9 @@ pub const RESERVED_FLAGS: [&str; 11] = [
     "help",
     "h",
 ];
+
+/// `train` flags whose value is a comma-separated list of files: a plan gives them relative to itself.
+pub const PATH_FLAGS: [&str; 1] = ["teacher"];
 
 /// One `train` flag with its value (`None` for a switch such as `--no-augment`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,6 +214,16 @@ impl Plan {
                 .cloned()
                 .collect();
             flags.extend(own.into_iter().filter(|f| f.value.as_deref() != Some(OFF)));
+            for flag in flags.iter_mut() {
+                if let (true, Some(value)) = (PATH_FLAGS.contains(&flag.name.as_str()), &flag.value)
+                {
+                    let joined: Vec<String> = value
+                        .split(',')
+                        .map(|p| dir.join(p).to_string_lossy().into_owned())
+                        .collect();
+                    flag.value = Some(joined.join(","));
+                }
+            }
             Ok(Candidate {
                 name: raw.name.clone(),
                 arch: raw.arch.as_ref().map(|a| dir.join(a)),
@@ -571,6 +585,24 @@ mod tests {
         );
         assert_eq!(plan.field_of("wide"), "candidates[1] (wide)");
         assert_eq!(plan.recipes().count(), 3);
+    }
+
+    #[test]
+    fn teacher_files_are_relative_to_the_plan() {
+        let plan = parse(
+            r#"{"baseline": {"name": "a"}, "args": {"teacher": "t/1.safetensors,t/2.safetensors"},
+                "candidates": [{"name": "b", "args": ["--teacher", "u.safetensors", "--distill-weight", "1"]}],
+                "seeds": [1, 2]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            plan.baseline.train_args(),
+            ["--teacher", "plans/t/1.safetensors,plans/t/2.safetensors"]
+        );
+        assert_eq!(
+            plan.candidates[0].train_args(),
+            ["--teacher", "plans/u.safetensors", "--distill-weight", "1"]
+        );
     }
 
     #[test]
