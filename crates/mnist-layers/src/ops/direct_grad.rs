@@ -5,9 +5,11 @@
 //!   and its channel axes swapped ([`DirectConv::input_grad_of`]).
 //! - Weight gradient: `dw[o, (c, ky, kx)] = sum_n g[o, n] * xp[toff + n]` in the wide layout (`g` is zero in
 //!   the columns that are not outputs), a register-blocked product of `OB` output channels by `TB` taps
-//!   with 8-lane accumulators, summed across lanes in a fixed tree ([`DirectConv::weight_grad`]). The same
-//!   8-lane code runs on AVX2 and AVX-512 machines (so both give the same bits); machines without AVX2 +
-//!   FMA run a portable copy of it (plain multiply-add: it differs by rounding).
+//!   with 8-lane accumulators, summed across lanes in a fixed tree ([`DirectConv::weight_grad`]). On
+//!   AVX-512 machines a 16-lane register holds two output channels' 8-lane accumulators side by side
+//!   (a tile of 4 channels by 12 taps), each lane summing the same products in the same order as the AVX2
+//!   tile, so both give the same bits; machines without AVX2 + FMA run a portable copy of it (plain
+//!   multiply-add: it differs by rounding).
 
 use candle_core::Result;
 
@@ -76,6 +78,15 @@ impl DirectConv {
                 dw.len(),
                 self.o
             )
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: AVX-512F, AVX2 and FMA are present (checked just above); the bounds hold.
+            unsafe { avx512::weight_grad(self, xp, g, dw) };
+            return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -188,7 +199,7 @@ mod avx2 {
     /// As [`weight_grad`], with `o0 + OB2 <= o` and `t0 + TB2 <= taps`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const OB2: usize, const TB2: usize>(
+    pub(super) unsafe fn tile<const OB2: usize, const TB2: usize>(
         dc: &DirectConv,
         xp: &[f32],
         g: &[f32],
@@ -222,6 +233,140 @@ mod avx2 {
             }
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{hsum, DirectConv, L};
+    use std::arch::x86_64::*;
+
+    /// Taps per AVX-512 tile: 2 x 12 accumulators, 2 gradient registers and one input register fit the
+    /// 32 AVX-512 registers.
+    const TB: usize = 12;
+
+    /// # Safety
+    /// AVX-512F, AVX2 and FMA must be present; the buffers must be as [`DirectConv::weight_grad`] checks
+    /// them.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn weight_grad(dc: &DirectConv, xp: &[f32], g: &[f32], dw: &mut [f32]) {
+        let (o, taps) = (dc.o, dc.toff.len());
+        let mut o0 = 0;
+        // Channel pairs, two at a time (four channels per tile) while there are.
+        while o0 + 2 <= o {
+            let pairs = ((o - o0) / 2).min(2);
+            let mut t0 = 0;
+            while t0 < taps {
+                let tb = (taps - t0).min(TB);
+                // SAFETY: forwarded contract; `o0 + 2 * pairs <= o`, `t0 + tb <= taps`.
+                unsafe {
+                    match pairs {
+                        2 => tile_pairs!(2, tb, dc, xp, g, dw, o0, t0),
+                        _ => tile_pairs!(1, tb, dc, xp, g, dw, o0, t0),
+                    }
+                }
+                t0 += tb;
+            }
+            o0 += 2 * pairs;
+        }
+        // An odd last channel: the AVX2 tiles (the same sums).
+        if o0 < o {
+            let mut t0 = 0;
+            while t0 < taps {
+                let tb = (taps - t0).min(super::TB);
+                // SAFETY: forwarded contract (AVX2 and FMA are present); `o0 + 1 <= o`, `t0 + tb <= taps`.
+                unsafe {
+                    match tb {
+                        6 => super::avx2::tile::<1, 6>(dc, xp, g, dw, o0, t0),
+                        5 => super::avx2::tile::<1, 5>(dc, xp, g, dw, o0, t0),
+                        4 => super::avx2::tile::<1, 4>(dc, xp, g, dw, o0, t0),
+                        3 => super::avx2::tile::<1, 3>(dc, xp, g, dw, o0, t0),
+                        2 => super::avx2::tile::<1, 2>(dc, xp, g, dw, o0, t0),
+                        _ => super::avx2::tile::<1, 1>(dc, xp, g, dw, o0, t0),
+                    }
+                }
+                t0 += tb;
+            }
+        }
+    }
+
+    /// One tile of `P` channel pairs from `o0` by `TB2` taps from `t0`: the accumulator of pair `p` and
+    /// tap `t` holds channel `o0 + 2p` in lanes 0-7 and channel `o0 + 2p + 1` in lanes 8-15.
+    ///
+    /// # Safety
+    /// As [`weight_grad`], with `o0 + 2 * P <= o` and `t0 + TB2 <= taps`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn tile<const P: usize, const TB2: usize>(
+        dc: &DirectConv,
+        xp: &[f32],
+        g: &[f32],
+        dw: &mut [f32],
+        o0: usize,
+        t0: usize,
+    ) {
+        let n = dc.nwide;
+        let taps = dc.toff.len();
+        let offs: [usize; TB2] = std::array::from_fn(|t| dc.toff[t0 + t]);
+        let (xptr, gptr) = (xp.as_ptr(), g.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); TB2]; P];
+        for v in (0..n).step_by(L) {
+            // SAFETY: `(o0 + 2p + 1) * n + v + L <= o * n <= g.len()`.
+            let gv: [__m512; P] = std::array::from_fn(|p| unsafe {
+                let lo = _mm256_loadu_ps(gptr.add((o0 + 2 * p) * n + v));
+                let hi = _mm256_loadu_ps(gptr.add((o0 + 2 * p + 1) * n + v));
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                    _mm512_castps_pd(_mm512_castps256_ps512(lo)),
+                    _mm256_castps_pd(hi),
+                ))
+            });
+            for (t, &off) in offs.iter().enumerate() {
+                // SAFETY: `off + v + L <= off + n <= xp.len()`; the same 8 inputs in both halves.
+                let xv = unsafe {
+                    _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(
+                        xptr.add(off + v),
+                    ))))
+                };
+                for (p, a) in acc.iter_mut().enumerate() {
+                    a[t] = _mm512_fmadd_ps(gv[p], xv, a[t]);
+                }
+            }
+        }
+        for (p, a) in acc.iter().enumerate() {
+            for (t, &v) in a.iter().enumerate() {
+                let mut lanes = [0f32; 2 * L];
+                // SAFETY: `lanes` holds 16 floats.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+                let (lo, hi) = lanes.split_at(L);
+                let (lo, hi): ([f32; L], [f32; L]) = (
+                    lo.try_into().unwrap_or([0.0; L]),
+                    hi.try_into().unwrap_or([0.0; L]),
+                );
+                dw[(o0 + 2 * p) * taps + t0 + t] += hsum(lo);
+                dw[(o0 + 2 * p + 1) * taps + t0 + t] += hsum(hi);
+            }
+        }
+    }
+
+    /// `tile::<$p, tb>` for a run-time `tb` in 1..=12.
+    macro_rules! tile_pairs {
+        ($p:literal, $tb:expr, $($arg:expr),*) => {
+            match $tb {
+                12 => tile::<$p, 12>($($arg),*),
+                11 => tile::<$p, 11>($($arg),*),
+                10 => tile::<$p, 10>($($arg),*),
+                9 => tile::<$p, 9>($($arg),*),
+                8 => tile::<$p, 8>($($arg),*),
+                7 => tile::<$p, 7>($($arg),*),
+                6 => tile::<$p, 6>($($arg),*),
+                5 => tile::<$p, 5>($($arg),*),
+                4 => tile::<$p, 4>($($arg),*),
+                3 => tile::<$p, 3>($($arg),*),
+                2 => tile::<$p, 2>($($arg),*),
+                _ => tile::<$p, 1>($($arg),*),
+            }
+        };
+    }
+    use tile_pairs;
 }
 
 mod portable {
@@ -325,6 +470,54 @@ mod tests {
         check(1, (28, 28), 16, 1, (0, 0, 0, 0), 9);
         check(16, (14, 14), 24, 1, (0, 0, 0, 0), 10);
         check(2, (6, 5), 13, 5, (2, 2, 2, 2), 8);
+    }
+
+    /// The AVX-512 tiles sum the same products in the same order as the AVX2 ones: the same bits, for
+    /// every channel count (odd ones end in an AVX2 tile) and tap count (tails of the 12-tap tiles).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_weight_gradient_is_bit_identical_to_avx2() {
+        if !(std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma"))
+        {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        for (i, &(c, h, o, k)) in [
+            (1, 28, 10, 3),
+            (10, 26, 20, 3),
+            (20, 24, 10, 1),
+            (10, 12, 14, 3),
+            (14, 10, 16, 3),
+            (3, 9, 1, 3),
+            (5, 11, 7, 5),
+            (2, 8, 3, 2),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 100 + i as u64;
+            let v = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (x, w) = (
+                v(rand_t(&[c, h, h], seed)),
+                v(rand_t(&[o, c, k, k], seed + 1)),
+            );
+            let dc = DirectConv::new((c, h, h), &w, (o, k), (1, 0, 0, 1)).unwrap();
+            let g = v(rand_t(&[o, dc.oh * dc.ow], seed + 2));
+            let mut xp = vec![f32::NAN; dc.xp_len];
+            dc.pad_into(&x, &mut xp);
+            let mut gw = vec![f32::NAN; dc.out_len()];
+            dc.spread_into(&g, &mut gw);
+            let (mut a, mut b) = (vec![0.5f32; o * c * k * k], vec![0.5f32; o * c * k * k]);
+            // SAFETY: the features are present (checked above); the buffers are sized by `dc`.
+            unsafe {
+                avx512::weight_grad(&dc, &xp, &gw, &mut a);
+                avx2::weight_grad(&dc, &xp, &gw, &mut b);
+            }
+            let bits = |d: &[f32]| d.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "c{c} {h}x{h} o{o} k{k}");
+        }
     }
 
     #[test]
