@@ -295,8 +295,7 @@ mod tests {
     #[test]
     fn a_missing_teacher_is_named() {
         let e = TeacherRef::of_file(Path::new("/nonexistent/model.safetensors"))
-            .err()
-            .expect("missing")
+            .expect_err("missing")
             .to_string();
         assert!(
             e.contains("/nonexistent/model.safetensors") && e.contains("no such file"),

@@ -673,8 +673,7 @@ mod tests {
         let device = Device::Cpu;
         let t = Trained::init(&distilled, &device).unwrap();
         let err = fit(&distilled, &t, &data, &device, &mut LogReporter::default())
-            .err()
-            .expect("changed teacher")
+            .expect_err("changed teacher")
             .to_string();
         assert!(
             err.contains(&files[1].display().to_string()) && err.contains("changed"),
@@ -685,8 +684,7 @@ mod tests {
         fashion.dataset = mnist_data::Dataset::Fashion;
         fashion.distill.as_mut().unwrap().teachers.truncate(1);
         let err = fit(&fashion, &t, &data, &device, &mut LogReporter::default())
-            .err()
-            .expect("other data set")
+            .expect_err("other data set")
             .to_string();
         assert!(err.contains("trained on mnist"), "{err}");
     }
