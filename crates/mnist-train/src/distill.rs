@@ -13,7 +13,7 @@ use mnist_data::Dataset;
 use mnist_models::Classifier;
 use serde::{Deserialize, Serialize};
 
-use crate::outputs::{read_json, CONFIG_FILE};
+use crate::outputs::{io_err, read_json, CONFIG_FILE};
 use crate::{TrainConfig, TrainError};
 
 /// The default temperature of the soft targets.
@@ -204,13 +204,6 @@ fn weights_err(path: &Path, reason: String) -> TrainError {
     TrainError::Weights {
         path: path.to_path_buf(),
         reason,
-    }
-}
-
-fn io_err(path: &Path, source: std::io::Error) -> TrainError {
-    TrainError::Io {
-        path: path.to_path_buf(),
-        source,
     }
 }
 

@@ -18,7 +18,7 @@ pub const HISTORY_FILE: &str = "history.csv";
 /// Final figures.
 pub const RESULTS_FILE: &str = "results.json";
 
-fn io_err(path: &Path, source: std::io::Error) -> TrainError {
+pub(crate) fn io_err(path: &Path, source: std::io::Error) -> TrainError {
     TrainError::Io {
         path: path.to_path_buf(),
         source,

@@ -149,11 +149,12 @@ fn hsum(v: [f32; L]) -> f32 {
     b[0] + b[1]
 }
 
-/// The tiles: `OB` output channels (fewer in the last) by `TB` taps (fewer in the last).
+/// The tiles of the output channels from `$from` on: `OB` channels (fewer in the last) by `TB` taps
+/// (fewer in the last).
 macro_rules! tiles {
-    ($dc:expr, $tile:ident, $xp:expr, $g:expr, $dw:expr) => {{
+    ($dc:expr, $tile:ident, $xp:expr, $g:expr, $dw:expr, $from:expr) => {{
         let (o, taps) = ($dc.o, $dc.toff.len());
-        let mut o0 = 0;
+        let mut o0 = $from;
         while o0 < o {
             let ob = (o - o0).min($crate::ops::direct_grad::OB);
             let mut t0 = 0;
@@ -190,7 +191,23 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn weight_grad(dc: &DirectConv, xp: &[f32], g: &[f32], dw: &mut [f32]) {
         // SAFETY: forwarded contract.
-        unsafe { tiles!(dc, tile, xp, g, dw) }
+        unsafe { weight_grad_from(dc, xp, g, dw, 0) }
+    }
+
+    /// [`weight_grad`] of the output channels from `o0` on.
+    ///
+    /// # Safety
+    /// As [`weight_grad`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weight_grad_from(
+        dc: &DirectConv,
+        xp: &[f32],
+        g: &[f32],
+        dw: &mut [f32],
+        o0: usize,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe { tiles!(dc, tile, xp, g, dw, o0) }
     }
 
     /// One tile of `OB2` channels from `o0` by `TB2` taps from `t0`.
@@ -199,7 +216,7 @@ mod avx2 {
     /// As [`weight_grad`], with `o0 + OB2 <= o` and `t0 + TB2 <= taps`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile<const OB2: usize, const TB2: usize>(
+    unsafe fn tile<const OB2: usize, const TB2: usize>(
         dc: &DirectConv,
         xp: &[f32],
         g: &[f32],
@@ -270,22 +287,8 @@ mod avx512 {
         }
         // An odd last channel: the AVX2 tiles (the same sums).
         if o0 < o {
-            let mut t0 = 0;
-            while t0 < taps {
-                let tb = (taps - t0).min(super::TB);
-                // SAFETY: forwarded contract (AVX2 and FMA are present); `o0 + 1 <= o`, `t0 + tb <= taps`.
-                unsafe {
-                    match tb {
-                        6 => super::avx2::tile::<1, 6>(dc, xp, g, dw, o0, t0),
-                        5 => super::avx2::tile::<1, 5>(dc, xp, g, dw, o0, t0),
-                        4 => super::avx2::tile::<1, 4>(dc, xp, g, dw, o0, t0),
-                        3 => super::avx2::tile::<1, 3>(dc, xp, g, dw, o0, t0),
-                        2 => super::avx2::tile::<1, 2>(dc, xp, g, dw, o0, t0),
-                        _ => super::avx2::tile::<1, 1>(dc, xp, g, dw, o0, t0),
-                    }
-                }
-                t0 += tb;
-            }
+            // SAFETY: forwarded contract (AVX2 and FMA are present).
+            unsafe { super::avx2::weight_grad_from(dc, xp, g, dw, o0) };
         }
     }
 
@@ -333,16 +336,12 @@ mod avx512 {
         }
         for (p, a) in acc.iter().enumerate() {
             for (t, &v) in a.iter().enumerate() {
-                let mut lanes = [0f32; 2 * L];
-                // SAFETY: `lanes` holds 16 floats.
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
-                let (lo, hi) = lanes.split_at(L);
-                let (lo, hi): ([f32; L], [f32; L]) = (
-                    lo.try_into().unwrap_or([0.0; L]),
-                    hi.try_into().unwrap_or([0.0; L]),
-                );
-                dw[(o0 + 2 * p) * taps + t0 + t] += hsum(lo);
-                dw[(o0 + 2 * p + 1) * taps + t0 + t] += hsum(hi);
+                // lanes 0-7 and 8-15
+                let mut halves = [[0f32; L]; 2];
+                // SAFETY: `halves` holds 16 contiguous floats.
+                unsafe { _mm512_storeu_ps(halves.as_mut_ptr().cast(), v) };
+                dw[(o0 + 2 * p) * taps + t0 + t] += hsum(halves[0]);
+                dw[(o0 + 2 * p + 1) * taps + t0 + t] += hsum(halves[1]);
             }
         }
     }
@@ -376,7 +375,7 @@ mod portable {
     /// The buffers must be as [`DirectConv::weight_grad`] checks them (this copy indexes them checked,
     /// it is `unsafe` only to share the caller's contract with the AVX2 copy).
     pub(super) unsafe fn weight_grad(dc: &DirectConv, xp: &[f32], g: &[f32], dw: &mut [f32]) {
-        tiles!(dc, tile, xp, g, dw)
+        tiles!(dc, tile, xp, g, dw, 0)
     }
 
     fn tile<const OB2: usize, const TB2: usize>(
