@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::bn::{affine, channel_stats, channel_sums, check_vec, dot_dev, BnBackward};
+use super::bn::{affine, channel_stats_with, channel_sums, check_vec, dot_dev, BnBackward};
 use super::conv::{geometry, ConvGeom, ConvGrads};
 use super::direct::{DirectConv, Epilogue};
 use super::pool::PoolGeom;
@@ -157,7 +157,8 @@ impl BlockConv {
         })
     }
 
-    /// One image: `dst [o, oh*ow] = relu?(conv(xi) + bias)`.
+    /// One image: `dst [o, oh*ow] = relu?(conv(xi) + bias)`; `xi` may go on past the image (the
+    /// batch's next images, which a direct kernel may read as its padding).
     fn forward_image(
         &self,
         prep: &Prepared,
@@ -177,7 +178,7 @@ impl BlockConv {
                     relu,
                     affine: None,
                 };
-                s.forward_image(k, xi, w, &epi, dst)
+                s.forward_image(k, &xi[..self.chw()], w, &epi, dst)
             }
             _ => candle_core::bail!("fused block: kernels of another convolution"),
         }
@@ -282,9 +283,22 @@ impl BlockOp {
         let (w, bias, gamma, beta) = params;
         let (b, _, _, _) = g.input();
         let (o, ohw, pl) = (g.output().0, g.ohw(), self.pooled_len());
+        let chw = g.chw();
         let mut y = take_buf(b * o * ohw); // [b, o, oh*ow]
-        g.forward_into(x, w, bias, self.relu, &mut y)?;
-        let (mean, var) = channel_stats(&y, b, o, ohw);
+                                           // Each image's plane sums (BatchNorm's first pass) while its output is in cache.
+        let mut sums = vec![0f64; b * o]; // [b, o]
+        let prep = g.prepare(w)?;
+        y.par_chunks_mut(o * ohw)
+            .zip(sums.par_chunks_mut(o))
+            .enumerate()
+            .try_for_each(|(i, (dst, ps))| {
+                g.forward_image(&prep, &x[i * chw..], w, bias, self.relu, dst)?;
+                for (s, plane) in ps.iter_mut().zip(dst.chunks_exact(ohw)) {
+                    *s = sum_f32(plane);
+                }
+                Ok::<(), candle_core::Error>(())
+            })?;
+        let (mean, var) = channel_stats_with(&y, b, o, ohw, |i, ch| sums[i * o + ch]);
         let invstd: Vec<f32> = var
             .iter()
             .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)

@@ -50,12 +50,25 @@ multiversion! {
 
 /// Per-channel `(mean, biased variance)` of `x [b, c, hw]`, two passes, f64 across planes.
 pub(crate) fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    let plane = |i: usize, ch: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+    channel_stats_with(x, b, c, hw, |i, ch| sum_f32(plane(i, ch)))
+}
+
+/// [`channel_stats`] with the first pass done: `plane_sum(i, ch)` is `sum_f32` of image `i`'s plane of
+/// channel `ch` (taken by the kernel that wrote it, while it was in cache). The same bits.
+pub(crate) fn channel_stats_with(
+    x: &[f32],
+    b: usize,
+    c: usize,
+    hw: usize,
+    plane_sum: impl Fn(usize, usize) -> f64 + Sync,
+) -> (Vec<f32>, Vec<f32>) {
     let n = (b * hw) as f64;
     let stats: Vec<(f32, f32)> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let plane = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-            let mean = ((0..b).map(|i| sum_f32(plane(i))).sum::<f64>() / n) as f32;
+            let mean = ((0..b).map(|i| plane_sum(i, ch)).sum::<f64>() / n) as f32;
             let var = (0..b).map(|i| sum_sq_dev(plane(i), mean)).sum::<f64>() / n;
             (mean, var as f32)
         })
@@ -65,7 +78,10 @@ pub(crate) fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f3
 
 /// `y = x * scale[c] + shift[c]` over planes of `x [b, c, hw]`.
 pub(crate) fn affine(x: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usize) -> Vec<f32> {
-    let mut y = super::par_zeros(x.len());
+    if hw == 0 {
+        return Vec::new();
+    }
+    let mut y = super::Uninit::new(x.len());
     y.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
         .enumerate()
@@ -73,10 +89,12 @@ pub(crate) fn affine(x: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usiz
         .for_each(|(p, (yp, xp))| {
             let (a, s) = (scale[p % c], shift[p % c]);
             for (yv, &xv) in yp.iter_mut().zip(xp) {
-                *yv = xv * a + s;
+                yv.write(xv * a + s);
             }
         });
-    y
+    // SAFETY: `y`'s chunks and `x`'s have the same lengths (both `x.len()` values in chunks of `hw`),
+    // and the zip wrote every value of each.
+    unsafe { y.assume_init() }
 }
 
 /// Per channel `(sum(dz), sum(dz * (y - mean)))` from `plane(i, ch)`, the sums of image `i`'s plane of

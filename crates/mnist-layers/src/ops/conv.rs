@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::{
     copy_row, cpu_data, dims4, fwd_slice, multiversion, out_len, sum_f32, with_scratch, DirectConv,
-    Epilogue, Pad4, GRAD_CHUNK,
+    Epilogue, Pad4, Uninit, GRAD_CHUNK,
 };
 use crate::error::shape_err;
 
@@ -153,7 +153,8 @@ impl ConvGeom {
     }
 
     /// One image: `dst [o, oh*ow] = act(conv(xi [c, h, w], w) + bias)`; `dc` is [`Self::direct_conv`]
-    /// of the same weights.
+    /// of the same weights. With `dc`, `xi` may go on past the image (the batch's next images), which the
+    /// direct kernel then reads as its padding ([`DirectConv::padded`]).
     pub(crate) fn forward_image(
         &self,
         dc: Option<&DirectConv>,
@@ -165,7 +166,7 @@ impl ConvGeom {
     ) -> Result<()> {
         if let Some(dc) = dc {
             return with_scratch([dc.xp_len, dc.out_len()], |[xp, wide]| {
-                dc.pad_into(xi, xp);
+                let xp = dc.padded(xi, xp);
                 let epi = Epilogue {
                     bias,
                     relu,
@@ -177,6 +178,7 @@ impl ConvGeom {
             });
         }
         let (o, ckk, ohw) = (self.o, self.ckk(), self.ohw());
+        let xi = &xi[..self.chw()];
         if self.wide() {
             let l = self.wide_len();
             with_scratch([self.pad_len(), self.col_len(), o * l], |[xp, col, wide]| {
@@ -247,7 +249,13 @@ impl ConvGeom {
         let (o, ohw, chw) = (self.o, self.ohw(), self.chw());
         let dc = self.direct_conv(w)?;
         let work = |(i, dst): (usize, &mut [f32])| {
-            self.forward_image(dc.as_ref(), &x[i * chw..(i + 1) * chw], w, bias, relu, dst)
+            // The direct kernel may read the next images as its padding (`DirectConv::padded`).
+            let xi = if dc.is_some() {
+                &x[i * chw..]
+            } else {
+                &x[i * chw..(i + 1) * chw]
+            };
+            self.forward_image(dc.as_ref(), xi, w, bias, relu, dst)
         };
         if self.b == 1 {
             work((0, out))
@@ -396,8 +404,10 @@ impl ConvGeom {
         let need_dx = dx_conv.is_some();
         let mut pdw = vec![0f32; nchunks * o * ckk];
         let mut pdb = vec![0f32; nchunks * o];
+        // Every image's dx is written by `compact_into_uninit`; without dx, one unwritten value per
+        // chunk keeps the chunks zipped.
         let dx_chunk = if need_dx { GRAD_CHUNK * chw } else { 1 };
-        let mut dx = super::par_zeros(if need_dx { g.b * chw } else { nchunks });
+        let mut dx = Uninit::new(if need_dx { g.b * chw } else { nchunks });
         let lens = [
             o * ohw,
             dc.xp_len,
@@ -418,13 +428,14 @@ impl ConvGeom {
                         for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
                             db[oc] += sum_f32(row) as f32;
                         }
-                        dc.pad_into(&x[i * chw..(i + 1) * chw], xp);
+                        let xp = dc.padded(&x[i * chw..], xp);
                         dc.spread_into(gbuf, gwide);
                         dc.weight_grad(xp, gwide, dw)?;
                         if let Some(dxk) = dx_conv {
                             dxk.pad_into(gbuf, gp);
                             dxk.run(gp, &Epilogue::default(), dxwide)?;
-                            dxk.compact_into(dxwide, &mut dxc[(i - i0) * chw..(i - i0 + 1) * chw]);
+                            let dst = &mut dxc[(i - i0) * chw..(i - i0 + 1) * chw];
+                            dxk.compact_into_uninit(dxwide, dst);
                         }
                     }
                     Ok::<(), candle_core::Error>(())
@@ -438,7 +449,11 @@ impl ConvGeom {
         for part in pdb.chunks_exact(o) {
             db.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
-        Ok((need_dx.then_some(dx), dw, db))
+        // SAFETY: with `need_dx`, the chunks cover the `b * chw` values in `GRAD_CHUNK`-image steps and
+        // every image `i` of a chunk had its `chw` values written by `compact_into_uninit` (its output
+        // is `[c, h, w]`: `dx_conv` maps `[o, oh, ow]` back to the input's shape), or an error returned.
+        let dx = need_dx.then(|| unsafe { dx.assume_init() });
+        Ok((dx, dw, db))
     }
 
     /// Range of output columns whose input column `ox*s + kx - pl` lies inside `[0, w)`.

@@ -157,6 +157,21 @@ impl DirectConv {
         zero_row(tail);
     }
 
+    /// The padded image that [`Self::run`] and [`DirectConv::weight_grad`] read, for the image at the
+    /// start of `x`: `x` itself when the convolution pads nothing and `x` holds [`Self::xp_len`] values
+    /// (the image, then what follows it in the batch), else the image padded into `buf`
+    /// ([`Self::pad_into`]). Values past the image only ever meet the wide layout's columns that are not
+    /// outputs: `run` writes garbage there that is never read back, and the weight gradient multiplies
+    /// them by the gradient's zeros. Saves a copy of every image for the unpadded ("valid") convolutions.
+    pub(crate) fn padded<'a>(&self, x: &'a [f32], buf: &'a mut [f32]) -> &'a [f32] {
+        let unpadded = self.pt == 0 && self.pl == 0 && self.hp == self.h && self.wp == self.w;
+        if unpadded && x.len() >= self.xp_len {
+            return &x[..self.xp_len];
+        }
+        self.pad_into(x, buf);
+        buf
+    }
+
     /// `out [o, nwide] = epilogue(conv(xp))` (wide layout) from the padded image `xp`. An error when
     /// the buffers are smaller than [`Self::xp_len`] and [`Self::out_len`] or the epilogue's vectors
     /// shorter than `o` (the callers size them: only a bug here can cause it).

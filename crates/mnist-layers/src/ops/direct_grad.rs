@@ -11,10 +11,12 @@
 //!   tile, so both give the same bits; machines without AVX2 + FMA run a portable copy of it (plain
 //!   multiply-add: it differs by rounding).
 
+use std::mem::MaybeUninit;
+
 use candle_core::Result;
 
 use super::direct::DirectConv;
-use super::{copy_row, zero_row, Pad4};
+use super::{copy_row, write_row, zero_row, Pad4};
 
 /// Lanes of the weight-gradient accumulators (one AVX2 vector).
 const L: usize = 8;
@@ -123,18 +125,29 @@ impl DirectConv {
 
     /// `dst [o, oh*ow]` from the wide output `wide [o, nwide]` of [`DirectConv::run`].
     pub(crate) fn compact_into(&self, wide: &[f32], dst: &mut [f32]) {
+        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `compact_into_uninit` only writes
+        // initialised values through it, so `dst` stays initialised.
+        let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.compact_into_uninit(wide, dst);
+    }
+
+    /// [`Self::compact_into`] into values not written yet: when `dst` holds `o * oh * ow` values and
+    /// `wide` at least `o * nwide`, every value of `dst` is written.
+    pub(crate) fn compact_into_uninit(&self, wide: &[f32], dst: &mut [MaybeUninit<f32>]) {
         let (ohw, ow, wp) = (self.oh * self.ow, self.ow, self.wp);
+        debug_assert!(dst.len() == self.o * ohw && wide.len() >= self.o * self.nwide);
         for (plane, src) in dst
             .chunks_exact_mut(ohw)
             .zip(wide.chunks(self.nwide))
             .take(self.o)
         {
             if wp == ow {
-                copy_row(plane, src);
+                write_row(plane, src);
                 continue;
             }
+            // Rows of `wp >= ow` values: `nwide >= oh * wp` gives every one of the `oh` rows its own.
             for (row, srow) in plane.chunks_exact_mut(ow).zip(src.chunks(wp)) {
-                copy_row(row, srow);
+                write_row(row, srow);
             }
         }
     }
@@ -413,7 +426,9 @@ mod portable {
 mod tests {
     use super::*;
     use crate::ops::test_util::{assert_close, rand_t};
+    use crate::ops::Uninit;
     use candle_core::{Device, Tensor, Var};
+    use rayon::prelude::*;
 
     /// dx and dw of the direct kernels against candle's autograd through the reference convolution.
     fn check(c: usize, (h, w): (usize, usize), o: usize, k: usize, pad: Pad4, seed: u64) {
@@ -516,6 +531,92 @@ mod tests {
             }
             let bits = |d: &[f32]| d.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a), bits(&b), "c{c} {h}x{h} o{o} k{k}");
+        }
+    }
+
+    /// An unpadded convolution reads the batch's next image as its padding (`DirectConv::padded`): the
+    /// outputs and the weight gradient are bit for bit those from a zero-padded copy, padded ones and
+    /// the batch's last image still get the copy, and the compact output written into fresh memory
+    /// (`compact_into_uninit`) is the same as into zeros.
+    #[test]
+    fn next_image_as_padding_gives_the_same_bits() {
+        for (i, &(c, h, w, o, k, pad)) in [
+            (10, 26, 26, 20, 3, (0, 0, 0, 0)),
+            (20, 24, 24, 10, 1, (0, 0, 0, 0)),
+            (3, 9, 11, 5, 3, (0, 0, 0, 0)),
+            (3, 9, 11, 5, 3, (1, 1, 1, 1)),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 200 + 3 * i as u64;
+            let v = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let chw = c * h * w;
+            // Two images; the second one's values are large, so reading them anywhere but in the
+            // columns that are not outputs would show.
+            let mut x = v(rand_t(&[2, c, h, w], seed));
+            x[chw..].iter_mut().for_each(|a| *a *= 1e6);
+            let wv = v(rand_t(&[o, c, k, k], seed + 1));
+            let dc = DirectConv::new((c, h, w), &wv, (o, k), pad).unwrap();
+            let g = v(rand_t(&[o, dc.oh * dc.ow], seed + 2));
+            let mut gw = vec![f32::NAN; dc.out_len()];
+            dc.spread_into(&g, &mut gw);
+            let run = |xp: &[f32]| {
+                let mut wide = vec![f32::NAN; dc.out_len()];
+                dc.run(xp, &Default::default(), &mut wide).unwrap();
+                let mut out = vec![0f32; o * dc.oh * dc.ow];
+                dc.compact_into(&wide, &mut out);
+                let mut dw = vec![0f32; o * c * k * k];
+                dc.weight_grad(xp, &gw, &mut dw).unwrap();
+                (out, dw, wide)
+            };
+            let mut copy = vec![f32::NAN; dc.xp_len];
+            dc.pad_into(&x[..chw], &mut copy);
+            let expected = run(&copy);
+            let mut buf = vec![f32::NAN; dc.xp_len];
+            let unpadded = pad == (0, 0, 0, 0);
+            let view = dc.padded(&x, &mut buf);
+            assert_eq!(
+                std::ptr::eq(view.as_ptr(), x.as_ptr()),
+                unpadded,
+                "only unpadded convolutions read the batch in place ({i})"
+            );
+            let got = run(view);
+            let bits = |d: &[f32]| d.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.0), bits(&expected.0), "outputs ({i})");
+            assert_eq!(bits(&got.1), bits(&expected.1), "weight gradient ({i})");
+            // The last image has nothing after it: it is copied and padded unless the kernel reads
+            // no further than its end (a 1x1 convolution whose planes are a multiple of 16 wide).
+            let last = dc.padded(&x[chw..], &mut buf);
+            assert_eq!(
+                std::ptr::eq(last.as_ptr(), x[chw..].as_ptr()),
+                unpadded && dc.xp_len == chw,
+                "last image ({i})"
+            );
+            assert_eq!(
+                bits(&run(last).0),
+                bits(
+                    &run(&{
+                        let mut c2 = vec![f32::NAN; dc.xp_len];
+                        dc.pad_into(&x[chw..], &mut c2);
+                        c2
+                    })
+                    .0
+                ),
+                "last image's outputs ({i})"
+            );
+
+            let mut fresh = Uninit::new(o * dc.oh * dc.ow);
+            fresh
+                .par_chunks_mut(o * dc.oh * dc.ow)
+                .for_each(|d| dc.compact_into_uninit(&expected.2, d));
+            // SAFETY: `compact_into_uninit` writes all `o * oh * ow` values (its contract).
+            let fresh = unsafe { fresh.assume_init() };
+            assert_eq!(
+                bits(&fresh),
+                bits(&expected.0),
+                "compact into fresh memory ({i})"
+            );
         }
     }
 

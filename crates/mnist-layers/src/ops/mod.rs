@@ -330,6 +330,44 @@ pub(crate) fn par_zeros<T: Copy + Default + Send + Sync>(n: usize) -> Vec<T> {
     v
 }
 
+/// A batch-sized output of `n` values that its kernel writes in full, built without zero-filling it
+/// first (which costs a pass over memory as large as the kernel's own): the kernel gets the values as
+/// `MaybeUninit` chunks ([`Self::par_chunks_mut`]) and writes each one with `MaybeUninit::write`; only
+/// then does [`Self::assume_init`] hand out the vector. On an error the buffer is dropped unread.
+pub(crate) struct Uninit<T> {
+    v: Vec<T>,
+    n: usize,
+}
+
+impl<T: Send> Uninit<T> {
+    /// Room for `n` values, none written yet.
+    pub(crate) fn new(n: usize) -> Self {
+        Self {
+            v: Vec::with_capacity(n),
+            n,
+        }
+    }
+
+    /// The `n` values in chunks of `chunk` (the last may be shorter), for rayon.
+    pub(crate) fn par_chunks_mut(
+        &mut self,
+        chunk: usize,
+    ) -> rayon::slice::ChunksMut<'_, std::mem::MaybeUninit<T>> {
+        use rayon::prelude::*;
+        self.v.spare_capacity_mut()[..self.n].par_chunks_mut(chunk)
+    }
+
+    /// The vector of the `n` values.
+    ///
+    /// # Safety
+    /// Every one of the `n` values was written through [`Self::par_chunks_mut`].
+    pub(crate) unsafe fn assume_init(mut self) -> Vec<T> {
+        // SAFETY: the capacity is `n` (from `new`) and the caller guarantees all `n` were written.
+        unsafe { self.v.set_len(self.n) };
+        self.v
+    }
+}
+
 /// Spare batch-sized buffers for state that lives inside an op between its forward and backward pass
 /// (recycled so a training loop neither zero-fills nor page-faults them in every step).
 static SPARE: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
@@ -368,16 +406,27 @@ pub(crate) fn give_buf(v: Vec<f32>) {
 /// blocks, then the tail, never a `memcpy` call (whose call cost is that of the copy at these sizes).
 #[inline(always)]
 pub(crate) fn copy_row(dst: &mut [f32], src: &[f32]) {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `write_row` only writes initialised values
+    // through it, so `dst` stays initialised.
+    let dst = unsafe { &mut *(dst as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+    write_row(dst, src);
+}
+
+/// [`copy_row`] into values that may not have been written yet (an [`Uninit`] output): every one of the
+/// first `min(dst.len(), src.len())` is written.
+#[inline(always)]
+pub(crate) fn write_row(dst: &mut [std::mem::MaybeUninit<f32>], src: &[f32]) {
     let n = dst.len().min(src.len());
     let (dst, src) = (&mut dst[..n], &src[..n]);
     let mut d = dst.chunks_exact_mut(8);
     let mut s = src.chunks_exact(8);
     for (a, b) in (&mut d).zip(&mut s) {
-        let b: &[f32; 8] = b.try_into().unwrap_or(&[0.0; 8]);
-        a.copy_from_slice(b);
+        for (x, &y) in a.iter_mut().zip(b) {
+            x.write(y);
+        }
     }
-    for (a, b) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        *a = *b;
+    for (a, &b) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        a.write(b);
     }
 }
 
