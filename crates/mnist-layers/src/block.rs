@@ -79,8 +79,8 @@ impl ConvBnPool {
         self.pool.as_ref()
     }
 
-    /// The op spec for an input of spatial size `h x w`.
-    fn spec(&self, h: usize, w: usize) -> Result<BlockSpec> {
+    /// The op spec for an input of spatial size `h x w`, and the output's size.
+    fn spec(&self, h: usize, w: usize) -> Result<(BlockSpec, (usize, usize))> {
         let cfg = self.conv.config();
         let k = self.conv.weight().dim(3)?;
         block_spec(
@@ -95,7 +95,7 @@ impl ConvBnPool {
 }
 
 /// The op spec of a block whose (first) convolution is `k x k` with `cfg`'s stride and padding on
-/// `h x w` inputs, then `relu`, BatchNorm and `pool`.
+/// `h x w` inputs, then `relu`, BatchNorm and `pool`; and the size of its output.
 fn block_spec(
     (h, w): (usize, usize),
     k: usize,
@@ -103,26 +103,28 @@ fn block_spec(
     relu: bool,
     bn: &BatchNorm,
     pool: Option<MaxPool2dConfig>,
-) -> Result<BlockSpec> {
+) -> Result<(BlockSpec, (usize, usize))> {
     let (pad, (oh, ow)) = cfg.padding.resolve2d(h, w, k, cfg.stride)?;
-    let pool = match pool {
+    let (pool, out) = match pool {
         Some(p) => {
-            let (pp, _) = p.padding.resolve2d(oh, ow, p.kernel, p.stride)?;
-            Some(PoolSpec {
+            let (pp, out) = p.padding.resolve2d(oh, ow, p.kernel, p.stride)?;
+            let spec = PoolSpec {
                 kernel: p.kernel,
                 stride: p.stride,
                 pad: pp,
-            })
+            };
+            (Some(spec), out)
         }
-        None => None,
+        None => (None, (oh, ow)),
     };
-    Ok(BlockSpec {
+    let spec = BlockSpec {
         stride: cfg.stride,
         pad,
         relu,
         eps: bn.config().eps,
         pool,
-    })
+    };
+    Ok((spec, out))
 }
 
 /// Builds a [`ConvBnPool`] from fresh layers: [`conv2d`]`(in_c, out_c, k, cfg.conv, vb_conv)`,
@@ -154,7 +156,7 @@ impl ModuleT for ConvBnPool {
                 None => Ok(ys),
             };
         }
-        let spec = self.spec(h, w)?;
+        let (spec, _) = self.spec(h, w)?;
         let (wt, bias) = (self.conv.weight(), self.conv.bias());
         if train {
             let (ys, mean, var) =
@@ -241,7 +243,7 @@ impl ModuleT for SeparableBnPool {
         let (dw, pw) = (&self.depthwise, &blk.conv);
         let k = dw.weight().dim(3)?;
         let relu = pw.config().activation.is_relu();
-        let spec = block_spec((h, w), k, dw.config(), relu, &blk.bn, blk.pool)?;
+        let (spec, _) = block_spec((h, w), k, dw.config(), relu, &blk.bn, blk.pool)?;
         if train {
             let (ys, mean, var) = ops::separable_bn_pool_train(
                 xs,
@@ -267,6 +269,99 @@ impl ModuleT for SeparableBnPool {
             )
         }
     }
+}
+
+/// A fused block of either kind, for [`train_stack`]: consecutive blocks of a network train as one op.
+#[derive(Debug, Clone)]
+pub enum FusedBlock {
+    /// `pool?(BatchNorm(conv(x)))`.
+    Conv(ConvBnPool),
+    /// `pool?(BatchNorm(pointwise(depthwise(x))))`.
+    Separable(SeparableBnPool),
+}
+
+impl From<ConvBnPool> for FusedBlock {
+    fn from(b: ConvBnPool) -> Self {
+        FusedBlock::Conv(b)
+    }
+}
+
+impl From<SeparableBnPool> for FusedBlock {
+    fn from(b: SeparableBnPool) -> Self {
+        FusedBlock::Separable(b)
+    }
+}
+
+impl FusedBlock {
+    /// The convolution (the pointwise one of a separable block), BatchNorm and pool.
+    fn block(&self) -> &ConvBnPool {
+        match self {
+            FusedBlock::Conv(b) => b,
+            FusedBlock::Separable(s) => &s.block,
+        }
+    }
+
+    /// The op's view of this block on `h x w` inputs, and its output size.
+    fn stack_part(&self, (h, w): (usize, usize)) -> Result<(ops::StackBlock<'_>, (usize, usize))> {
+        let blk = self.block();
+        let (depthwise, (spec, out)) = match self {
+            FusedBlock::Conv(b) => (None, b.spec(h, w)?),
+            FusedBlock::Separable(s) => {
+                let dw = &s.depthwise;
+                let k = dw.weight().dim(3)?;
+                let relu = blk.conv.config().activation.is_relu();
+                let spec = block_spec((h, w), k, dw.config(), relu, &blk.bn, blk.pool)?;
+                (Some(dw.weight()), spec)
+            }
+        };
+        let part = ops::StackBlock {
+            depthwise,
+            w: blk.conv.weight(),
+            bias: blk.conv.bias(),
+            gamma: blk.bn.gamma(),
+            beta: blk.bn.beta(),
+            spec,
+        };
+        Ok((part, out))
+    }
+}
+
+impl ModuleT for FusedBlock {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            FusedBlock::Conv(b) => b.forward_t(xs, train),
+            FusedBlock::Separable(b) => b.forward_t(xs, train),
+        }
+    }
+}
+
+/// `blocks` one after the other on `xs` in training mode (batch statistics, running statistics
+/// updated), as ONE op ([`ops::block_stack_train`]) when every block runs on the fast kernels: the
+/// activations' gradients then pass from block to block without candle's gradient store. The same
+/// outputs, gradients and running statistics as calling each block's `forward_t(xs, true)` in turn,
+/// which is what happens otherwise (other kernels, devices or dtypes).
+pub fn train_stack(blocks: &[&FusedBlock], xs: &Tensor) -> Result<Tensor> {
+    let (h, w) = match xs.dims() {
+        &[_, _, h, w] => (h, w),
+        d => return Err(shape_err("train_stack", "[b, c, h, w]", d)),
+    };
+    if blocks.len() < 2 || !blocks.iter().all(|b| b.block().kernels.use_fast(xs)) {
+        return blocks
+            .iter()
+            .try_fold(xs.clone(), |ys, b| b.forward_t(&ys, true));
+    }
+    let mut parts = Vec::with_capacity(blocks.len());
+    let mut hw = (h, w);
+    for b in blocks {
+        let (part, out) = b.stack_part(hw)?;
+        parts.push(part);
+        hw = out;
+    }
+    let (ys, stats) = ops::block_stack_train(xs, &parts)?;
+    for (b, (mean, var)) in blocks.iter().zip(&stats) {
+        b.block().bn.update_running(mean, var)?;
+    }
+    Ok(ys)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use candle_core::Result;
 use candle_nn::VarBuilder;
 use mnist_layers::{
     batch_norm, conv2d, dropout, linear, separable_conv2d, Activation, BatchNormConfig,
-    BranchLayer, Conv2d, Conv2dConfig, ConvBnPool, InceptionModule, Kernels, MaxPool2d,
+    BranchLayer, Conv2d, Conv2dConfig, ConvBnPool, FusedBlock, InceptionModule, Kernels, MaxPool2d,
     MaxPool2dConfig, SeparableBnPool, SeparableConv2d, SharedRng,
 };
 
@@ -156,23 +156,14 @@ impl Lower<'_> {
                 (true, true) => "SeparableConv2D+BN+MaxPool",
             };
             let prefixes = [names.conv.as_str(), names.bn.as_str()];
-            let stage = if separable {
+            let block: FusedBlock = if separable {
                 let sep = separable_conv2d(c_in, c.filters, c.kernel, cfg, vc)?;
-                Stage::fused(
-                    &names.conv,
-                    label,
-                    &prefixes,
-                    SeparableBnPool::new(&sep, bn, pool)?,
-                )
+                SeparableBnPool::new(&sep, bn, pool)?.into()
             } else {
                 let conv = conv2d(c_in, c.filters, c.kernel, cfg, vc)?;
-                Stage::fused(
-                    &names.conv,
-                    label,
-                    &prefixes,
-                    ConvBnPool::new(conv, bn, pool)?,
-                )
+                ConvBnPool::new(conv, bn, pool)?.into()
             };
+            let stage = Stage::block(&names.conv, label, &prefixes, block);
             stages.push(stage);
             return Ok(());
         }

@@ -1,6 +1,7 @@
 //! A built model: the stages [`crate::build`] lowered an [`ArchSpec`] to, run one after the other.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
+use mnist_layers::FusedBlock;
 
 use crate::ArchSpec;
 
@@ -8,6 +9,8 @@ use crate::ArchSpec;
 pub(crate) enum Layer {
     Plain(Box<dyn Module + Send + Sync>),
     Train(Box<dyn ModuleT + Send + Sync>),
+    /// A fused block: a run of them trains as one op ([`mnist_layers::train_stack`]).
+    Block(FusedBlock),
 }
 
 /// One named stage of a [`Net`]: its variables live under `prefix.` for each of its prefixes (one, or
@@ -48,11 +51,20 @@ impl Stage {
         prefixes: &[&str],
         m: impl ModuleT + Send + Sync + 'static,
     ) -> Self {
+        Self::with_layer(name, kind, prefixes, Layer::Train(Box::new(m)))
+    }
+
+    /// A fused convolution block (its variables under the convolution's and the BatchNorm's prefixes).
+    pub(crate) fn block(name: &str, kind: &'static str, prefixes: &[&str], b: FusedBlock) -> Self {
+        Self::with_layer(name, kind, prefixes, Layer::Block(b))
+    }
+
+    fn with_layer(name: &str, kind: &'static str, prefixes: &[&str], layer: Layer) -> Self {
         Self {
             name: name.to_string(),
             kind,
             prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
-            layer: Layer::Train(Box::new(m)),
+            layer,
         }
     }
 
@@ -60,6 +72,7 @@ impl Stage {
         match &self.layer {
             Layer::Plain(m) => m.forward(xs),
             Layer::Train(m) => m.forward_t(xs, train),
+            Layer::Block(b) => b.forward_t(xs, train),
         }
     }
 }
@@ -120,11 +133,29 @@ impl Net {
         &self.spec
     }
 
-    /// Every stage over `xs`, one after the other.
+    /// Every stage over `xs`, one after the other; in training, each run of consecutive fused blocks
+    /// as one op ([`mnist_layers::train_stack`]: the same results, without candle's gradient store
+    /// between the blocks).
     fn run(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut ys = xs.clone();
-        for stage in &self.stages {
+        let mut rest = &self.stages[..];
+        while let Some((stage, after)) = rest.split_first() {
+            if train {
+                let blocks: Vec<&FusedBlock> = rest
+                    .iter()
+                    .map_while(|s| match &s.layer {
+                        Layer::Block(b) => Some(b),
+                        _ => None,
+                    })
+                    .collect();
+                if blocks.len() > 1 {
+                    ys = mnist_layers::train_stack(&blocks, &ys)?;
+                    rest = &rest[blocks.len()..];
+                    continue;
+                }
+            }
             ys = stage.forward_t(&ys, train)?;
+            rest = after;
         }
         Ok(ys)
     }

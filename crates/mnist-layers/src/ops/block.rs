@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::bn::{affine, channel_stats_with, channel_sums, check_vec, dot_dev, BnBackward};
-use super::conv::{geometry, ConvGeom, ConvGrads};
+use super::conv::{geometry_of, ConvGeom, ConvGrads};
 use super::direct::{DirectConv, Epilogue};
 use super::pool::PoolGeom;
 use super::separable::{SepGeom, SepKernels};
@@ -24,6 +24,10 @@ use super::{
     OpState, Pad4,
 };
 use crate::error::shape_err;
+
+mod stack;
+
+pub use stack::{block_stack_train, block_stack_train_reference, StackBlock};
 
 const OP_TRAIN: &str = "conv_bn_pool_train";
 const OP_EVAL: &str = "conv_bn_pool_eval";
@@ -269,13 +273,18 @@ impl BlockOp {
         self.pool.map_or(self.g.ohw(), |p| p.oh * p.ow)
     }
 
-    fn out_shape(&self) -> Shape {
+    /// `(b, o, oh, ow)` of the output (pooled when the block pools).
+    fn out_dims(&self) -> (usize, usize, usize, usize) {
         let (b, _, _, _) = self.g.input();
         let (o, oh, ow) = self.g.output();
         match self.pool {
-            Some(p) => Shape::from((b, o, p.oh, p.ow)),
-            None => Shape::from((b, o, oh, ow)),
+            Some(p) => (b, o, p.oh, p.ow),
+            None => (b, o, oh, ow),
         }
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from(self.out_dims())
     }
 
     fn fwd_train(&self, x: &[f32], params: Params, eps: f64) -> Result<Vec<f32>> {
@@ -399,14 +408,33 @@ impl BlockOp {
         params: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Tensor)> {
-        let g = self.g;
         let name = self.op_name();
-        let (b, c, h, wd) = g.input();
-        let (o, ohw, pl) = (g.output().0, g.ohw(), self.pooled_len());
-        let need_dx = x.track_op();
+        let (b, c, h, wd) = self.g.input();
         cpu_data!(x, xg, xs, name);
         cpu_data!(params, pg, ps, name);
         cpu_data!(grad, dyg, dys, name);
+        let (dx, dparams) = self.grads_of(xs, ps, dys, x.track_op())?;
+        let dev = x.device();
+        let dx = match dx {
+            Some(v) => Some(Tensor::from_vec(v, (b, c, h, wd), dev)?),
+            None => None,
+        };
+        Ok((dx, Tensor::from_vec(dparams, params.shape(), dev)?))
+    }
+
+    /// The backward pass on raw slices: the input `xs`, the parameter vector `ps` and the gradient `dys`
+    /// at the output give `(dx if need_dx, d params)`.
+    fn grads_of(
+        &self,
+        xs: &[f32],
+        ps: &[f32],
+        dys: &[f32],
+        need_dx: bool,
+    ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+        let g = self.g;
+        let name = self.op_name();
+        let (b, _, _, _) = g.input();
+        let (o, ohw, pl) = (g.output().0, g.ohw(), self.pooled_len());
         let (w, bias, p1, _) = self.split(ps)?;
         let saved = self.saved.lock()?;
         let recomputed;
@@ -424,8 +452,8 @@ impl BlockOp {
             || (self.pool.is_some() && argmax.len() != dys.len())
         {
             candle_core::bail!(
-                "{name} backward: saved state does not match the gradient {:?}",
-                grad.dims()
+                "{name} backward: saved state does not match the gradient of {} values",
+                dys.len()
             )
         }
         // Per channel: sum(dz) and sum(dz * (y - mean)), images in order (thread-count independent).
@@ -472,12 +500,7 @@ impl BlockOp {
         }
         dparams.extend_from_slice(&bn.dgamma);
         dparams.extend_from_slice(&bn.dbeta);
-        let dev = x.device();
-        let dx = match dx {
-            Some(v) => Some(Tensor::from_vec(v, (b, c, h, wd), dev)?),
-            None => None,
-        };
-        Ok((dx, Tensor::from_vec(dparams, params.shape(), dev)?))
+        Ok((dx, dparams))
     }
 }
 
@@ -530,18 +553,19 @@ enum Weights<'a> {
 }
 
 impl Weights<'_> {
-    /// The geometry of `x` through these weights, checked.
+    /// The geometry of inputs of `dims` through these weights, checked.
     fn geometry(
         &self,
-        x: &Tensor,
+        dims: (usize, usize, usize, usize),
         bias: Option<&Tensor>,
         spec: &BlockSpec,
         op: &'static str,
     ) -> Result<BlockConv> {
         Ok(match *self {
-            Weights::Dense(w) => BlockConv::Dense(geometry(x, w, bias, spec.stride, spec.pad)?),
+            Weights::Dense(w) => {
+                BlockConv::Dense(geometry_of(dims, w, bias, spec.stride, spec.pad)?)
+            }
             Weights::Separable(dw, pw) => {
-                let dims = super::dims4(x, op)?;
                 let (c, one, k, k2) = super::dims4(dw, op)?;
                 let (o, pc, p1, p2) = super::dims4(pw, op)?;
                 if c != dims.1 || one != 1 || k != k2 {
@@ -586,7 +610,27 @@ fn run(
     train: bool,
 ) -> Result<(Tensor, OpState<Saved>)> {
     let name = if train { OP_TRAIN } else { OP_EVAL };
-    let g = w.geometry(x, bias, spec, name)?;
+    let (op, parts) = build(super::dims4(x, name)?, w, bias, p1, p2, spec, train)?;
+    let params = Tensor::cat(&parts, 0)?;
+    let saved = op.saved.clone();
+    let y = x.contiguous()?.apply_op2(&params, op)?;
+    Ok((y, saved))
+}
+
+/// The op of one block on `[b, c, h, w]` inputs of `dims`, after validating its weights, bias, `p1`,
+/// `p2` and spec, and the parts of its parameter vector (in [`BlockOp::split`]'s order).
+#[allow(clippy::too_many_arguments)]
+fn build(
+    dims: (usize, usize, usize, usize),
+    w: Weights,
+    bias: Option<&Tensor>,
+    p1: &Tensor,
+    p2: &Tensor,
+    spec: &BlockSpec,
+    train: bool,
+) -> Result<(BlockOp, Vec<Tensor>)> {
+    let name = if train { OP_TRAIN } else { OP_EVAL };
+    let g = w.geometry(dims, bias, spec, name)?;
     let (o, oh, ow) = g.output();
     check_vec(p1, o, name, if train { "gamma" } else { "scale" })?;
     check_vec(p2, o, name, if train { "beta" } else { "shift" })?;
@@ -603,18 +647,15 @@ fn run(
     }
     parts.push(p1.clone());
     parts.push(p2.clone());
-    let params = Tensor::cat(&parts, 0)?;
-    let saved = OpState::new(name);
     let op = BlockOp {
         g,
         relu: spec.relu,
         bias: bias.is_some(),
         train_eps: train.then_some(spec.eps),
         pool,
-        saved: saved.clone(),
+        saved: OpState::new(name),
     };
-    let y = x.contiguous()?.apply_op2(&params, op)?;
-    Ok((y, saved))
+    Ok((op, parts))
 }
 
 /// Fast fused training-mode block `pool?(BatchNorm_train(relu?(conv(x, w) + bias)))` on `f32` CPU
@@ -712,7 +753,7 @@ fn infer_with(
     shift: &Tensor,
     spec: &BlockSpec,
 ) -> Result<Tensor> {
-    let conv = w.geometry(x, bias, spec, OP_INFER)?;
+    let conv = w.geometry(super::dims4(x, OP_INFER)?, bias, spec, OP_INFER)?;
     let (b, _, _, _) = conv.input();
     let (o, oh, ow) = conv.output();
     check_vec(scale, o, OP_INFER, "scale")?;

@@ -777,7 +777,17 @@ pub(crate) fn geometry(
     stride: usize,
     pad: Pad4,
 ) -> Result<ConvGeom> {
-    let (b, c, h, wd) = dims4(x, OP)?;
+    geometry_of(dims4(x, OP)?, w, bias, stride, pad)
+}
+
+/// [`geometry`] for an input of `dims` (`[b, c, h, w]`, already checked to be an `f32` CPU tensor).
+pub(crate) fn geometry_of(
+    (b, c, h, wd): (usize, usize, usize, usize),
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: Pad4,
+) -> Result<ConvGeom> {
     let (o, wc, k, k2) = dims4(w, OP)?;
     if wc != c || k != k2 {
         return Err(shape_err(OP, format!("weight [o, {c}, k, k]"), w.dims()));

@@ -1,0 +1,395 @@
+//! A run of fused blocks trained as ONE custom op ([`block_stack_train`]): the forward pass runs each
+//! block's training forward on the previous one's output, the backward pass each block's backward in
+//! reverse, handing the gradient at a block's input straight to the block before it. Only the stack's
+//! input and its one parameter vector meet candle's autograd, so the activations' gradients skip its
+//! gradient store, which would start each one as a zero tensor and add the op's gradient to it (two
+//! more passes over every activation gradient, and an allocation). Same arithmetic, same order: the
+//! results are those of the blocks run one by one, bit for bit.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::{build, BlockOp, BlockSpec, Weights};
+use crate::ops::{cpu_data, dims4, fwd_slice, OpState};
+
+const OP: &str = "block_stack_train";
+
+/// One block of [`block_stack_train`]: the arguments of [`super::conv_bn_pool_train`] (`w`, `bias`,
+/// `gamma`, `beta`, `spec`), or of [`super::separable_bn_pool_train`] when `depthwise` is set (`w` is
+/// then the pointwise weight).
+#[derive(Debug, Clone, Copy)]
+pub struct StackBlock<'a> {
+    /// The depthwise weight `[c, 1, k, k]` of a separable block; `None` for a dense convolution.
+    pub depthwise: Option<&'a Tensor>,
+    /// The convolution weight `[o, c, k, k]` (the pointwise `[o, c, 1, 1]` of a separable block).
+    pub w: &'a Tensor,
+    /// The convolution bias `[o]`, if any.
+    pub bias: Option<&'a Tensor>,
+    /// BatchNorm's scale `[o]`.
+    pub gamma: &'a Tensor,
+    /// BatchNorm's shift `[o]`.
+    pub beta: &'a Tensor,
+    /// Stride, padding, activation, eps and pool of the block.
+    pub spec: BlockSpec,
+}
+
+/// The training-mode blocks `blocks` one after the other on `x [b, c, h, w]` (`f32`, CPU), as one op.
+///
+/// Returns the last block's output and each block's batch statistics `(mean [o], var [o])` for the
+/// running-average update. Outputs, statistics and every gradient (x, and each block's weights, bias,
+/// gamma and beta) are bit for bit those of calling [`super::conv_bn_pool_train`] /
+/// [`super::separable_bn_pool_train`] block by block.
+pub fn block_stack_train(
+    x: &Tensor,
+    blocks: &[StackBlock],
+) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+    if blocks.is_empty() {
+        candle_core::bail!("{OP}: no blocks")
+    }
+    let mut dims = dims4(x, OP)?;
+    let (mut ops, mut parts, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
+    let mut end = 0;
+    for blk in blocks {
+        let w = match blk.depthwise {
+            Some(dw) => Weights::Separable(dw, blk.w),
+            None => Weights::Dense(blk.w),
+        };
+        let (op, p) = build(dims, w, blk.bias, blk.gamma, blk.beta, &blk.spec, true)?;
+        let start = end;
+        end += p.iter().map(Tensor::elem_count).sum::<usize>();
+        ranges.push(start..end);
+        dims = op.out_dims();
+        ops.push(op);
+        parts.extend(p);
+    }
+    let params = Tensor::cat(&parts, 0)?;
+    let saved: Vec<_> = ops.iter().map(|op| op.saved.clone()).collect();
+    let stack = StackOp {
+        ops,
+        ranges,
+        inputs: OpState::new(OP),
+    };
+    let y = x.contiguous()?.apply_op2(&params, stack)?;
+    let dev = x.device();
+    let stats = saved
+        .iter()
+        .map(|s| {
+            let s = s.lock()?;
+            Ok((
+                Tensor::from_vec(s.mean.clone(), s.mean.len(), dev)?,
+                Tensor::from_vec(s.var.clone(), s.var.len(), dev)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((y, stats))
+}
+
+struct StackOp {
+    /// The blocks, in training mode.
+    ops: Vec<BlockOp>,
+    /// Each block's part of the parameter vector.
+    ranges: Vec<std::ops::Range<usize>>,
+    /// The inputs of blocks 1.. (the outputs of blocks ..n-1), from the forward pass.
+    inputs: OpState<Vec<Vec<f32>>>,
+}
+
+impl StackOp {
+    fn params<'a>(&self, ps: &'a [f32], k: usize) -> Result<&'a [f32]> {
+        ps.get(self.ranges[k].clone()).ok_or_else(|| {
+            candle_core::Error::msg(format!(
+                "{OP}: parameter vector of {} values, block {k} needs {:?}",
+                ps.len(),
+                self.ranges[k]
+            ))
+        })
+    }
+}
+
+impl CustomOp2 for StackOp {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = fwd_slice(s1, l1, OP)?;
+        let ps = fwd_slice(s2, l2, OP)?;
+        let mut inputs = Vec::with_capacity(self.ops.len() - 1);
+        let mut cur: Option<Vec<f32>> = None;
+        for (k, op) in self.ops.iter().enumerate() {
+            let eps = op.train_eps.unwrap_or(f64::NAN);
+            let out = op.fwd_train(
+                cur.as_deref().unwrap_or(x),
+                op.split(self.params(ps, k)?)?,
+                eps,
+            )?;
+            inputs.extend(cur.replace(out));
+        }
+        self.inputs.set(inputs)?;
+        let last = self.ops.last().map(BlockOp::out_shape);
+        match (cur, last) {
+            (Some(y), Some(shape)) => Ok((CpuStorage::F32(y), shape)),
+            _ => candle_core::bail!("{OP}: no blocks"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        cpu_data!(x, xg, xs, OP);
+        cpu_data!(params, pg, ps, OP);
+        cpu_data!(grad, gg, dys, OP);
+        let inputs = self.inputs.lock()?;
+        if inputs.len() + 1 != self.ops.len() {
+            candle_core::bail!("{OP} backward: no forward pass to go back through")
+        }
+        let mut dparams = vec![0f32; ps.len()];
+        // The gradient at the output of block k (owned from the last block's input down).
+        let mut g: Option<Vec<f32>> = None;
+        for (k, op) in self.ops.iter().enumerate().rev() {
+            let xin = if k == 0 { xs } else { &inputs[k - 1] };
+            let need_dx = k > 0 || x.track_op();
+            let (dx, dp) = op.grads_of(
+                xin,
+                self.params(ps, k)?,
+                g.as_deref().unwrap_or(dys),
+                need_dx,
+            )?;
+            let dst = &mut dparams[self.ranges[k].clone()];
+            if dp.len() != dst.len() {
+                candle_core::bail!(
+                    "{OP} backward: block {k} gave {} parameter gradients",
+                    dp.len()
+                )
+            }
+            dst.copy_from_slice(&dp);
+            if k > 0 && dx.is_none() {
+                candle_core::bail!("{OP} backward: block {k} gave no input gradient")
+            }
+            g = dx;
+        }
+        let dev = x.device();
+        let dx = match g {
+            Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
+            None => None,
+        };
+        Ok((dx, Some(Tensor::from_vec(dparams, params.shape(), dev)?)))
+    }
+}
+
+/// The reference twin of [`block_stack_train`]: each block's reference twin
+/// ([`super::conv_bn_pool_train_reference`], [`super::separable_bn_pool_train_reference`]) one after the
+/// other, on candle's own ops (any device / dtype).
+pub fn block_stack_train_reference(
+    x: &Tensor,
+    blocks: &[StackBlock],
+) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+    let mut y = x.clone();
+    let mut stats = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        let (out, mean, var) = match b.depthwise {
+            Some(dw) => super::separable_bn_pool_train_reference(
+                &y, dw, b.w, b.bias, b.gamma, b.beta, &b.spec,
+            )?,
+            None => super::conv_bn_pool_train_reference(&y, b.w, b.bias, b.gamma, b.beta, &b.spec)?,
+        };
+        y = out;
+        stats.push((mean, var));
+    }
+    Ok((y, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::{assert_close, rand_t};
+    use crate::ops::{conv_bn_pool_train, separable_bn_pool_train, PoolSpec};
+    use candle_core::Var;
+
+    /// The parameters of one test block.
+    struct Params {
+        depthwise: Option<Var>,
+        w: Var,
+        bias: Option<Var>,
+        gamma: Var,
+        beta: Var,
+        spec: BlockSpec,
+    }
+
+    impl Params {
+        fn block(&self) -> StackBlock<'_> {
+            StackBlock {
+                depthwise: self.depthwise.as_ref().map(|v| v.as_tensor()),
+                w: self.w.as_tensor(),
+                bias: self.bias.as_ref().map(|v| v.as_tensor()),
+                gamma: self.gamma.as_tensor(),
+                beta: self.beta.as_tensor(),
+                spec: self.spec,
+            }
+        }
+
+        fn vars(&self) -> Vec<&Var> {
+            let mut v: Vec<&Var> = self.depthwise.iter().collect();
+            v.push(&self.w);
+            v.extend(self.bias.iter());
+            v.extend([&self.gamma, &self.beta]);
+            v
+        }
+    }
+
+    /// `(c_in, o, k, separable, bias, spec)` -> random parameters.
+    fn params(
+        c: usize,
+        o: usize,
+        k: usize,
+        sep: bool,
+        bias: bool,
+        spec: BlockSpec,
+        seed: u64,
+    ) -> Params {
+        let var = |t: Tensor| Var::from_tensor(&t).unwrap();
+        let gamma = (rand_t(&[o], seed + 3) * 0.3).unwrap() + 1.0;
+        Params {
+            depthwise: sep.then(|| var(rand_t(&[c, 1, k, k], seed))),
+            w: var(if sep {
+                rand_t(&[o, c, 1, 1], seed + 1)
+            } else {
+                rand_t(&[o, c, k, k], seed + 1)
+            }),
+            bias: bias.then(|| var(rand_t(&[o], seed + 2))),
+            gamma: var(gamma.unwrap()),
+            beta: var(rand_t(&[o], seed + 4)),
+            spec,
+        }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|f| f.to_bits())
+            .collect()
+    }
+
+    /// A stack of a dense valid 3x3 block, a separable block with a pool, a padded dense block and a
+    /// 1x1 block with a bias, against the same blocks one by one (bit for bit: output, statistics and
+    /// every gradient) and against the reference twins (within rounding).
+    #[test]
+    fn stack_matches_blocks_one_by_one() {
+        // The pooled blocks have no ReLU: the ReLU's zeros would tie in the pool windows, where the
+        // reference may pick another argmax (a legitimate difference in where the gradient goes).
+        let pool = BlockSpec {
+            relu: false,
+            ..Default::default()
+        };
+        let no_pool = BlockSpec {
+            pool: None,
+            ..Default::default()
+        };
+        let padded = BlockSpec {
+            pad: (1, 1, 1, 1),
+            pool: Some(PoolSpec::default()),
+            ..pool
+        };
+        let blocks = [
+            params(3, 6, 3, false, false, no_pool, 10),
+            params(6, 8, 3, true, true, pool, 20),
+            params(8, 7, 3, false, false, padded, 30),
+            params(7, 5, 1, false, true, no_pool, 40),
+        ];
+        let x = Var::from_tensor(&rand_t(&[5, 3, 20, 20], 1)).unwrap();
+        let r = rand_t(&[5, 5, 4, 4], 2);
+
+        let sb: Vec<StackBlock> = blocks.iter().map(Params::block).collect();
+        let (ys, stats) = block_stack_train(x.as_tensor(), &sb).unwrap();
+        let gs = (&ys * &r).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let mut y1 = x.as_tensor().clone();
+        let mut stats1 = Vec::new();
+        for p in &blocks {
+            let b = p.block();
+            let (y, m, v) = match b.depthwise {
+                Some(dw) => separable_bn_pool_train(&y1, dw, b.w, b.bias, b.gamma, b.beta, &b.spec),
+                None => conv_bn_pool_train(&y1, b.w, b.bias, b.gamma, b.beta, &b.spec),
+            }
+            .unwrap();
+            y1 = y;
+            stats1.push((m, v));
+        }
+        let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let (yr, statsr) = block_stack_train_reference(x.as_tensor(), &sb).unwrap();
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+
+        assert_eq!(ys.dims(), &[5, 5, 4, 4]);
+        assert_eq!(bits(&ys), bits(&y1), "output");
+        assert_close(&ys, &yr, 1e-4, "output against the reference");
+        for (k, ((m, v), ((m1, v1), (mr, vr)))) in
+            stats.iter().zip(stats1.iter().zip(&statsr)).enumerate()
+        {
+            assert_eq!(
+                (bits(m), bits(v)),
+                (bits(m1), bits(v1)),
+                "statistics of block {k}"
+            );
+            assert_close(
+                m,
+                mr,
+                1e-4,
+                &format!("mean of block {k} against the reference"),
+            );
+            assert_close(
+                v,
+                vr,
+                1e-4,
+                &format!("var of block {k} against the reference"),
+            );
+        }
+        let mut vars = vec![&x];
+        vars.extend(blocks.iter().flat_map(Params::vars));
+        for (i, v) in vars.iter().enumerate() {
+            let (a, b, c) = (gs.get(v).unwrap(), g1.get(v).unwrap(), gr.get(v).unwrap());
+            assert_eq!(bits(a), bits(b), "gradient of variable {i}");
+            assert_close(
+                a,
+                c,
+                1e-3,
+                &format!("gradient of variable {i} against the reference"),
+            );
+        }
+    }
+
+    #[test]
+    fn stack_refuses_bad_inputs() {
+        let x = rand_t(&[2, 3, 10, 10], 1);
+        assert!(block_stack_train(&x, &[]).is_err());
+        // The second block expects 4 input channels, the first gives 6.
+        let a = params(3, 6, 3, false, false, BlockSpec::default(), 1);
+        let b = params(
+            4,
+            5,
+            3,
+            false,
+            false,
+            BlockSpec {
+                pool: None,
+                ..Default::default()
+            },
+            2,
+        );
+        let err = block_stack_train(&x, &[a.block(), b.block()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("weight"), "{err}");
+    }
+}
