@@ -207,7 +207,9 @@ impl SepGeom {
         let mut pdw = vec![0f32; nchunks * nw];
         let mut pdb = vec![0f32; nchunks * o];
         let dx_chunk = if need_dx { GRAD_CHUNK * chw } else { 1 };
-        let mut dx = super::par_zeros(if need_dx { d.b * chw } else { nchunks });
+        // Every value of dx is written below (`image_dx` and `plane_bwd` write whole planes), so it
+        // starts as a recycled buffer instead of zeros.
+        let mut dx = super::take_buf(if need_dx { d.b * chw } else { nchunks });
         let lens = [
             o * ohw,
             self.dw_scratch_len(),

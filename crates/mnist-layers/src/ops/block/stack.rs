@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::{build, BlockOp, BlockSpec, Weights};
-use crate::ops::{cpu_data, dims4, fwd_slice, OpState};
+use crate::ops::{cpu_data, dims4, fwd_slice, give_buf, OpState};
 
 const OP: &str = "block_stack_train";
 
@@ -174,7 +174,10 @@ impl CustomOp2 for StackOp {
             if k > 0 && dx.is_none() {
                 candle_core::bail!("{OP} backward: block {k} gave no input gradient")
             }
-            g = dx;
+            // The gradient at block k's output is spent: its buffer goes back for reuse.
+            if let Some(spent) = std::mem::replace(&mut g, dx) {
+                give_buf(spent);
+            }
         }
         let dev = x.device();
         let dx = match g {
