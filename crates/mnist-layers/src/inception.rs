@@ -235,15 +235,67 @@ impl InceptionModule {
         }
         InceptionPlan::new(dims, &steps).map(Some)
     }
+
+    /// The branches as [`ops::inception_train`] takes them, or `None` unless every branch is one stride-1
+    /// convolution, optionally after a max pool.
+    fn train_branches(&self, xs: &Tensor) -> Result<Option<Vec<ops::InceptionBranch<'_>>>> {
+        let (h, w) = match xs.dims() {
+            &[_, _, h, w] => (h, w),
+            d => return Err(shape_err("inception", "[b, c, h, w]", d)),
+        };
+        let mut out = Vec::with_capacity(self.branches.len());
+        for branch in &self.branches {
+            let (pool, conv) = match branch.as_slice() {
+                [BranchLayer::Conv(conv)] => (None, conv),
+                [BranchLayer::MaxPool(p), BranchLayer::Conv(conv)] => (Some(p.config()), conv),
+                _ => return Ok(None),
+            };
+            let cfg = conv.config();
+            if cfg.stride != 1 {
+                return Ok(None);
+            }
+            let (pool, (ph, pw)) = match pool {
+                Some(p) => {
+                    let (pad, out) = p.padding.resolve2d(h, w, p.kernel, p.stride)?;
+                    let pool = ops::BranchPool {
+                        kernel: p.kernel,
+                        stride: p.stride,
+                        pad,
+                    };
+                    (Some(pool), out)
+                }
+                None => (None, (h, w)),
+            };
+            let k = conv.weight().dim(3)?;
+            let (pad, _) = cfg.padding.resolve2d(ph, pw, k, 1)?;
+            out.push(ops::InceptionBranch {
+                pool,
+                w: conv.weight(),
+                bias: conv.bias(),
+                pad,
+                relu: cfg.activation.is_relu(),
+            });
+        }
+        Ok(Some(out))
+    }
 }
 
 impl ModuleT for InceptionModule {
     /// Inference with the fast kernels runs [`InceptionPlan`]: all branches of one image at a time, in
-    /// cache (no gradient); otherwise the layers run one after the other.
+    /// cache (no gradient). Training with the fast kernels, when every branch is one convolution (after
+    /// an optional max pool) and the input needs no gradient (the module comes first), is ONE op,
+    /// [`ops::inception_train`] (the same results as the layers). Otherwise the layers run one after
+    /// the other.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if !train && self.kernels.use_fast(xs) {
-            if let Some(plan) = self.plan(xs)? {
-                return plan.run(xs);
+        if self.kernels.use_fast(xs) {
+            if !train {
+                if let Some(plan) = self.plan(xs)? {
+                    return plan.run(xs);
+                }
+            } else if !xs.track_op() {
+                if let Some(branches) = self.train_branches(xs)? {
+                    return ops::inception_train(xs, &branches);
+                }
             }
         }
         self.forward_layers(xs, train)

@@ -44,6 +44,7 @@ mod depthwise;
 mod direct;
 mod direct_grad;
 mod inception;
+mod inception_train;
 mod pool;
 mod separable;
 
@@ -62,6 +63,9 @@ pub use bn::{
 pub use conv::{conv2d_fused, conv2d_fused_reference};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
 pub use inception::{fold_separable, InceptionPlan, InferStep};
+pub use inception_train::{
+    inception_train, inception_train_reference, BranchPool, InceptionBranch,
+};
 pub use pool::{max_pool2d, max_pool2d_reference};
 
 use std::cell::RefCell;
