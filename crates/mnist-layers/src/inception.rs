@@ -294,11 +294,34 @@ impl ModuleT for InceptionModule {
                 }
             } else if !xs.track_op() {
                 if let Some(branches) = self.train_branches(xs)? {
-                    return ops::inception_train(xs, &branches);
+                    return Ok(ops::inception_train(xs, &branches, None)?.0);
                 }
             }
         }
         self.forward_layers(xs, train)
+    }
+}
+
+impl InceptionModule {
+    /// The module then `bn` (over its output channels) in training mode, running statistics updated:
+    /// ONE op ([`ops::inception_train`] with the BatchNorm) when the module would train as one op and
+    /// `bn` runs on the fast kernels too, else the module and then `bn` (the same results).
+    pub fn train_with_bn(&self, bn: &BatchNorm, xs: &Tensor) -> Result<Tensor> {
+        if self.kernels.use_fast(xs) && bn.kernels().use_fast(xs) && !xs.track_op() {
+            if let Some(branches) = self.train_branches(xs)? {
+                let m = ops::ModuleBn {
+                    gamma: bn.gamma(),
+                    beta: bn.beta(),
+                    eps: bn.config().eps,
+                };
+                let (ys, stats) = ops::inception_train(xs, &branches, Some(m))?;
+                if let Some((mean, var)) = stats {
+                    bn.update_running(&mean, &var)?;
+                }
+                return Ok(ys);
+            }
+        }
+        bn.forward_t(&self.forward_t(xs, true)?, true)
     }
 }
 

@@ -234,15 +234,11 @@ impl Lower<'_> {
         }
         let module = InceptionModule::new(c_in, branches)?.with_kernels(self.kernels);
         let out_c = module.out_channels();
-        stages.push(Stage::train(name, "Inception", module));
+        stages.push(Stage::inception(name, module));
         if m.batch_norm {
             let bn_name = inception_bn_name(name);
             let bn = batch_norm(out_c, self.bn_cfg, self.vb.pp(&bn_name))?;
-            stages.push(Stage::train(
-                &bn_name,
-                "BatchNormalization",
-                bn.with_kernels(self.kernels),
-            ));
+            stages.push(Stage::norm(&bn_name, bn.with_kernels(self.kernels)));
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! A built model: the stages [`crate::build`] lowered an [`ArchSpec`] to, run one after the other.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
-use mnist_layers::FusedBlock;
+use mnist_layers::{BatchNorm, FusedBlock, InceptionModule};
 
 use crate::ArchSpec;
 
@@ -11,6 +11,11 @@ pub(crate) enum Layer {
     Train(Box<dyn ModuleT + Send + Sync>),
     /// A fused block: a run of them trains as one op ([`mnist_layers::train_stack`]).
     Block(FusedBlock),
+    /// An inception module: with the BatchNorm stage after it, it trains as one op
+    /// ([`InceptionModule::train_with_bn`]).
+    Inception(InceptionModule),
+    /// A BatchNorm stage.
+    Norm(BatchNorm),
 }
 
 /// One named stage of a [`Net`]: its variables live under `prefix.` for each of its prefixes (one, or
@@ -59,6 +64,16 @@ impl Stage {
         Self::with_layer(name, kind, prefixes, Layer::Block(b))
     }
 
+    /// An inception module.
+    pub(crate) fn inception(name: &str, m: InceptionModule) -> Self {
+        Self::with_layer(name, "Inception", &[name], Layer::Inception(m))
+    }
+
+    /// A BatchNorm.
+    pub(crate) fn norm(name: &str, bn: BatchNorm) -> Self {
+        Self::with_layer(name, "BatchNormalization", &[name], Layer::Norm(bn))
+    }
+
     fn with_layer(name: &str, kind: &'static str, prefixes: &[&str], layer: Layer) -> Self {
         Self {
             name: name.to_string(),
@@ -73,6 +88,8 @@ impl Stage {
             Layer::Plain(m) => m.forward(xs),
             Layer::Train(m) => m.forward_t(xs, train),
             Layer::Block(b) => b.forward_t(xs, train),
+            Layer::Inception(m) => m.forward_t(xs, train),
+            Layer::Norm(bn) => bn.forward_t(xs, train),
         }
     }
 }
@@ -134,8 +151,9 @@ impl Net {
     }
 
     /// Every stage over `xs`, one after the other; in training, each run of consecutive fused blocks
-    /// as one op ([`mnist_layers::train_stack`]: the same results, without candle's gradient store
-    /// between the blocks).
+    /// as one op ([`mnist_layers::train_stack`]) and an inception module with its BatchNorm as one
+    /// ([`InceptionModule::train_with_bn`]): the same results, without candle's gradient store between
+    /// them.
     fn run(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut ys = xs.clone();
         let mut rest = &self.stages[..];
@@ -151,6 +169,18 @@ impl Net {
                 if blocks.len() > 1 {
                     ys = mnist_layers::train_stack(&blocks, &ys)?;
                     rest = &rest[blocks.len()..];
+                    continue;
+                }
+                if let [Stage {
+                    layer: Layer::Inception(m),
+                    ..
+                }, Stage {
+                    layer: Layer::Norm(bn),
+                    ..
+                }, ..] = rest
+                {
+                    ys = m.train_with_bn(bn, &ys)?;
+                    rest = &rest[2..];
                     continue;
                 }
             }

@@ -3,14 +3,18 @@
 //! images: the module comes first). Every image's branches write straight into their channels of the
 //! concatenated output (no `cat`, no per-branch outputs), and the backward pass takes each branch's
 //! weight gradient from its channels of the output gradient (no `cat` backward, no per-branch gradient
-//! tensors through candle's gradient store). The same kernels in the same order as the layers one by
-//! one ([`super::max_pool2d`], [`super::conv2d_fused`], `cat`): the same bits.
+//! tensors through candle's gradient store). With the module's BatchNorm ([`ModuleBn`]) the op also
+//! normalises the concatenation (batch statistics, as [`super::batch_norm_train`]), so the gradient at
+//! the module's output goes through the BatchNorm backward and each branch's ReLU in one pass. The same
+//! kernels in the same order as the layers one by one ([`super::max_pool2d`], [`super::conv2d_fused`],
+//! `cat`, [`super::batch_norm_train`]): the same bits.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::bn::{affine, channel_stats_with, channel_sums, check_vec, dot_dev, BnBackward};
 use super::conv::{geometry_of, ConvGeom};
-use super::{cpu_data, dims4, fwd_slice, take_buf, OpState, Pad4, PoolGeom};
+use super::{cpu_data, dims4, fwd_slice, give_buf, sum_f32, take_buf, OpState, Pad4, PoolGeom};
 
 const OP: &str = "inception_train";
 
@@ -40,12 +44,28 @@ pub struct InceptionBranch<'a> {
     pub relu: bool,
 }
 
+/// The module's BatchNorm over the concatenated channels, in training mode.
+#[derive(Debug, Clone, Copy)]
+pub struct ModuleBn<'a> {
+    /// Scale `[channels]`.
+    pub gamma: &'a Tensor,
+    /// Shift `[channels]`.
+    pub beta: &'a Tensor,
+    /// Added to the variance.
+    pub eps: f64,
+}
+
 /// The training forward pass of an inception module of one-convolution branches over `x [b, c, h, w]`
 /// (`f32`, CPU, needing no gradient): the branches' outputs concatenated along channels,
-/// `[b, sum o_i, oh, ow]` (every branch must give the same `oh x ow`). Its backward pass gives each
-/// branch's weight and bias gradients, bit for bit those of the layers run one by one; an `x` that needs
-/// a gradient is refused (run the layers instead).
-pub fn inception_train(x: &Tensor, branches: &[InceptionBranch]) -> Result<Tensor> {
+/// `[b, sum o_i, oh, ow]` (every branch must give the same `oh x ow`), then `bn` if given. Returns the
+/// output and, with `bn`, the batch statistics `(mean, var)` for the running-average update. Its backward
+/// pass gives each branch's weight and bias gradients (and gamma's and beta's), bit for bit those of the
+/// layers run one by one; an `x` that needs a gradient is refused (run the layers instead).
+pub fn inception_train(
+    x: &Tensor,
+    branches: &[InceptionBranch],
+    bn: Option<ModuleBn>,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     if branches.is_empty() {
         candle_core::bail!("{OP}: no branches")
     }
@@ -90,18 +110,50 @@ pub fn inception_train(x: &Tensor, branches: &[InceptionBranch]) -> Result<Tenso
         channels += g.o;
     }
     let (oh, ow) = out_hw.unwrap_or((0, 0));
+    let bn_eps = match bn {
+        Some(m) => {
+            check_vec(m.gamma, channels, OP, "gamma")?;
+            check_vec(m.beta, channels, OP, "beta")?;
+            if m.eps.is_nan() || m.eps <= 0.0 {
+                candle_core::bail!("{OP}: eps must be positive, got {}", m.eps)
+            }
+            parts.push(m.gamma.clone());
+            parts.push(m.beta.clone());
+            Some(m.eps)
+        }
+        None => None,
+    };
     let params = Tensor::cat(&parts, 0)?;
+    let saved = OpState::new(OP);
     let op = InceptionOp {
         branches: built,
         out: (b, channels, oh, ow),
-        pooled: OpState::new(OP),
+        bn: bn_eps.map(|eps| (eps, end..end + 2 * channels)),
+        saved: saved.clone(),
     };
-    x.contiguous()?.apply_op2(&params, op)
+    let y = x.contiguous()?.apply_op2(&params, op)?;
+    let stats = match bn_eps {
+        Some(_) => {
+            let s = saved.lock()?;
+            let dev = x.device();
+            Some((
+                Tensor::from_vec(s.mean.clone(), channels, dev)?,
+                Tensor::from_vec(s.var.clone(), channels, dev)?,
+            ))
+        }
+        None => None,
+    };
+    Ok((y, stats))
 }
 
 /// The reference twin of [`inception_train`]: candle's own ops ([`super::max_pool2d_reference`],
-/// [`super::conv2d_fused_reference`], `cat`), any device or dtype, gradients through candle's autograd.
-pub fn inception_train_reference(x: &Tensor, branches: &[InceptionBranch]) -> Result<Tensor> {
+/// [`super::conv2d_fused_reference`], `cat`, [`super::batch_norm_train_reference`]), any device or
+/// dtype, gradients through candle's autograd.
+pub fn inception_train_reference(
+    x: &Tensor,
+    branches: &[InceptionBranch],
+    bn: Option<ModuleBn>,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     let outs = branches
         .iter()
         .map(|br| {
@@ -112,7 +164,14 @@ pub fn inception_train_reference(x: &Tensor, branches: &[InceptionBranch]) -> Re
             super::conv2d_fused_reference(&xin, br.w, br.bias, 1, br.pad, br.relu)
         })
         .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&outs, 1)
+    let y = Tensor::cat(&outs, 1)?;
+    match bn {
+        Some(m) => {
+            let (z, mean, var) = super::batch_norm_train_reference(&y, m.gamma, m.beta, m.eps)?;
+            Ok((z, Some((mean, var))))
+        }
+        None => Ok((y, None)),
+    }
 }
 
 struct Branch {
@@ -141,8 +200,27 @@ struct InceptionOp {
     branches: Vec<Branch>,
     /// `(b, channels, oh, ow)` of the output.
     out: (usize, usize, usize, usize),
-    /// The pooled input of each pooling branch (empty for the others), from the forward pass.
-    pooled: OpState<Vec<Vec<f32>>>,
+    /// The BatchNorm's eps and its `(gamma, beta)` in the parameter vector, if the op normalises.
+    bn: Option<(f64, std::ops::Range<usize>)>,
+    saved: OpState<Saved>,
+}
+
+/// What the forward pass keeps for the backward pass (and the batch statistics for the caller).
+#[derive(Default)]
+struct Saved {
+    /// The pooled input of each pooling branch (empty for the others).
+    pooled: Vec<Vec<f32>>,
+    /// With BatchNorm: the concatenation before it, and its batch statistics.
+    y: Vec<f32>,
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    invstd: Vec<f32>,
+}
+
+impl Drop for Saved {
+    fn drop(&mut self) {
+        give_buf(std::mem::take(&mut self.y));
+    }
 }
 
 impl CustomOp2 for InceptionOp {
@@ -187,9 +265,13 @@ impl CustomOp2 for InceptionOp {
             .collect::<Result<Vec<_>>>()?;
         // Every value is written: the branches' channel ranges cover all `ch` channels of each image.
         let mut y = take_buf(b * ch * ohw);
+        // With BatchNorm, each image's plane sums (its first pass) while the image is in cache.
+        let per = if self.bn.is_some() { ch } else { 1 };
+        let mut sums = vec![0f64; b * per];
         y.par_chunks_mut(ch * ohw)
+            .zip(sums.par_chunks_mut(per))
             .enumerate()
-            .try_for_each(|(i, yi)| {
+            .try_for_each(|(i, (yi, si))| {
                 for ((br, ((w, bias), dc)), p) in self.branches.iter().zip(&convs).zip(&pooled) {
                     let chw = br.g.chw();
                     // The direct kernel may read the next images as its padding (`DirectConv::padded`).
@@ -201,10 +283,43 @@ impl CustomOp2 for InceptionOp {
                     let dst = &mut yi[br.channels.start * ohw..br.channels.end * ohw];
                     br.g.forward_image(dc.as_ref(), src, w, *bias, br.relu, dst)?;
                 }
+                if self.bn.is_some() {
+                    for (s, plane) in si.iter_mut().zip(yi.chunks_exact(ohw)) {
+                        *s = sum_f32(plane);
+                    }
+                }
                 Ok::<(), candle_core::Error>(())
             })?;
-        self.pooled.set(pooled)?;
-        Ok((CpuStorage::F32(y), Shape::from(self.out)))
+        let Some((eps, range)) = &self.bn else {
+            self.saved.set(Saved {
+                pooled,
+                y: Vec::new(),
+                mean: Vec::new(),
+                var: Vec::new(),
+                invstd: Vec::new(),
+            })?;
+            return Ok((CpuStorage::F32(y), Shape::from(self.out)));
+        };
+        let bn_params = ps
+            .get(range.clone())
+            .ok_or_else(|| candle_core::Error::msg(format!("{OP}: no BatchNorm parameters")))?;
+        let (gamma, beta) = bn_params.split_at(ch);
+        let (mean, var) = channel_stats_with(&y, b, ch, ohw, |i, c| sums[i * ch + c]);
+        let invstd: Vec<f32> = var
+            .iter()
+            .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+            .collect();
+        let scale: Vec<f32> = (0..ch).map(|c| gamma[c] * invstd[c]).collect();
+        let shift: Vec<f32> = (0..ch).map(|c| beta[c] - mean[c] * scale[c]).collect();
+        let z = affine(&y, &scale, &shift, ch, ohw);
+        self.saved.set(Saved {
+            pooled,
+            y,
+            mean,
+            var,
+            invstd,
+        })?;
+        Ok((CpuStorage::F32(z), Shape::from(self.out)))
     }
 
     fn bwd(
@@ -219,7 +334,8 @@ impl CustomOp2 for InceptionOp {
         cpu_data!(res, yg, ys, OP);
         cpu_data!(grad, gg, dys, OP);
         let (b, ch, oh, ow) = self.out;
-        let n = ch * oh * ow;
+        let ohw = oh * ow;
+        let n = ch * ohw;
         if dys.len() != b * n || ys.len() != b * n {
             candle_core::bail!(
                 "{OP} backward: a gradient of {} values for {:?}",
@@ -227,16 +343,45 @@ impl CustomOp2 for InceptionOp {
                 self.out
             )
         }
-        let pooled = self.pooled.lock()?;
+        let saved = self.saved.lock()?;
         let mut dparams = vec![0f32; ps.len()];
-        for (br, p) in self.branches.iter().zip(pooled.iter()) {
+        // With BatchNorm: its backward, from the output gradient's plane sums (images in order).
+        let bnb = match &self.bn {
+            Some((_, range)) => {
+                let (y, mean) = (&saved.y, &saved.mean);
+                if y.len() != b * n || mean.len() != ch || saved.invstd.len() != ch {
+                    candle_core::bail!("{OP} backward: no forward pass to go back through")
+                }
+                let sums = channel_sums(ch, b, |i, c| {
+                    let r = (i * ch + c) * ohw..(i * ch + c + 1) * ohw;
+                    let d = &dys[r.clone()];
+                    (sum_f32(d), dot_dev(d, &y[r], mean[c]))
+                });
+                let gamma = &ps[range.start..range.start + ch];
+                let n_all = (b * ohw) as f64;
+                let bnb = BnBackward::new(&sums, gamma, mean, &saved.invstd, n_all, true);
+                let dst = &mut dparams[range.clone()];
+                dst[..ch].copy_from_slice(&bnb.dgamma);
+                dst[ch..].copy_from_slice(&bnb.dbeta);
+                Some(bnb)
+            }
+            None => None,
+        };
+        for (br, p) in self.branches.iter().zip(saved.pooled.iter()) {
             let (w, _) = br.split(ps)?;
-            let ohw = oh * ow;
             let (c0, c1) = (br.channels.start * ohw, br.channels.end * ohw);
-            // The branch's channels of the output gradient, through its ReLU (as `conv2d_fused`'s).
+            // The branch's channels of the output gradient, through the BatchNorm (if any) and the
+            // branch's ReLU (as `batch_norm_train`'s and `conv2d_fused`'s backward passes).
             let fill_g = |i: usize, gb: &mut [f32]| {
                 let dyi = &dys[i * n + c0..i * n + c1];
-                if br.relu {
+                if let Some(bnb) = &bnb {
+                    gb.copy_from_slice(dyi);
+                    let yi = &saved.y[i * n + c0..i * n + c1];
+                    let planes = gb.chunks_exact_mut(ohw).zip(yi.chunks_exact(ohw));
+                    for (k, (gp, yp)) in planes.enumerate() {
+                        bnb.input_grad(br.channels.start + k, gp, yp, br.relu);
+                    }
+                } else if br.relu {
                     let yi = &ys[i * n + c0..i * n + c1];
                     for ((gv, &d), &yv) in gb.iter_mut().zip(dyi).zip(yi) {
                         *gv = if yv > 0.0 { d } else { 0.0 };
@@ -265,7 +410,7 @@ impl CustomOp2 for InceptionOp {
 mod tests {
     use super::*;
     use crate::ops::test_util::{assert_close, rand_t};
-    use crate::ops::{conv2d_fused, max_pool2d};
+    use crate::ops::{batch_norm_train, conv2d_fused, max_pool2d};
     use candle_core::Var;
 
     fn bits(t: &Tensor) -> Vec<u32> {
@@ -292,8 +437,9 @@ mod tests {
             .collect()
     }
 
-    /// The op against the fast layers one by one (`max_pool2d`, `conv2d_fused`, `cat`: bit for bit,
-    /// output and every weight and bias gradient) and against its reference twin (within rounding).
+    /// The op against the fast layers one by one (`max_pool2d`, `conv2d_fused`, `cat`, then
+    /// `batch_norm_train`): bit for bit, output, statistics and every weight, bias, gamma and beta
+    /// gradient; and against its reference twin (within rounding).
     #[test]
     fn inception_matches_the_layers() {
         let pool = BranchPool {
@@ -301,7 +447,7 @@ mod tests {
             stride: 1,
             pad: (1, 1, 1, 1),
         };
-        for (c, spec) in [
+        let specs = [
             (
                 1,
                 vec![
@@ -319,8 +465,19 @@ mod tests {
                     (3, 5, false, false, true),
                 ],
             ),
-        ] {
-            let v = vars(c, &spec, 7 + c as u64);
+        ];
+        for ((c, spec), with_bn) in specs.iter().flat_map(|s| [(s, false), (s, true)]) {
+            let c = *c;
+            let v = vars(c, spec, 7 + c as u64);
+            let total: usize = spec.iter().map(|s| s.0).sum();
+            let gamma =
+                Var::from_tensor(&((rand_t(&[total], 5) * 0.3).unwrap() + 1.0).unwrap()).unwrap();
+            let beta = Var::from_tensor(&rand_t(&[total], 6)).unwrap();
+            let bn = with_bn.then_some(ModuleBn {
+                gamma: gamma.as_tensor(),
+                beta: beta.as_tensor(),
+                eps: 1e-3,
+            });
             let branches: Vec<InceptionBranch> = spec
                 .iter()
                 .zip(&v)
@@ -333,11 +490,11 @@ mod tests {
                 })
                 .collect();
             let x = rand_t(&[5, c, 11, 9], 3);
-            let total: usize = spec.iter().map(|s| s.0).sum();
             let r = rand_t(&[5, total, 11, 9], 4);
             let loss = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let what = format!("c {c}, BatchNorm {with_bn}");
 
-            let y = inception_train(&x, &branches).unwrap();
+            let (y, stats) = inception_train(&x, &branches, bn).unwrap();
             let g = loss(&y);
             let outs: Vec<Tensor> = branches
                 .iter()
@@ -349,25 +506,44 @@ mod tests {
                     conv2d_fused(&xin, br.w, br.bias, 1, br.pad, br.relu).unwrap()
                 })
                 .collect();
-            let y1 = Tensor::cat(&outs, 1).unwrap();
+            let mut y1 = Tensor::cat(&outs, 1).unwrap();
+            let mut stats1 = None;
+            if let Some(m) = bn {
+                let (z, mean, var) = batch_norm_train(&y1, m.gamma, m.beta, m.eps).unwrap();
+                y1 = z;
+                stats1 = Some((mean, var));
+            }
             let g1 = loss(&y1);
-            let yr = inception_train_reference(&x, &branches).unwrap();
+            let (yr, statsr) = inception_train_reference(&x, &branches, bn).unwrap();
             let gr = loss(&yr);
 
             assert_eq!(y.dims(), &[5, total, 11, 9]);
-            assert_eq!(bits(&y), bits(&y1), "output (c {c})");
+            assert_eq!(bits(&y), bits(&y1), "output ({what})");
             assert_close(&y, &yr, 1e-4, "output against the reference");
-            for (i, var) in v
+            assert_eq!(stats.is_some(), with_bn);
+            if let (Some((m, v)), Some((m1, v1)), Some((mr, vr))) = (&stats, &stats1, &statsr) {
+                assert_eq!(
+                    (bits(m), bits(v)),
+                    (bits(m1), bits(v1)),
+                    "statistics ({what})"
+                );
+                assert_close(m, mr, 1e-5, "mean against the reference");
+                assert_close(v, vr, 1e-5, "var against the reference");
+            }
+            let mut all: Vec<&Var> = v
                 .iter()
                 .flat_map(|(w, b)| std::iter::once(w).chain(b))
-                .enumerate()
-            {
+                .collect();
+            if with_bn {
+                all.extend([&gamma, &beta]);
+            }
+            for (i, var) in all.into_iter().enumerate() {
                 let (a, b, r) = (
                     g.get(var).unwrap(),
                     g1.get(var).unwrap(),
                     gr.get(var).unwrap(),
                 );
-                assert_eq!(bits(a), bits(b), "gradient of variable {i} (c {c})");
+                assert_eq!(bits(a), bits(b), "gradient of variable {i} ({what})");
                 assert_close(
                     a,
                     r,
@@ -389,9 +565,9 @@ mod tests {
             relu: true,
         };
         let x = rand_t(&[2, 1, 8, 8], 2);
-        assert!(inception_train(&x, &[]).is_err());
+        assert!(inception_train(&x, &[], None).is_err());
         let tracked = Var::from_tensor(&x).unwrap();
-        let err = inception_train(tracked.as_tensor(), &[same])
+        let err = inception_train(tracked.as_tensor(), &[same], None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("gradient"), "{err}");
@@ -399,7 +575,9 @@ mod tests {
             pad: (0, 0, 0, 0),
             ..same
         };
-        let err = inception_train(&x, &[same, valid]).unwrap_err().to_string();
+        let err = inception_train(&x, &[same, valid], None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("branch 1"), "{err}");
     }
 }

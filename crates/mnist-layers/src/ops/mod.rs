@@ -64,7 +64,7 @@ pub use conv::{conv2d_fused, conv2d_fused_reference};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
 pub use inception::{fold_separable, InceptionPlan, InferStep};
 pub use inception_train::{
-    inception_train, inception_train_reference, BranchPool, InceptionBranch,
+    inception_train, inception_train_reference, BranchPool, InceptionBranch, ModuleBn,
 };
 pub use pool::{max_pool2d, max_pool2d_reference};
 
