@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::bn::{affine, channel_stats_with, channel_sums, check_vec, dot_dev, BnBackward};
+use super::bn::{affine, channel_sums, check_vec, dot_dev, BnBackward, BnBatch};
 use super::conv::{geometry_of, ConvGeom, ConvGrads};
 use super::direct::{DirectConv, Epilogue};
 use super::pool::PoolGeom;
@@ -293,8 +293,8 @@ impl BlockOp {
         let (b, _, _, _) = g.input();
         let (o, ohw, pl) = (g.output().0, g.ohw(), self.pooled_len());
         let chw = g.chw();
-        let mut y = take_buf(b * o * ohw); // [b, o, oh*ow]
-                                           // Each image's plane sums (BatchNorm's first pass) while its output is in cache.
+        // [b, o, oh*ow], and each image's plane sums (BatchNorm's first pass) while it is in cache.
+        let mut y = take_buf(b * o * ohw);
         let mut sums = vec![0f64; b * o]; // [b, o]
         let prep = g.prepare(w)?;
         y.par_chunks_mut(o * ohw)
@@ -307,13 +307,13 @@ impl BlockOp {
                 }
                 Ok::<(), candle_core::Error>(())
             })?;
-        let (mean, var) = channel_stats_with(&y, b, o, ohw, |i, ch| sums[i * o + ch]);
-        let invstd: Vec<f32> = var
-            .iter()
-            .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
-            .collect();
-        let scale: Vec<f32> = (0..o).map(|ch| gamma[ch] * invstd[ch]).collect();
-        let shift: Vec<f32> = (0..o).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
+        let BnBatch {
+            mean,
+            var,
+            invstd,
+            scale,
+            shift,
+        } = BnBatch::new(&y, (b, o, ohw), |i, ch| sums[i * o + ch], gamma, beta, eps);
         let (out, argmax) = match self.pool {
             Some(pg) => {
                 let mut out = par_zeros(b * o * pl);

@@ -76,6 +76,46 @@ pub(crate) fn channel_stats_with(
     stats.into_iter().unzip()
 }
 
+/// BatchNorm's batch statistics over `y [b, c, hw]` (`plane_sum(i, ch)` as for [`channel_stats_with`])
+/// and the per-channel `(scale, shift)` that normalise it with `gamma`, `beta`: what a training forward
+/// pass needs, and keeps for its backward pass.
+pub(crate) struct BnBatch {
+    pub mean: Vec<f32>,
+    /// Biased variance.
+    pub var: Vec<f32>,
+    /// `1 / sqrt(var + eps)`.
+    pub invstd: Vec<f32>,
+    pub scale: Vec<f32>,
+    pub shift: Vec<f32>,
+}
+
+impl BnBatch {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        y: &[f32],
+        (b, c, hw): (usize, usize, usize),
+        plane_sum: impl Fn(usize, usize) -> f64 + Sync,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f64,
+    ) -> Self {
+        let (mean, var) = channel_stats_with(y, b, c, hw, plane_sum);
+        let invstd: Vec<f32> = var
+            .iter()
+            .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+            .collect();
+        let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] * invstd[ch]).collect();
+        let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
+        Self {
+            mean,
+            var,
+            invstd,
+            scale,
+            shift,
+        }
+    }
+}
+
 /// `y = x * scale[c] + shift[c]` over planes of `x [b, c, hw]`.
 pub(crate) fn affine(x: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usize) -> Vec<f32> {
     if hw == 0 {
@@ -189,7 +229,7 @@ multiversion! {
 }
 
 /// [`channel_sums`] of `dy` against `x` (both `[b, c, hw]`) around `mean`.
-fn plane_sums(
+pub(crate) fn plane_sums(
     dys: &[f32],
     xs: &[f32],
     mean: &[f32],

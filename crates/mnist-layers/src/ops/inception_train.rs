@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::bn::{affine, channel_stats_with, channel_sums, check_vec, dot_dev, BnBackward};
+use super::bn::{affine, check_vec, plane_sums, BnBackward, BnBatch};
 use super::conv::{geometry_of, ConvGeom};
 use super::{cpu_data, dims4, fwd_slice, give_buf, sum_f32, take_buf, OpState, Pad4, PoolGeom};
 
@@ -132,13 +132,12 @@ pub fn inception_train(
         saved: saved.clone(),
     };
     let y = x.contiguous()?.apply_op2(&params, op)?;
-    let stats = match bn_eps {
-        Some(_) => {
-            let s = saved.lock()?;
+    let stats = match &saved.lock()?.bn {
+        Some(st) => {
             let dev = x.device();
             Some((
-                Tensor::from_vec(s.mean.clone(), channels, dev)?,
-                Tensor::from_vec(s.var.clone(), channels, dev)?,
+                Tensor::from_vec(st.mean.clone(), channels, dev)?,
+                Tensor::from_vec(st.var.clone(), channels, dev)?,
             ))
         }
         None => None,
@@ -212,9 +211,7 @@ struct Saved {
     pooled: Vec<Vec<f32>>,
     /// With BatchNorm: the concatenation before it, and its batch statistics.
     y: Vec<f32>,
-    mean: Vec<f32>,
-    var: Vec<f32>,
-    invstd: Vec<f32>,
+    bn: Option<BnBatch>,
 }
 
 impl Drop for Saved {
@@ -294,9 +291,7 @@ impl CustomOp2 for InceptionOp {
             self.saved.set(Saved {
                 pooled,
                 y: Vec::new(),
-                mean: Vec::new(),
-                var: Vec::new(),
-                invstd: Vec::new(),
+                bn: None,
             })?;
             return Ok((CpuStorage::F32(y), Shape::from(self.out)));
         };
@@ -304,20 +299,12 @@ impl CustomOp2 for InceptionOp {
             .get(range.clone())
             .ok_or_else(|| candle_core::Error::msg(format!("{OP}: no BatchNorm parameters")))?;
         let (gamma, beta) = bn_params.split_at(ch);
-        let (mean, var) = channel_stats_with(&y, b, ch, ohw, |i, c| sums[i * ch + c]);
-        let invstd: Vec<f32> = var
-            .iter()
-            .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
-            .collect();
-        let scale: Vec<f32> = (0..ch).map(|c| gamma[c] * invstd[c]).collect();
-        let shift: Vec<f32> = (0..ch).map(|c| beta[c] - mean[c] * scale[c]).collect();
-        let z = affine(&y, &scale, &shift, ch, ohw);
+        let bn = BnBatch::new(&y, (b, ch, ohw), |i, c| sums[i * ch + c], gamma, beta, *eps);
+        let z = affine(&y, &bn.scale, &bn.shift, ch, ohw);
         self.saved.set(Saved {
             pooled,
             y,
-            mean,
-            var,
-            invstd,
+            bn: Some(bn),
         })?;
         Ok((CpuStorage::F32(z), Shape::from(self.out)))
     }
@@ -346,26 +333,25 @@ impl CustomOp2 for InceptionOp {
         let saved = self.saved.lock()?;
         let mut dparams = vec![0f32; ps.len()];
         // With BatchNorm: its backward, from the output gradient's plane sums (images in order).
-        let bnb = match &self.bn {
-            Some((_, range)) => {
-                let (y, mean) = (&saved.y, &saved.mean);
-                if y.len() != b * n || mean.len() != ch || saved.invstd.len() != ch {
+        let bnb = match (&self.bn, &saved.bn) {
+            (Some((_, range)), Some(st)) => {
+                let y = &saved.y;
+                if y.len() != b * n || st.mean.len() != ch || st.invstd.len() != ch {
                     candle_core::bail!("{OP} backward: no forward pass to go back through")
                 }
-                let sums = channel_sums(ch, b, |i, c| {
-                    let r = (i * ch + c) * ohw..(i * ch + c + 1) * ohw;
-                    let d = &dys[r.clone()];
-                    (sum_f32(d), dot_dev(d, &y[r], mean[c]))
-                });
+                let sums = plane_sums(dys, y, &st.mean, b, ch, ohw);
                 let gamma = &ps[range.start..range.start + ch];
                 let n_all = (b * ohw) as f64;
-                let bnb = BnBackward::new(&sums, gamma, mean, &saved.invstd, n_all, true);
+                let bnb = BnBackward::new(&sums, gamma, &st.mean, &st.invstd, n_all, true);
                 let dst = &mut dparams[range.clone()];
                 dst[..ch].copy_from_slice(&bnb.dgamma);
                 dst[ch..].copy_from_slice(&bnb.dbeta);
                 Some(bnb)
             }
-            None => None,
+            (None, _) => None,
+            (Some(_), None) => {
+                candle_core::bail!("{OP} backward: no forward pass to go back through")
+            }
         };
         for (br, p) in self.branches.iter().zip(saved.pooled.iter()) {
             let (w, _) = br.split(ps)?;
