@@ -781,6 +781,8 @@ fn infer_with(
     // [b, o, pooled h*w]
     let out = super::collect_images(b, o * pl, |i, oimg| {
         let xi = &xs[i * chw..(i + 1) * chw];
+        // The direct kernel may read the next images as its padding (`DirectConv::padded`).
+        let x_rest = &xs[i * chw..];
         // The image's output `[o, nwide]` in the wide layout of `dc`, then pooled or compacted.
         let emit = |dc: &DirectConv, y: &[f32], oimg: &mut [f32]| {
             for (oc, op) in oimg.chunks_exact_mut(pl).enumerate() {
@@ -797,7 +799,7 @@ fn infer_with(
         match (&conv, &prep) {
             (BlockConv::Dense(_), Prepared::Dense(Some(dc))) => {
                 with_scratch([dc.xp_len, dc.out_len()], |[xp, y]| {
-                    dc.pad_into(xi, xp);
+                    let xp = dc.padded(x_rest, xp);
                     dc.run(xp, &epi, y)?; // [o, nwide]
                     emit(dc, y, oimg);
                     Ok(())
