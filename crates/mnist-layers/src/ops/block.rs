@@ -11,6 +11,8 @@
 //! the depthwise then the pointwise weights for a separable block) built with `Tensor::cat`, whose
 //! backward splits the op's parameter gradient again.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -21,7 +23,7 @@ use super::pool::PoolGeom;
 use super::separable::{SepGeom, SepKernels};
 use super::{
     cpu_data, fwd_slice, give_buf, par_zeros, sum_f32, take_buf, with_scratch, with_thread_buf,
-    OpState, Pad4,
+    write_row, OpState, Pad4,
 };
 use crate::error::shape_err;
 
@@ -505,6 +507,8 @@ impl BlockOp {
 }
 
 thread_local! {
+    /// One pooled plane of [`infer_with`], before it is written into the result.
+    static POOL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The per-image convolution output of [`BlockOp::fwd_eval`] (separate from [`with_scratch`], which
     /// the convolution uses while this is borrowed).
     static EVAL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -779,18 +783,22 @@ fn infer_with(
     let (pl, chw) = (pool.map_or(oh * ow, |p| p.oh * p.ow), conv.chw());
     cpu_data!(x, xg, xs, OP_INFER);
     // [b, o, pooled h*w]
-    let out = super::collect_images(b, o * pl, |i, oimg| {
+    let work = |i: usize, oimg: &mut [MaybeUninit<f32>]| {
         let xi = &xs[i * chw..(i + 1) * chw];
         // The direct kernel may read the next images as its padding (`DirectConv::padded`).
         let x_rest = &xs[i * chw..];
-        // The image's output `[o, nwide]` in the wide layout of `dc`, then pooled or compacted.
-        let emit = |dc: &DirectConv, y: &[f32], oimg: &mut [f32]| {
+        // The image's output `[o, nwide]` in the wide layout of `dc`, then pooled or compacted
+        // straight into the result: every one of its `o * pl` values is written.
+        let emit = |dc: &DirectConv, y: &[f32], oimg: &mut [MaybeUninit<f32>]| {
             for (oc, op) in oimg.chunks_exact_mut(pl).enumerate() {
                 match pool {
-                    Some(pg) => pg.plane_max(&y[oc * dc.nwide..(oc + 1) * dc.nwide], dc.wp, op),
+                    Some(pg) => with_thread_buf(&POOL_BUF, pl, |pooled| {
+                        pg.plane_max(&y[oc * dc.nwide..(oc + 1) * dc.nwide], dc.wp, pooled);
+                        write_row(op, pooled);
+                    }),
                     None => {
                         for (oy, orow) in op.chunks_exact_mut(ow).enumerate() {
-                            orow.copy_from_slice(dc.row(y, oc, oy));
+                            write_row(orow, dc.row(y, oc, oy));
                         }
                     }
                 }
@@ -815,7 +823,11 @@ fn infer_with(
             }
             _ => candle_core::bail!("{OP_INFER}: no direct kernels for this convolution"),
         }
-    })?;
+    };
+    // SAFETY: `work` returns `Ok` only after `emit` wrote all `o` planes of `pl` values of `oimg`: a
+    // pooled plane as the `pl` values of `plane_max`, an unpooled one as its `oh` rows of `ow` values
+    // (`pl = oh * ow`).
+    let out = unsafe { super::collect_images_in_place(b, o * pl, work) }?;
     let shape = match pool {
         Some(p) => Shape::from((b, o, p.oh, p.ow)),
         None => Shape::from((b, o, oh, ow)),

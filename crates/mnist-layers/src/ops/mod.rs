@@ -274,6 +274,29 @@ pub(crate) fn collect_images(
     Ok(out)
 }
 
+/// [`collect_images`] without the per-thread buffer and its copy: `f(i, dst)` writes image `i`'s `per`
+/// values straight into the result (in parallel over images). The first error of `f` is returned.
+///
+/// # Safety
+/// When it returns `Ok`, `f` has written every one of the `per` values of the `dst` it was given.
+pub(crate) unsafe fn collect_images_in_place(
+    b: usize,
+    per: usize,
+    f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) -> Result<()> + Sync,
+) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
+    if b == 0 || per == 0 {
+        return Ok(Vec::new());
+    }
+    let mut out = Uninit::new(b * per);
+    out.par_chunks_mut(per)
+        .enumerate()
+        .try_for_each(|(i, dst)| f(i, dst))?;
+    // SAFETY: the `b` chunks of `per` values cover all `b * per`, and `f` wrote each of its chunk (the
+    // caller's contract; no error was returned).
+    Ok(unsafe { out.assume_init() })
+}
+
 /// What a custom op keeps from its forward pass for its backward pass (and for the caller that built
 /// it, e.g. the batch statistics of a fused block): one value behind a shared lock, set by `cpu_fwd`
 /// and read by `bwd`. Clones share the value.
