@@ -212,6 +212,15 @@ impl SeparableBnPool {
     pub fn block(&self) -> &ConvBnPool {
         &self.block
     }
+
+    /// The op spec for an input of spatial size `h x w` (stride and padding are the depthwise stage's),
+    /// and the output's size.
+    fn spec(&self, h: usize, w: usize) -> Result<(BlockSpec, (usize, usize))> {
+        let blk = &self.block;
+        let k = self.depthwise.weight().dim(3)?;
+        let relu = blk.conv.config().activation.is_relu();
+        block_spec((h, w), k, self.depthwise.config(), relu, &blk.bn, blk.pool)
+    }
 }
 
 /// Builds a [`SeparableBnPool`]: [`separable_conv2d`]`(in_c, out_c, k, cfg.conv, vb_sep)` (variables
@@ -241,9 +250,7 @@ impl ModuleT for SeparableBnPool {
             d => return Err(shape_err("separable_bn_pool", "[b, c, h, w]", d)),
         };
         let (dw, pw) = (&self.depthwise, &blk.conv);
-        let k = dw.weight().dim(3)?;
-        let relu = pw.config().activation.is_relu();
-        let (spec, _) = block_spec((h, w), k, dw.config(), relu, &blk.bn, blk.pool)?;
+        let (spec, _) = self.spec(h, w)?;
         if train {
             let (ys, mean, var) = ops::separable_bn_pool_train(
                 xs,
@@ -306,13 +313,7 @@ impl FusedBlock {
         let blk = self.block();
         let (depthwise, (spec, out)) = match self {
             FusedBlock::Conv(b) => (None, b.spec(h, w)?),
-            FusedBlock::Separable(s) => {
-                let dw = &s.depthwise;
-                let k = dw.weight().dim(3)?;
-                let relu = blk.conv.config().activation.is_relu();
-                let spec = block_spec((h, w), k, dw.config(), relu, &blk.bn, blk.pool)?;
-                (Some(dw.weight()), spec)
-            }
+            FusedBlock::Separable(s) => (Some(s.depthwise.weight()), s.spec(h, w)?),
         };
         let part = ops::StackBlock {
             depthwise,

@@ -278,50 +278,56 @@ impl InceptionModule {
         }
         Ok(Some(out))
     }
+
+    /// Training as ONE op ([`ops::inception_train`]), followed by `bn` if given (running statistics
+    /// updated), or `None` when that cannot run: other kernels (of the module or of `bn`), an input that
+    /// needs a gradient (a module that does not come first), or a branch that is not one stride-1
+    /// convolution after an optional max pool.
+    fn train_fused(&self, xs: &Tensor, bn: Option<&BatchNorm>) -> Result<Option<Tensor>> {
+        let fast = self.kernels.use_fast(xs) && bn.is_none_or(|bn| bn.kernels().use_fast(xs));
+        if !fast || xs.track_op() {
+            return Ok(None);
+        }
+        let Some(branches) = self.train_branches(xs)? else {
+            return Ok(None);
+        };
+        let m = bn.map(|bn| ops::ModuleBn {
+            gamma: bn.gamma(),
+            beta: bn.beta(),
+            eps: bn.config().eps,
+        });
+        let (ys, stats) = ops::inception_train(xs, &branches, m)?;
+        if let (Some(bn), Some((mean, var))) = (bn, stats) {
+            bn.update_running(&mean, &var)?;
+        }
+        Ok(Some(ys))
+    }
+
+    /// The module then `bn` (over its output channels) in training mode, running statistics updated:
+    /// ONE op when [`Self::train_fused`] can run it, else the module and then `bn` (the same results).
+    pub fn train_with_bn(&self, bn: &BatchNorm, xs: &Tensor) -> Result<Tensor> {
+        match self.train_fused(xs, Some(bn))? {
+            Some(ys) => Ok(ys),
+            None => bn.forward_t(&self.forward_t(xs, true)?, true),
+        }
+    }
 }
 
 impl ModuleT for InceptionModule {
     /// Inference with the fast kernels runs [`InceptionPlan`]: all branches of one image at a time, in
-    /// cache (no gradient). Training with the fast kernels, when every branch is one convolution (after
-    /// an optional max pool) and the input needs no gradient (the module comes first), is ONE op,
-    /// [`ops::inception_train`] (the same results as the layers). Otherwise the layers run one after
-    /// the other.
+    /// cache (no gradient). Training is ONE op when [`Self::train_fused`] can run it (the same results
+    /// as the layers). Otherwise the layers run one after the other.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if self.kernels.use_fast(xs) {
-            if !train {
-                if let Some(plan) = self.plan(xs)? {
-                    return plan.run(xs);
-                }
-            } else if !xs.track_op() {
-                if let Some(branches) = self.train_branches(xs)? {
-                    return Ok(ops::inception_train(xs, &branches, None)?.0);
-                }
+        if train {
+            if let Some(ys) = self.train_fused(xs, None)? {
+                return Ok(ys);
+            }
+        } else if self.kernels.use_fast(xs) {
+            if let Some(plan) = self.plan(xs)? {
+                return plan.run(xs);
             }
         }
         self.forward_layers(xs, train)
-    }
-}
-
-impl InceptionModule {
-    /// The module then `bn` (over its output channels) in training mode, running statistics updated:
-    /// ONE op ([`ops::inception_train`] with the BatchNorm) when the module would train as one op and
-    /// `bn` runs on the fast kernels too, else the module and then `bn` (the same results).
-    pub fn train_with_bn(&self, bn: &BatchNorm, xs: &Tensor) -> Result<Tensor> {
-        if self.kernels.use_fast(xs) && bn.kernels().use_fast(xs) && !xs.track_op() {
-            if let Some(branches) = self.train_branches(xs)? {
-                let m = ops::ModuleBn {
-                    gamma: bn.gamma(),
-                    beta: bn.beta(),
-                    eps: bn.config().eps,
-                };
-                let (ys, stats) = ops::inception_train(xs, &branches, Some(m))?;
-                if let Some((mean, var)) = stats {
-                    bn.update_running(&mean, &var)?;
-                }
-                return Ok(ys);
-            }
-        }
-        bn.forward_t(&self.forward_t(xs, true)?, true)
     }
 }
 

@@ -33,12 +33,7 @@ impl Stage {
         kind: &'static str,
         m: impl Module + Send + Sync + 'static,
     ) -> Self {
-        Self {
-            name: name.to_string(),
-            kind,
-            prefixes: vec![name.to_string()],
-            layer: Layer::Plain(Box::new(m)),
-        }
+        Self::with_layer(name, kind, &[name], Layer::Plain(Box::new(m)))
     }
 
     pub(crate) fn train(
@@ -46,17 +41,7 @@ impl Stage {
         kind: &'static str,
         m: impl ModuleT + Send + Sync + 'static,
     ) -> Self {
-        Self::fused(name, kind, &[name], m)
-    }
-
-    /// A stage whose variables live under several prefixes (a fused block of separately named layers).
-    pub(crate) fn fused(
-        name: &str,
-        kind: &'static str,
-        prefixes: &[&str],
-        m: impl ModuleT + Send + Sync + 'static,
-    ) -> Self {
-        Self::with_layer(name, kind, prefixes, Layer::Train(Box::new(m)))
+        Self::with_layer(name, kind, &[name], Layer::Train(Box::new(m)))
     }
 
     /// A fused convolution block (its variables under the convolution's and the BatchNorm's prefixes).
@@ -166,7 +151,8 @@ impl Net {
                         _ => None,
                     })
                     .collect();
-                if blocks.len() > 1 {
+                if !blocks.is_empty() {
+                    // One block, or blocks off the fast kernels, run one by one inside.
                     ys = mnist_layers::train_stack(&blocks, &ys)?;
                     rest = &rest[blocks.len()..];
                     continue;

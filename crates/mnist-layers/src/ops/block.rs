@@ -16,7 +16,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::bn::{affine, channel_sums, check_vec, dot_dev, BnBackward, BnBatch};
+use super::bn::{affine, channel_sums, check_vec, dot_dev, stats_tensors, BnBackward, BnBatch};
 use super::conv::{geometry_of, ConvGeom, ConvGrads};
 use super::direct::{DirectConv, Epilogue};
 use super::pool::PoolGeom;
@@ -692,9 +692,7 @@ fn train_with(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (y, saved) = run(x, w, bias, gamma, beta, spec, true)?;
     let s = saved.lock()?;
-    let dev = x.device();
-    let mean = Tensor::from_vec(s.mean.clone(), s.mean.len(), dev)?;
-    let var = Tensor::from_vec(s.var.clone(), s.var.len(), dev)?;
+    let (mean, var) = stats_tensors(&s.mean, &s.var, x.device())?;
     Ok((y, mean, var))
 }
 

@@ -90,7 +90,6 @@ pub(crate) struct BnBatch {
 }
 
 impl BnBatch {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         y: &[f32],
         (b, c, hw): (usize, usize, usize),
@@ -114,6 +113,18 @@ impl BnBatch {
             shift,
         }
     }
+}
+
+/// The batch statistics `(mean, var)` as tensors on `dev`, for the caller's running-average update.
+pub(crate) fn stats_tensors(
+    mean: &[f32],
+    var: &[f32],
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    Ok((
+        Tensor::from_vec(mean.to_vec(), mean.len(), dev)?,
+        Tensor::from_vec(var.to_vec(), var.len(), dev)?,
+    ))
 }
 
 /// `y = x * scale[c] + shift[c]` over planes of `x [b, c, hw]`.

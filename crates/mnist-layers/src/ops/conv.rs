@@ -153,8 +153,8 @@ impl ConvGeom {
     }
 
     /// One image: `dst [o, oh*ow] = act(conv(xi [c, h, w], w) + bias)`; `dc` is [`Self::direct_conv`]
-    /// of the same weights. With `dc`, `xi` may go on past the image (the batch's next images), which the
-    /// direct kernel then reads as its padding ([`DirectConv::padded`]).
+    /// of the same weights. `xi` may go on past the image (the batch's next images), which the direct
+    /// kernel then reads as its padding ([`DirectConv::padded`]); the other paths take only the image.
     pub(crate) fn forward_image(
         &self,
         dc: Option<&DirectConv>,
@@ -250,12 +250,7 @@ impl ConvGeom {
         let dc = self.direct_conv(w)?;
         let work = |(i, dst): (usize, &mut [f32])| {
             // The direct kernel may read the next images as its padding (`DirectConv::padded`).
-            let xi = if dc.is_some() {
-                &x[i * chw..]
-            } else {
-                &x[i * chw..(i + 1) * chw]
-            };
-            self.forward_image(dc.as_ref(), xi, w, bias, relu, dst)
+            self.forward_image(dc.as_ref(), &x[i * chw..], w, bias, relu, dst)
         };
         if self.b == 1 {
             work((0, out))

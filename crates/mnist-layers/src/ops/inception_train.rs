@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::bn::{affine, check_vec, plane_sums, BnBackward, BnBatch};
+use super::bn::{affine, check_vec, plane_sums, stats_tensors, BnBackward, BnBatch};
 use super::conv::{geometry_of, ConvGeom};
 use super::{cpu_data, dims4, fwd_slice, give_buf, sum_f32, take_buf, OpState, Pad4, PoolGeom};
 
@@ -133,13 +133,7 @@ pub fn inception_train(
     };
     let y = x.contiguous()?.apply_op2(&params, op)?;
     let stats = match &saved.lock()?.bn {
-        Some(st) => {
-            let dev = x.device();
-            Some((
-                Tensor::from_vec(st.mean.clone(), channels, dev)?,
-                Tensor::from_vec(st.var.clone(), channels, dev)?,
-            ))
-        }
+        Some(st) => Some(stats_tensors(&st.mean, &st.var, x.device())?),
         None => None,
     };
     Ok((y, stats))
@@ -236,7 +230,7 @@ impl CustomOp2 for InceptionOp {
         let ps = fwd_slice(s2, l2, OP)?;
         let (b, ch, oh, ow) = self.out;
         let ohw = oh * ow;
-        // The pooled inputs, plane by plane (the argmax is not needed: no input gradient).
+        // The pooled inputs, plane by plane (no argmax: there is no input gradient).
         let pooled: Vec<Vec<f32>> = self
             .branches
             .iter()
@@ -247,10 +241,7 @@ impl CustomOp2 for InceptionOp {
                     let mut out = take_buf(b * br.g.c * phw);
                     out.par_chunks_mut(phw)
                         .zip(x.par_chunks(hw))
-                        .for_each(|(o, xp)| {
-                            let mut arg = vec![0u32; phw];
-                            pg.plane_fwd(xp, o, &mut arg);
-                        });
+                        .for_each(|(o, xp)| pg.plane_max(xp, pg.w, o));
                     out
                 }
             })
@@ -258,7 +249,10 @@ impl CustomOp2 for InceptionOp {
         let convs = self
             .branches
             .iter()
-            .map(|br| Ok((br.split(ps)?, br.g.direct_conv(br.split(ps)?.0)?)))
+            .map(|br| {
+                let (w, bias) = br.split(ps)?;
+                Ok(((w, bias), br.g.direct_conv(w)?))
+            })
             .collect::<Result<Vec<_>>>()?;
         // Every value is written: the branches' channel ranges cover all `ch` channels of each image.
         let mut y = take_buf(b * ch * ohw);

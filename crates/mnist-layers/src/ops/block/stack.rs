@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::{build, BlockOp, BlockSpec, Weights};
+use super::{build, stats_tensors, BlockOp, BlockSpec, Weights};
 use crate::ops::{cpu_data, dims4, fwd_slice, give_buf, OpState};
 
 const OP: &str = "block_stack_train";
@@ -69,15 +69,11 @@ pub fn block_stack_train(
         inputs: OpState::new(OP),
     };
     let y = x.contiguous()?.apply_op2(&params, stack)?;
-    let dev = x.device();
     let stats = saved
         .iter()
         .map(|s| {
             let s = s.lock()?;
-            Ok((
-                Tensor::from_vec(s.mean.clone(), s.mean.len(), dev)?,
-                Tensor::from_vec(s.var.clone(), s.var.len(), dev)?,
-            ))
+            stats_tensors(&s.mean, &s.var, x.device())
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((y, stats))
@@ -121,7 +117,9 @@ impl CustomOp2 for StackOp {
         let mut inputs = Vec::with_capacity(self.ops.len() - 1);
         let mut cur: Option<Vec<f32>> = None;
         for (k, op) in self.ops.iter().enumerate() {
-            let eps = op.train_eps.unwrap_or(f64::NAN);
+            let eps = op.train_eps.ok_or_else(|| {
+                candle_core::Error::msg(format!("{OP}: block {k} not in training mode"))
+            })?;
             let out = op.fwd_train(
                 cur.as_deref().unwrap_or(x),
                 op.split(self.params(ps, k)?)?,
