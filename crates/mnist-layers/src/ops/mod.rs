@@ -41,6 +41,7 @@ pub(crate) fn tap_row(h: usize, pt: usize, s: usize, oy: usize, ky: usize) -> Op
 mod bn;
 mod conv;
 mod depthwise;
+mod depthwise_k512;
 mod direct;
 mod direct_grad;
 mod inception;

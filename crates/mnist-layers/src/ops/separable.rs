@@ -135,7 +135,13 @@ impl SepGeom {
         let pw = &kern.pw;
         let (f, _) = self.split(w);
         with_scratch([self.dw_scratch_len(), pw.xp_len], |[xd, dwo]| {
-            self.depthwise_image(kern, xi, f, dwo, xd)?;
+            // Straight from the unpadded image where the CPU can (the same bits, no padded copy).
+            let n = self.dw.c * self.ohw();
+            if super::depthwise_k512::image_fwd(&self.dw, xi, f, &mut dwo[..n]) {
+                dwo[n..].fill(0.0);
+            } else {
+                self.depthwise_image(kern, xi, f, dwo, xd)?;
+            }
             pw.run(dwo, epi, wide)
         })
     }

@@ -1,0 +1,217 @@
+//! The stride-1 depthwise forward pass read straight from the unpadded planes (AVX-512): the zero padding
+//! and the columns past the plane are masked-out lanes of the loads, and taps whose input row lies outside
+//! the plane are skipped. Every output sums the same products in the same order as [`super::sum_taps`] on
+//! the zero-padded copy (kx outer, ky inner, `acc + w * x` unfused, from +0): a skipped or masked tap adds
+//! `w * 0 = ±0` there, which leaves an accumulator that started at +0 unchanged (a round-to-nearest sum
+//! is -0 only when both terms are), so the results are bit-identical for finite weights, without the copy.
+
+use super::depthwise::DwGeom;
+
+/// Output rows per pass (their accumulators are independent, which hides the adds' latency).
+const ROWS: usize = 4;
+/// Lanes of a vector; two vectors of accumulators per row cover 32 columns.
+const L: usize = 16;
+
+/// `out [c, oh, ow]` = the stride-1 depthwise convolution of `xi [c, h, w]` with `f [c, k, k]`, or `false`
+/// (nothing written) where the CPU has no AVX-512, the geometry is not stride 1 or the input is empty
+/// (the caller pads).
+pub(crate) fn image_fwd(g: &DwGeom, xi: &[f32], f: &[f32], out: &mut [f32]) -> bool {
+    let (hw, ohw, kk) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
+    if g.stride != 1
+        || hw == 0
+        || xi.len() < g.c * hw
+        || f.len() < g.c * kk
+        || out.len() < g.c * ohw
+        || !avx512()
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    for ((x, fc), o) in xi
+        .chunks_exact(hw.max(1))
+        .zip(f.chunks_exact(kk))
+        .zip(out.chunks_exact_mut(ohw.max(1)))
+        .take(g.c)
+    {
+        // SAFETY: AVX-512F is available (checked above); `x` holds the `h * w` plane, `fc` the `k * k`
+        // filter and `o` the `oh * ow` output plane.
+        unsafe { k512::plane(g, x, fc, o) };
+    }
+    true
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod k512 {
+    use super::{DwGeom, L, ROWS};
+    use std::arch::x86_64::*;
+
+    /// Lanes `[lo, hi)` of a 16-lane mask (empty when `hi <= lo`).
+    #[inline(always)]
+    fn lanes(lo: isize, hi: isize) -> __mmask16 {
+        let (lo, hi) = (lo.clamp(0, L as isize), hi.clamp(0, L as isize));
+        if hi <= lo {
+            return 0;
+        }
+        let upto = |n: isize| ((1u32 << n) - 1) as __mmask16;
+        upto(hi) & !upto(lo)
+    }
+
+    /// One plane: `o [oh, ow]` from `x [h, w]` and the filter `f [k, k]`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `x.len() >= h * w`, `f.len() >= k * k`, `o.len() >= oh * ow`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn plane(g: &DwGeom, x: &[f32], f: &[f32], o: &mut [f32]) {
+        let mut x0 = 0;
+        while x0 < g.ow {
+            let mut oy = 0;
+            while oy < g.oh {
+                let rows = (g.oh - oy).min(ROWS);
+                // Rows whose every tap reads inside the plane skip the row checks.
+                let inside = oy >= g.pt && oy + rows + g.k - 1 <= g.h + g.pt;
+                // SAFETY: forwarded contract; `oy + rows <= oh`, `x0 < ow`.
+                unsafe {
+                    macro_rules! go {
+                        ($r:literal) => {
+                            match (g.ow - x0 > L, inside) {
+                                (true, true) => pass::<$r, 2, false>(g, x, f, o, oy, x0),
+                                (true, false) => pass::<$r, 2, true>(g, x, f, o, oy, x0),
+                                (false, true) => pass::<$r, 1, false>(g, x, f, o, oy, x0),
+                                (false, false) => pass::<$r, 1, true>(g, x, f, o, oy, x0),
+                            }
+                        };
+                    }
+                    match rows {
+                        4 => go!(4),
+                        3 => go!(3),
+                        2 => go!(2),
+                        _ => go!(1),
+                    }
+                }
+                oy += rows;
+            }
+            x0 += 2 * L;
+        }
+    }
+
+    /// Output rows `oy .. oy + R`, columns `x0 .. x0 + NV * 16` (those inside `ow`): `R x NV`
+    /// accumulators in registers over every tap, kx outer and ky inner (the order of
+    /// `DwGeom::fwd_taps`). `CHECK`: skip the taps of rows outside the plane (false only where every
+    /// tap's row lies inside it).
+    ///
+    /// # Safety
+    /// As [`plane`], and `oy + R <= oh`, `x0 < ow`; without `CHECK`, rows `oy - pt .. oy + R + k - 1 - pt`
+    /// inside `[0, h)`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pass<const R: usize, const NV: usize, const CHECK: bool>(
+        g: &DwGeom,
+        x: &[f32],
+        f: &[f32],
+        o: &mut [f32],
+        oy: usize,
+        x0: usize,
+    ) {
+        let (h, w, k) = (g.h as isize, g.w as isize, g.k);
+        let (pt, pl) = (g.pt as isize, g.pl as isize);
+        let xp = x.as_ptr();
+        // Output lanes of each vector.
+        let n: [isize; NV] =
+            std::array::from_fn(|v| ((g.ow - x0).saturating_sub(v * L)).min(L) as isize);
+        let mut acc = [[_mm512_setzero_ps(); NV]; R];
+        for kx in 0..k {
+            let c0 = x0 as isize + kx as isize - pl;
+            // The lanes of each vector whose input column lies inside the row.
+            let m: [__mmask16; NV] = std::array::from_fn(|v| {
+                let c = c0 + (v * L) as isize;
+                lanes(-c, n[v].min(w - c))
+            });
+            for ky in 0..k {
+                let wv = _mm512_set1_ps(f[ky * k + kx]);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let sy = (oy + r) as isize + ky as isize - pt;
+                    if CHECK && (sy < 0 || sy >= h) {
+                        continue;
+                    }
+                    for v in 0..NV {
+                        // Only the lanes of `m[v]` are read: columns inside row `sy` of `x`.
+                        let p = xp.wrapping_offset(sy * w + c0 + (v * L) as isize);
+                        // SAFETY: the masked-out lanes are not accessed; the others lie in `x`.
+                        let xv = unsafe { _mm512_maskz_loadu_ps(m[v], p) };
+                        a[v] = _mm512_add_ps(a[v], _mm512_mul_ps(wv, xv));
+                    }
+                }
+            }
+        }
+        let op = o.as_mut_ptr();
+        for (r, a) in acc.iter().enumerate() {
+            for v in 0..NV {
+                let dst = op.wrapping_add((oy + r) * g.ow + x0 + v * L);
+                // SAFETY: lanes `[0, n[v])` are output columns `x0 + v*L ..` of row `oy + r`.
+                unsafe { _mm512_mask_storeu_ps(dst, lanes(0, n[v]), a[v]) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::rand_t;
+
+    /// Bit for bit against the zero-padded path (`DwGeom::pad_image` + `DwGeom::image_fwd`), every padding and width case.
+    #[test]
+    fn unpadded_forward_gives_the_padded_bits() {
+        if !avx512() {
+            eprintln!(
+                "no AVX-512 here: the unpadded depthwise kernel is not used, nothing to compare"
+            );
+            return;
+        }
+        for (c, h, w, k, pad) in [
+            (3, 28, 28, 3, (0, 0, 0, 0)),
+            (2, 26, 26, 3, (0, 0, 0, 0)),
+            (4, 12, 12, 3, (0, 0, 0, 0)),
+            (2, 28, 28, 3, (1, 1, 1, 1)),
+            (2, 28, 28, 5, (2, 2, 2, 2)),
+            (1, 9, 40, 5, (2, 1, 0, 3)),
+            (2, 7, 7, 3, (0, 1, 1, 0)),
+            (1, 8, 8, 3, (3, 2, 2, 3)),
+            (2, 5, 17, 5, (2, 1, 0, 3)),
+            (2, 6, 5, 1, (0, 0, 0, 0)),
+            (1, 33, 70, 3, (1, 1, 1, 1)),
+            (1, 3, 3, 3, (0, 0, 0, 0)),
+        ] {
+            let g = DwGeom::new((1, c, h, w), k, 1, pad).unwrap();
+            let x = rand_t(&[c * h * w], 31).to_vec1::<f32>().unwrap();
+            let f = rand_t(&[c * k * k], 32).to_vec1::<f32>().unwrap();
+            let ohw = g.oh * g.ow;
+            let mut fast = vec![f32::NAN; c * ohw];
+            assert!(image_fwd(&g, &x, &f, &mut fast));
+            let mut padded = vec![f32::NAN; c * ohw];
+            let mut xd = vec![f32::NAN; g.padded_len()];
+            g.pad_image(&x, &mut xd);
+            g.image_fwd(&xd, &g.fwd_taps(&f), &mut padded).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&padded), "c{c} {h}x{w} k{k} {pad:?}");
+        }
+    }
+
+    #[test]
+    fn other_strides_are_left_to_the_caller() {
+        let g = DwGeom::new((1, 1, 8, 8), 3, 2, (0, 0, 0, 0)).unwrap();
+        let mut out = vec![0f32; g.oh * g.ow];
+        assert!(!image_fwd(&g, &[0.0; 64], &[0.0; 9], &mut out));
+    }
+}
