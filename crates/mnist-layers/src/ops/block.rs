@@ -787,20 +787,16 @@ fn infer_with(
         let x_rest = &xs[i * chw..];
         // The image's output `[o, nwide]` in the wide layout of `dc`, then pooled or compacted
         // straight into the result: every one of its `o * pl` values is written.
-        let emit = |dc: &DirectConv, y: &[f32], oimg: &mut [MaybeUninit<f32>]| {
-            for (oc, op) in oimg.chunks_exact_mut(pl).enumerate() {
-                match pool {
-                    Some(pg) => with_thread_buf(&POOL_BUF, pl, |pooled| {
+        let emit = |dc: &DirectConv, y: &[f32], oimg: &mut [MaybeUninit<f32>]| match pool {
+            Some(pg) => {
+                for (oc, op) in oimg.chunks_exact_mut(pl).enumerate() {
+                    with_thread_buf(&POOL_BUF, pl, |pooled| {
                         pg.plane_max(&y[oc * dc.nwide..(oc + 1) * dc.nwide], dc.wp, pooled);
                         write_row(op, pooled);
-                    }),
-                    None => {
-                        for (oy, orow) in op.chunks_exact_mut(ow).enumerate() {
-                            write_row(orow, dc.row(y, oc, oy));
-                        }
-                    }
+                    })
                 }
             }
+            None => dc.compact_into_uninit(y, oimg),
         };
         match (&conv, &prep) {
             (BlockConv::Dense(_), Prepared::Dense(Some(dc))) => {
@@ -823,8 +819,8 @@ fn infer_with(
         }
     };
     // SAFETY: `work` returns `Ok` only after `emit` wrote all `o` planes of `pl` values of `oimg`: a
-    // pooled plane as the `pl` values of `plane_max`, an unpooled one as its `oh` rows of `ow` values
-    // (`pl = oh * ow`).
+    // pooled plane as the `pl` values of `plane_max`, unpooled ones by `compact_into_uninit`, which
+    // writes all `o * oh * ow` values (`pl = oh * ow`).
     let out = unsafe { super::collect_images_in_place(b, o * pl, work) }?;
     let shape = match pool {
         Some(p) => Shape::from((b, o, p.oh, p.ow)),

@@ -127,6 +127,15 @@ pub(crate) fn stats_tensors(
     ))
 }
 
+multiversion! {
+    /// `y = x * a + s` over one plane (every value of `y` up to `x.len()` is written).
+    fn affine_plane(y: &mut [std::mem::MaybeUninit<f32>], x: &[f32], a: f32, s: f32) {
+        for (yv, &xv) in y.iter_mut().zip(x) {
+            yv.write(xv * a + s);
+        }
+    }
+}
+
 /// `y = x * scale[c] + shift[c]` over planes of `x [b, c, hw]`.
 pub(crate) fn affine(x: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usize) -> Vec<f32> {
     if hw == 0 {
@@ -138,10 +147,7 @@ pub(crate) fn affine(x: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usiz
         .enumerate()
         .with_min_len(8)
         .for_each(|(p, (yp, xp))| {
-            let (a, s) = (scale[p % c], shift[p % c]);
-            for (yv, &xv) in yp.iter_mut().zip(xp) {
-                yv.write(xv * a + s);
-            }
+            affine_plane(yp, xp, scale[p % c], shift[p % c]);
         });
     // SAFETY: `y`'s chunks and `x`'s have the same lengths (both `x.len()` values in chunks of `hw`),
     // and the zip wrote every value of each.

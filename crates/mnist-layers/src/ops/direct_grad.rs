@@ -16,7 +16,7 @@ use std::mem::MaybeUninit;
 use candle_core::Result;
 
 use super::direct::DirectConv;
-use super::{copy_row, write_row, zero_row, Pad4};
+use super::{copy_row, multiversion, write_row, zero_row, Pad4};
 
 /// Lanes of the weight-gradient accumulators (one AVX2 vector).
 const L: usize = 8;
@@ -136,11 +136,21 @@ impl DirectConv {
     pub(crate) fn compact_into_uninit(&self, wide: &[f32], dst: &mut [MaybeUninit<f32>]) {
         let (ohw, ow, wp) = (self.oh * self.ow, self.ow, self.wp);
         debug_assert!(dst.len() == self.o * ohw && wide.len() >= self.o * self.nwide);
-        for (plane, src) in dst
-            .chunks_exact_mut(ohw)
-            .zip(wide.chunks(self.nwide))
-            .take(self.o)
-        {
+        compact_planes(dst, wide, (self.o, ohw, self.nwide), (ow, wp));
+    }
+}
+
+multiversion! {
+    /// [`DirectConv::compact_into_uninit`]'s copy (vectorised where the CPU can): `o` planes of `ohw`
+    /// values in `dst`, each from the rows of `wp` values of a `nwide` plane of `wide`.
+    fn compact_planes(
+        dst: &mut [MaybeUninit<f32>],
+        wide: &[f32],
+        planes: (usize, usize, usize),
+        rows: (usize, usize),
+    ) {
+        let ((o, ohw, nwide), (ow, wp)) = (planes, rows);
+        for (plane, src) in dst.chunks_exact_mut(ohw).zip(wide.chunks(nwide)).take(o) {
             if wp == ow {
                 write_row(plane, src);
                 continue;
