@@ -172,9 +172,7 @@ impl ConvGeom {
                     relu,
                     affine: None,
                 };
-                dc.run(xp, &epi, wide)?;
-                dc.compact_into(wide, dst);
-                Ok(())
+                dc.run_compact(xp, &epi, wide, dst)
             });
         }
         let (o, ckk, ohw) = (self.o, self.ckk(), self.ohw());
@@ -424,8 +422,14 @@ impl ConvGeom {
                             db[oc] += sum_f32(row) as f32;
                         }
                         let xp = dc.padded(&x[i * chw..], xp);
-                        dc.spread_into(gbuf, gwide);
-                        dc.weight_grad(xp, gwide, dw)?;
+                        // The gradient in the wide layout (already so where it is the compact one).
+                        let gw: &[f32] = if dc.wide_is_compact() {
+                            gbuf
+                        } else {
+                            dc.spread_into(gbuf, gwide);
+                            gwide
+                        };
+                        dc.weight_grad(xp, gw, dw)?;
                         if let Some(dxk) = dx_conv {
                             dxk.pad_into(gbuf, gp);
                             dxk.run(gp, &Epilogue::default(), dxwide)?;

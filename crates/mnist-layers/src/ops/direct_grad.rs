@@ -15,7 +15,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::Result;
 
-use super::direct::DirectConv;
+use super::direct::{DirectConv, Epilogue};
 use super::{copy_row, multiversion, write_row, zero_row, Pad4};
 
 /// Lanes of the weight-gradient accumulators (one AVX2 vector).
@@ -121,6 +121,30 @@ impl DirectConv {
             }
             zero_row(rest);
         }
+    }
+
+    /// True when the wide layout is the compact one: no discarded columns (`wp == ow`) and no tail
+    /// (`nwide == oh * ow`), as for a 1x1 convolution of 24x24, 12x12 or 8x8 planes.
+    pub(crate) fn wide_is_compact(&self) -> bool {
+        self.wp == self.ow && self.nwide == self.oh * self.ow
+    }
+
+    /// `dst [o, oh*ow] = epilogue(conv(xp))`: [`Self::run`] straight into `dst` where the wide layout
+    /// is the compact one ([`Self::wide_is_compact`]), else into the scratch `wide` ([`Self::out_len`])
+    /// and then [`Self::compact_into`] `dst`. The same values either way.
+    pub(crate) fn run_compact(
+        &self,
+        xp: &[f32],
+        epi: &Epilogue,
+        wide: &mut [f32],
+        dst: &mut [f32],
+    ) -> Result<()> {
+        if self.wide_is_compact() && dst.len() == self.out_len() {
+            return self.run(xp, epi, dst);
+        }
+        self.run(xp, epi, wide)?;
+        self.compact_into(wide, dst);
+        Ok(())
     }
 
     /// `dst [o, oh*ow]` from the wide output `wide [o, nwide]` of [`DirectConv::run`].

@@ -156,6 +156,9 @@ impl SepGeom {
         dst: &mut [f32],
     ) -> Result<()> {
         let pw = &kern.pw;
+        if pw.wide_is_compact() && dst.len() == pw.out_len() {
+            return self.wide_image(kern, xi, w, epi, dst);
+        }
         with_scratch([pw.out_len()], |[wide]| {
             self.wide_image(kern, xi, w, epi, wide)?;
             pw.compact_into(wide, dst);
@@ -244,12 +247,16 @@ impl SepGeom {
                         }
                         // The pointwise weights' gradient, from the recomputed depthwise output.
                         self.depthwise_image(&kern, xi, f, dwo, xd)?;
-                        pw.spread_into(gbuf, gwide);
-                        pw.weight_grad(dwo, gwide, dpw)?;
+                        let gw: &[f32] = if pw.wide_is_compact() {
+                            gbuf
+                        } else {
+                            pw.spread_into(gbuf, gwide);
+                            gwide
+                        };
+                        pw.weight_grad(dwo, gw, dpw)?;
                         // The gradient at the depthwise output.
                         pw_t.pad_into(gbuf, gxp);
-                        pw_t.run(gxp, &Epilogue::default(), dwide)?;
-                        pw_t.compact_into(dwide, ddwo);
+                        pw_t.run_compact(gxp, &Epilogue::default(), dwide, ddwo)?;
                         if d.stride == 1 {
                             // The padded image of the recomputation is still in `xd`.
                             let (gq, gpl) = gp.split_at_mut(d.oh * d.ow.div_ceil(8) * 8);
