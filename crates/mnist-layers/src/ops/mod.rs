@@ -401,21 +401,23 @@ impl<T: Send> Uninit<T> {
 /// (recycled so a training loop neither zero-fills nor page-faults them in every step).
 static SPARE: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
 
+/// How many [`SPARE`] buffers are kept (a stack of blocks keeps one output per block, and its backward
+/// pass one input gradient at a time).
+const SPARE_BUFFERS: usize = 16;
+
 /// A buffer of `len` floats with unspecified contents (a recycled one when available).
 pub(crate) fn take_buf(len: usize) -> Vec<f32> {
     let mut v = SPARE
         .lock()
         .ok()
         .and_then(|mut spare| {
-            let i = spare.iter().position(|b| b.capacity() >= len)?;
-            Some(spare.swap_remove(i))
+            // Only one of exactly this length: a training step asks for the same lengths every step,
+            // and a longer one cut short would need filling the next time it is taken for its length.
+            let i = spare.iter().rposition(|b| b.len() == len)?;
+            Some(spare.remove(i))
         })
         .unwrap_or_default();
-    if v.len() >= len {
-        v.truncate(len);
-    } else {
-        v.resize(len, 0.0);
-    }
+    v.resize(len, 0.0);
     // The unit tests poison the buffer, so a kernel that counts on zeros or leaves a value unwritten
     // shows up there as NaN.
     #[cfg(test)]
@@ -429,9 +431,11 @@ pub(crate) fn give_buf(v: Vec<f32>) {
         return;
     }
     if let Ok(mut spare) = SPARE.lock() {
-        if spare.len() < 8 {
-            spare.push(v);
+        // The most recent ones are kept: the lengths of the step that is running.
+        if spare.len() >= SPARE_BUFFERS {
+            spare.remove(0);
         }
+        spare.push(v);
     }
 }
 
