@@ -482,6 +482,7 @@ impl BlockOp {
             for (ch, gp) in gb.chunks_exact_mut(ohw).enumerate() {
                 let p = i * o + ch;
                 let dp = &dys[p * pl..(p + 1) * pl];
+                let yp = &y[p * ohw..(p + 1) * ohw];
                 if pooled {
                     gp.fill(0.0);
                     for (&d, &ai) in dp.iter().zip(&argmax[p * pl..(p + 1) * pl]) {
@@ -489,10 +490,10 @@ impl BlockOp {
                             *slot += d;
                         }
                     }
+                    bn.input_grad(ch, gp, yp, relu);
                 } else {
-                    gp.copy_from_slice(dp);
+                    bn.input_grad_from(ch, dp, gp, yp, relu);
                 }
-                bn.input_grad(ch, gp, &y[p * ohw..(p + 1) * ohw], relu);
             }
         };
         let (dx, dw, db) = g.backward(xs, w, need_dx, &fill_g)?;

@@ -225,21 +225,59 @@ impl BnBackward {
     pub(crate) fn input_grad(&self, ch: usize, g: &mut [f32], y: &[f32], relu: bool) {
         bn_relu_grad(g, y, self.coef[ch], relu)
     }
+
+    /// [`Self::input_grad`] from `dz` into `g` (all of `g` written, up to the planes' length).
+    #[inline]
+    pub(crate) fn input_grad_from(
+        &self,
+        ch: usize,
+        dz: &[f32],
+        g: &mut [f32],
+        y: &[f32],
+        relu: bool,
+    ) {
+        bn_relu_grad_from(g, dz, y, self.coef[ch], relu)
+    }
+}
+
+/// The BatchNorm (+ ReLU) backward of one value: `a * (dz - mdy - (y - mean) * q)`, zero unless `y > 0`
+/// after a ReLU.
+#[inline(always)]
+fn bn_grad_value(dz: f32, y: f32, coef: [f32; 4], relu: bool) -> f32 {
+    let [a, m, q, mean] = coef;
+    let v = a * (dz - m - (y - mean) * q);
+    if !relu || y > 0.0 {
+        v
+    } else {
+        0.0
+    }
 }
 
 multiversion! {
-    /// One plane of the BatchNorm (+ ReLU) backward: `g = a * (dz - mdy - (y - mean) * q)`, zero where
-    /// `y <= 0` after a ReLU; `g` holds `dz` on entry.
+    /// One plane of the BatchNorm (+ ReLU) backward ([`bn_grad_value`]); `g` holds `dz` on entry.
     fn bn_relu_grad(g: &mut [f32], y: &[f32], coef: [f32; 4], relu: bool) {
-        let [a, m, q, mean] = coef;
         if relu {
             for (gv, &yv) in g.iter_mut().zip(y) {
-                let v = a * (*gv - m - (yv - mean) * q);
-                *gv = if yv > 0.0 { v } else { 0.0 };
+                *gv = bn_grad_value(*gv, yv, coef, true);
             }
         } else {
             for (gv, &yv) in g.iter_mut().zip(y) {
-                *gv = a * (*gv - m - (yv - mean) * q);
+                *gv = bn_grad_value(*gv, yv, coef, false);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// [`bn_relu_grad`] from `dz` into `g` (no copy of `dz` first).
+    fn bn_relu_grad_from(g: &mut [f32], dz: &[f32], y: &[f32], coef: [f32; 4], relu: bool) {
+        if relu {
+            for ((gv, &d), &yv) in g.iter_mut().zip(dz).zip(y) {
+                *gv = bn_grad_value(d, yv, coef, true);
+            }
+        } else {
+            for ((gv, &d), &yv) in g.iter_mut().zip(dz).zip(y) {
+                *gv = bn_grad_value(d, yv, coef, false);
             }
         }
     }
