@@ -422,13 +422,7 @@ impl ConvGeom {
                             db[oc] += sum_f32(row) as f32;
                         }
                         let xp = dc.padded(&x[i * chw..], xp);
-                        // The gradient in the wide layout (already so where it is the compact one).
-                        let gw: &[f32] = if dc.wide_is_compact() {
-                            gbuf
-                        } else {
-                            dc.spread_into(gbuf, gwide);
-                            gwide
-                        };
+                        let gw = dc.wide_grad(gbuf, gwide);
                         dc.weight_grad(xp, gw, dw)?;
                         if let Some(dxk) = dx_conv {
                             dxk.pad_into(gbuf, gp);

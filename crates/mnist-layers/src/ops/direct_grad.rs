@@ -123,6 +123,17 @@ impl DirectConv {
         }
     }
 
+    /// The gradient `g [o, oh*ow]` in the wide layout that [`Self::weight_grad`] reads: `g` itself where
+    /// the wide layout is the compact one ([`Self::wide_is_compact`]), else spread into `buf`
+    /// ([`Self::spread_into`], [`Self::out_len`] floats).
+    pub(crate) fn wide_grad<'a>(&self, g: &'a [f32], buf: &'a mut [f32]) -> &'a [f32] {
+        if self.wide_is_compact() && g.len() == self.out_len() {
+            return g;
+        }
+        self.spread_into(g, buf);
+        buf
+    }
+
     /// True when the wide layout is the compact one: no discarded columns (`wp == ow`) and no tail
     /// (`nwide == oh * ow`), as for a 1x1 convolution of 24x24, 12x12 or 8x8 planes.
     pub(crate) fn wide_is_compact(&self) -> bool {

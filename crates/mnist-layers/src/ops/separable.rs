@@ -247,12 +247,7 @@ impl SepGeom {
                         }
                         // The pointwise weights' gradient, from the recomputed depthwise output.
                         self.depthwise_image(&kern, xi, f, dwo, xd)?;
-                        let gw: &[f32] = if pw.wide_is_compact() {
-                            gbuf
-                        } else {
-                            pw.spread_into(gbuf, gwide);
-                            gwide
-                        };
+                        let gw = pw.wide_grad(gbuf, gwide);
                         pw.weight_grad(dwo, gw, dpw)?;
                         // The gradient at the depthwise output.
                         pw_t.pad_into(gbuf, gxp);
