@@ -799,7 +799,22 @@ fn infer_with(
             }
             None => dc.compact_into_uninit(y, oimg),
         };
+        // Unpooled, where the wide layout is the compact one (`DirectConv::wide_is_compact`), the kernel
+        // writes the image's output in place: all `o * oh * ow` values.
+        let in_place = |dc: &DirectConv, oimg: &[MaybeUninit<f32>]| {
+            pool.is_none() && dc.wide_is_compact() && oimg.len() == dc.out_len()
+        };
         match (&conv, &prep) {
+            (BlockConv::Dense(_), Prepared::Dense(Some(dc))) if in_place(dc, oimg) => {
+                with_scratch([dc.xp_len], |[xp]| {
+                    dc.run_uninit(dc.padded(x_rest, xp), &epi, oimg)
+                })
+            }
+            (BlockConv::Separable(sg), Prepared::Separable(k))
+                if in_place(sg.pointwise(k), oimg) =>
+            {
+                sg.wide_image_uninit(k, xi, &wv, &epi, oimg)
+            }
             (BlockConv::Dense(_), Prepared::Dense(Some(dc))) => {
                 with_scratch([dc.xp_len, dc.out_len()], |[xp, y]| {
                     let xp = dc.padded(x_rest, xp);
@@ -819,9 +834,10 @@ fn infer_with(
             _ => candle_core::bail!("{OP_INFER}: no direct kernels for this convolution"),
         }
     };
-    // SAFETY: `work` returns `Ok` only after `emit` wrote all `o` planes of `pl` values of `oimg`: a
-    // pooled plane as the `pl` values of `plane_max`, unpooled ones by `compact_into_uninit`, which
-    // writes all `o * oh * ow` values (`pl = oh * ow`).
+    // SAFETY: `work` returns `Ok` only after all `o` planes of `pl` values of `oimg` were written: by the
+    // kernel in place (`run_uninit` writes all `out_len() = o * oh * ow` values), or by `emit`, a pooled
+    // plane as the `pl` values of `plane_max`, unpooled ones by `compact_into_uninit`, which writes all
+    // `o * oh * ow` values (`pl = oh * ow`).
     let out = unsafe { super::collect_images_in_place(b, o * pl, work) }?;
     let shape = match pool {
         Some(p) => Shape::from((b, o, p.oh, p.ow)),

@@ -14,6 +14,8 @@
 //! thread count (one image is one call); the AVX-512 and AVX2 kernels give bit-identical results (the same
 //! fused multiply-adds per output), the portable one differs by rounding.
 
+use std::mem::MaybeUninit;
+
 use candle_core::Result;
 
 use super::{copy_row, zero_row, Pad4};
@@ -176,11 +178,26 @@ impl DirectConv {
     /// the buffers are smaller than [`Self::xp_len`] and [`Self::out_len`] or the epilogue's vectors
     /// shorter than `o` (the callers size them: only a bug here can cause it).
     pub(crate) fn run(&self, xp: &[f32], epi: &Epilogue, out: &mut [f32]) -> Result<()> {
+        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `run_uninit` only writes initialised
+        // values through it, so `out` stays initialised.
+        let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.run_uninit(xp, epi, out)
+    }
+
+    /// [`Self::run`] into values not written yet (a result built without zero-filling it): when it
+    /// returns `Ok`, every one of the first [`Self::out_len`] values of `out` is written (each tile
+    /// stores all of its `L`-lane vectors, and the tiles cover every channel and all `nwide` columns).
+    pub(crate) fn run_uninit(
+        &self,
+        xp: &[f32],
+        epi: &Epilogue,
+        out: &mut [MaybeUninit<f32>],
+    ) -> Result<()> {
         let epi_ok = epi.bias.is_none_or(|b| b.len() >= self.o)
             && epi
                 .affine
                 .is_none_or(|(s, t)| s.len() >= self.o && t.len() >= self.o);
-        if !tile_in_bounds(self, xp, out) || !epi_ok {
+        if !tile_in_bounds(self, xp, out.len()) || !epi_ok {
             candle_core::bail!(
                 "direct conv: buffers of {} / {} floats for a [{}, {}] convolution needing {} / {}",
                 xp.len(),
@@ -224,9 +241,9 @@ impl DirectConv {
 
 /// The buffers fit: `xp` holds every tap's run of `nwide` floats (so any tile with `n0 + NV*L <= nwide`
 /// reads inside it), `wt` is `[taps, o_pad]` and `out` holds `[o, nwide]`.
-fn tile_in_bounds(dc: &DirectConv, xp: &[f32], out: &[f32]) -> bool {
+fn tile_in_bounds(dc: &DirectConv, xp: &[f32], out_len: usize) -> bool {
     xp.len() >= dc.xp_len
-        && out.len() >= dc.out_len()
+        && out_len >= dc.out_len()
         && dc.o_pad.is_multiple_of(dc.ob)
         && dc.wt.len() == dc.toff.len() * dc.o_pad
         && dc.toff.iter().all(|&off| off + dc.nwide <= dc.xp_len)
@@ -242,7 +259,7 @@ unsafe fn tile<const L: usize, const OB: usize, const NV: usize>(
     dc: &DirectConv,
     xp: &[f32],
     epi: &Epilogue,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     o0: usize,
     n0: usize,
 ) {
@@ -288,7 +305,7 @@ unsafe fn tile<const L: usize, const OB: usize, const NV: usize>(
                 if epi.affine.is_some() {
                     y = y * s + sh;
                 }
-                *d = y;
+                d.write(y);
             }
         }
     }
@@ -304,7 +321,7 @@ unsafe fn sweep<const L: usize, const OB: usize, const NV: usize>(
     dc: &DirectConv,
     xp: &[f32],
     epi: &Epilogue,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let nv = dc.nwide / L;
     for o0 in (0..dc.o_pad).step_by(OB) {
@@ -342,6 +359,7 @@ macro_rules! simd_kernel {
      $nv1:literal) => {
         mod $modname {
             use super::{DirectConv, Epilogue};
+            use std::mem::MaybeUninit;
             use std::arch::x86_64::*;
 
             const L: usize = $lanes;
@@ -353,7 +371,7 @@ macro_rules! simd_kernel {
                 dc: &DirectConv,
                 xp: &[f32],
                 epi: &Epilogue,
-                out: &mut [f32],
+                out: &mut [MaybeUninit<f32>],
                 o0: usize,
                 n0: usize,
             ) {
@@ -393,7 +411,7 @@ macro_rules! simd_kernel {
                             y = $fmadd(y, s, sh);
                         }
                         // SAFETY: `dst` holds `NV*L` floats.
-                        unsafe { $store(dst.as_mut_ptr().add(v * L), y) };
+                        unsafe { $store(dst.as_mut_ptr().cast::<f32>().add(v * L), y) };
                     }
                 }
             }
@@ -404,7 +422,7 @@ macro_rules! simd_kernel {
                 dc: &DirectConv,
                 xp: &[f32],
                 epi: &Epilogue,
-                out: &mut [f32],
+                out: &mut [MaybeUninit<f32>],
             ) {
                 let nv = dc.nwide / L;
                 for o0 in (0..dc.o_pad).step_by(OB) {
@@ -435,7 +453,12 @@ macro_rules! simd_kernel {
             /// The CPU must support the target features; the buffers must be as [`DirectConv::run`]
             /// checks them.
             #[target_feature(enable = $feat)]
-            pub(super) unsafe fn run(dc: &DirectConv, xp: &[f32], epi: &Epilogue, out: &mut [f32]) {
+            pub(super) unsafe fn run(
+                dc: &DirectConv,
+                xp: &[f32],
+                epi: &Epilogue,
+                out: &mut [MaybeUninit<f32>],
+            ) {
                 // SAFETY: forwarded contract.
                 unsafe {
                     match dc.ob {
@@ -487,7 +510,7 @@ simd_kernel!(
 ///
 /// # Safety
 /// The buffers must be as [`DirectConv::run`] checks them.
-unsafe fn run_generic(dc: &DirectConv, xp: &[f32], epi: &Epilogue, out: &mut [f32]) {
+unsafe fn run_generic(dc: &DirectConv, xp: &[f32], epi: &Epilogue, out: &mut [MaybeUninit<f32>]) {
     // SAFETY: forwarded contract; `o_pad` is a multiple of `ob` (5, 4, 2 or 1) by construction.
     unsafe {
         match dc.ob {
@@ -545,22 +568,34 @@ mod tests {
             }
             Tensor::from_vec(out, (1, o, oh, ow), &Device::Cpu).unwrap()
         };
-        let mut y = vec![f32::NAN; dc.out_len()];
-        dc.run(&xp, &epi, &mut y).unwrap();
-        let yd = compact(&y);
+        // Outputs start as NaN, and every kernel writes every value of `[o, nwide]` (its callers build
+        // results in place on that: `run_uninit`), finite from a finite padded input.
+        let nan = || vec![MaybeUninit::new(f32::NAN); dc.out_len()];
+        let init = |y: Vec<MaybeUninit<f32>>| {
+            // SAFETY: every value was initialised (NaN, then maybe overwritten).
+            let y: Vec<f32> = y.into_iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert!(
+                y.iter().all(|v| v.is_finite()),
+                "a value left unwritten: {what}"
+            );
+            y
+        };
+        let mut y = nan();
+        dc.run_uninit(&xp, &epi, &mut y).unwrap();
+        let yd = compact(&init(y));
         assert_close(&yd, &yr, 1e-4, &format!("dispatched {what}"));
-        let mut y = vec![f32::NAN; dc.out_len()];
+        let mut y = nan();
         // SAFETY: buffers sized by `dc`.
         unsafe { run_generic(&dc, &xp, &epi, &mut y) };
-        assert_close(&compact(&y), &yr, 1e-4, &format!("portable {what}"));
+        assert_close(&compact(&init(y)), &yr, 1e-4, &format!("portable {what}"));
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            let mut y = vec![f32::NAN; dc.out_len()];
+            let mut y = nan();
             // SAFETY: AVX2 and FMA checked just above; buffers sized by `dc`.
             unsafe { k256::run(&dc, &xp, &epi, &mut y) };
             // Same FMAs in the same order per output as the AVX-512 kernel: bit-identical.
             assert_close(
-                &compact(&y),
+                &compact(&init(y)),
                 &yd,
                 0.0,
                 &format!("avx2 vs dispatched {what}"),

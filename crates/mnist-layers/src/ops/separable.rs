@@ -4,6 +4,8 @@
 //! convolution, see `direct.rs`) and is never stored for the batch; the backward pass recomputes it, which
 //! costs `9` multiply-adds per value, less than storing and reloading it.
 
+use std::mem::MaybeUninit;
+
 use candle_core::Result;
 use rayon::prelude::*;
 
@@ -132,6 +134,22 @@ impl SepGeom {
         epi: &Epilogue,
         wide: &mut [f32],
     ) -> Result<()> {
+        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `wide_image_uninit` only writes
+        // initialised values through it, so `wide` stays initialised.
+        let wide = unsafe { &mut *(wide as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.wide_image_uninit(kern, xi, w, epi, wide)
+    }
+
+    /// [`Self::wide_image`] into values not written yet: on `Ok`, the first `pw.out_len()` values of
+    /// `wide` are written ([`DirectConv::run_uninit`]).
+    pub(crate) fn wide_image_uninit(
+        &self,
+        kern: &SepKernels,
+        xi: &[f32],
+        w: &[f32],
+        epi: &Epilogue,
+        wide: &mut [MaybeUninit<f32>],
+    ) -> Result<()> {
         let pw = &kern.pw;
         let (f, _) = self.split(w);
         with_scratch([self.dw_scratch_len(), pw.xp_len], |[xd, dwo]| {
@@ -142,7 +160,7 @@ impl SepGeom {
             } else {
                 self.depthwise_image(kern, xi, f, dwo, xd)?;
             }
-            pw.run(dwo, epi, wide)
+            pw.run_uninit(dwo, epi, wide)
         })
     }
 
