@@ -818,12 +818,19 @@ fn infer_with(
             (BlockConv::Dense(_), Prepared::Dense(Some(dc))) => {
                 with_scratch([dc.xp_len, dc.out_len()], |[xp, y]| {
                     let xp = dc.padded(x_rest, xp);
+                    // Unpooled: the kernel's compact stores write all `o * oh * ow` values in place.
+                    if pool.is_none() && dc.run_compact_uninit(xp, &epi, oimg)? {
+                        return Ok(());
+                    }
                     dc.run(xp, &epi, y)?; // [o, nwide]
                     emit(dc, y, oimg);
                     Ok(())
                 })
             }
             (BlockConv::Separable(sg), Prepared::Separable(k)) => {
+                if pool.is_none() && sg.compact_image_uninit(k, xi, &wv, &epi, oimg)? {
+                    return Ok(());
+                }
                 let dc = sg.pointwise(k);
                 with_scratch([dc.out_len()], |[y]| {
                     sg.wide_image(k, xi, &wv, &epi, y)?; // [o, nwide]
@@ -835,7 +842,8 @@ fn infer_with(
         }
     };
     // SAFETY: `work` returns `Ok` only after all `o` planes of `pl` values of `oimg` were written: by the
-    // kernel in place (`run_uninit` writes all `out_len() = o * oh * ow` values), or by `emit`, a pooled
+    // kernel in place (`run_uninit` writes all `out_len() = o * oh * ow` values, `run_compact_uninit` and
+    // `compact_image_uninit` all `o * oh * ow` when they return `true`), or by `emit`, a pooled
     // plane as the `pl` values of `plane_max`, unpooled ones by `compact_into_uninit`, which writes all
     // `o * oh * ow` values (`pl = oh * ow`).
     let out = unsafe { super::collect_images_in_place(b, o * pl, work) }?;

@@ -58,7 +58,13 @@ pub(crate) struct DirectConv {
     pub nwide: usize,
     /// Length of the padded input buffer (`c*hp*wp` plus zeros that the last tiles read).
     pub xp_len: usize,
+    /// Per 16-lane vector of the wide layout, where its lanes go in the compact `[oh, ow]` plane
+    /// ([`Self::compact_segs`]); empty where the rows are too short for three segments a vector.
+    segs: Vec<Segments>,
 }
+
+/// Up to three `(shift, lane mask)` segments of one 16-lane vector: the lanes of one output row each.
+pub(crate) type Segments = [(usize, u16); 3];
 
 /// The output-channel block for `o` channels: few wasted (zero) channels, few weight loads per FMA.
 fn pick_ob(o: usize) -> usize {
@@ -108,6 +114,7 @@ impl DirectConv {
         let nwide = (oh * wp).div_ceil(ALIGN) * ALIGN;
         let max_off = toff.iter().copied().max().unwrap_or(0);
         let xp_len = (c * hp * wp).max(max_off + nwide);
+        let segs = Self::compact_segs(oh, ow, wp, nwide).unwrap_or_default();
         Ok(Self {
             c,
             h,
@@ -125,7 +132,102 @@ impl DirectConv {
             toff,
             nwide,
             xp_len,
+            segs,
         })
+    }
+
+    /// For each 16-lane vector of the wide layout (`nwide / 16` of them), its output lanes grouped by
+    /// row: lane `j` of vector `v` is wide column `n = 16v + j`, output `(n / wp, n % wp)` when
+    /// `n / wp < oh` and `n % wp < ow`, compact index `n - (n / wp) * (wp - ow)`; one `(shift, mask)` per
+    /// row. `None` where a vector would need more than three (rows under 8 wide).
+    fn compact_segs(oh: usize, ow: usize, wp: usize, nwide: usize) -> Option<Vec<Segments>> {
+        (0..nwide / 16)
+            .map(|v| {
+                let mut segs: Segments = [(0, 0); 3];
+                let mut used = 0;
+                for j in 0..16 {
+                    let n = v * 16 + j;
+                    let (r, x) = (n / wp, n % wp);
+                    if r >= oh || x >= ow {
+                        continue;
+                    }
+                    let shift = r * (wp - ow);
+                    let k = match segs[..used].iter().position(|s| s.0 == shift) {
+                        Some(k) => k,
+                        None if used < 3 => {
+                            used += 1;
+                            segs[used - 1].0 = shift;
+                            used - 1
+                        }
+                        None => return None,
+                    };
+                    segs[k].1 |= 1 << j;
+                }
+                Some(segs)
+            })
+            .collect()
+    }
+
+    /// True where [`Self::run_compact_uninit`] runs (this CPU has AVX-512, the rows are 8 or more wide).
+    pub(crate) fn has_compact_stores(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            !self.segs.is_empty()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// [`Self::run_uninit`] with the outputs stored straight into the compact `out [o, oh*ow]` (every
+    /// value written) instead of the wide layout: `Ok(false)`, nothing written, where this CPU or
+    /// geometry has no compact stores (no AVX-512, rows under 8 wide). The same values as `run` then
+    /// [`Self::compact_into`].
+    pub(crate) fn run_compact_uninit(
+        &self,
+        xp: &[f32],
+        epi: &Epilogue,
+        out: &mut [MaybeUninit<f32>],
+    ) -> Result<bool> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !self.has_compact_stores() {
+                return Ok(false);
+            }
+            let epi_ok = epi.bias.is_none_or(|b| b.len() >= self.o)
+                && epi
+                    .affine
+                    .is_none_or(|(s, t)| s.len() >= self.o && t.len() >= self.o);
+            // `tile_in_bounds` without its output check: the output is the compact `[o, oh*ow]`.
+            if !tile_in_bounds(self, xp, self.out_len())
+                || !epi_ok
+                || out.len() < self.o * self.oh * self.ow
+                || self.segs.len() != self.nwide / 16
+            {
+                candle_core::bail!(
+                    "direct conv: buffers of {} / {} floats for a compact [{}, {}] output needing {} / {}",
+                    xp.len(),
+                    out.len(),
+                    self.o,
+                    self.oh * self.ow,
+                    self.xp_len,
+                    self.o * self.oh * self.ow
+                )
+            }
+            // SAFETY: AVX-512F, AVX2 and FMA are present; the input, weights and epilogue fit (checked
+            // above) and every segment addresses an output inside its `oh * ow` plane of `out`.
+            unsafe { k512::run::<true>(self, xp, epi, out) };
+            Ok(true)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (xp, epi, out);
+            Ok(false)
+        }
     }
 
     /// Length of the output buffer `[o, nwide]`.
@@ -216,12 +318,12 @@ impl DirectConv {
             {
                 // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked just above) and the
                 // buffers fit (checked above).
-                unsafe { k512::run(self, xp, epi, out) };
+                unsafe { k512::run::<false>(self, xp, epi, out) };
                 return Ok(());
             }
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU supports AVX2 and FMA (checked just above) and the buffers fit.
-                unsafe { k256::run(self, xp, epi, out) };
+                unsafe { k256::run::<false>(self, xp, epi, out) };
                 return Ok(());
             }
         }
@@ -356,7 +458,7 @@ unsafe fn sweep<const L: usize, const OB: usize, const NV: usize>(
 macro_rules! simd_kernel {
     ($modname:ident, $feat:literal, $lanes:literal, $v:ty, $load:ident, $store:ident, $set1:ident,
      $zero:ident, $fmadd:ident, $add:ident, $max:ident, [$($ob:literal => $nv:literal),*],
-     $nv1:literal) => {
+     $nv1:literal, $cstore:path) => {
         mod $modname {
             use super::{DirectConv, Epilogue};
             use std::mem::MaybeUninit;
@@ -367,7 +469,7 @@ macro_rules! simd_kernel {
             /// See [`super::tile`]; the caller has checked the bounds with [`super::tile_in_bounds`].
             #[inline]
             #[target_feature(enable = $feat)]
-            unsafe fn tile<const OB: usize, const NV: usize>(
+            unsafe fn tile<const OB: usize, const NV: usize, const COMPACT: bool>(
                 dc: &DirectConv,
                 xp: &[f32],
                 epi: &Epilogue,
@@ -401,7 +503,6 @@ macro_rules! simd_kernel {
                     let b = $set1(epi.bias.map_or(0.0, |b| b[oc]));
                     let (s, sh) = epi.affine.map_or((1.0, 0.0), |(s, t)| (s[oc], t[oc]));
                     let (s, sh) = ($set1(s), $set1(sh));
-                    let dst = &mut out[oc * dc.nwide + n0..oc * dc.nwide + n0 + NV * L];
                     for (v, &a) in accj.iter().enumerate() {
                         let mut y = $add(a, b);
                         if epi.relu {
@@ -410,15 +511,24 @@ macro_rules! simd_kernel {
                         if epi.affine.is_some() {
                             y = $fmadd(y, s, sh);
                         }
-                        // SAFETY: `dst` holds `NV*L` floats.
-                        unsafe { $store(dst.as_mut_ptr().cast::<f32>().add(v * L), y) };
+                        let n = n0 + v * L;
+                        if COMPACT {
+                            // The vector's output columns straight into plane `oc` of `[o, oh*ow]`.
+                            let plane = out.as_mut_ptr().cast::<f32>().wrapping_add(oc * dc.oh * dc.ow);
+                            // SAFETY: the segments of vector `n / L` address only outputs of the plane
+                            // (`DirectConv::compact_segs`; the caller checked `out` holds `o*oh*ow`).
+                            unsafe { $cstore(plane, n, &dc.segs[n / L], y) };
+                        } else {
+                            // SAFETY: `out` holds `[o, nwide]` and `n + L <= nwide` (the caller's contract).
+                            unsafe { $store(out.as_mut_ptr().cast::<f32>().add(oc * dc.nwide + n), y) };
+                        }
                     }
                 }
             }
 
             #[inline]
             #[target_feature(enable = $feat)]
-            unsafe fn sweep<const OB: usize, const NV: usize>(
+            unsafe fn sweep<const OB: usize, const NV: usize, const C: bool>(
                 dc: &DirectConv,
                 xp: &[f32],
                 epi: &Epilogue,
@@ -429,7 +539,7 @@ macro_rules! simd_kernel {
                     let mut v0 = 0;
                     while v0 + NV <= nv {
                         // SAFETY: in bounds (`run` checked the buffers, `v0 + NV <= nv`).
-                        unsafe { tile::<OB, NV>(dc, xp, epi, out, o0, v0 * L) };
+                        unsafe { tile::<OB, NV, C>(dc, xp, epi, out, o0, v0 * L) };
                         v0 += NV;
                     }
                     let n0 = v0 * L;
@@ -437,13 +547,13 @@ macro_rules! simd_kernel {
                     unsafe {
                         match nv - v0 {
                             0 => {}
-                            1 => tile::<OB, 1>(dc, xp, epi, out, o0, n0),
-                            2 => tile::<OB, 2>(dc, xp, epi, out, o0, n0),
-                            3 => tile::<OB, 3>(dc, xp, epi, out, o0, n0),
-                            4 => tile::<OB, 4>(dc, xp, epi, out, o0, n0),
-                            5 => tile::<OB, 5>(dc, xp, epi, out, o0, n0),
-                            6 => tile::<OB, 6>(dc, xp, epi, out, o0, n0),
-                            _ => tile::<OB, 7>(dc, xp, epi, out, o0, n0),
+                            1 => tile::<OB, 1, C>(dc, xp, epi, out, o0, n0),
+                            2 => tile::<OB, 2, C>(dc, xp, epi, out, o0, n0),
+                            3 => tile::<OB, 3, C>(dc, xp, epi, out, o0, n0),
+                            4 => tile::<OB, 4, C>(dc, xp, epi, out, o0, n0),
+                            5 => tile::<OB, 5, C>(dc, xp, epi, out, o0, n0),
+                            6 => tile::<OB, 6, C>(dc, xp, epi, out, o0, n0),
+                            _ => tile::<OB, 7, C>(dc, xp, epi, out, o0, n0),
                         }
                     }
                 }
@@ -453,7 +563,7 @@ macro_rules! simd_kernel {
             /// The CPU must support the target features; the buffers must be as [`DirectConv::run`]
             /// checks them.
             #[target_feature(enable = $feat)]
-            pub(super) unsafe fn run(
+            pub(super) unsafe fn run<const COMPACT: bool>(
                 dc: &DirectConv,
                 xp: &[f32],
                 epi: &Epilogue,
@@ -462,8 +572,8 @@ macro_rules! simd_kernel {
                 // SAFETY: forwarded contract.
                 unsafe {
                     match dc.ob {
-                        $($ob => sweep::<$ob, $nv>(dc, xp, epi, out),)*
-                        _ => sweep::<1, $nv1>(dc, xp, epi, out),
+                        $($ob => sweep::<$ob, $nv, COMPACT>(dc, xp, epi, out),)*
+                        _ => sweep::<1, $nv1, COMPACT>(dc, xp, epi, out),
                     }
                 }
             }
@@ -487,7 +597,8 @@ simd_kernel!(
     _mm512_add_ps,
     _mm512_max_ps,
     [5 => 4, 4 => 5, 2 => 8],
-    8
+    8,
+    super::compact_store_512
 );
 #[cfg(target_arch = "x86_64")]
 simd_kernel!(
@@ -503,8 +614,48 @@ simd_kernel!(
     _mm256_add_ps,
     _mm256_max_ps,
     [5 => 2, 4 => 2, 2 => 4],
-    6
+    6,
+    super::compact_store_256
 );
+
+/// Stores the 16 outputs of wide column `n..n+16` into their places in the compact plane at `plane`:
+/// each segment `(shift, mask)` is the lanes of one output row, whose compact index is `n + lane - shift`.
+///
+/// # Safety
+/// AVX-512F must be available; every masked-in lane's address `plane + n + lane - shift` must be
+/// writable (those of [`DirectConv::compact_segs`] lie inside the `oh * ow` plane).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn compact_store_512(
+    plane: *mut f32,
+    n: usize,
+    segs: &Segments,
+    y: std::arch::x86_64::__m512,
+) {
+    for &(shift, mask) in segs {
+        if mask != 0 {
+            // SAFETY: only the lanes of `mask` are written (the caller's contract).
+            unsafe {
+                std::arch::x86_64::_mm512_mask_storeu_ps(
+                    plane.wrapping_add(n).wrapping_sub(shift),
+                    mask,
+                    y,
+                )
+            };
+        }
+    }
+}
+
+/// The AVX2 kernel has no compact stores: [`DirectConv::run_compact_uninit`] runs only the AVX-512 one.
+///
+/// # Safety
+/// Never called.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn compact_store_256(_: *mut f32, _: usize, _: &Segments, _: std::arch::x86_64::__m256) {
+    unreachable!("compact stores are AVX-512 only")
+}
 
 /// The portable kernel.
 ///
@@ -584,6 +735,14 @@ mod tests {
         dc.run_uninit(&xp, &epi, &mut y).unwrap();
         let yd = compact(&init(y));
         assert_close(&yd, &yr, 1e-4, &format!("dispatched {what}"));
+        // The compact stores: the same bits, every one of `[o, oh*ow]` written.
+        let mut yc = vec![MaybeUninit::new(f32::NAN); o * oh * ow];
+        if dc.run_compact_uninit(&xp, &epi, &mut yc).unwrap() {
+            let yc = Tensor::from_vec(init(yc), (1, o, oh, ow), &Device::Cpu).unwrap();
+            assert_close(&yc, &yd, 0.0, &format!("compact stores {what}"));
+        } else {
+            assert!(!dc.has_compact_stores(), "compact stores refused: {what}");
+        }
         let mut y = nan();
         // SAFETY: buffers sized by `dc`.
         unsafe { run_generic(&dc, &xp, &epi, &mut y) };
@@ -592,7 +751,7 @@ mod tests {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             let mut y = nan();
             // SAFETY: AVX2 and FMA checked just above; buffers sized by `dc`.
-            unsafe { k256::run(&dc, &xp, &epi, &mut y) };
+            unsafe { k256::run::<false>(&dc, &xp, &epi, &mut y) };
             // Same FMAs in the same order per output as the AVX-512 kernel: bit-identical.
             assert_close(
                 &compact(&init(y)),
@@ -615,6 +774,20 @@ mod tests {
         check(1, (3, 3), 3, 3, (0, 0, 0, 0), true, 7);
         check(4, (13, 6), 9, 4, (2, 1, 1, 2), true, 8);
         check(5, (17, 19), 11, 5, (2, 2, 2, 2), false, 9);
+    }
+
+    /// Compact stores refuse an output smaller than `[o, oh*ow]` (rows 8 or more wide: they run).
+    #[test]
+    fn compact_stores_refuse_a_short_output() {
+        let dc = DirectConv::new((1, 10, 10), &[0.5; 9], (1, 3), (0, 0, 0, 0)).unwrap();
+        if !dc.has_compact_stores() {
+            eprintln!("no AVX-512 here: no compact stores to check");
+            return;
+        }
+        let (xp, epi) = (vec![0.0; dc.xp_len], Epilogue::default());
+        let mut out = vec![MaybeUninit::new(0.0); 8 * 8 - 1];
+        assert!(dc.run_compact_uninit(&xp, &epi, &mut out).is_err());
+        assert!(dc.run_compact_uninit(&xp[1..], &epi, &mut out).is_err());
     }
 
     #[test]

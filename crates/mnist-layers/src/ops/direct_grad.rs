@@ -141,8 +141,9 @@ impl DirectConv {
     }
 
     /// `dst [o, oh*ow] = epilogue(conv(xp))`: [`Self::run`] straight into `dst` where the wide layout
-    /// is the compact one ([`Self::wide_is_compact`]), else into the scratch `wide` ([`Self::out_len`])
-    /// and then [`Self::compact_into`] `dst`. The same values either way.
+    /// is the compact one ([`Self::wide_is_compact`]), else with compact stores where the CPU has them
+    /// ([`Self::run_compact_uninit`]), else into the scratch `wide` ([`Self::out_len`]) and then
+    /// [`Self::compact_into`] `dst`. The same values every way.
     pub(crate) fn run_compact(
         &self,
         xp: &[f32],
@@ -152,6 +153,14 @@ impl DirectConv {
     ) -> Result<()> {
         if self.wide_is_compact() && dst.len() == self.out_len() {
             return self.run(xp, epi, dst);
+        }
+        {
+            // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `run_compact_uninit` only writes
+            // initialised values through it, so `dst` stays initialised.
+            let out = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+            if self.run_compact_uninit(xp, epi, out)? {
+                return Ok(());
+            }
         }
         self.run(xp, epi, wide)?;
         self.compact_into(wide, dst);

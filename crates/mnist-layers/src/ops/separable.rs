@@ -150,6 +150,34 @@ impl SepGeom {
         epi: &Epilogue,
         wide: &mut [MaybeUninit<f32>],
     ) -> Result<()> {
+        self.with_depthwise(kern, xi, w, |dwo| kern.pw.run_uninit(dwo, epi, wide))
+    }
+
+    /// One image straight into the compact `out [o, oh*ow]` (every value written), or `Ok(false)` and
+    /// nothing written where the pointwise kernel has no compact stores
+    /// ([`DirectConv::run_compact_uninit`]).
+    pub(crate) fn compact_image_uninit(
+        &self,
+        kern: &SepKernels,
+        xi: &[f32],
+        w: &[f32],
+        epi: &Epilogue,
+        out: &mut [MaybeUninit<f32>],
+    ) -> Result<bool> {
+        if !kern.pw.has_compact_stores() {
+            return Ok(false);
+        }
+        self.with_depthwise(kern, xi, w, |dwo| kern.pw.run_compact_uninit(dwo, epi, out))
+    }
+
+    /// `then(dwo)` on the depthwise output of one image `xi` (the pointwise convolution's input).
+    fn with_depthwise<R>(
+        &self,
+        kern: &SepKernels,
+        xi: &[f32],
+        w: &[f32],
+        then: impl FnOnce(&[f32]) -> Result<R>,
+    ) -> Result<R> {
         let pw = &kern.pw;
         let (f, _) = self.split(w);
         with_scratch([self.dw_scratch_len(), pw.xp_len], |[xd, dwo]| {
@@ -160,7 +188,7 @@ impl SepGeom {
             } else {
                 self.depthwise_image(kern, xi, f, dwo, xd)?;
             }
-            pw.run_uninit(dwo, epi, wide)
+            then(dwo)
         })
     }
 
@@ -176,6 +204,14 @@ impl SepGeom {
         let pw = &kern.pw;
         if pw.wide_is_compact() && dst.len() == pw.out_len() {
             return self.wide_image(kern, xi, w, epi, dst);
+        }
+        {
+            // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `compact_image_uninit` only writes
+            // initialised values through it, so `dst` stays initialised.
+            let out = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+            if self.compact_image_uninit(kern, xi, w, epi, out)? {
+                return Ok(());
+            }
         }
         with_scratch([pw.out_len()], |[wide]| {
             self.wide_image(kern, xi, w, epi, wide)?;
