@@ -33,6 +33,16 @@ pub(crate) struct Epilogue<'a> {
     pub affine: Option<(&'a [f32], &'a [f32])>,
 }
 
+impl Epilogue<'_> {
+    /// True when its per-channel vectors hold (at least) `o` values.
+    fn fits(&self, o: usize) -> bool {
+        self.bias.is_none_or(|b| b.len() >= o)
+            && self
+                .affine
+                .is_none_or(|(s, t)| s.len() >= o && t.len() >= o)
+    }
+}
+
 /// A prepared stride-1 convolution `x [c, h, w] -> out [o, oh, ow]` (kept in the wide layout).
 #[derive(Debug, Clone)]
 pub(crate) struct DirectConv {
@@ -198,10 +208,7 @@ impl DirectConv {
             if !self.has_compact_stores() {
                 return Ok(false);
             }
-            let epi_ok = epi.bias.is_none_or(|b| b.len() >= self.o)
-                && epi
-                    .affine
-                    .is_none_or(|(s, t)| s.len() >= self.o && t.len() >= self.o);
+            let epi_ok = epi.fits(self.o);
             // `tile_in_bounds` without its output check: the output is the compact `[o, oh*ow]`.
             if !tile_in_bounds(self, xp, self.out_len())
                 || !epi_ok
@@ -295,10 +302,7 @@ impl DirectConv {
         epi: &Epilogue,
         out: &mut [MaybeUninit<f32>],
     ) -> Result<()> {
-        let epi_ok = epi.bias.is_none_or(|b| b.len() >= self.o)
-            && epi
-                .affine
-                .is_none_or(|(s, t)| s.len() >= self.o && t.len() >= self.o);
+        let epi_ok = epi.fits(self.o);
         if !tile_in_bounds(self, xp, out.len()) || !epi_ok {
             candle_core::bail!(
                 "direct conv: buffers of {} / {} floats for a [{}, {}] convolution needing {} / {}",
