@@ -786,66 +786,50 @@ fn infer_with(
         let xi = &xs[i * chw..(i + 1) * chw];
         // The direct kernel may read the next images as its padding (`DirectConv::padded`).
         let x_rest = &xs[i * chw..];
-        // The image's output `[o, nwide]` in the wide layout of `dc`, then pooled or compacted
-        // straight into the result: every one of its `o * pl` values is written.
-        let emit = |dc: &DirectConv, y: &[f32], oimg: &mut [MaybeUninit<f32>]| match pool {
-            Some(pg) => {
+        // A pooled block: the image's output `[o, nwide]` in the wide layout of `dc`, pooled plane by
+        // plane straight into the result (all `o * pl` values written).
+        let pool_into =
+            |pg: PoolGeom, dc: &DirectConv, y: &[f32], oimg: &mut [MaybeUninit<f32>]| {
                 for (oc, op) in oimg.chunks_exact_mut(pl).enumerate() {
                     with_thread_buf(&POOL_BUF, pl, |pooled| {
                         pg.plane_max(&y[oc * dc.nwide..(oc + 1) * dc.nwide], dc.wp, pooled);
                         write_row(op, pooled);
                     })
                 }
-            }
-            None => dc.compact_into_uninit(y, oimg),
-        };
-        // Unpooled, where the wide layout is the compact one (`DirectConv::wide_is_compact`), the kernel
-        // writes the image's output in place: all `o * oh * ow` values.
-        let in_place = |dc: &DirectConv, oimg: &[MaybeUninit<f32>]| {
-            pool.is_none() && dc.wide_is_compact() && oimg.len() == dc.out_len()
-        };
+            };
+        // Unpooled, the compact output goes straight into the result (`run_compact_uninit`,
+        // `forward_image_uninit`: all `o * oh * ow` values written).
         match (&conv, &prep) {
-            (BlockConv::Dense(_), Prepared::Dense(Some(dc))) if in_place(dc, oimg) => {
-                with_scratch([dc.xp_len], |[xp]| {
-                    dc.run_uninit(dc.padded(x_rest, xp), &epi, oimg)
-                })
-            }
-            (BlockConv::Separable(sg), Prepared::Separable(k))
-                if in_place(sg.pointwise(k), oimg) =>
-            {
-                sg.wide_image_uninit(k, xi, &wv, &epi, oimg)
-            }
             (BlockConv::Dense(_), Prepared::Dense(Some(dc))) => {
                 with_scratch([dc.xp_len, dc.out_len()], |[xp, y]| {
                     let xp = dc.padded(x_rest, xp);
-                    // Unpooled: the kernel's compact stores write all `o * oh * ow` values in place.
-                    if pool.is_none() && dc.run_compact_uninit(xp, &epi, oimg)? {
-                        return Ok(());
+                    match pool {
+                        None => dc.run_compact_uninit(xp, &epi, y, oimg),
+                        Some(pg) => {
+                            dc.run(xp, &epi, y)?; // [o, nwide]
+                            pool_into(pg, dc, y, oimg);
+                            Ok(())
+                        }
                     }
-                    dc.run(xp, &epi, y)?; // [o, nwide]
-                    emit(dc, y, oimg);
-                    Ok(())
                 })
             }
-            (BlockConv::Separable(sg), Prepared::Separable(k)) => {
-                if pool.is_none() && sg.compact_image_uninit(k, xi, &wv, &epi, oimg)? {
-                    return Ok(());
+            (BlockConv::Separable(sg), Prepared::Separable(k)) => match pool {
+                None => sg.forward_image_uninit(k, xi, &wv, &epi, oimg),
+                Some(pg) => {
+                    let dc = sg.pointwise(k);
+                    with_scratch([dc.out_len()], |[y]| {
+                        sg.wide_image(k, xi, &wv, &epi, y)?; // [o, nwide]
+                        pool_into(pg, dc, y, oimg);
+                        Ok(())
+                    })
                 }
-                let dc = sg.pointwise(k);
-                with_scratch([dc.out_len()], |[y]| {
-                    sg.wide_image(k, xi, &wv, &epi, y)?; // [o, nwide]
-                    emit(dc, y, oimg);
-                    Ok(())
-                })
-            }
+            },
             _ => candle_core::bail!("{OP_INFER}: no direct kernels for this convolution"),
         }
     };
-    // SAFETY: `work` returns `Ok` only after all `o` planes of `pl` values of `oimg` were written: by the
-    // kernel in place (`run_uninit` writes all `out_len() = o * oh * ow` values, `run_compact_uninit` and
-    // `compact_image_uninit` all `o * oh * ow` when they return `true`), or by `emit`, a pooled
-    // plane as the `pl` values of `plane_max`, unpooled ones by `compact_into_uninit`, which writes all
-    // `o * oh * ow` values (`pl = oh * ow`).
+    // SAFETY: `work` returns `Ok` only after all `o` planes of `pl` values of `oimg` were written: pooled,
+    // each plane as the `pl` values of `plane_max`; unpooled (`pl = oh * ow`), all `o * oh * ow` values by
+    // `run_compact_uninit` or `forward_image_uninit`.
     let out = unsafe { super::collect_images_in_place(b, o * pl, work) }?;
     let shape = match pool {
         Some(p) => Shape::from((b, o, p.oh, p.ow)),

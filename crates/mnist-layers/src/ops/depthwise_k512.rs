@@ -22,7 +22,7 @@ pub(crate) fn image_fwd(g: &DwGeom, xi: &[f32], f: &[f32], out: &mut [f32]) -> b
         || xi.len() < g.c * hw
         || f.len() < g.c * kk
         || out.len() < g.c * ohw
-        || !avx512()
+        || !super::has_avx512()
     {
         return false;
     }
@@ -33,22 +33,11 @@ pub(crate) fn image_fwd(g: &DwGeom, xi: &[f32], f: &[f32], out: &mut [f32]) -> b
         .zip(out.chunks_exact_mut(ohw.max(1)))
         .take(g.c)
     {
-        // SAFETY: AVX-512F is available (checked above); `x` holds the `h * w` plane, `fc` the `k * k`
+        // SAFETY: AVX-512F is available (`has_avx512`, checked above); `x` holds the `h * w` plane, `fc` the `k * k`
         // filter and `o` the `oh * ow` output plane.
         unsafe { k512::plane(g, x, fc, o) };
     }
     true
-}
-
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -173,7 +162,7 @@ mod tests {
     /// Bit for bit against the zero-padded path (`DwGeom::pad_image` + `DwGeom::image_fwd`), every padding and width case.
     #[test]
     fn unpadded_forward_gives_the_padded_bits() {
-        if !avx512() {
+        if !crate::ops::has_avx512() {
             eprintln!(
                 "no AVX-512 here: the unpadded depthwise kernel is not used, nothing to compare"
             );

@@ -178,26 +178,16 @@ impl DirectConv {
             .collect()
     }
 
-    /// True where [`Self::run_compact_uninit`] runs (this CPU has AVX-512, the rows are 8 or more wide).
+    /// True where [`Self::run_compact_stores`] runs (this CPU has AVX-512, the rows are 8 or more wide).
     pub(crate) fn has_compact_stores(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            !self.segs.is_empty()
-                && std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        !self.segs.is_empty() && super::has_avx512()
     }
 
     /// [`Self::run_uninit`] with the outputs stored straight into the compact `out [o, oh*ow]` (every
     /// value written) instead of the wide layout: `Ok(false)`, nothing written, where this CPU or
     /// geometry has no compact stores (no AVX-512, rows under 8 wide). The same values as `run` then
     /// [`Self::compact_into`].
-    pub(crate) fn run_compact_uninit(
+    pub(crate) fn run_compact_stores(
         &self,
         xp: &[f32],
         epi: &Epilogue,
@@ -316,10 +306,7 @@ impl DirectConv {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-            {
+            if super::has_avx512() {
                 // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked just above) and the
                 // buffers fit (checked above).
                 unsafe { k512::run::<false>(self, xp, epi, out) };
@@ -651,7 +638,7 @@ unsafe fn compact_store_512(
     }
 }
 
-/// The AVX2 kernel has no compact stores: [`DirectConv::run_compact_uninit`] runs only the AVX-512 one.
+/// The AVX2 kernel has no compact stores: [`DirectConv::run_compact_stores`] runs only the AVX-512 one.
 ///
 /// # Safety
 /// Never called.
@@ -741,7 +728,7 @@ mod tests {
         assert_close(&yd, &yr, 1e-4, &format!("dispatched {what}"));
         // The compact stores: the same bits, every one of `[o, oh*ow]` written.
         let mut yc = vec![MaybeUninit::new(f32::NAN); o * oh * ow];
-        if dc.run_compact_uninit(&xp, &epi, &mut yc).unwrap() {
+        if dc.run_compact_stores(&xp, &epi, &mut yc).unwrap() {
             let yc = Tensor::from_vec(init(yc), (1, o, oh, ow), &Device::Cpu).unwrap();
             assert_close(&yc, &yd, 0.0, &format!("compact stores {what}"));
         } else {
@@ -790,8 +777,8 @@ mod tests {
         }
         let (xp, epi) = (vec![0.0; dc.xp_len], Epilogue::default());
         let mut out = vec![MaybeUninit::new(0.0); 8 * 8 - 1];
-        assert!(dc.run_compact_uninit(&xp, &epi, &mut out).is_err());
-        assert!(dc.run_compact_uninit(&xp[1..], &epi, &mut out).is_err());
+        assert!(dc.run_compact_stores(&xp, &epi, &mut out).is_err());
+        assert!(dc.run_compact_stores(&xp[1..], &epi, &mut out).is_err());
     }
 
     #[test]

@@ -82,10 +82,7 @@ impl DirectConv {
             )
         }
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-        {
+        if super::has_avx512() {
             // SAFETY: AVX-512F, AVX2 and FMA are present (checked just above); the bounds hold.
             unsafe { avx512::weight_grad(self, xp, g, dw) };
             return Ok(());
@@ -140,10 +137,7 @@ impl DirectConv {
         self.wp == self.ow && self.nwide == self.oh * self.ow
     }
 
-    /// `dst [o, oh*ow] = epilogue(conv(xp))`: [`Self::run`] straight into `dst` where the wide layout
-    /// is the compact one ([`Self::wide_is_compact`]), else with compact stores where the CPU has them
-    /// ([`Self::run_compact_uninit`]), else into the scratch `wide` ([`Self::out_len`]) and then
-    /// [`Self::compact_into`] `dst`. The same values every way.
+    /// `dst [o, oh*ow] = epilogue(conv(xp))`, see [`Self::run_compact_uninit`].
     pub(crate) fn run_compact(
         &self,
         xp: &[f32],
@@ -151,23 +145,37 @@ impl DirectConv {
         wide: &mut [f32],
         dst: &mut [f32],
     ) -> Result<()> {
+        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `run_compact_uninit` only writes
+        // initialised values through it, so `dst` stays initialised.
+        let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.run_compact_uninit(xp, epi, wide, dst)
+    }
+
+    /// `dst [o, oh*ow] = epilogue(conv(xp))`, all `o * oh * ow` values written (on `Ok`): straight into
+    /// `dst` where the wide layout is the compact one ([`Self::wide_is_compact`]), else with compact
+    /// stores where the CPU has them ([`Self::run_compact_stores`]), else into the scratch `wide`
+    /// ([`Self::out_len`]) and then [`Self::compact_into_uninit`]. The same values every way.
+    pub(crate) fn run_compact_uninit(
+        &self,
+        xp: &[f32],
+        epi: &Epilogue,
+        wide: &mut [f32],
+        dst: &mut [MaybeUninit<f32>],
+    ) -> Result<()> {
         if self.wide_is_compact() && dst.len() == self.out_len() {
-            return self.run(xp, epi, dst);
+            return self.run_uninit(xp, epi, dst);
         }
-        {
-            // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `run_compact_uninit` only writes
-            // initialised values through it, so `dst` stays initialised.
-            let out = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
-            if self.run_compact_uninit(xp, epi, out)? {
-                return Ok(());
-            }
+        if self.run_compact_stores(xp, epi, dst)? {
+            return Ok(());
         }
         self.run(xp, epi, wide)?;
-        self.compact_into(wide, dst);
+        self.compact_into_uninit(wide, dst);
         Ok(())
     }
 
-    /// `dst [o, oh*ow]` from the wide output `wide [o, nwide]` of [`DirectConv::run`].
+    /// `dst [o, oh*ow]` from the wide output `wide [o, nwide]` of [`DirectConv::run`] (the kernels'
+    /// callers go through [`Self::run_compact_uninit`]; the tests compare against this).
+    #[cfg(test)]
     pub(crate) fn compact_into(&self, wide: &[f32], dst: &mut [f32]) {
         // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `compact_into_uninit` only writes
         // initialised values through it, so `dst` stays initialised.
@@ -545,10 +553,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_weight_gradient_is_bit_identical_to_avx2() {
-        if !(std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma"))
-        {
+        if !crate::ops::has_avx512() {
             eprintln!("no AVX-512 here: nothing to compare");
             return;
         }

@@ -169,6 +169,20 @@ macro_rules! multiversion_unsafe {
 }
 pub(crate) use multiversion_unsafe;
 
+/// True where the AVX-512 kernels can run: AVX-512F with AVX2 and FMA, the features they are compiled for.
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 thread_local! {
     static SCRATCH: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }

@@ -155,8 +155,8 @@ impl SepGeom {
 
     /// One image straight into the compact `out [o, oh*ow]` (every value written), or `Ok(false)` and
     /// nothing written where the pointwise kernel has no compact stores
-    /// ([`DirectConv::run_compact_uninit`]).
-    pub(crate) fn compact_image_uninit(
+    /// ([`DirectConv::run_compact_stores`]).
+    pub(crate) fn compact_stores_image(
         &self,
         kern: &SepKernels,
         xi: &[f32],
@@ -167,7 +167,7 @@ impl SepGeom {
         if !kern.pw.has_compact_stores() {
             return Ok(false);
         }
-        self.with_depthwise(kern, xi, w, |dwo| kern.pw.run_compact_uninit(dwo, epi, out))
+        self.with_depthwise(kern, xi, w, |dwo| kern.pw.run_compact_stores(dwo, epi, out))
     }
 
     /// `then(dwo)` on the depthwise output of one image `xi` (the pointwise convolution's input).
@@ -192,7 +192,7 @@ impl SepGeom {
         })
     }
 
-    /// One image: `dst [o, oh*ow]` = [`Self::wide_image`], compacted.
+    /// One image: `dst [o, oh*ow]` = [`Self::wide_image`], compacted (see [`Self::forward_image_uninit`]).
     pub(crate) fn forward_image(
         &self,
         kern: &SepKernels,
@@ -201,21 +201,34 @@ impl SepGeom {
         epi: &Epilogue,
         dst: &mut [f32],
     ) -> Result<()> {
+        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `forward_image_uninit` only writes
+        // initialised values through it, so `dst` stays initialised.
+        let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.forward_image_uninit(kern, xi, w, epi, dst)
+    }
+
+    /// One image: `dst [o, oh*ow]` = [`Self::wide_image`] compacted, all `o * oh * ow` values written
+    /// (on `Ok`): by the pointwise kernel in place where its wide layout is the compact one, else with
+    /// its compact stores where the CPU has them ([`Self::compact_stores_image`]), else through a wide
+    /// scratch and a copy.
+    pub(crate) fn forward_image_uninit(
+        &self,
+        kern: &SepKernels,
+        xi: &[f32],
+        w: &[f32],
+        epi: &Epilogue,
+        dst: &mut [MaybeUninit<f32>],
+    ) -> Result<()> {
         let pw = &kern.pw;
         if pw.wide_is_compact() && dst.len() == pw.out_len() {
-            return self.wide_image(kern, xi, w, epi, dst);
+            return self.wide_image_uninit(kern, xi, w, epi, dst);
         }
-        {
-            // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `compact_image_uninit` only writes
-            // initialised values through it, so `dst` stays initialised.
-            let out = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
-            if self.compact_image_uninit(kern, xi, w, epi, out)? {
-                return Ok(());
-            }
+        if self.compact_stores_image(kern, xi, w, epi, dst)? {
+            return Ok(());
         }
         with_scratch([pw.out_len()], |[wide]| {
             self.wide_image(kern, xi, w, epi, wide)?;
-            pw.compact_into(wide, dst);
+            pw.compact_into_uninit(wide, dst);
             Ok(())
         })
     }
