@@ -149,33 +149,35 @@ impl DirectConv {
     /// For each 16-lane vector of the wide layout (`nwide / 16` of them), its output lanes grouped by
     /// row: lane `j` of vector `v` is wide column `n = 16v + j`, output `(n / wp, n % wp)` when
     /// `n / wp < oh` and `n % wp < ow`, compact index `n - (n / wp) * (wp - ow)`; one `(shift, mask)` per
-    /// row. `None` where a vector would need more than three (rows under 8 wide).
+    /// row. `None` where a vector would need more than three (rows under 8 wide). Row by row, so the
+    /// cost is that of the rows and vectors (it runs for every prepared convolution), not of each lane.
     fn compact_segs(oh: usize, ow: usize, wp: usize, nwide: usize) -> Option<Vec<Segments>> {
-        (0..nwide / 16)
-            .map(|v| {
-                let mut segs: Segments = [(0, 0); 3];
-                let mut used = 0;
-                for j in 0..16 {
-                    let n = v * 16 + j;
-                    let (r, x) = (n / wp, n % wp);
-                    if r >= oh || x >= ow {
-                        continue;
-                    }
-                    let shift = r * (wp - ow);
-                    let k = match segs[..used].iter().position(|s| s.0 == shift) {
-                        Some(k) => k,
-                        None if used < 3 => {
-                            used += 1;
-                            segs[used - 1].0 = shift;
-                            used - 1
-                        }
-                        None => return None,
-                    };
-                    segs[k].1 |= 1 << j;
+        let nv = nwide / 16;
+        let mut segs: Vec<Segments> = vec![[(0, 0); 3]; nv];
+        let mut used = vec![0usize; nv];
+        for r in 0..oh {
+            // Row `r`'s outputs are wide columns `a..b`, all with the same shift.
+            let (a, b, shift) = (r * wp, (r * wp + ow).min(nv * 16), r * (wp - ow));
+            let mut n = a;
+            while n < b {
+                let (v, lo) = (n / 16, n % 16);
+                let hi = (b - v * 16).min(16);
+                let mask = ((1u32 << hi) - (1u32 << lo)) as u16;
+                // Rows come in order, so a shift seen before in this vector is its last segment's
+                // (`wp == ow`: every row's shift is 0, one segment).
+                let k = used[v];
+                if k > 0 && segs[v][k - 1].0 == shift {
+                    segs[v][k - 1].1 |= mask;
+                } else if k < 3 {
+                    segs[v][k] = (shift, mask);
+                    used[v] += 1;
+                } else {
+                    return None;
                 }
-                Some(segs)
-            })
-            .collect()
+                n = v * 16 + hi;
+            }
+        }
+        Some(segs)
     }
 
     /// True where [`Self::run_compact_stores`] runs (this CPU has AVX-512, the rows are 8 or more wide).
@@ -765,6 +767,48 @@ mod tests {
         check(1, (3, 3), 3, 3, (0, 0, 0, 0), true, 7);
         check(4, (13, 6), 9, 4, (2, 1, 1, 2), true, 8);
         check(5, (17, 19), 11, 5, (2, 2, 2, 2), false, 9);
+    }
+
+    /// The row-by-row segments are those of the lane-by-lane definition, for every row width and
+    /// length around the 16-lane vectors (and `None` under 8 columns a row, where it needs a fourth).
+    #[test]
+    fn compact_segments_follow_their_definition() {
+        let by_lane = |oh: usize, ow: usize, wp: usize, nwide: usize| -> Option<Vec<Segments>> {
+            (0..nwide / 16)
+                .map(|v| {
+                    let mut segs: Segments = [(0, 0); 3];
+                    let mut used = 0;
+                    for j in 0..16 {
+                        let n = v * 16 + j;
+                        let (r, x) = (n / wp, n % wp);
+                        if r >= oh || x >= ow {
+                            continue;
+                        }
+                        let shift = r * (wp - ow);
+                        let k = match segs[..used].iter().position(|s| s.0 == shift) {
+                            Some(k) => k,
+                            None if used < 3 => {
+                                used += 1;
+                                segs[used - 1].0 = shift;
+                                used - 1
+                            }
+                            None => return None,
+                        };
+                        segs[k].1 |= 1 << j;
+                    }
+                    Some(segs)
+                })
+                .collect()
+        };
+        for oh in 1usize..12 {
+            for wp in 1..40 {
+                for ow in 1..=wp {
+                    let nwide = (oh * wp).div_ceil(ALIGN) * ALIGN;
+                    let got = DirectConv::compact_segs(oh, ow, wp, nwide);
+                    assert_eq!(got, by_lane(oh, ow, wp, nwide), "oh {oh} ow {ow} wp {wp}");
+                }
+            }
+        }
     }
 
     /// Compact stores refuse an output smaller than `[o, oh*ow]` (rows 8 or more wide: they run).
