@@ -218,11 +218,12 @@ impl BlockConv {
         x: &[f32],
         w: &[f32],
         need_dx: bool,
+        need_db: bool,
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) -> Result<ConvGrads> {
         match self {
-            BlockConv::Dense(g) => g.backward(x, w, need_dx, fill_g),
-            BlockConv::Separable(s) => s.backward(x, w, need_dx, fill_g),
+            BlockConv::Dense(g) => g.backward(x, w, need_dx, need_db, fill_g),
+            BlockConv::Separable(s) => s.backward(x, w, need_dx, need_db, fill_g),
         }
     }
 }
@@ -496,7 +497,7 @@ impl BlockOp {
                 }
             }
         };
-        let (dx, dw, db) = g.backward(xs, w, need_dx, &fill_g)?;
+        let (dx, dw, db) = g.backward(xs, w, need_dx, self.bias, &fill_g)?;
         let mut dparams = dw;
         if self.bias {
             dparams.extend_from_slice(&db);

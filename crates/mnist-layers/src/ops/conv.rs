@@ -258,13 +258,14 @@ impl ConvGeom {
     }
 
     /// Backward of the convolution given the gradient at its (pre-activation) output: `fill_g(i, g)`
-    /// writes image `i`'s `g [o, oh*ow]`. Returns `(dx if need_dx, dw [o, c*k*k], db [o])`; dw and db
-    /// are reduced over fixed chunks of [`GRAD_CHUNK`] images in chunk order (thread-count independent).
+    /// writes image `i`'s `g [o, oh*ow]`. Returns `(dx if need_dx, dw [o, c*k*k], db [o])` (db zeros
+    /// unless need_db: a convolution without bias skips its sums); dw and db are reduced over fixed chunks of [`GRAD_CHUNK`] images in chunk order (thread-count independent).
     pub(crate) fn backward(
         &self,
         x: &[f32],
         w: &[f32],
         need_dx: bool,
+        need_db: bool,
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) -> Result<ConvGrads> {
         if let Some(dc) = self.direct_conv(w)? {
@@ -279,7 +280,7 @@ impl ConvGeom {
                 None
             };
             if dx_conv.is_some() || !need_dx {
-                return self.backward_direct(x, &dc, dx_conv.as_ref(), fill_g);
+                return self.backward_direct(x, &dc, dx_conv.as_ref(), need_db, fill_g);
             }
         }
         let g = *self;
@@ -310,8 +311,10 @@ impl ConvGeom {
                     for i in i0..i1 {
                         let xi = &x[i * chw..(i + 1) * chw];
                         fill_g(i, gbuf);
-                        for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
-                            db[oc] += sum_f32(row) as f32;
+                        if need_db {
+                            for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
+                                db[oc] += sum_f32(row) as f32;
+                            }
                         }
                         // The im2col matrix and the gradient in the same column layout.
                         let (colr, gi): (&[f32], &[f32]) = if g.direct {
@@ -389,6 +392,7 @@ impl ConvGeom {
         x: &[f32],
         dc: &DirectConv,
         dx_conv: Option<&DirectConv>,
+        need_db: bool,
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) -> Result<ConvGrads> {
         let g = *self;
@@ -418,8 +422,10 @@ impl ConvGeom {
                 with_scratch(lens, |[gbuf, xp, gwide, gp, dxwide]| {
                     for i in i0..i1 {
                         fill_g(i, gbuf);
-                        for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
-                            db[oc] += sum_f32(row) as f32;
+                        if need_db {
+                            for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
+                                db[oc] += sum_f32(row) as f32;
+                            }
                         }
                         let xp = dc.padded(&x[i * chw..], xp);
                         let gw = dc.wide_grad(gbuf, gwide);
@@ -680,7 +686,7 @@ impl ConvOp {
                 gb.copy_from_slice(dyi);
             }
         };
-        let (dx, dw, db) = g.backward(xs, ws, need_dx, &fill_g)?;
+        let (dx, dw, db) = g.backward(xs, ws, need_dx, true, &fill_g)?;
         let dev = x.device();
         let dx = match dx {
             Some(v) => Some(Tensor::from_vec(v, (g.b, g.c, g.h, g.w), dev)?),

@@ -258,13 +258,14 @@ impl SepGeom {
 
     /// The backward pass given the gradient at the pointwise convolution's (pre-activation) output:
     /// `fill_g(i, g)` writes image `i`'s `g [o, oh*ow]`. Returns `(dx if need_dx, dw, db)` with `dw` the
-    /// depthwise then the pointwise weights' gradients; `dw` and `db` are reduced over fixed chunks of
+    /// depthwise then the pointwise weights' gradients (db zeros unless need_db); `dw` and `db` are reduced over fixed chunks of
     /// [`GRAD_CHUNK`] images in chunk order (thread-count independent).
     pub(crate) fn backward(
         &self,
         x: &[f32],
         w: &[f32],
         need_dx: bool,
+        need_db: bool,
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) -> Result<ConvGrads> {
         let d = self.dw;
@@ -309,8 +310,10 @@ impl SepGeom {
                     for i in i0..i1 {
                         let xi = &x[i * chw..(i + 1) * chw];
                         fill_g(i, gbuf);
-                        for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
-                            db[oc] += sum_f32(row) as f32;
+                        if need_db {
+                            for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
+                                db[oc] += sum_f32(row) as f32;
+                            }
                         }
                         // The pointwise weights' gradient, from the recomputed depthwise output.
                         self.depthwise_image(&kern, xi, f, dwo, xd)?;
