@@ -329,7 +329,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{hsum, DirectConv, L};
+    use super::{DirectConv, L};
     use std::arch::x86_64::*;
 
     /// Taps per AVX-512 tile: 2 x 12 accumulators, 2 gradient registers and one input register fit the
@@ -409,16 +409,81 @@ mod avx512 {
                 }
             }
         }
+        // Each half of each accumulator summed as `hsum` sums it, eight accumulators at a time, and
+        // added to its channel's row of dw.
+        let dwp = dw.as_mut_ptr();
         for (p, a) in acc.iter().enumerate() {
-            for (t, &v) in a.iter().enumerate() {
-                // lanes 0-7 and 8-15
-                let mut halves = [[0f32; L]; 2];
-                // SAFETY: `halves` holds 16 contiguous floats.
-                unsafe { _mm512_storeu_ps(halves.as_mut_ptr().cast(), v) };
-                dw[(o0 + 2 * p) * taps + t0 + t] += hsum(halves[0]);
-                dw[(o0 + 2 * p + 1) * taps + t0 + t] += hsum(halves[1]);
+            let rows = [(o0 + 2 * p) * taps + t0, (o0 + 2 * p + 1) * taps + t0];
+            for t in (0..TB2).step_by(L) {
+                let r = (TB2 - t).min(L);
+                let group =
+                    std::array::from_fn(|k| a.get(t + k).copied().unwrap_or(_mm512_setzero_ps()));
+                let sums = hsum8x2(group);
+                if r == L {
+                    for (half, &row) in rows.iter().enumerate() {
+                        // SAFETY: `row + t + 8 <= row + TB2 <= (channel + 1) * taps <= dw.len()`
+                        // (`t0 + TB2 <= taps`).
+                        unsafe {
+                            let d = dwp.add(row + t);
+                            let h = _mm512_castps_pd(sums);
+                            let v = _mm256_castpd_ps(if half == 0 {
+                                _mm512_castpd512_pd256(h)
+                            } else {
+                                _mm512_extractf64x4_pd::<1>(h)
+                            });
+                            _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), v));
+                        }
+                    }
+                } else {
+                    let mut halves = [[0f32; L]; 2];
+                    // SAFETY: `halves` holds 16 contiguous floats.
+                    unsafe { _mm512_storeu_ps(halves.as_mut_ptr().cast(), sums) };
+                    for (half, &row) in halves.iter().zip(&rows) {
+                        for (k, &v) in half[..r].iter().enumerate() {
+                            dw[row + t + k] += v;
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// `hsum` of both 8-lane halves of eight vectors at once: lane `k` of the result is `hsum` of lanes
+    /// 0-7 of `a[k]`, lane `8 + k` that of its lanes 8-15, every sum formed with the same additions in
+    /// the same order as `hsum` (so the same bits).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn hsum8x2(a: [__m512; 8]) -> __m512 {
+        // In this order the sums come out in `a`'s order (see the lanes below).
+        let i = [a[0], a[4], a[1], a[5], a[2], a[6], a[3], a[7]];
+        // Lanes j + lanes j + 4 of each half: [x lo half | x hi half | y lo half | y hi half], each
+        // block [l0+l4, l1+l5, l2+l6, l3+l7].
+        let quads = |x, y| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+            )
+        };
+        let (u01, u23, u45, u67) = (
+            quads(i[0], i[1]),
+            quads(i[2], i[3]),
+            quads(i[4], i[5]),
+            quads(i[6], i[7]),
+        );
+        // (l0+l4)+(l2+l6) and (l1+l5)+(l3+l7): per block [P's two, Q's two].
+        let pairs = |p, q| {
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(p, q),
+                _mm512_shuffle_ps::<0xEE>(p, q),
+            )
+        };
+        let (w0, w1) = (pairs(u01, u23), pairs(u45, u67));
+        // The two added: blocks [a0..a3 lo halves | a0..a3 hi halves | a4..a7 lo | a4..a7 hi].
+        let r = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(w0, w1),
+            _mm512_shuffle_ps::<0xDD>(w0, w1),
+        );
+        _mm512_shuffle_f32x4::<0b11_01_10_00>(r, r)
     }
 
     /// `tile::<$p, tb>` for a run-time `tb` in 1..=12.
