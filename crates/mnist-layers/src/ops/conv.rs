@@ -3,6 +3,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::direct_grad::SharedGrad;
 use super::{
     copy_row, cpu_data, dims4, fwd_slice, multiversion, out_len, sum_f32, with_scratch, DirectConv,
     Epilogue, Pad4, Uninit, GRAD_CHUNK,
@@ -10,6 +11,18 @@ use super::{
 use crate::error::shape_err;
 
 const OP: &str = "conv2d_fused";
+
+/// How [`ConvGeom::backward_direct`] gets the input gradient.
+#[derive(Clone, Copy)]
+enum DxConv<'a> {
+    /// Not asked for.
+    None,
+    /// From a zero-padded copy of the output gradient ([`DirectConv::input_grad_of`]).
+    Padded(&'a DirectConv),
+    /// From the output gradient in the shared-padding layout, which the weight gradient reads too
+    /// ([`DirectConv::input_grad_shared`]).
+    Shared(&'a SharedGrad),
+}
 
 /// The gradients of a convolution: `(dx if asked for, dw [o, c*k*k], db [o])`.
 pub(crate) type ConvGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
@@ -269,18 +282,20 @@ impl ConvGeom {
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) -> Result<ConvGrads> {
         if let Some(dc) = self.direct_conv(w)? {
-            let dx_conv = if need_dx {
-                DirectConv::input_grad_of(
-                    (self.c, self.h, self.w),
-                    w,
-                    (self.o, self.k),
-                    self.pad(),
-                )?
-            } else {
-                None
-            };
-            if dx_conv.is_some() || !need_dx {
-                return self.backward_direct(x, &dc, dx_conv.as_ref(), need_db, fill_g);
+            if !need_dx {
+                return self.backward_direct(x, &dc, DxConv::None, need_db, fill_g);
+            }
+            if let Some(shared) = dc.input_grad_shared(w, self.k)? {
+                return self.backward_direct(x, &dc, DxConv::Shared(&shared), need_db, fill_g);
+            }
+            let padded = DirectConv::input_grad_of(
+                (self.c, self.h, self.w),
+                w,
+                (self.o, self.k),
+                self.pad(),
+            )?;
+            if let Some(padded) = padded {
+                return self.backward_direct(x, &dc, DxConv::Padded(&padded), need_db, fill_g);
             }
         }
         let g = *self;
@@ -391,14 +406,14 @@ impl ConvGeom {
         &self,
         x: &[f32],
         dc: &DirectConv,
-        dx_conv: Option<&DirectConv>,
+        dx_conv: DxConv,
         need_db: bool,
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) -> Result<ConvGrads> {
         let g = *self;
         let (o, ckk, ohw, chw) = (g.o, g.ckk(), g.ohw(), g.chw());
         let nchunks = g.b.div_ceil(GRAD_CHUNK);
-        let need_dx = dx_conv.is_some();
+        let need_dx = !matches!(dx_conv, DxConv::None);
         let mut pdw = vec![0f32; nchunks * o * ckk];
         let mut pdb = vec![0f32; nchunks * o];
         // Every image's dx is written by `compact_into_uninit`; without dx, one unwritten value per
@@ -409,8 +424,16 @@ impl ConvGeom {
             o * ohw,
             dc.xp_len,
             dc.out_len(),
-            dx_conv.map_or(0, |d| d.xp_len),
-            dx_conv.map_or(0, |d| d.out_len()),
+            match dx_conv {
+                DxConv::None => 0,
+                DxConv::Padded(d) => d.xp_len,
+                DxConv::Shared(s) => s.len(),
+            },
+            match dx_conv {
+                DxConv::None => 0,
+                DxConv::Padded(d) => d.out_len(),
+                DxConv::Shared(s) => s.dx.out_len(),
+            },
         ];
         pdw.par_chunks_mut(o * ckk)
             .zip(pdb.par_chunks_mut(o))
@@ -420,6 +443,10 @@ impl ConvGeom {
                 let i0 = ch * GRAD_CHUNK;
                 let i1 = (i0 + GRAD_CHUNK).min(g.b);
                 with_scratch(lens, |[gbuf, xp, gwide, gp, dxwide]| {
+                    if let DxConv::Shared(_) = dx_conv {
+                        // Only the gradient's rows are written below: the zeros around them stay.
+                        gp.fill(0.0);
+                    }
                     for i in i0..i1 {
                         fill_g(i, gbuf);
                         if need_db {
@@ -428,13 +455,24 @@ impl ConvGeom {
                             }
                         }
                         let xp = dc.padded(&x[i * chw..], xp);
-                        let gw = dc.wide_grad(gbuf, gwide);
-                        dc.weight_grad(xp, gw, dw)?;
-                        if let Some(dxk) = dx_conv {
-                            dxk.pad_into(gbuf, gp);
-                            dxk.run(gp, &Epilogue::default(), dxwide)?;
-                            let dst = &mut dxc[(i - i0) * chw..(i - i0 + 1) * chw];
-                            dxk.compact_into_uninit(dxwide, dst);
+                        let dst = || (i - i0) * chw..(i - i0 + 1) * chw;
+                        match dx_conv {
+                            DxConv::None => {
+                                dc.weight_grad(xp, dc.wide_grad(gbuf, gwide), dw)?;
+                            }
+                            DxConv::Padded(dxk) => {
+                                dc.weight_grad(xp, dc.wide_grad(gbuf, gwide), dw)?;
+                                dxk.pad_into(gbuf, gp);
+                                dxk.run(gp, &Epilogue::default(), dxwide)?;
+                                dxk.compact_into_uninit(dxwide, &mut dxc[dst()]);
+                            }
+                            DxConv::Shared(sg) => {
+                                sg.fill(gbuf, gp);
+                                dc.weight_grad_planes(xp, sg.planes(gp), sg.plane, dw)?;
+                                let dst = &mut dxc[dst()];
+                                sg.dx
+                                    .run_compact_uninit(gp, &Epilogue::default(), dxwide, dst)?;
+                            }
                         }
                     }
                     Ok::<(), candle_core::Error>(())

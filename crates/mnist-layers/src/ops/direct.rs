@@ -146,6 +146,17 @@ impl DirectConv {
         })
     }
 
+    /// This convolution with every column of its `wp`-wide rows an output (`ow = wp`), for an input
+    /// laid out so that the taps past a row's end read zeros, after `lead` floats before the first
+    /// plane that the taps at its start read (the input-gradient layout of
+    /// [`DirectConv::input_grad_shared`]).
+    pub(crate) fn all_columns(mut self, lead: usize) -> Self {
+        self.ow = self.wp;
+        self.segs = Self::compact_segs(self.oh, self.ow, self.wp, self.nwide).unwrap_or_default();
+        self.xp_len = self.xp_len.max(lead + self.c * self.hp * self.wp);
+        self
+    }
+
     /// For each 16-lane vector of the wide layout (`nwide / 16` of them), its output lanes grouped by
     /// row: lane `j` of vector `v` is wide column `n = 16v + j`, output `(n / wp, n % wp)` when
     /// `n / wp < oh` and `n % wp < ow`, compact index `n - (n / wp) * (wp - ow)`; one `(shift, mask)` per

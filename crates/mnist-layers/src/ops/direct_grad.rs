@@ -43,20 +43,46 @@ impl DirectConv {
             (h + pt + pb + 1).saturating_sub(k),
             (w + pl + pr + 1).saturating_sub(k),
         );
-        // flipped[ci, oc, ky, kx] = weight[oc, ci, k-1-ky, k-1-kx]
-        let kk = k * k;
-        let mut flipped = vec![0f32; weight.len()];
-        for oc in 0..o {
-            for ci in 0..c {
-                for t in 0..kk {
-                    flipped[(ci * o + oc) * kk + t] = weight[(oc * c + ci) * kk + (kk - 1 - t)];
-                }
-            }
-        }
         let gpad = (k - 1 - pt, k - 1 - pl, k - 1 - pb, k - 1 - pr);
-        let dc = DirectConv::new((o, oh, ow), &flipped, (c, k), gpad)?;
+        let dc = DirectConv::new((o, oh, ow), &flipped(weight, (o, c, k)), (c, k), gpad)?;
         debug_assert_eq!((dc.oh, dc.ow), (h, w));
         Ok(Some(dc))
+    }
+
+    /// The input gradient of this convolution (stride 1, unpadded, `weight [o, c, k, k]` with
+    /// `k >= 2`) over the output gradient in the shared-padding layout of [`SharedGrad`], which is also
+    /// the wide layout that [`Self::weight_grad_planes`] reads: no padded copy of the gradient, no
+    /// spread copy, and the input gradient comes out in compact rows. `None` for other geometries (the
+    /// padded [`Self::input_grad_of`] serves them).
+    pub(crate) fn input_grad_shared(&self, weight: &[f32], k: usize) -> Result<Option<SharedGrad>> {
+        let (c, h, w, o, oh, ow) = (self.c, self.h, self.w, self.o, self.oh, self.ow);
+        let unpadded = self.pt == 0 && self.pl == 0 && self.hp == h && self.wp == w;
+        // The weight gradient reads `nwide` columns from the first row: those past the last row must
+        // be the zero rows below it.
+        if !unpadded
+            || k < 2
+            || weight.len() != o * c * k * k
+            || ow + k - 1 != w
+            || self.nwide > (oh + k - 1) * w
+        {
+            return Ok(None);
+        }
+        let lead = k - 1;
+        let rows = oh + 2 * (k - 1);
+        let dx = DirectConv::new(
+            (o, rows, w),
+            &flipped(weight, (o, c, k)),
+            (c, k),
+            (0, 0, 0, 0),
+        )?
+        .all_columns(lead);
+        debug_assert_eq!((dx.oh, dx.ow), (h, w));
+        Ok(Some(SharedGrad {
+            first: lead + (k - 1) * w,
+            plane: rows * w,
+            dx,
+            rows: (oh, ow, w),
+        }))
     }
 
     /// `dw [o, taps] += sum over the wide columns n of g[oc, n] * xp[toff[t] + n]`: the weight gradient
@@ -65,22 +91,38 @@ impl DirectConv {
     /// outputs (see [`DirectConv::spread_into`]). An error when a buffer is too small (only a bug here
     /// can cause it).
     pub(crate) fn weight_grad(&self, xp: &[f32], g: &[f32], dw: &mut [f32]) -> Result<()> {
+        self.weight_grad_planes(xp, g, self.nwide, dw)
+    }
+
+    /// [`Self::weight_grad`] with the gradient's planes `stride` floats apart (at least `nwide`): plane
+    /// `oc` is `g[oc * stride..][..nwide]`, as in the shared-padding layout of
+    /// [`Self::input_grad_shared`].
+    pub(crate) fn weight_grad_planes(
+        &self,
+        xp: &[f32],
+        g: &[f32],
+        stride: usize,
+        dw: &mut [f32],
+    ) -> Result<()> {
         let taps = self.toff.len();
         let n = self.nwide;
         if xp.len() < self.xp_len
-            || g.len() < self.o * n
+            || stride < n
+            || g.len() < (self.o - 1) * stride + n
             || dw.len() < self.o * taps
             || !n.is_multiple_of(L)
             || self.toff.iter().any(|&off| off + n > self.xp_len)
         {
             candle_core::bail!(
-                "direct conv weight gradient: buffers {} / {} / {} for [{}, {taps}] over {n} columns",
+                "direct conv weight gradient: buffers {} / {} (planes {stride} apart) / {} for [{}, \
+                 {taps}] over {n} columns",
                 xp.len(),
                 g.len(),
                 dw.len(),
                 self.o
             )
         }
+        let g = (g, stride);
         #[cfg(target_arch = "x86_64")]
         if super::has_avx512() {
             // SAFETY: AVX-512F, AVX2 and FMA are present (checked just above); the bounds hold.
@@ -192,6 +234,66 @@ impl DirectConv {
     }
 }
 
+/// `flipped [c, o, k, k]` with `flipped[ci, oc, ky, kx] = weight[oc, ci, k-1-ky, k-1-kx]`: the weights
+/// of a convolution's input-gradient convolution.
+fn flipped(weight: &[f32], (o, c, k): (usize, usize, usize)) -> Vec<f32> {
+    let kk = k * k;
+    let mut flipped = vec![0f32; weight.len()];
+    for oc in 0..o {
+        for ci in 0..c {
+            for t in 0..kk {
+                flipped[(ci * o + oc) * kk + t] = weight[(oc * c + ci) * kk + (kk - 1 - t)];
+            }
+        }
+    }
+    flipped
+}
+
+/// The output gradient `[o, oh, ow]` of an unpadded stride-1 `k x k` convolution of `w`-wide images,
+/// laid out for both of its backward convolutions ([`DirectConv::input_grad_shared`]): `k - 1` zeros,
+/// then `o` planes of `oh + 2(k-1)` rows of `w` floats: `k - 1` zero rows, the gradient's `oh` rows each
+/// followed by `k - 1` zeros (the forward convolution's wide layout), `k - 1` zero rows. Each row's
+/// trailing zeros are also the next row's left padding, so the input-gradient convolution `dx` reads
+/// its zero-padded input from here with every one of its `w` output columns valid, and the weight
+/// gradient reads its wide gradient from the first data row on, planes [`Self::plane`] apart.
+#[derive(Debug, Clone)]
+pub(crate) struct SharedGrad {
+    /// The input-gradient convolution over this layout (`[o, ..] -> [c, h, w]`, compact rows).
+    pub dx: DirectConv,
+    /// Offset of plane 0's first gradient row.
+    pub first: usize,
+    /// Distance between planes.
+    pub plane: usize,
+    /// The gradient's rows, their length and the row stride `(oh, ow, w)`.
+    rows: (usize, usize, usize),
+}
+
+impl SharedGrad {
+    /// Length of the layout's buffer (what `dx` reads).
+    pub(crate) fn len(&self) -> usize {
+        self.dx.xp_len
+    }
+
+    /// Writes one image's compact gradient `g [o, oh*ow]` into its rows of `buf` ([`Self::len`]
+    /// floats). Only those values are written: the zeros around them must be there already (`buf`
+    /// zeroed once, then only ever written by this).
+    pub(crate) fn fill(&self, g: &[f32], buf: &mut [f32]) {
+        let (oh, ow, w) = self.rows;
+        for (oc, plane) in g.chunks_exact(oh * ow).enumerate() {
+            let start = self.first + oc * self.plane;
+            let dst = &mut buf[start..start + oh * w];
+            for (drow, srow) in dst.chunks_exact_mut(w).zip(plane.chunks_exact(ow)) {
+                copy_row(&mut drow[..ow], srow);
+            }
+        }
+    }
+
+    /// The gradient planes as [`DirectConv::weight_grad_planes`] reads them ([`Self::plane`] apart).
+    pub(crate) fn planes<'a>(&self, buf: &'a [f32]) -> &'a [f32] {
+        &buf[self.first..]
+    }
+}
+
 multiversion! {
     /// [`DirectConv::compact_into_uninit`]'s copy (vectorised where the CPU can): `o` planes of `ohw`
     /// values in `dst`, each from the rows of `wp` values of a `nwide` plane of `wide`.
@@ -264,7 +366,12 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA must be present; the buffers must be as [`DirectConv::weight_grad`] checks them.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weight_grad(dc: &DirectConv, xp: &[f32], g: &[f32], dw: &mut [f32]) {
+    pub(super) unsafe fn weight_grad(
+        dc: &DirectConv,
+        xp: &[f32],
+        g: (&[f32], usize),
+        dw: &mut [f32],
+    ) {
         // SAFETY: forwarded contract.
         unsafe { weight_grad_from(dc, xp, g, dw, 0) }
     }
@@ -277,12 +384,12 @@ mod avx2 {
     pub(super) unsafe fn weight_grad_from(
         dc: &DirectConv,
         xp: &[f32],
-        g: &[f32],
+        (g, gs): (&[f32], usize),
         dw: &mut [f32],
         o0: usize,
     ) {
         // SAFETY: forwarded contract.
-        unsafe { tiles!(dc, tile, xp, g, dw, o0) }
+        unsafe { tiles!(dc, tile, xp, (g, gs), dw, o0) }
     }
 
     /// One tile of `OB2` channels from `o0` by `TB2` taps from `t0`.
@@ -294,7 +401,7 @@ mod avx2 {
     unsafe fn tile<const OB2: usize, const TB2: usize>(
         dc: &DirectConv,
         xp: &[f32],
-        g: &[f32],
+        (g, gs): (&[f32], usize),
         dw: &mut [f32],
         o0: usize,
         t0: usize,
@@ -305,9 +412,9 @@ mod avx2 {
         let (xptr, gptr) = (xp.as_ptr(), g.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); TB2]; OB2];
         for v in (0..n).step_by(L) {
-            // SAFETY: `(o0 + j) * n + v + L <= o * n <= g.len()` and `off + v + L <= off + n <= xp.len()`.
+            // SAFETY: `(o0 + j) * gs + v + L <= (o - 1) * gs + n <= g.len()` and `off + v + L <= off + n <= xp.len()`.
             let gv: [__m256; OB2] =
-                std::array::from_fn(|j| unsafe { _mm256_loadu_ps(gptr.add((o0 + j) * n + v)) });
+                std::array::from_fn(|j| unsafe { _mm256_loadu_ps(gptr.add((o0 + j) * gs + v)) });
             for (t, &off) in offs.iter().enumerate() {
                 // SAFETY: as above.
                 let xv = unsafe { _mm256_loadu_ps(xptr.add(off + v)) };
@@ -340,7 +447,12 @@ mod avx512 {
     /// AVX-512F, AVX2 and FMA must be present; the buffers must be as [`DirectConv::weight_grad`] checks
     /// them.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn weight_grad(dc: &DirectConv, xp: &[f32], g: &[f32], dw: &mut [f32]) {
+    pub(super) unsafe fn weight_grad(
+        dc: &DirectConv,
+        xp: &[f32],
+        g: (&[f32], usize),
+        dw: &mut [f32],
+    ) {
         let (o, taps) = (dc.o, dc.toff.len());
         let mut o0 = 0;
         // Channel pairs, two at a time (four channels per tile) while there are.
@@ -377,7 +489,7 @@ mod avx512 {
     unsafe fn tile<const P: usize, const TB2: usize>(
         dc: &DirectConv,
         xp: &[f32],
-        g: &[f32],
+        (g, gs): (&[f32], usize),
         dw: &mut [f32],
         o0: usize,
         t0: usize,
@@ -388,10 +500,10 @@ mod avx512 {
         let (xptr, gptr) = (xp.as_ptr(), g.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); TB2]; P];
         for v in (0..n).step_by(L) {
-            // SAFETY: `(o0 + 2p + 1) * n + v + L <= o * n <= g.len()`.
+            // SAFETY: `(o0 + 2p + 1) * gs + v + L <= (o - 1) * gs + n <= g.len()`.
             let gv: [__m512; P] = std::array::from_fn(|p| unsafe {
-                let lo = _mm256_loadu_ps(gptr.add((o0 + 2 * p) * n + v));
-                let hi = _mm256_loadu_ps(gptr.add((o0 + 2 * p + 1) * n + v));
+                let lo = _mm256_loadu_ps(gptr.add((o0 + 2 * p) * gs + v));
+                let hi = _mm256_loadu_ps(gptr.add((o0 + 2 * p + 1) * gs + v));
                 _mm512_castpd_ps(_mm512_insertf64x4::<1>(
                     _mm512_castps_pd(_mm512_castps256_ps512(lo)),
                     _mm256_castps_pd(hi),
@@ -514,14 +626,19 @@ mod portable {
     /// # Safety
     /// The buffers must be as [`DirectConv::weight_grad`] checks them (this copy indexes them checked,
     /// it is `unsafe` only to share the caller's contract with the AVX2 copy).
-    pub(super) unsafe fn weight_grad(dc: &DirectConv, xp: &[f32], g: &[f32], dw: &mut [f32]) {
+    pub(super) unsafe fn weight_grad(
+        dc: &DirectConv,
+        xp: &[f32],
+        g: (&[f32], usize),
+        dw: &mut [f32],
+    ) {
         tiles!(dc, tile, xp, g, dw, 0)
     }
 
     fn tile<const OB2: usize, const TB2: usize>(
         dc: &DirectConv,
         xp: &[f32],
-        g: &[f32],
+        (g, gs): (&[f32], usize),
         dw: &mut [f32],
         o0: usize,
         t0: usize,
@@ -534,7 +651,7 @@ mod portable {
                 let off = dc.toff[t0 + t] + v;
                 let xv = &xp[off..off + L];
                 for (j, a) in acc.iter_mut().enumerate() {
-                    let gv = &g[(o0 + j) * n + v..(o0 + j) * n + v + L];
+                    let gv = &g[(o0 + j) * gs + v..(o0 + j) * gs + v + L];
                     for l in 0..L {
                         a[t][l] += gv[l] * xv[l];
                     }
@@ -594,7 +711,7 @@ mod tests {
         // The portable copy gives the same weight gradient up to rounding.
         let mut dwp = vec![0f32; o * c * k * k];
         // SAFETY: the buffers are sized by `dc`.
-        unsafe { portable::weight_grad(&dc, &xp, &gw, &mut dwp) };
+        unsafe { portable::weight_grad(&dc, &xp, (&gw, dc.nwide), &mut dwp) };
         let dwp = Tensor::from_vec(dwp, (o, c, k, k), &Device::Cpu).unwrap();
         assert_close(&dwp, &dw, 1e-5, &format!("portable dw {what}"));
     }
@@ -611,6 +728,74 @@ mod tests {
         check(1, (28, 28), 16, 1, (0, 0, 0, 0), 9);
         check(16, (14, 14), 24, 1, (0, 0, 0, 0), 10);
         check(2, (6, 5), 13, 5, (2, 2, 2, 2), 8);
+    }
+
+    /// The shared-padding layout gives the input and weight gradients of the padded copies bit for
+    /// bit, for every image of a batch through one buffer (only the gradient's rows are rewritten);
+    /// other geometries have no such layout.
+    #[test]
+    fn shared_padding_gives_the_padded_bits() {
+        for (i, &(c, h, w, o, k)) in [
+            (10, 26, 26, 20, 3),
+            (10, 12, 12, 14, 3),
+            (16, 8, 8, 16, 3),
+            (3, 11, 9, 5, 3),
+            (2, 12, 10, 3, 5),
+            (4, 9, 17, 6, 2),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 300 + 4 * i as u64;
+            let v = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let wt = v(rand_t(&[o, c, k, k], seed));
+            let dc = DirectConv::new((c, h, w), &wt, (o, k), (0, 0, 0, 0)).unwrap();
+            let padded = DirectConv::input_grad_of((c, h, w), &wt, (o, k), (0, 0, 0, 0))
+                .unwrap()
+                .unwrap();
+            let shared = dc.input_grad_shared(&wt, k).unwrap().unwrap();
+            let mut buf = vec![0f32; shared.len()];
+            for img in 0..3 {
+                let x = v(rand_t(&[c, h, w], seed + 1 + 2 * img));
+                let g = v(rand_t(&[o, dc.oh * dc.ow], seed + 2 + 2 * img));
+                let mut xp = vec![f32::NAN; dc.xp_len];
+                dc.pad_into(&x, &mut xp);
+                // The padded copies.
+                let mut gw = vec![f32::NAN; dc.out_len()];
+                dc.spread_into(&g, &mut gw);
+                let mut dw_a = vec![0.25f32; wt.len()];
+                dc.weight_grad(&xp, &gw, &mut dw_a).unwrap();
+                let mut gp = vec![f32::NAN; padded.xp_len];
+                padded.pad_into(&g, &mut gp);
+                let mut wide = vec![f32::NAN; padded.out_len()];
+                padded.run(&gp, &Default::default(), &mut wide).unwrap();
+                let mut dx_a = vec![f32::NAN; c * h * w];
+                padded.compact_into(&wide, &mut dx_a);
+                // The shared layout.
+                shared.fill(&g, &mut buf);
+                let mut dw_b = vec![0.25f32; wt.len()];
+                dc.weight_grad_planes(&xp, shared.planes(&buf), shared.plane, &mut dw_b)
+                    .unwrap();
+                let mut dx_b = vec![MaybeUninit::new(f32::NAN); c * h * w];
+                let mut wide = vec![f32::NAN; shared.dx.out_len()];
+                shared
+                    .dx
+                    .run_compact_uninit(&buf, &Default::default(), &mut wide, &mut dx_b)
+                    .unwrap();
+                // SAFETY: every value was initialised (NaN, then what the kernel wrote).
+                let dx_b: Vec<f32> = dx_b.iter().map(|v| unsafe { v.assume_init() }).collect();
+                let bits = |d: &[f32]| d.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                let what = format!("c{c} {h}x{w} o{o} k{k} image {img}");
+                assert_eq!(bits(&dw_a), bits(&dw_b), "dw {what}");
+                assert_eq!(bits(&dx_a), bits(&dx_b), "dx {what}");
+            }
+        }
+        let wt = vec![0.5f32; 2 * 3 * 9];
+        let same = DirectConv::new((3, 8, 8), &wt, (2, 3), (1, 1, 1, 1)).unwrap();
+        assert!(same.input_grad_shared(&wt, 3).unwrap().is_none());
+        let wt1 = vec![0.5f32; 2 * 3];
+        let one = DirectConv::new((3, 8, 8), &wt1, (2, 1), (0, 0, 0, 0)).unwrap();
+        assert!(one.input_grad_shared(&wt1, 1).unwrap().is_none());
     }
 
     /// The AVX-512 tiles sum the same products in the same order as the AVX2 ones: the same bits, for
@@ -650,8 +835,8 @@ mod tests {
             let (mut a, mut b) = (vec![0.5f32; o * c * k * k], vec![0.5f32; o * c * k * k]);
             // SAFETY: the features are present (checked above); the buffers are sized by `dc`.
             unsafe {
-                avx512::weight_grad(&dc, &xp, &gw, &mut a);
-                avx2::weight_grad(&dc, &xp, &gw, &mut b);
+                avx512::weight_grad(&dc, &xp, (&gw, dc.nwide), &mut a);
+                avx2::weight_grad(&dc, &xp, (&gw, dc.nwide), &mut b);
             }
             let bits = |d: &[f32]| d.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a), bits(&b), "c{c} {h}x{h} o{o} k{k}");
