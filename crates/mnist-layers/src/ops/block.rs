@@ -21,6 +21,7 @@ use super::conv::{geometry_of, ConvGeom, ConvGrads};
 use super::direct::{DirectConv, Epilogue};
 use super::pool::PoolGeom;
 use super::separable::{SepGeom, SepKernels};
+use super::AfterDx;
 use super::{
     cpu_data, fwd_slice, give_buf, par_zeros, sum_f32, take_buf, with_scratch, with_thread_buf,
     write_row, OpState, Pad4,
@@ -220,10 +221,11 @@ impl BlockConv {
         need_dx: bool,
         need_db: bool,
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
+        after_dx: Option<&AfterDx<'_>>,
     ) -> Result<ConvGrads> {
         match self {
-            BlockConv::Dense(g) => g.backward(x, w, need_dx, need_db, fill_g),
-            BlockConv::Separable(s) => s.backward(x, w, need_dx, need_db, fill_g),
+            BlockConv::Dense(g) => g.backward(x, w, need_dx, need_db, fill_g, after_dx),
+            BlockConv::Separable(s) => s.backward(x, w, need_dx, need_db, fill_g, after_dx),
         }
     }
 }
@@ -434,6 +436,50 @@ impl BlockOp {
         dys: &[f32],
         need_dx: bool,
     ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+        self.grads_with(xs, ps, dys, need_dx, None, None)
+    }
+
+    /// Image `i`'s `(sum(dz), sum(dz * (y - mean)))` of channel `ch` for BatchNorm's backward pass, from
+    /// its output-gradient plane `dp` (pooled when the block pools) and the saved forward state (`y` the
+    /// convolution output).
+    fn plane_sums(&self, saved: &Saved, y: &[f32], i: usize, ch: usize, dp: &[f32]) -> (f64, f64) {
+        let (o, ohw, pl) = (self.g.output().0, self.g.ohw(), self.pooled_len());
+        let p = i * o + ch;
+        let yp = &y[p * ohw..(p + 1) * ohw];
+        let mean = saved.mean[ch];
+        if self.pool.is_none() {
+            return (sum_f32(dp), dot_dev(dp, yp, mean));
+        }
+        let mut acc = 0f32;
+        for (&d, &a) in dp.iter().zip(&saved.argmax[p * pl..(p + 1) * pl]) {
+            if let Some(&yv) = yp.get(a as usize) {
+                acc += d * (yv - mean);
+            }
+        }
+        (sum_f32(dp), acc as f64)
+    }
+
+    /// [`Self::plane_sums`] of every channel of image `i` from its output gradient `dy [o, pl]`, into
+    /// `out [o]` (for the block after this one to take while `dy`, its input gradient, is in cache).
+    fn image_sums(&self, saved: &Saved, i: usize, dy: &[f32], out: &mut [(f64, f64)]) {
+        let pl = self.pooled_len();
+        for (ch, (dp, s)) in dy.chunks_exact(pl).zip(out.iter_mut()).enumerate() {
+            *s = self.plane_sums(saved, &saved.y, i, ch, dp);
+        }
+    }
+
+    /// [`Self::grads_of`] with BatchNorm's per-image sums taken already (`sums [b, o]`, image-major, from
+    /// [`Self::image_sums`]; the same bits as taking them here) and `after_dx(i, dx_i)` called with each
+    /// image's input gradient once it is written.
+    fn grads_with(
+        &self,
+        xs: &[f32],
+        ps: &[f32],
+        dys: &[f32],
+        need_dx: bool,
+        sums: Option<&[(f64, f64)]>,
+        after_dx: Option<&AfterDx<'_>>,
+    ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
         let g = self.g;
         let name = self.op_name();
         let (b, _, _, _) = g.input();
@@ -461,21 +507,13 @@ impl BlockOp {
         }
         // Per channel: sum(dz) and sum(dz * (y - mean)), images in order (thread-count independent).
         let pooled = self.pool.is_some();
-        let sums = channel_sums(o, b, |i, ch| {
-            let p = i * o + ch;
-            let dp = &dys[p * pl..(p + 1) * pl];
-            let yp = &y[p * ohw..(p + 1) * ohw];
-            if !pooled {
-                return (sum_f32(dp), dot_dev(dp, yp, mean[ch]));
-            }
-            let mut acc = 0f32;
-            for (&d, &a) in dp.iter().zip(&argmax[p * pl..(p + 1) * pl]) {
-                if let Some(&yv) = yp.get(a as usize) {
-                    acc += d * (yv - mean[ch]);
-                }
-            }
-            (sum_f32(dp), acc as f64)
-        });
+        let sums = match sums {
+            Some(pre) if pre.len() == b * o => channel_sums(o, b, |i, ch| pre[i * o + ch]),
+            _ => channel_sums(o, b, |i, ch| {
+                let p = i * o + ch;
+                self.plane_sums(&saved, y, i, ch, &dys[p * pl..(p + 1) * pl])
+            }),
+        };
         let n = (b * ohw) as f64;
         let bn = BnBackward::new(&sums, p1, mean, invstd, n, self.train_eps.is_some());
         let relu = self.relu;
@@ -497,7 +535,7 @@ impl BlockOp {
                 }
             }
         };
-        let (dx, dw, db) = g.backward(xs, w, need_dx, self.bias, &fill_g)?;
+        let (dx, dw, db) = g.backward(xs, w, need_dx, self.bias, &fill_g, after_dx)?;
         let mut dparams = dw;
         if self.bias {
             dparams.extend_from_slice(&db);

@@ -4,11 +4,13 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::direct_grad::SharedGrad;
+use super::AfterDx;
 use super::{
     copy_row, cpu_data, dims4, fwd_slice, multiversion, out_len, sum_f32, with_scratch, DirectConv,
     Epilogue, Pad4, Uninit, GRAD_CHUNK,
 };
 use crate::error::shape_err;
+use std::mem::MaybeUninit;
 
 const OP: &str = "conv2d_fused";
 
@@ -271,8 +273,11 @@ impl ConvGeom {
     }
 
     /// Backward of the convolution given the gradient at its (pre-activation) output: `fill_g(i, g)`
-    /// writes image `i`'s `g [o, oh*ow]`. Returns `(dx if need_dx, dw [o, c*k*k], db [o])` (db zeros
-    /// unless need_db: a convolution without bias skips its sums); dw and db are reduced over fixed chunks of [`GRAD_CHUNK`] images in chunk order (thread-count independent).
+    /// writes image `i`'s `g [o, oh*ow]`; the direct kernels call `after_dx` with each image's dx once
+    /// written (the im2col path does not: a caller counts the calls). Returns `(dx if need_dx,
+    /// dw [o, c*k*k], db [o])` (db zeros unless need_db: a convolution without bias skips its sums); dw
+    /// and db are reduced over fixed chunks of [`GRAD_CHUNK`] images in chunk order (thread-count
+    /// independent).
     pub(crate) fn backward(
         &self,
         x: &[f32],
@@ -280,13 +285,21 @@ impl ConvGeom {
         need_dx: bool,
         need_db: bool,
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
+        after_dx: Option<&AfterDx<'_>>,
     ) -> Result<ConvGrads> {
         if let Some(dc) = self.direct_conv(w)? {
             if !need_dx {
-                return self.backward_direct(x, &dc, DxConv::None, need_db, fill_g);
+                return self.backward_direct(x, &dc, DxConv::None, need_db, fill_g, None);
             }
             if let Some(shared) = dc.input_grad_shared(w, self.k)? {
-                return self.backward_direct(x, &dc, DxConv::Shared(&shared), need_db, fill_g);
+                return self.backward_direct(
+                    x,
+                    &dc,
+                    DxConv::Shared(&shared),
+                    need_db,
+                    fill_g,
+                    after_dx,
+                );
             }
             let padded = DirectConv::input_grad_of(
                 (self.c, self.h, self.w),
@@ -295,7 +308,14 @@ impl ConvGeom {
                 self.pad(),
             )?;
             if let Some(padded) = padded {
-                return self.backward_direct(x, &dc, DxConv::Padded(&padded), need_db, fill_g);
+                return self.backward_direct(
+                    x,
+                    &dc,
+                    DxConv::Padded(&padded),
+                    need_db,
+                    fill_g,
+                    after_dx,
+                );
             }
         }
         let g = *self;
@@ -409,6 +429,7 @@ impl ConvGeom {
         dx_conv: DxConv,
         need_db: bool,
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
+        after_dx: Option<&AfterDx<'_>>,
     ) -> Result<ConvGrads> {
         let g = *self;
         let (o, ckk, ohw, chw) = (g.o, g.ckk(), g.ohw(), g.chw());
@@ -473,6 +494,14 @@ impl ConvGeom {
                                 sg.dx
                                     .run_compact_uninit(gp, &Epilogue::default(), dxwide, dst)?;
                             }
+                        }
+                        if let (Some(hook), true) = (after_dx, need_dx) {
+                            let dxi = &dxc[dst()];
+                            // SAFETY: image `i`'s values were all written just above (the input-gradient
+                            // convolution writes every value of its `chw`), so they are initialised.
+                            hook(i, unsafe {
+                                &*(dxi as *const [MaybeUninit<f32>] as *const [f32])
+                            });
                         }
                     }
                     Ok::<(), candle_core::Error>(())
@@ -724,7 +753,7 @@ impl ConvOp {
                 gb.copy_from_slice(dyi);
             }
         };
-        let (dx, dw, db) = g.backward(xs, ws, need_dx, true, &fill_g)?;
+        let (dx, dw, db) = g.backward(xs, ws, need_dx, true, &fill_g, None)?;
         let dev = x.device();
         let dx = match dx {
             Some(v) => Some(Tensor::from_vec(v, (g.b, g.c, g.h, g.w), dev)?),

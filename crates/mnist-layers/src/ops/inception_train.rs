@@ -371,7 +371,7 @@ impl CustomOp2 for InceptionOp {
                 }
             };
             let input: &[f32] = if br.pool.is_some() { p } else { xs };
-            let (_, dw, db) = br.g.backward(input, w, false, br.bias, &fill_g)?;
+            let (_, dw, db) = br.g.backward(input, w, false, br.bias, &fill_g, None)?;
             let dst = &mut dparams[br.params.clone()];
             let (dst_w, dst_b) = dst.split_at_mut(dw.len());
             dst_w.copy_from_slice(&dw);

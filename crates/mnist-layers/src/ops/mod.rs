@@ -411,6 +411,10 @@ impl<T: Send> Uninit<T> {
     }
 }
 
+/// Called by a convolution's backward pass with each image's input gradient once it is written
+/// (`(image, dx [c, h, w])`), from the thread that wrote it.
+pub(crate) type AfterDx<'a> = dyn Fn(usize, &[f32]) + Sync + 'a;
+
 /// Spare batch-sized buffers for state that lives inside an op between its forward and backward pass
 /// (recycled so a training loop neither zero-fills nor page-faults them in every step).
 static SPARE: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::conv::ConvGrads;
 use super::depthwise::DwGeom;
-use super::{sum_f32, with_scratch, DirectConv, Epilogue, Pad4, GRAD_CHUNK};
+use super::{sum_f32, with_scratch, AfterDx, DirectConv, Epilogue, Pad4, GRAD_CHUNK};
 
 /// Geometry of a separable convolution: `[b, c, h, w]` through the depthwise `dw` to `[b, c, oh, ow]`,
 /// then the pointwise to `[b, o, oh, ow]`.
@@ -257,7 +257,8 @@ impl SepGeom {
     }
 
     /// The backward pass given the gradient at the pointwise convolution's (pre-activation) output:
-    /// `fill_g(i, g)` writes image `i`'s `g [o, oh*ow]`. Returns `(dx if need_dx, dw, db)` with `dw` the
+    /// `fill_g(i, g)` writes image `i`'s `g [o, oh*ow]`, `after_dx(i, dx_i)` is called with each image's dx
+    /// once written. Returns `(dx if need_dx, dw, db)` with `dw` the
     /// depthwise then the pointwise weights' gradients (db zeros unless need_db); `dw` and `db` are reduced over fixed chunks of
     /// [`GRAD_CHUNK`] images in chunk order (thread-count independent).
     pub(crate) fn backward(
@@ -267,6 +268,7 @@ impl SepGeom {
         need_dx: bool,
         need_db: bool,
         fill_g: &(dyn Fn(usize, &mut [f32]) + Sync),
+        after_dx: Option<&AfterDx<'_>>,
     ) -> Result<ConvGrads> {
         let d = self.dw;
         let (c, o, kk) = (d.c, self.o, d.k * d.k);
@@ -332,6 +334,9 @@ impl SepGeom {
                                 if need_dx {
                                     let dxi = &mut dxc[(i - i0) * chw..(i - i0 + 1) * chw];
                                     d.image_dx(&dx_taps, ddwo, dxi, gpl)?;
+                                    if let Some(hook) = after_dx {
+                                        hook(i, dxi);
+                                    }
                                 }
                                 continue;
                             }
@@ -353,6 +358,9 @@ impl SepGeom {
                             for (a, b) in ddw[chn * kk..(chn + 1) * kk].iter_mut().zip(dfc.iter()) {
                                 *a += b;
                             }
+                        }
+                        if let (Some(hook), true) = (after_dx, need_dx) {
+                            hook(i, &dxc[(i - i0) * chw..(i - i0 + 1) * chw]);
                         }
                     }
                     Ok::<(), candle_core::Error>(())

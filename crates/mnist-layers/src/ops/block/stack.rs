@@ -8,8 +8,10 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::{build, stats_tensors, BlockOp, BlockSpec, Weights};
-use crate::ops::{cpu_data, dims4, fwd_slice, give_buf, OpState};
+use std::sync::Mutex;
+
+use super::{build, stats_tensors, BlockOp, BlockSpec, Saved, Weights};
+use crate::ops::{cpu_data, dims4, fwd_slice, give_buf, AfterDx, OpState};
 
 const OP: &str = "block_stack_train";
 
@@ -152,15 +154,33 @@ impl CustomOp2 for StackOp {
         let mut dparams = vec![0f32; ps.len()];
         // The gradient at the output of block k (owned from the last block's input down).
         let mut g: Option<Vec<f32>> = None;
+        // BatchNorm's per-image sums of block k, taken by block k + 1's backward pass from each image's
+        // input gradient while it was in cache (the same values as block k would take from `g`).
+        let mut sums: Option<Vec<(f64, f64)>> = None;
         for (k, op) in self.ops.iter().enumerate().rev() {
             let xin = if k == 0 { xs } else { &inputs[k - 1] };
             let need_dx = k > 0 || x.track_op();
-            let (dx, dp) = op.grads_of(
-                xin,
-                self.params(ps, k)?,
-                g.as_deref().unwrap_or(dys),
-                need_dx,
-            )?;
+            let taken = (k > 0).then(|| ImageSums::new(&self.ops[k - 1]));
+            let (dx, dp) = {
+                let prev = match k {
+                    0 => None,
+                    _ => Some(self.ops[k - 1].saved.lock()?),
+                };
+                let hook = |i: usize, dxi: &[f32]| {
+                    if let (Some(t), Some(saved)) = (&taken, &prev) {
+                        t.take(saved, i, dxi);
+                    }
+                };
+                op.grads_with(
+                    xin,
+                    self.params(ps, k)?,
+                    g.as_deref().unwrap_or(dys),
+                    need_dx,
+                    sums.as_deref(),
+                    taken.is_some().then_some(&hook as &AfterDx<'_>),
+                )?
+            };
+            sums = taken.and_then(ImageSums::finish);
             let dst = &mut dparams[self.ranges[k].clone()];
             if dp.len() != dst.len() {
                 candle_core::bail!(
@@ -183,6 +203,42 @@ impl CustomOp2 for StackOp {
             None => None,
         };
         Ok((dx, Some(Tensor::from_vec(dparams, params.shape(), dev)?)))
+    }
+}
+
+/// Block k's per-image BatchNorm sums ([`BlockOp::image_sums`]) as block k + 1's backward pass hands
+/// over each image's input gradient; complete only when every image came (the im2col path of a
+/// convolution does not call back: block k then takes its sums itself).
+struct ImageSums<'a> {
+    op: &'a BlockOp,
+    b: usize,
+    /// `[b, o]` image-major, and how many images came.
+    sums: Mutex<(Vec<(f64, f64)>, usize)>,
+}
+
+impl<'a> ImageSums<'a> {
+    fn new(op: &'a BlockOp) -> Self {
+        let (b, o, _, _) = op.out_dims();
+        Self {
+            op,
+            b,
+            sums: Mutex::new((vec![(0.0, 0.0); b * o], 0)),
+        }
+    }
+
+    fn take(&self, saved: &Saved, i: usize, dxi: &[f32]) {
+        let o = self.op.out_dims().1;
+        let mut mine = vec![(0.0, 0.0); o];
+        self.op.image_sums(saved, i, dxi, &mut mine);
+        if let Ok(mut s) = self.sums.lock() {
+            s.0[i * o..(i + 1) * o].copy_from_slice(&mine);
+            s.1 += 1;
+        }
+    }
+
+    fn finish(self) -> Option<Vec<(f64, f64)>> {
+        let (sums, n) = self.sums.into_inner().ok()?;
+        (n == self.b).then_some(sums)
     }
 }
 
