@@ -674,6 +674,18 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
     use rayon::prelude::*;
 
+    /// The input gradient through `dx_conv` ([`DirectConv::input_grad_of`]) from the compact output
+    /// gradient `g`: a zero-padded copy, the wide output, compacted.
+    fn padded_input_grad(dx_conv: &DirectConv, g: &[f32]) -> Vec<f32> {
+        let mut gp = vec![f32::NAN; dx_conv.xp_len];
+        dx_conv.pad_into(g, &mut gp);
+        let mut wide = vec![f32::NAN; dx_conv.out_len()];
+        dx_conv.run(&gp, &Default::default(), &mut wide).unwrap();
+        let mut dx = vec![f32::NAN; dx_conv.o * dx_conv.oh * dx_conv.ow];
+        dx_conv.compact_into(&wide, &mut dx);
+        dx
+    }
+
     /// dx and dw of the direct kernels against candle's autograd through the reference convolution.
     fn check(c: usize, (h, w): (usize, usize), o: usize, k: usize, pad: Pad4, seed: u64) {
         let x = Var::from_tensor(&rand_t(&[1, c, h, w], seed)).unwrap();
@@ -699,12 +711,7 @@ mod tests {
         let Some(dx_conv) = DirectConv::input_grad_of((c, h, w), &wv, (o, k), pad).unwrap() else {
             panic!("no input-gradient convolution for {what}");
         };
-        let mut gp = vec![f32::NAN; dx_conv.xp_len];
-        dx_conv.pad_into(&gv, &mut gp);
-        let mut wide = vec![f32::NAN; dx_conv.out_len()];
-        dx_conv.run(&gp, &Default::default(), &mut wide).unwrap();
-        let mut dx = vec![f32::NAN; c * h * w];
-        dx_conv.compact_into(&wide, &mut dx);
+        let dx = padded_input_grad(&dx_conv, &gv);
         let dx = Tensor::from_vec(dx, (1, c, h, w), &Device::Cpu).unwrap();
         assert_close(&dx, grads.get(&x).unwrap(), 1e-4, &format!("dx {what}"));
 
@@ -765,12 +772,7 @@ mod tests {
                 dc.spread_into(&g, &mut gw);
                 let mut dw_a = vec![0.25f32; wt.len()];
                 dc.weight_grad(&xp, &gw, &mut dw_a).unwrap();
-                let mut gp = vec![f32::NAN; padded.xp_len];
-                padded.pad_into(&g, &mut gp);
-                let mut wide = vec![f32::NAN; padded.out_len()];
-                padded.run(&gp, &Default::default(), &mut wide).unwrap();
-                let mut dx_a = vec![f32::NAN; c * h * w];
-                padded.compact_into(&wide, &mut dx_a);
+                let dx_a = padded_input_grad(&padded, &g);
                 // The shared layout.
                 shared.fill(&g, &mut buf);
                 let mut dw_b = vec![0.25f32; wt.len()];

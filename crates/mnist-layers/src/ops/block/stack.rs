@@ -211,9 +211,8 @@ impl CustomOp2 for StackOp {
 /// convolution does not call back: block k then takes its sums itself).
 struct ImageSums<'a> {
     op: &'a BlockOp,
-    b: usize,
-    /// `[b, o]` image-major, and how many images came.
-    sums: Mutex<(Vec<(f64, f64)>, usize)>,
+    /// `[b, o]` image-major, and which images came.
+    sums: Mutex<(Vec<(f64, f64)>, Vec<bool>)>,
 }
 
 impl<'a> ImageSums<'a> {
@@ -221,8 +220,7 @@ impl<'a> ImageSums<'a> {
         let (b, o, _, _) = op.out_dims();
         Self {
             op,
-            b,
-            sums: Mutex::new((vec![(0.0, 0.0); b * o], 0)),
+            sums: Mutex::new((vec![(0.0, 0.0); b * o], vec![false; b])),
         }
     }
 
@@ -230,15 +228,18 @@ impl<'a> ImageSums<'a> {
         let o = self.op.out_dims().1;
         let mut mine = vec![(0.0, 0.0); o];
         self.op.image_sums(saved, i, dxi, &mut mine);
-        if let Ok(mut s) = self.sums.lock() {
-            s.0[i * o..(i + 1) * o].copy_from_slice(&mine);
-            s.1 += 1;
+        if let Ok(mut guard) = self.sums.lock() {
+            let (sums, came) = &mut *guard;
+            if let (Some(dst), Some(seen)) = (sums.get_mut(i * o..(i + 1) * o), came.get_mut(i)) {
+                dst.copy_from_slice(&mine);
+                *seen = true;
+            }
         }
     }
 
     fn finish(self) -> Option<Vec<(f64, f64)>> {
-        let (sums, n) = self.sums.into_inner().ok()?;
-        (n == self.b).then_some(sums)
+        let (sums, came) = self.sums.into_inner().ok()?;
+        came.iter().all(|&c| c).then_some(sums)
     }
 }
 
