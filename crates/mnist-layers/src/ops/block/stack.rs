@@ -211,8 +211,13 @@ impl CustomOp2 for StackOp {
 /// convolution does not call back: block k then takes its sums itself).
 struct ImageSums<'a> {
     op: &'a BlockOp,
-    /// `[b, o]` image-major, and which images came.
-    sums: Mutex<(Vec<(f64, f64)>, Vec<bool>)>,
+    taken: Mutex<Taken>,
+}
+
+/// The sums so far: `[b, o]` image-major, and which images came.
+struct Taken {
+    sums: Vec<(f64, f64)>,
+    came: Vec<bool>,
 }
 
 impl<'a> ImageSums<'a> {
@@ -220,7 +225,10 @@ impl<'a> ImageSums<'a> {
         let (b, o, _, _) = op.out_dims();
         Self {
             op,
-            sums: Mutex::new((vec![(0.0, 0.0); b * o], vec![false; b])),
+            taken: Mutex::new(Taken {
+                sums: vec![(0.0, 0.0); b * o],
+                came: vec![false; b],
+            }),
         }
     }
 
@@ -228,8 +236,8 @@ impl<'a> ImageSums<'a> {
         let o = self.op.out_dims().1;
         let mut mine = vec![(0.0, 0.0); o];
         self.op.image_sums(saved, i, dxi, &mut mine);
-        if let Ok(mut guard) = self.sums.lock() {
-            let (sums, came) = &mut *guard;
+        if let Ok(mut t) = self.taken.lock() {
+            let Taken { sums, came } = &mut *t;
             if let (Some(dst), Some(seen)) = (sums.get_mut(i * o..(i + 1) * o), came.get_mut(i)) {
                 dst.copy_from_slice(&mine);
                 *seen = true;
@@ -238,8 +246,8 @@ impl<'a> ImageSums<'a> {
     }
 
     fn finish(self) -> Option<Vec<(f64, f64)>> {
-        let (sums, came) = self.sums.into_inner().ok()?;
-        came.iter().all(|&c| c).then_some(sums)
+        let t = self.taken.into_inner().ok()?;
+        t.came.iter().all(|&c| c).then_some(t.sums)
     }
 }
 
