@@ -437,14 +437,18 @@ impl ConvGeom {
         let need_dx = !matches!(dx_conv, DxConv::None);
         let mut pdw = vec![0f32; nchunks * o * ckk];
         let mut pdb = vec![0f32; nchunks * o];
-        // Every image's dx is written by `compact_into_uninit`; without dx, one unwritten value per
-        // chunk keeps the chunks zipped.
+        // Every image's dx is written by the input-gradient convolution (`compact_into_uninit` or
+        // `run_compact_uninit`); without dx, one unwritten value per chunk keeps the chunks zipped.
         let dx_chunk = if need_dx { GRAD_CHUNK * chw } else { 1 };
         let mut dx = Uninit::new(if need_dx { g.b * chw } else { nchunks });
         let lens = [
             o * ohw,
             dc.xp_len,
-            dc.out_len(),
+            // The wide gradient (the shared layout is its own).
+            match dx_conv {
+                DxConv::Shared(_) => 0,
+                _ => dc.out_len(),
+            },
             match dx_conv {
                 DxConv::None => 0,
                 DxConv::Padded(d) => d.xp_len,
@@ -516,8 +520,9 @@ impl ConvGeom {
             db.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
         // SAFETY: with `need_dx`, the chunks cover the `b * chw` values in `GRAD_CHUNK`-image steps and
-        // every image `i` of a chunk had its `chw` values written by `compact_into_uninit` (its output
-        // is `[c, h, w]`: `dx_conv` maps `[o, oh, ow]` back to the input's shape), or an error returned.
+        // every image `i` of a chunk had its `chw` values written by `compact_into_uninit` or
+        // `run_compact_uninit` (their output is `[c, h, w]`: `dx_conv` maps `[o, oh, ow]` back to the
+        // input's shape), or an error returned.
         let dx = need_dx.then(|| unsafe { dx.assume_init() });
         Ok((dx, dw, db))
     }

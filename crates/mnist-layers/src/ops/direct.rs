@@ -290,9 +290,8 @@ impl DirectConv {
     /// the buffers are smaller than [`Self::xp_len`] and [`Self::out_len`] or the epilogue's vectors
     /// shorter than `o` (the callers size them: only a bug here can cause it).
     pub(crate) fn run(&self, xp: &[f32], epi: &Epilogue, out: &mut [f32]) -> Result<()> {
-        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `run_uninit` only writes initialised
-        // values through it, so `out` stays initialised.
-        let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        // SAFETY: `run_uninit` only writes initialised values through it.
+        let out = unsafe { super::uninit_view(out) };
         self.run_uninit(xp, epi, out)
     }
 

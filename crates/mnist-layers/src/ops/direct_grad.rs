@@ -187,9 +187,8 @@ impl DirectConv {
         wide: &mut [f32],
         dst: &mut [f32],
     ) -> Result<()> {
-        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `run_compact_uninit` only writes
-        // initialised values through it, so `dst` stays initialised.
-        let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        // SAFETY: `run_compact_uninit` only writes initialised values through it.
+        let dst = unsafe { super::uninit_view(dst) };
         self.run_compact_uninit(xp, epi, wide, dst)
     }
 
@@ -219,9 +218,8 @@ impl DirectConv {
     /// callers go through [`Self::run_compact_uninit`]; the tests compare against this).
     #[cfg(test)]
     pub(crate) fn compact_into(&self, wide: &[f32], dst: &mut [f32]) {
-        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `compact_into_uninit` only writes
-        // initialised values through it, so `dst` stays initialised.
-        let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        // SAFETY: `compact_into_uninit` only writes initialised values through it.
+        let dst = unsafe { super::uninit_view(dst) };
         self.compact_into_uninit(wide, dst);
     }
 

@@ -411,6 +411,16 @@ impl<T: Send> Uninit<T> {
     }
 }
 
+/// `s` as values a kernel may write without reading (`MaybeUninit<f32>` has the layout of `f32`): the
+/// `f32` entry points of the `*_uninit` kernels hand their output over through this.
+///
+/// # Safety
+/// Only initialised values may be written through the result, so that `s` stays initialised.
+pub(crate) unsafe fn uninit_view(s: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: same layout; the caller writes only initialised values.
+    unsafe { &mut *(s as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
+}
+
 /// Called by a convolution's backward pass with each image's input gradient once it is written
 /// (`(image, dx [c, h, w])`), from the thread that wrote it.
 pub(crate) type AfterDx<'a> = dyn Fn(usize, &[f32]) + Sync + 'a;

@@ -134,9 +134,8 @@ impl SepGeom {
         epi: &Epilogue,
         wide: &mut [f32],
     ) -> Result<()> {
-        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `wide_image_uninit` only writes
-        // initialised values through it, so `wide` stays initialised.
-        let wide = unsafe { &mut *(wide as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        // SAFETY: `wide_image_uninit` only writes initialised values through it.
+        let wide = unsafe { super::uninit_view(wide) };
         self.wide_image_uninit(kern, xi, w, epi, wide)
     }
 
@@ -201,9 +200,8 @@ impl SepGeom {
         epi: &Epilogue,
         dst: &mut [f32],
     ) -> Result<()> {
-        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `forward_image_uninit` only writes
-        // initialised values through it, so `dst` stays initialised.
-        let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        // SAFETY: `forward_image_uninit` only writes initialised values through it.
+        let dst = unsafe { super::uninit_view(dst) };
         self.forward_image_uninit(kern, xi, w, epi, dst)
     }
 
