@@ -17,6 +17,17 @@ const LIMIT: &str = "1000";
 /// both must end with the same weights, checkpoint tensors and history. Returns the straight run's
 /// config.json.
 fn straight_and_resumed_agree(tmp: &Path, name: &str, extra: &[&str]) -> serde_json::Value {
+    straight_and_resumed_agree_but(tmp, name, extra, false)
+}
+
+/// [`straight_and_resumed_agree`]; with `last_validation_differs`, epoch 1's validation figures may
+/// differ (the 1-epoch run validated its last epoch differently, as `--precise-bn` does).
+fn straight_and_resumed_agree_but(
+    tmp: &Path,
+    name: &str,
+    extra: &[&str],
+    last_validation_differs: bool,
+) -> serde_json::Value {
     let data = mnist_dir_if_present().unwrap();
     let (straight, split) = (
         tmp.join(format!("{name}-2")),
@@ -49,8 +60,16 @@ fn straight_and_resumed_agree(tmp: &Path, name: &str, extra: &[&str]) -> serde_j
             assert!(bits == &b[tensor], "{name}: {file} tensor {tensor} differs");
         }
     }
-    assert_eq!(history(&straight), history(&split), "{name}");
-    assert_eq!(history(&straight).len(), 3);
+    let (mut a, mut b) = (history(&straight), history(&split));
+    assert_eq!(a.len(), 3);
+    if last_validation_differs {
+        // Columns epoch, lr, loss, accuracy of epoch 1 only.
+        let training = |row: &str| row.split(',').take(4).collect::<Vec<_>>().join(",");
+        assert_eq!(training(&a[1]), training(&b[1]), "{name}");
+        assert_ne!(a[1], b[1], "{name}: the 1-epoch run validated differently");
+        (a[1], b[1]) = (String::new(), String::new());
+    }
+    assert_eq!(a, b, "{name}");
     read_json(&straight.join("config.json"))
 }
 
@@ -122,6 +141,26 @@ fn sgd_is_stored_and_resumes_bit_for_bit() {
 }
 
 #[test]
+fn precise_bn_is_stored_saved_as_the_model_and_resumes_bit_for_bit() {
+    if mnist_dir_if_present().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = straight_and_resumed_agree_but(tmp.path(), "precise-bn", &["--precise-bn"], true);
+    assert_eq!(config["precise_bn"], true);
+    // The saved model has the recalibrated statistics and the trained weights; the checkpoint keeps
+    // the moving averages, which an extended run continues from.
+    let dir = tmp.path().join("precise-bn-2");
+    let model = tensors(&dir.join("model.safetensors"));
+    let ckpt = tensors(&dir.join("checkpoint.safetensors"));
+    for (name, bits) in &model {
+        let stat = name.ends_with("running_mean") || name.ends_with("running_var");
+        let kept = &ckpt[&format!("model/{name}")];
+        assert_eq!(bits != kept, stat, "{name}");
+    }
+}
+
+#[test]
 fn elastic_is_stored_and_resumes_bit_for_bit() {
     if mnist_dir_if_present().is_none() {
         return;
@@ -189,6 +228,7 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         &["--ema", "0.99"][..],
         &["--optimizer", "sgd"],
         &["--elastic", "2"],
+        &["--precise-bn"],
     ] {
         let mut args = vec!["train", "--resume", "somewhere", "--data-dir"];
         args.push(data.to_str().unwrap());

@@ -37,7 +37,7 @@ pub use dropout::{dropout, Dropout};
 pub use error::LayerError;
 pub use inception::{BranchLayer, InceptionModule};
 pub use linear::linear;
-pub use norm::{batch_norm, BatchNorm, BatchNormConfig};
+pub use norm::{batch_norm, BatchNorm, BatchNormConfig, RunningStats};
 pub use pool::{global_avg_pool, max_pool2d, MaxPool2d, MaxPool2dConfig};
 
 /// A seeded random generator shared by every layer that draws random numbers (dropout masks).

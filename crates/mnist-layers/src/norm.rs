@@ -1,5 +1,8 @@
 //! Keras-style BatchNorm over the channel dim of `[b, c, h, w]`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use candle_core::{ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
@@ -27,6 +30,37 @@ impl Default for BatchNormConfig {
     }
 }
 
+/// How training-mode BatchNorm layers fold each batch's statistics into their running statistics. Clones
+/// share one state, so a model can switch all its layers at once (see [`BatchNorm::with_running_stats`]).
+///
+/// By default each layer uses its momentum (Keras's formula). After [`RunningStats::average_batch`]`(k)`,
+/// the next batch enters with weight 1/k, so announcing batches 1, 2, ..., n one by one leaves the plain
+/// mean of their statistics ("precise BatchNorm": Wu and Johnson 2021, "Rethinking 'Batch' in
+/// BatchNorm", section 3, where a moving average of a few recent batches is shown to be a noisy estimate
+/// of the population statistics).
+#[derive(Debug, Clone, Default)]
+pub struct RunningStats(Arc<AtomicUsize>);
+
+impl RunningStats {
+    /// The next batch is the `k`-th (from 1) of a plain mean; `k = 1` replaces the running statistics.
+    pub fn average_batch(&self, k: usize) {
+        self.0.store(k.max(1), Ordering::SeqCst);
+    }
+
+    /// Back to each layer's momentum.
+    pub fn use_momentum(&self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+
+    /// The weight of the previous running statistics for a layer of momentum `momentum`.
+    fn keep(&self, momentum: f64) -> f64 {
+        match self.0.load(Ordering::SeqCst) {
+            0 => momentum,
+            k => (k - 1) as f64 / k as f64,
+        }
+    }
+}
+
 /// BatchNorm with running statistics.
 ///
 /// Training mode normalises with the batch mean and biased variance and updates the running statistics
@@ -40,6 +74,7 @@ pub struct BatchNorm {
     c: usize,
     config: BatchNormConfig,
     kernels: Kernels,
+    stats: RunningStats,
 }
 
 /// Builds a [`BatchNorm`] over `c` channels: `"gamma"` ones, `"beta"` zeros (only when `cfg.affine`),
@@ -78,6 +113,7 @@ pub fn batch_norm(c: usize, cfg: BatchNormConfig, vb: VarBuilder) -> Result<Batc
         c,
         config: cfg,
         kernels: Kernels::Auto,
+        stats: RunningStats::default(),
     })
 }
 
@@ -85,6 +121,10 @@ impl BatchNorm {
     /// The same layer running on `kernels`.
     pub fn with_kernels(self, kernels: Kernels) -> Self {
         Self { kernels, ..self }
+    }
+    /// The same layer updating its running statistics as `stats` says (shared with other layers).
+    pub fn with_running_stats(self, stats: RunningStats) -> Self {
+        Self { stats, ..self }
     }
     /// The implementation the layer uses.
     pub fn kernels(&self) -> Kernels {
@@ -122,7 +162,7 @@ impl BatchNorm {
     }
 
     pub(crate) fn update_running(&self, mean: &Tensor, var: &Tensor) -> Result<()> {
-        let m = self.config.momentum;
+        let m = self.stats.keep(self.config.momentum);
         let dt = self.running_mean.dtype();
         let upd = |run: &Var, batch: &Tensor| -> Result<()> {
             let new =
@@ -227,6 +267,68 @@ mod tests {
                 )
                 .unwrap();
             assert_close(&y, &expect, 1e-5, "eval");
+        }
+    }
+
+    #[test]
+    fn averaging_mode_leaves_the_mean_of_the_batch_statistics() {
+        for kernels in [Kernels::Auto, Kernels::Reference] {
+            let m = SeededVarMap::new(0);
+            let vb = m.var_builder(DType::F32, &Device::Cpu);
+            let stats = RunningStats::default();
+            let bn = batch_norm(3, BatchNormConfig::default(), vb.pp("bn"))
+                .unwrap()
+                .with_kernels(kernels)
+                .with_running_stats(stats.clone());
+            let xs: Vec<Tensor> = (0..3)
+                .map(|i| {
+                    rand_t(&[4, 3, 5, 5], 10 + i)
+                        .affine(1.0 + i as f64, i as f64)
+                        .unwrap()
+                })
+                .collect();
+            // Momentum first, so there is something to replace.
+            bn.forward_t(&xs[2], true).unwrap();
+            let (mut sum_m, mut sum_v) = (vec![0f64; 3], vec![0f64; 3]);
+            for (k, x) in xs.iter().enumerate() {
+                stats.average_batch(k + 1);
+                bn.forward_t(x, true).unwrap();
+                let mean = x.mean_keepdim((0, 2, 3)).unwrap();
+                let var = x
+                    .broadcast_sub(&mean)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .mean((0, 2, 3))
+                    .unwrap();
+                for c in 0..3 {
+                    sum_m[c] += mean.flatten_all().unwrap().to_vec1::<f32>().unwrap()[c] as f64;
+                    sum_v[c] += var.to_vec1::<f32>().unwrap()[c] as f64;
+                }
+            }
+            let expect = |s: &[f64]| {
+                Tensor::new(
+                    s.iter().map(|v| (v / 3.0) as f32).collect::<Vec<_>>(),
+                    &Device::Cpu,
+                )
+                .unwrap()
+            };
+            assert_close(bn.running_mean(), &expect(&sum_m), 1e-5, "averaged mean");
+            assert_close(bn.running_var(), &expect(&sum_v), 1e-5, "averaged var");
+            // Back to momentum: the Keras formula again.
+            stats.use_momentum();
+            let before = bn.running_mean().to_vec1::<f32>().unwrap();
+            bn.forward_t(&xs[0], true).unwrap();
+            let batch = xs[0].mean((0, 2, 3)).unwrap().to_vec1::<f32>().unwrap();
+            let after = bn.running_mean().to_vec1::<f32>().unwrap();
+            for c in 0..3 {
+                let want = 0.99 * before[c] + 0.01 * batch[c];
+                assert!(
+                    (after[c] - want).abs() < 1e-5,
+                    "{c}: {} vs {want}",
+                    after[c]
+                );
+            }
         }
     }
 

@@ -4,9 +4,9 @@
 use candle_core::Result;
 use candle_nn::VarBuilder;
 use mnist_layers::{
-    batch_norm, conv2d, dropout, linear, separable_conv2d, Activation, BatchNormConfig,
+    batch_norm, conv2d, dropout, linear, separable_conv2d, Activation, BatchNorm, BatchNormConfig,
     BranchLayer, Conv2d, Conv2dConfig, ConvBnPool, FusedBlock, InceptionModule, Kernels, MaxPool2d,
-    MaxPool2dConfig, SeparableBnPool, SeparableConv2d, SharedRng,
+    MaxPool2dConfig, RunningStats, SeparableBnPool, SeparableConv2d, SharedRng,
 };
 
 use crate::net::{Flatten, GlobalAvgPool, Relu, Stage};
@@ -56,12 +56,13 @@ pub fn build(
         kernels,
         rng,
         bn_cfg,
+        bn_stats: RunningStats::default(),
     };
     let mut stages = Vec::new();
     for layer in &plan.layers {
         lower.layer(layer, &mut stages)?;
     }
-    Ok(Net::new(spec.clone(), stages))
+    Ok(Net::new(spec.clone(), stages, lower.bn_stats))
 }
 
 struct Lower<'a> {
@@ -69,11 +70,18 @@ struct Lower<'a> {
     kernels: Kernels,
     rng: SharedRng,
     bn_cfg: BatchNormConfig,
+    /// Shared by every BatchNorm of the model ([`Net::recalibrate_batch_norm`]).
+    bn_stats: RunningStats,
 }
 
 impl Lower<'_> {
     fn fast(&self) -> bool {
         self.kernels == Kernels::Auto
+    }
+
+    /// A BatchNorm over `c` channels with the spec's settings, its variables under `vb`.
+    fn batch_norm(&self, c: usize, vb: VarBuilder) -> Result<BatchNorm> {
+        Ok(batch_norm(c, self.bn_cfg, vb)?.with_running_stats(self.bn_stats.clone()))
     }
 
     fn layer(&self, l: &Planned, stages: &mut Vec<Stage>) -> Result<()> {
@@ -97,7 +105,7 @@ impl Lower<'_> {
                 MaxPool2d::new(pool_cfg(p)).with_kernels(k),
             )),
             LayerSpec::BatchNorm => {
-                let bn = batch_norm(c_in.unwrap_or(0), self.bn_cfg, self.vb.pp(&l.name))?;
+                let bn = self.batch_norm(c_in.unwrap_or(0), self.vb.pp(&l.name))?;
                 stages.push(Stage::train(
                     &l.name,
                     "BatchNormalization",
@@ -148,7 +156,7 @@ impl Lower<'_> {
         let pool = c.pool.as_ref().map(pool_cfg);
         let fused = self.fast() && c.batch_norm == BnPlace::After;
         if fused {
-            let bn = batch_norm(c.filters, self.bn_cfg, self.vb.pp(&names.bn))?;
+            let bn = self.batch_norm(c.filters, self.vb.pp(&names.bn))?;
             let label = match (separable, pool.is_some()) {
                 (false, false) => "Conv2D+BN",
                 (false, true) => "Conv2D+BN+MaxPool",
@@ -175,7 +183,7 @@ impl Lower<'_> {
             Stage::plain(&names.conv, kind, m.with_kernels(k))
         });
         if c.batch_norm != BnPlace::None {
-            let bn = batch_norm(c.filters, self.bn_cfg, self.vb.pp(&names.bn))?;
+            let bn = self.batch_norm(c.filters, self.vb.pp(&names.bn))?;
             stages.push(Stage::train(
                 &names.bn,
                 "BatchNormalization",
@@ -220,7 +228,7 @@ impl Lower<'_> {
                         BranchLayer::SepConv(m)
                     }
                     LayerSpec::MaxPool(p) => BranchLayer::MaxPool(MaxPool2d::new(pool_cfg(p))),
-                    LayerSpec::BatchNorm => BranchLayer::BatchNorm(batch_norm(c, self.bn_cfg, vb)?),
+                    LayerSpec::BatchNorm => BranchLayer::BatchNorm(self.batch_norm(c, vb)?),
                     LayerSpec::Dropout(d) => {
                         BranchLayer::Dropout(dropout(d.rate, self.rng.clone()))
                     }
@@ -237,7 +245,7 @@ impl Lower<'_> {
         stages.push(Stage::inception(name, module));
         if m.batch_norm {
             let bn_name = inception_bn_name(name);
-            let bn = batch_norm(out_c, self.bn_cfg, self.vb.pp(&bn_name))?;
+            let bn = self.batch_norm(out_c, self.vb.pp(&bn_name))?;
             stages.push(Stage::norm(&bn_name, bn.with_kernels(self.kernels)));
         }
         Ok(())

@@ -1,7 +1,7 @@
 //! A built model: the stages [`crate::build`] lowered an [`ArchSpec`] to, run one after the other.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
-use mnist_layers::{BatchNorm, FusedBlock, InceptionModule};
+use mnist_layers::{BatchNorm, FusedBlock, InceptionModule, RunningStats};
 
 use crate::ArchSpec;
 
@@ -123,11 +123,41 @@ pub struct StageTrace {
 pub struct Net {
     spec: ArchSpec,
     stages: Vec<Stage>,
+    /// Shared by every BatchNorm of the model.
+    bn_stats: RunningStats,
 }
 
 impl Net {
-    pub(crate) fn new(spec: ArchSpec, stages: Vec<Stage>) -> Self {
-        Self { spec, stages }
+    pub(crate) fn new(spec: ArchSpec, stages: Vec<Stage>, bn_stats: RunningStats) -> Self {
+        Self {
+            spec,
+            stages,
+            bn_stats,
+        }
+    }
+
+    /// Replaces every BatchNorm's running statistics with the plain mean of its batch statistics over
+    /// `batches`, each run through the model in training mode ("precise BatchNorm", see
+    /// [`RunningStats`]): the moving average that training leaves weighs the last few dozen batches
+    /// most. The weights are not touched and no gradient is taken. Returns the number of batches; with
+    /// none, nothing changes. Layers go back to their momentum afterwards, also after an error.
+    pub fn recalibrate_batch_norm(
+        &self,
+        batches: impl IntoIterator<Item = Result<Tensor>>,
+    ) -> Result<usize> {
+        let mut n = 0;
+        let pass = || -> Result<usize> {
+            for batch in batches {
+                let batch = batch?;
+                n += 1;
+                self.bn_stats.average_batch(n);
+                self.run(&batch, true)?;
+            }
+            Ok(n)
+        };
+        let result = pass();
+        self.bn_stats.use_momentum();
+        result
     }
 
     /// The architecture the model was built from.
@@ -222,4 +252,98 @@ impl ModuleT for Net {
 /// "non-trainable params").
 pub fn is_trainable(name: &str) -> bool {
     !(name.ends_with("running_mean") || name.ends_with("running_var"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{build, builtin, dropout_rng, ArchSpec, Solution, Variant};
+    use candle_core::{DType, Device};
+    use mnist_layers::{init::SeededVarMap, Kernels};
+
+    /// Every BatchNorm running statistic of `vars`, by name.
+    fn running(vars: &SeededVarMap) -> Vec<(String, Vec<f32>)> {
+        let data = vars.var_map().data().lock().unwrap();
+        let mut out: Vec<_> = data
+            .iter()
+            .filter(|(name, _)| !is_trainable(name))
+            .map(|(name, v)| (name.clone(), v.as_tensor().to_vec1::<f32>().unwrap()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn net(spec: &ArchSpec, kernels: Kernels) -> (Net, SeededVarMap) {
+        let vars = SeededVarMap::new(5);
+        let vb = vars.var_builder(DType::F32, &Device::Cpu);
+        (build(spec, vb, kernels, dropout_rng(5)).unwrap(), vars)
+    }
+
+    fn images(seed: u64) -> Tensor {
+        let dev = Device::Cpu;
+        let t = Tensor::rand(0f32, 1f32, (6, 1, 28, 28), &dev).unwrap();
+        // Distinct batches: a seed-dependent scale.
+        (t * (0.5 + seed as f64 * 0.25)).unwrap()
+    }
+
+    /// Recalibrating on one batch leaves that batch's statistics, exactly as one training step of a
+    /// momentum-0 model would; on two, their mean; and the layers keep their momentum afterwards.
+    #[test]
+    fn recalibration_leaves_the_mean_of_the_batch_statistics() {
+        let (x1, x2) = (images(1), images(2));
+        for solution in [Solution::Conv, Solution::Separable, Solution::Inception] {
+            for variant in [Variant::Seed, Variant::Improved] {
+                for kernels in [Kernels::Auto, Kernels::Reference] {
+                    let spec = builtin(solution, variant);
+                    let mut zero = spec.clone();
+                    zero.batch_norm.momentum = 0.0;
+                    let one_step = |x: &Tensor| {
+                        let (n, vars) = net(&zero, kernels);
+                        n.forward_t(x, true).unwrap();
+                        running(&vars)
+                    };
+                    let (n, vars) = net(spec, kernels);
+                    let before = running(&vars);
+                    assert_eq!(n.recalibrate_batch_norm([]).unwrap(), 0);
+                    assert_eq!(running(&vars), before, "no batches, no change");
+                    assert_eq!(n.recalibrate_batch_norm([Ok(x1.clone())]).unwrap(), 1);
+                    let what = format!("{solution} {variant} {kernels:?}");
+                    assert_eq!(running(&vars), one_step(&x1), "{what}: one batch");
+                    if format!("{spec:?}").contains("Dropout") {
+                        continue; // two passes draw different masks
+                    }
+                    n.recalibrate_batch_norm([Ok(x1.clone()), Ok(x2.clone())])
+                        .unwrap();
+                    let (a, b) = (one_step(&x1), one_step(&x2));
+                    for ((name, got), ((_, a), (_, b))) in
+                        running(&vars).iter().zip(a.iter().zip(&b))
+                    {
+                        for ((g, a), b) in got.iter().zip(a).zip(b) {
+                            let want = (a + b) / 2.0;
+                            assert!(
+                                (g - want).abs() <= 1e-6 * want.abs().max(1.0),
+                                "{what} {name}: {g} vs {want}"
+                            );
+                        }
+                    }
+                    // Momentum again: a training step moves the statistics only part of the way.
+                    let recalibrated = running(&vars);
+                    n.forward_t(&x1, true).unwrap();
+                    let m = spec.batch_norm.momentum as f32;
+                    for ((name, now), ((_, old), (_, batch))) in running(&vars)
+                        .iter()
+                        .zip(recalibrated.iter().zip(&one_step(&x1)))
+                    {
+                        for ((n, o), b) in now.iter().zip(old).zip(batch) {
+                            let want = m * o + (1.0 - m) * b;
+                            assert!(
+                                (n - want).abs() <= 1e-5 * want.abs().max(1.0),
+                                "{what} {name}: {n} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -220,6 +220,11 @@ struct TrainArgs {
     /// Train the last N epochs without augmentation [improved recipe: 1 for separable and inception, 0 for conv].
     #[arg(long, value_name = "N")]
     clean_epochs: Option<usize>,
+    /// After the last epoch, set every BatchNorm's running statistics to the mean of its batch statistics
+    /// over the plain training images ("precise BatchNorm"), before the last validation and the test
+    /// [recipe: off].
+    #[arg(long)]
+    precise_bn: bool,
     /// Label smoothing of the training loss, in [0, 1) [recipe: 0].
     #[arg(long, value_name = "EPS", allow_negative_numbers = true, value_parser = smoothing_f64)]
     label_smoothing: Option<f64>,
@@ -257,7 +262,7 @@ struct TrainArgs {
             "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "augment", "no_augment",
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
             "optimizer", "momentum", "no_nesterov", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
-            "teacher", "distill_temperature", "distill_weight",
+            "teacher", "distill_temperature", "distill_weight", "precise_bn",
         ]
     )]
     resume: Option<PathBuf>,
@@ -511,6 +516,9 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(eps) = args.label_smoothing {
         cfg.label_smoothing = eps;
+    }
+    if args.precise_bn {
+        cfg.precise_bn = true;
     }
     if args.no_augment {
         cfg.augment = None;

@@ -41,6 +41,12 @@ pub struct TrainConfig {
     /// average (the checkpoint keeps the raw weights too). `None` (the default) = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<EmaConfig>,
+    /// After the last epoch, replace every BatchNorm's running statistics with the mean of its batch
+    /// statistics over the plain (unaugmented) training images, in full batches of `batch_size`, in
+    /// order ("precise BatchNorm", [`mnist_models::Net::recalibrate_batch_norm`]), before the last
+    /// validation, the test and the saved model. Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub precise_bn: bool,
     /// Knowledge distillation from trained teacher models (`--teacher`). `None` (the default) = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillConfig>,
@@ -75,6 +81,7 @@ impl TrainConfig {
                 clean_epochs: 0,
                 label_smoothing: 0.0,
                 ema: None,
+                precise_bn: false,
                 distill: None,
                 seed: 42,
                 limit_train: None,
@@ -116,6 +123,7 @@ impl TrainConfig {
                     },
                     label_smoothing: 0.0,
                     ema: None,
+                    precise_bn: false,
                     distill: None,
                     seed: 42,
                     limit_train: None,

@@ -74,6 +74,11 @@ impl Trained {
         self.named_vars(|_| true)
     }
 
+    /// The BatchNorm running statistics, by name.
+    pub fn running_stats(&self) -> Vec<(String, candle_core::Var)> {
+        self.named_vars(|name| !is_trainable(name))
+    }
+
     fn named_vars(&self, keep: impl Fn(&str) -> bool) -> Vec<(String, candle_core::Var)> {
         let map = self.vars.var_map();
         let data = match map.data().lock() {
@@ -130,6 +135,41 @@ pub fn evaluate(net: &Net, split: &Split, device: &Device) -> Result<Evaluation,
         confusion,
         predictions,
     })
+}
+
+/// A copy of each variable's value.
+fn copies(vars: &[(String, candle_core::Var)]) -> candle_core::Result<Vec<Tensor>> {
+    vars.iter().map(|(_, v)| v.as_tensor().copy()).collect()
+}
+
+/// Sets each variable to its value in `values` (as [`copies`] made them).
+fn set_all(vars: &[(String, candle_core::Var)], values: &[Tensor]) -> candle_core::Result<()> {
+    vars.iter().zip(values).try_for_each(|((_, v), t)| v.set(t))
+}
+
+/// Every BatchNorm's running statistics become the mean of its batch statistics over `train`'s plain
+/// images, in order, in full batches of `batch_size` (the one short batch only when there is no full
+/// one), as [`Net::recalibrate_batch_norm`] computes them.
+fn recalibrate_batch_norm(
+    net: &Net,
+    train: &Split,
+    batch_size: usize,
+    device: &Device,
+) -> Result<(), TrainError> {
+    let plain = BatcherConfig {
+        batch_size,
+        shuffle: false,
+        augment: None,
+        drop_last: train.len() >= batch_size,
+    };
+    let started = Instant::now();
+    let n =
+        net.recalibrate_batch_norm(batches(train, &plain, None, device)?.map(|b| Ok(b?.images)))?;
+    tracing::info!(
+        "precise BatchNorm: running statistics recomputed over {n} batches of {batch_size} plain training images in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Where a resumed run starts: the state after its last complete epoch (see [`crate::Checkpoint`]).
@@ -193,7 +233,9 @@ pub fn fit(
 ///
 /// Resuming from the state after epoch `k` and training to epoch `n` gives the same weights and history
 /// (bit for bit, `seconds` aside) as training to `n` in one go, provided the weights were restored too
-/// and the schedule does not depend on the total number of epochs (or `cfg.epochs` is unchanged).
+/// and the schedule does not depend on the total number of epochs (or `cfg.epochs` is unchanged). With
+/// `cfg.precise_bn`, a shorter run's last validation was of recalibrated statistics, so extending it
+/// gives the same weights and history but for that one epoch's validation figures.
 ///
 /// With `cfg.ema`, every variable's moving average is updated after each optimizer step, each epoch
 /// validates the average, and `trained` ends holding the average (the raw weights are what `on_epoch`
@@ -295,6 +337,8 @@ pub fn fit_with(
         first_epoch0 = state.epoch;
     }
     let stop_requested = || stop.is_some_and(|s| s.load(Ordering::SeqCst));
+    // The last epoch's recalibrated BatchNorm statistics (`precise_bn`), for the model at the end.
+    let mut precise_stats = None;
 
     for epoch0 in first_epoch0..cfg.epochs {
         let epoch = epoch0 + 1;
@@ -362,16 +406,34 @@ pub fn fit_with(
         });
         res?;
         let seconds = started.elapsed().as_secs_f64();
-        let val = match ema.as_mut() {
+        // With `precise_bn`, the last validation sees recalibrated statistics; the model keeps them
+        // only at the end, so that the checkpoint holds the moving averages training left (extending
+        // the run continues from those, as an uninterrupted longer run would).
+        let finish_and_validate = || -> Result<(Evaluation, Option<Vec<Tensor>>), TrainError> {
+            if epoch < cfg.epochs || !cfg.precise_bn {
+                return Ok((evaluate(&trained.net, &data.val, device)?, None));
+            }
+            let stats = trained.running_stats();
+            let kept = copies(&stats)?;
+            recalibrate_batch_norm(&trained.net, &train, cfg.batch_size, device)?;
+            let val = evaluate(&trained.net, &data.val, device)?;
+            let recalibrated = copies(&stats)?;
+            set_all(&stats, &kept)?;
+            Ok((val, Some(recalibrated)))
+        };
+        let (val, recalibrated) = match ema.as_mut() {
             // The average is swapped into the model for validation and back out, exactly.
             Some(ema) => {
                 ema.swap()?;
-                let val = evaluate(&trained.net, &data.val, device);
+                let val = finish_and_validate();
                 ema.swap()?;
                 val?
             }
-            None => evaluate(&trained.net, &data.val, device)?,
+            None => finish_and_validate()?,
         };
+        if recalibrated.is_some() {
+            precise_stats = recalibrated;
+        }
         let record = EpochRecord {
             epoch,
             lr: opt.lr(),
@@ -396,6 +458,9 @@ pub fn fit_with(
     if let Some(ema) = ema.as_mut() {
         // The model leaves holding the average: it is what is tested and saved.
         ema.swap()?;
+    }
+    if let Some(stats) = precise_stats {
+        set_all(&trained.running_stats(), &stats)?;
     }
     Ok(history)
 }
@@ -614,6 +679,52 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("ema.decay"));
+    }
+
+    #[test]
+    fn precise_bn_changes_the_statistics_not_the_training() {
+        let data = tiny_data(64);
+        let split = |w: &[(String, Vec<u32>)], stats: bool| -> Vec<(String, Vec<u32>)> {
+            w.iter()
+                .filter(|(n, _)| is_trainable(n) != stats)
+                .cloned()
+                .collect()
+        };
+        for ema in [None, Some(mnist_optim::EmaConfig::new(0.9))] {
+            let mut plain = cfg(2);
+            plain.ema = ema;
+            let mut precise = plain.clone();
+            precise.precise_bn = true;
+            let (w_plain, h_plain) = train(&plain, &data);
+            let (w_precise, h_precise) = train(&precise, &data);
+            assert_eq!(
+                split(&w_plain, false),
+                split(&w_precise, false),
+                "same weights"
+            );
+            assert_ne!(
+                split(&w_plain, true),
+                split(&w_precise, true),
+                "other statistics"
+            );
+            let figures = |r: &EpochRecord| (r.lr, r.loss, r.accuracy, r.val_loss, r.val_accuracy);
+            assert_eq!(
+                figures(&h_plain[0]),
+                figures(&h_precise[0]),
+                "only the last epoch is recalibrated"
+            );
+            assert_eq!(
+                (h_plain[1].loss, h_plain[1].accuracy),
+                (h_precise[1].loss, h_precise[1].accuracy)
+            );
+            assert_ne!(h_plain[1].val_loss, h_precise[1].val_loss);
+            // The statistics are the mean over the plain training images' full batches.
+            let device = Device::Cpu;
+            let t = Trained::init(&plain, &device).unwrap();
+            fit(&plain, &t, &data, &device, &mut LogReporter::default()).unwrap();
+            recalibrate_batch_norm(&t.net, &data.train, plain.batch_size, &device).unwrap();
+            assert_eq!(split(&weights(&t), true), split(&w_precise, true));
+        }
     }
 
     #[test]
