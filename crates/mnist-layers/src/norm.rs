@@ -210,6 +210,19 @@ mod tests {
     use crate::ops::test_util::{assert_close, rand_t};
     use candle_core::{DType, Device};
 
+    /// The per-channel mean and biased variance `[c]` of `x [b, c, h, w]`.
+    fn batch_stats(x: &Tensor) -> (Tensor, Tensor) {
+        let mean = x.mean_keepdim((0, 2, 3)).unwrap();
+        let var = x
+            .broadcast_sub(&mean)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean((0, 2, 3))
+            .unwrap();
+        (mean.flatten_all().unwrap(), var)
+    }
+
     #[test]
     fn running_stats_follow_keras_formula() {
         for kernels in [Kernels::Auto, Kernels::Reference] {
@@ -220,19 +233,8 @@ mod tests {
                 .with_kernels(kernels);
             let x1 = rand_t(&[4, 3, 5, 5], 1).affine(3.0, 1.0).unwrap();
             let x2 = (rand_t(&[4, 3, 5, 5], 2) - 2.0).unwrap();
-            let stats = |x: &Tensor| {
-                let mean = x.mean_keepdim((0, 2, 3)).unwrap();
-                let var = x
-                    .broadcast_sub(&mean)
-                    .unwrap()
-                    .sqr()
-                    .unwrap()
-                    .mean((0, 2, 3))
-                    .unwrap();
-                (mean.flatten_all().unwrap(), var)
-            };
-            let (m1, v1) = stats(&x1);
-            let (m2, v2) = stats(&x2);
+            let (m1, v1) = batch_stats(&x1);
+            let (m2, v2) = batch_stats(&x2);
             let mut rm = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
             let mut rv = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
             for (mb, vb_) in [(&m1, &v1), (&m2, &v2)] {
@@ -293,17 +295,14 @@ mod tests {
             for (k, x) in xs.iter().enumerate() {
                 stats.average_batch(k + 1);
                 bn.forward_t(x, true).unwrap();
-                let mean = x.mean_keepdim((0, 2, 3)).unwrap();
-                let var = x
-                    .broadcast_sub(&mean)
-                    .unwrap()
-                    .sqr()
-                    .unwrap()
-                    .mean((0, 2, 3))
-                    .unwrap();
+                let (mean, var) = batch_stats(x);
+                let (mean, var) = (
+                    mean.to_vec1::<f32>().unwrap(),
+                    var.to_vec1::<f32>().unwrap(),
+                );
                 for c in 0..3 {
-                    sum_m[c] += mean.flatten_all().unwrap().to_vec1::<f32>().unwrap()[c] as f64;
-                    sum_v[c] += var.to_vec1::<f32>().unwrap()[c] as f64;
+                    sum_m[c] += mean[c] as f64;
+                    sum_v[c] += var[c] as f64;
                 }
             }
             let expect = |s: &[f64]| {
