@@ -459,8 +459,11 @@ pub fn fit_with(
         // The model leaves holding the average: it is what is tested and saved.
         ema.swap()?;
     }
-    if let Some(stats) = precise_stats {
-        set_all(&trained.running_stats(), &stats)?;
+    match (cfg.precise_bn, precise_stats) {
+        (true, Some(stats)) => set_all(&trained.running_stats(), &stats)?,
+        // Resumed after its last epoch: the same recalibration, on the same weights, now.
+        (true, None) => recalibrate_batch_norm(&trained.net, &train, cfg.batch_size, device)?,
+        (false, _) => {}
     }
     Ok(history)
 }
@@ -724,6 +727,28 @@ mod tests {
             fit(&plain, &t, &data, &device, &mut LogReporter::default()).unwrap();
             recalibrate_batch_norm(&t.net, &data.train, plain.batch_size, &device).unwrap();
             assert_eq!(split(&weights(&t), true), split(&w_precise, true));
+            // A run resumed after its last epoch (checkpoint written, model not) ends the same.
+            let dir = tempfile::tempdir().unwrap();
+            let first = Trained::init(&precise, &device).unwrap();
+            let mut on_epoch = |end: &EpochEnd<'_>| {
+                save_checkpoint(dir.path(), &precise, first.vars.var_map(), end)
+            };
+            let control = FitControl {
+                on_epoch: Some(&mut on_epoch),
+                ..FitControl::default()
+            };
+            let mut log = LogReporter::default();
+            fit_with(&precise, &first, &data, &device, &mut log, control).unwrap();
+            let ckpt = load_checkpoint(dir.path(), &device).unwrap();
+            let resumed = Trained::init(&precise, &device).unwrap();
+            ckpt.restore_weights(&precise, resumed.vars.var_map())
+                .unwrap();
+            let control = FitControl {
+                resume: Some(ckpt.state),
+                ..FitControl::default()
+            };
+            fit_with(&precise, &resumed, &data, &device, &mut log, control).unwrap();
+            assert_eq!(weights(&resumed), w_precise);
         }
     }
 
