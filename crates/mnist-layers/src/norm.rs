@@ -37,9 +37,13 @@ impl Default for BatchNormConfig {
 /// the next batch enters with weight 1/k, so announcing batches 1, 2, ..., n one by one leaves the plain
 /// mean of their statistics ("precise BatchNorm": Wu and Johnson 2021, "Rethinking 'Batch' in
 /// BatchNorm", section 3, where a moving average of a few recent batches is shown to be a noisy estimate
-/// of the population statistics).
+/// of the population statistics). After [`RunningStats::freeze`], batches leave the running statistics
+/// as they are (a second pass over the same batch, as sharpness-aware minimisation takes).
 #[derive(Debug, Clone, Default)]
 pub struct RunningStats(Arc<AtomicUsize>);
+
+/// The state of a frozen [`RunningStats`] (0 = momentum, k = the k-th batch of a plain mean).
+const FROZEN: usize = usize::MAX;
 
 impl RunningStats {
     /// The next batch is the `k`-th (from 1) of a plain mean; `k = 1` replaces the running statistics.
@@ -52,11 +56,19 @@ impl RunningStats {
         self.0.store(0, Ordering::SeqCst);
     }
 
-    /// The weight of the previous running statistics for a layer of momentum `momentum`.
-    fn keep(&self, momentum: f64) -> f64 {
+    /// Training-mode batches no longer change the running statistics (until [`Self::use_momentum`] or
+    /// [`Self::average_batch`]).
+    pub fn freeze(&self) {
+        self.0.store(FROZEN, Ordering::SeqCst);
+    }
+
+    /// The weight of the previous running statistics for a layer of momentum `momentum`; `None` when
+    /// frozen.
+    fn keep(&self, momentum: f64) -> Option<f64> {
         match self.0.load(Ordering::SeqCst) {
-            0 => momentum,
-            k => (k - 1) as f64 / k as f64,
+            0 => Some(momentum),
+            FROZEN => None,
+            k => Some((k - 1) as f64 / k as f64),
         }
     }
 }
@@ -162,7 +174,9 @@ impl BatchNorm {
     }
 
     pub(crate) fn update_running(&self, mean: &Tensor, var: &Tensor) -> Result<()> {
-        let m = self.stats.keep(self.config.momentum);
+        let Some(m) = self.stats.keep(self.config.momentum) else {
+            return Ok(());
+        };
         let dt = self.running_mean.dtype();
         let upd = |run: &Var, batch: &Tensor| -> Result<()> {
             let new =
@@ -328,6 +342,41 @@ mod tests {
                     after[c]
                 );
             }
+            // Frozen: training-mode batches are normalised with their own statistics but leave the
+            // running ones as they were, bit for bit.
+            stats.freeze();
+            let (mean, var) = (
+                bn.running_mean().copy().unwrap(),
+                bn.running_var().copy().unwrap(),
+            );
+            let y = bn.forward_t(&xs[1], true).unwrap();
+            let (bmean, _) = batch_stats(&xs[1]);
+            assert_close(
+                &y.mean((0, 2, 3)).unwrap(),
+                &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+                1e-4,
+                "frozen output",
+            );
+            assert!(bmean
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .any(|m| m.abs() > 0.1));
+            for (a, b) in [(bn.running_mean(), &mean), (bn.running_var(), &var)] {
+                assert_eq!(
+                    a.to_vec1::<f32>().unwrap(),
+                    b.to_vec1::<f32>().unwrap(),
+                    "frozen statistics"
+                );
+            }
+            stats.use_momentum();
+            bn.forward_t(&xs[1], true).unwrap();
+            assert_ne!(
+                bn.running_mean().to_vec1::<f32>().unwrap(),
+                mean.to_vec1::<f32>().unwrap()
+            );
         }
     }
 

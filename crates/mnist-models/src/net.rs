@@ -160,6 +160,17 @@ impl Net {
         result
     }
 
+    /// A training-mode forward pass (batch statistics, a graph for gradients) that leaves every
+    /// BatchNorm's running statistics as they are: a second look at a batch already counted, as
+    /// sharpness-aware minimisation takes at perturbed weights. Layers go back to their momentum
+    /// afterwards, also after an error.
+    pub fn forward_train_keeping_statistics(&self, xs: &Tensor) -> Result<Tensor> {
+        self.bn_stats.freeze();
+        let result = self.run(xs, true);
+        self.bn_stats.use_momentum();
+        result
+    }
+
     /// The architecture the model was built from.
     pub fn spec(&self) -> &ArchSpec {
         &self.spec
@@ -341,6 +352,45 @@ mod tests {
                                 "{what} {name}: {n} vs {want}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A pass that keeps the statistics computes what a training pass computes (output and gradients,
+    /// bit for bit, where no dropout mask differs) and leaves every running statistic as it was; the
+    /// next training pass uses the momentum again.
+    #[test]
+    fn a_pass_keeping_the_statistics_trains_like_any_other() {
+        let x = images(3);
+        for solution in [Solution::Conv, Solution::Separable, Solution::Inception] {
+            for variant in [Variant::Seed, Variant::Improved] {
+                for kernels in [Kernels::Auto, Kernels::Reference] {
+                    let spec = builtin(solution, variant);
+                    let what = format!("{solution} {variant} {kernels:?}");
+                    let (n, vars) = net(spec, kernels);
+                    let before = running(&vars);
+                    let kept = n.forward_train_keeping_statistics(&x).unwrap();
+                    assert_eq!(running(&vars), before, "{what}: statistics kept");
+                    let plain = n.forward_t(&x, true).unwrap();
+                    if !before.is_empty() {
+                        assert_ne!(running(&vars), before, "{what}: momentum again");
+                    }
+                    if format!("{spec:?}").contains("Dropout") {
+                        continue; // the two passes draw different masks
+                    }
+                    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(flat(&kept), flat(&plain), "{what}: output");
+                    let (gk, gp) = (
+                        kept.sqr().unwrap().sum_all().unwrap().backward().unwrap(),
+                        plain.sqr().unwrap().sum_all().unwrap().backward().unwrap(),
+                    );
+                    let data = vars.var_map().data().lock().unwrap();
+                    for (name, v) in data.iter().filter(|(name, _)| is_trainable(name)) {
+                        let (a, b) = (gk.get(v.as_tensor()), gp.get(v.as_tensor()));
+                        let (a, b) = (a.expect(name), b.expect(name));
+                        assert_eq!(flat(a), flat(b), "{what}: gradient of {name}");
                     }
                 }
             }

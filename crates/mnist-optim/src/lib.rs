@@ -1,7 +1,7 @@
 //! Optimisation for the MNIST models: a Keras-exact [`Adam`] (no hidden weight decay) and a
 //! PyTorch-exact [`Sgd`] with Nesterov momentum, each with a fast in-place CPU path and chosen by an
 //! [`OptimizerConfig`]; per-step learning-rate schedules ([`Scheduler`]); and an exponential moving
-//! average of the weights ([`Ema`]).
+//! average of the weights ([`Ema`]); the weight perturbation of sharpness-aware minimisation ([`Sam`]).
 //!
 //! The crate sees only candle `Var`s and gradients; it knows nothing of models or data.
 //!
@@ -21,6 +21,7 @@ mod adam;
 mod ema;
 mod error;
 mod optimizer;
+mod sam;
 mod schedule;
 mod sgd;
 mod slots;
@@ -29,5 +30,6 @@ pub use adam::{Adam, AdamConfig, AdamState, MomentState};
 pub use ema::{Ema, EmaConfig, EmaState};
 pub use error::{OptimError, Result};
 pub use optimizer::{Optimizer, OptimizerConfig, OptimizerState};
+pub use sam::{Sam, SamConfig};
 pub use schedule::{ScheduleConfig, Scheduler, SchedulerState};
 pub use sgd::{Sgd, SgdConfig, SgdState};

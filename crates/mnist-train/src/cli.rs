@@ -9,7 +9,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mnist_data::{DataSource, Dataset, ElasticConfig, Interpolation, DEFAULT_ELASTIC_SIGMA};
 use mnist_layers::Kernels;
 use mnist_models::{thousands, ArchSpec, Classifier, ModelConfig, Solution, Variant};
-use mnist_optim::{AdamConfig, EmaConfig, OptimizerConfig, ScheduleConfig, SgdConfig};
+use mnist_optim::{AdamConfig, EmaConfig, OptimizerConfig, SamConfig, ScheduleConfig, SgdConfig};
 
 use crate::{
     default_run_dir, evaluate, load_checkpoint, read_json, run_training_with, Checkpoint,
@@ -225,6 +225,10 @@ struct TrainArgs {
     /// [recipe: off].
     #[arg(long)]
     precise_bn: bool,
+    /// Sharpness-aware minimisation (Foret et al. 2021): each step takes its gradient at the weights
+    /// moved RHO (> 0, e.g. 0.05) uphill along the normalised gradient; two passes a step [recipe: off].
+    #[arg(long, value_name = "RHO", allow_negative_numbers = true, value_parser = positive_f64)]
+    sam: Option<f64>,
     /// Label smoothing of the training loss, in [0, 1) [recipe: 0].
     #[arg(long, value_name = "EPS", allow_negative_numbers = true, value_parser = smoothing_f64)]
     label_smoothing: Option<f64>,
@@ -262,7 +266,7 @@ struct TrainArgs {
             "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "augment", "no_augment",
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
             "optimizer", "momentum", "no_nesterov", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
-            "teacher", "distill_temperature", "distill_weight", "precise_bn",
+            "teacher", "distill_temperature", "distill_weight", "precise_bn", "sam",
         ]
     )]
     resume: Option<PathBuf>,
@@ -519,6 +523,9 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
     }
     if args.precise_bn {
         cfg.precise_bn = true;
+    }
+    if let Some(rho) = args.sam {
+        cfg.sam = Some(SamConfig { rho });
     }
     if args.no_augment {
         cfg.augment = None;

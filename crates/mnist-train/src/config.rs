@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use mnist_data::{AugmentConfig, Dataset, Interpolation};
 use mnist_models::{ModelConfig, Solution, Variant};
-use mnist_optim::{AdamConfig, EmaConfig, OptimizerConfig, ScheduleConfig};
+use mnist_optim::{AdamConfig, EmaConfig, OptimizerConfig, SamConfig, ScheduleConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::{DistillConfig, TrainError};
@@ -47,6 +47,11 @@ pub struct TrainConfig {
     /// validation, the test and the saved model. Off by default.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub precise_bn: bool,
+    /// Sharpness-aware minimisation ([`mnist_optim::Sam`], `--sam RHO`): every step takes its gradient
+    /// at weights moved `rho` uphill, in a second forward and backward pass over the same batch that
+    /// leaves the BatchNorm running statistics as the first pass left them. `None` (the default) = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sam: Option<SamConfig>,
     /// Knowledge distillation from trained teacher models (`--teacher`). `None` (the default) = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillConfig>,
@@ -82,6 +87,7 @@ impl TrainConfig {
                 label_smoothing: 0.0,
                 ema: None,
                 precise_bn: false,
+                sam: None,
                 distill: None,
                 seed: 42,
                 limit_train: None,
@@ -124,6 +130,7 @@ impl TrainConfig {
                     label_smoothing: 0.0,
                     ema: None,
                     precise_bn: false,
+                    sam: None,
                     distill: None,
                     seed: 42,
                     limit_train: None,
@@ -162,6 +169,10 @@ impl TrainConfig {
             .map_err(|e| TrainError::Config(e.to_string()))?;
         if let Some(ema) = &self.ema {
             ema.validate()
+                .map_err(|e| TrainError::Config(e.to_string()))?;
+        }
+        if let Some(sam) = &self.sam {
+            sam.validate()
                 .map_err(|e| TrainError::Config(e.to_string()))?;
         }
         self.schedule

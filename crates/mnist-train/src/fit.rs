@@ -12,7 +12,7 @@ use mnist_layers::init::SeededVarMap;
 use mnist_layers::SharedRng;
 use mnist_metrics::{argmax_rows, Accuracy, ConfusionMatrix, MeanLoss};
 use mnist_models::{is_trainable, Net};
-use mnist_optim::{Ema, EmaState, Optimizer, OptimizerState, Scheduler, SchedulerState};
+use mnist_optim::{Ema, EmaState, Optimizer, OptimizerState, Sam, Scheduler, SchedulerState};
 use serde::{Deserialize, Serialize};
 
 use crate::{Reporter, TrainConfig, TrainError};
@@ -287,6 +287,10 @@ pub fn fit_with(
         Some(c) => Some(Ema::new(trained.all_vars(), c)?),
         None => None,
     };
+    let mut sam = match cfg.sam {
+        Some(c) => Some(Sam::new(trained.trainable_vars(), c)?),
+        None => None,
+    };
     let teachers = match &cfg.distill {
         Some(d) => {
             let teachers = Teachers::load(d, cfg.dataset, device)?;
@@ -380,12 +384,16 @@ pub fn fit_with(
             }
             let (batch, soft) = batch?;
             opt.set_lr(scheduler.lr_at(epoch0, step));
+            let loss_of = |logits: &Tensor| -> Result<Tensor, TrainError> {
+                let mut loss = smoothed_cross_entropy(logits, &batch.labels, cfg.label_smoothing)?;
+                if let (Some(soft), Some((_, d))) = (&soft, &teachers) {
+                    let distill = soft_kl_divergence(logits, soft, d.temperature)?;
+                    loss = ((loss * (1.0 - d.weight))? + (distill * d.weight)?)?;
+                }
+                Ok(loss)
+            };
             let logits = trained.net.forward_t(&batch.images, true)?;
-            let mut loss = smoothed_cross_entropy(&logits, &batch.labels, cfg.label_smoothing)?;
-            if let (Some(soft), Some((_, d))) = (soft, &teachers) {
-                let distill = soft_kl_divergence(&logits, &soft, d.temperature)?;
-                loss = ((loss * (1.0 - d.weight))? + (distill * d.weight)?)?;
-            }
+            let loss = loss_of(&logits)?;
             let loss_value = loss.to_scalar::<f32>()? as f64;
             if !loss_value.is_finite() {
                 return Err(TrainError::NonFinite {
@@ -394,7 +402,21 @@ pub fn fit_with(
                     value: loss_value,
                 });
             }
-            opt.backward_step(&loss)?;
+            match sam.as_mut() {
+                None => opt.backward_step(&loss)?,
+                Some(sam) => {
+                    // The gradient at the weights moved uphill, applied at the weights themselves; the
+                    // second pass leaves the BatchNorm statistics as the first left them.
+                    sam.ascend(&loss.backward()?)?;
+                    let perturbed = trained
+                        .net
+                        .forward_train_keeping_statistics(&batch.images)
+                        .map_err(TrainError::from)
+                        .and_then(|logits| Ok(loss_of(&logits)?.backward()?));
+                    sam.restore()?;
+                    opt.step(&perturbed?)?;
+                }
+            }
             if let Some(ema) = ema.as_mut() {
                 ema.update()?;
             }
@@ -682,6 +704,45 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("ema.decay"));
+    }
+
+    /// A SAM step counts its batch once in the BatchNorm statistics (the first pass, at the weights
+    /// themselves) and moves the weights by the gradient of the second; runs resume bit for bit.
+    #[test]
+    fn sam_steps_from_the_perturbed_gradient_and_counts_each_batch_once() {
+        let data = tiny_data(48);
+        let one_step = |sam: Option<f64>| {
+            let mut c = cfg(1);
+            c.batch_size = 48;
+            c.augment = None;
+            c.sam = sam.map(|rho| mnist_optim::SamConfig { rho });
+            train(&c, &data)
+        };
+        let (plain, h_plain) = one_step(None);
+        let (sam, h_sam) = one_step(Some(0.05));
+        let part = |w: &[(String, Vec<u32>)], stats: bool| -> Vec<(String, Vec<u32>)> {
+            w.iter()
+                .filter(|(n, _)| is_trainable(n) != stats)
+                .cloned()
+                .collect()
+        };
+        assert!(!part(&plain, true).is_empty());
+        assert_eq!(
+            part(&plain, true),
+            part(&sam, true),
+            "one update, from the first pass"
+        );
+        assert_ne!(part(&plain, false), part(&sam, false), "another gradient");
+        assert_eq!(
+            (h_plain[0].loss, h_plain[0].accuracy),
+            (h_sam[0].loss, h_sam[0].accuracy),
+            "the step reports the first pass"
+        );
+        let mut c = cfg(3);
+        c.sam = Some(mnist_optim::SamConfig { rho: 0.05 });
+        assert_resume_matches_uninterrupted(&c);
+        c.sam = Some(mnist_optim::SamConfig { rho: 0.0 });
+        assert!(c.validate().unwrap_err().to_string().contains("sam.rho"));
     }
 
     #[test]
