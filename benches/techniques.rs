@@ -1,5 +1,6 @@
 //! What the recipe options of issue 14 Part B cost, measured in one process on each improved model:
-//! a training step (forward, backward, update at the recipe's batch 64) with Adam and with SGD, the
+//! a training step (forward, backward, update at the recipe's batch 64) with Adam, with SGD and with
+//! Adam and sharpness-aware minimisation (`--sam`: a second forward and backward pass), the
 //! moving-average update (`--ema`) after a step, the augmentation of one image with and without the
 //! elastic distortion (`--elastic`), and the test-time augmentation of `evaluate --tta` against a plain
 //! evaluation. Median of several runs after a warm-up (`-- --quick` for shorter runs).
@@ -17,7 +18,9 @@ use candle_nn::loss::cross_entropy;
 use mnist_challenge::data::{augment_into, AugmentConfig, ElasticConfig, Split};
 use mnist_challenge::layers::init::SeededVarMap;
 use mnist_challenge::models::{is_trainable, ModelConfig, Solution, Variant};
-use mnist_challenge::optim::{Ema, EmaConfig, Optimizer, OptimizerConfig, SgdConfig};
+use mnist_challenge::optim::{
+    Ema, EmaConfig, Optimizer, OptimizerConfig, Sam, SamConfig, SgdConfig,
+};
 use mnist_challenge::train::{evaluate, evaluate_tta, TrainConfig};
 use rand::SeedableRng;
 
@@ -47,6 +50,31 @@ fn step_ms(cfg: &ModelConfig, opt_cfg: &OptimizerConfig, budget: f64) -> f64 {
         let logits = net.forward_t(&xs, true).expect("forward");
         let loss = cross_entropy(&logits, &ys).expect("loss");
         opt.backward_step(&loss).expect("step");
+    })
+}
+
+/// ms per training step with `opt_cfg` and sharpness-aware minimisation (radius 0.05), as `fit` takes
+/// it: the gradient, the uphill move, a second pass keeping the BatchNorm statistics, the step.
+fn sam_step_ms(cfg: &ModelConfig, opt_cfg: &OptimizerConfig, budget: f64) -> f64 {
+    let (net, vars) = model(cfg);
+    let mut opt = Optimizer::new(named(&vars, true), opt_cfg).expect("optimizer");
+    let mut sam = Sam::new(named(&vars, true), SamConfig { rho: 0.05 }).expect("sam");
+    let xs = Tensor::rand(0f32, 1f32, (64, 1, 28, 28), &Device::Cpu).expect("input");
+    let ys = Tensor::from_iter((0..64u32).map(|i| i % 10), &Device::Cpu).expect("labels");
+    1e3 * median_secs(budget, 3, None, || {
+        let logits = net.forward_t(&xs, true).expect("forward");
+        let loss = cross_entropy(&logits, &ys).expect("loss");
+        sam.ascend(&loss.backward().expect("backward"))
+            .expect("ascend");
+        let logits = net
+            .forward_train_keeping_statistics(&xs)
+            .expect("second forward");
+        let grads = cross_entropy(&logits, &ys)
+            .expect("loss")
+            .backward()
+            .expect("backward");
+        sam.restore().expect("restore");
+        opt.step(&grads).expect("step");
     })
 }
 
@@ -89,11 +117,13 @@ fn main() {
         (e - a) * 1e-6 * IMAGES_PER_EPOCH
     );
     println!(
-        "{:<22}{:>12}{:>12}{:>10}{:>14}{:>10}{:>14}{:>14}{:>8}",
+        "{:<22}{:>12}{:>12}{:>10}{:>12}{:>10}{:>14}{:>10}{:>14}{:>14}{:>8}",
         "model",
         "adam step",
         "sgd step",
         "sgd/adam",
+        "sam step",
+        "sam/adam",
         "ema update",
         "ema share",
         "eval 2000",
@@ -108,6 +138,7 @@ fn main() {
         let adam = TrainConfig::recipe(solution, Variant::Improved).optimizer;
         let sgd = OptimizerConfig::Sgd(SgdConfig::default());
         let (ta, ts) = (step_ms(&cfg, &adam, budget), step_ms(&cfg, &sgd, budget));
+        let tsam = sam_step_ms(&cfg, &adam, budget);
         let te = ema_us(&cfg, budget);
         let (net, _vars) = model(&cfg);
         let ev = median_secs(budget, 3, None, || {
@@ -117,11 +148,13 @@ fn main() {
             evaluate_tta(&net, &split, &Device::Cpu).expect("tta");
         });
         println!(
-            "{:<22}{:>12}{:>12}{:>10}{:>14}{:>10}{:>14}{:>14}{:>8}",
+            "{:<22}{:>12}{:>12}{:>10}{:>12}{:>10}{:>14}{:>10}{:>14}{:>14}{:>8}",
             format!("{solution}/improved"),
             format!("{ta:.2} ms"),
             format!("{ts:.2} ms"),
             format!("{:.3}", ts / ta),
+            format!("{tsam:.2} ms"),
+            format!("{:.3}", tsam / ta),
             format!("{te:.1} us"),
             format!("{:.2}%", 100.0 * te * 1e-3 / ta),
             format!("{:.0} ms", ev * 1e3),

@@ -1,6 +1,6 @@
 //! The recipe options of issue 14 Part B end to end: weight averaging (`--ema`), SGD with Nesterov
-//! momentum (`--optimizer sgd`), elastic distortion (`--elastic`) and test-time augmentation
-//! (`evaluate --tta`). Each flag is accepted, lands in config.json, survives `train --resume` bit for bit,
+//! momentum (`--optimizer sgd`), elastic distortion (`--elastic`), precise BatchNorm (`--precise-bn`),
+//! sharpness-aware minimisation (`--sam`) and test-time augmentation (`evaluate --tta`). Each flag is accepted, lands in config.json, survives `train --resume` bit for bit,
 //! and bad values are refused with exit code 2 naming the flag.
 
 mod common;
@@ -161,6 +161,30 @@ fn precise_bn_is_stored_saved_as_the_model_and_resumes_bit_for_bit() {
 }
 
 #[test]
+fn sam_is_stored_changes_training_and_resumes_bit_for_bit() {
+    if mnist_dir_if_present().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = straight_and_resumed_agree(tmp.path(), "sam", &["--sam", "0.05"]);
+    assert_eq!(config["sam"]["rho"], 0.05);
+    let plain = tmp.path().join("plain");
+    ok(
+        &run_owned(BIN, &train_args("seed", "2", LIMIT, &plain, &[])),
+        "plain",
+    );
+    assert!(read_json(&plain.join("config.json")).get("sam").is_none());
+    let (a, b) = (
+        tensors(&plain.join("model.safetensors")),
+        tensors(&tmp.path().join("sam-2").join("model.safetensors")),
+    );
+    assert!(
+        a.iter().any(|(name, bits)| bits != &b[name]),
+        "SAM trains otherwise"
+    );
+}
+
+#[test]
 fn elastic_is_stored_and_resumes_bit_for_bit() {
     if mnist_dir_if_present().is_none() {
         return;
@@ -215,6 +239,10 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         ),
         (&["--elastic-sigma", "4"], "--elastic"),
         (&["--elastic", "4", "--no-augment"], "--elastic"),
+        (&["--sam", "0"], "--sam"),
+        (&["--sam", "-0.05"], "--sam"),
+        (&["--sam", "inf"], "--sam"),
+        (&["--sam", "wide"], "--sam"),
     ] {
         let out = run_owned(BIN, &train_args("improved", "1", "100", &out_dir, args));
         let err = String::from_utf8_lossy(&out.stderr);
@@ -229,6 +257,7 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         &["--optimizer", "sgd"],
         &["--elastic", "2"],
         &["--precise-bn"],
+        &["--sam", "0.05"],
     ] {
         let mut args = vec!["train", "--resume", "somewhere", "--data-dir"];
         args.push(data.to_str().unwrap());
