@@ -182,6 +182,28 @@ fn sam_is_stored_changes_training_and_resumes_bit_for_bit() {
         a.iter().any(|(name, bits)| bits != &b[name]),
         "SAM trains otherwise"
     );
+    let adaptive = tmp.path().join("asam");
+    ok(
+        &run_owned(
+            BIN,
+            &train_args(
+                "seed",
+                "1",
+                "200",
+                &adaptive,
+                &["--sam", "0.5", "--sam-adaptive"],
+            ),
+        ),
+        "asam",
+    );
+    let config = read_json(&adaptive.join("config.json"));
+    assert_eq!(
+        (
+            config["sam"]["rho"].as_f64(),
+            config["sam"]["adaptive"].as_bool()
+        ),
+        (Some(0.5), Some(true))
+    );
 }
 
 #[test]
@@ -243,6 +265,7 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         (&["--sam", "-0.05"], "--sam"),
         (&["--sam", "inf"], "--sam"),
         (&["--sam", "wide"], "--sam"),
+        (&["--sam-adaptive"], "--sam"),
     ] {
         let out = run_owned(BIN, &train_args("improved", "1", "100", &out_dir, args));
         let err = String::from_utf8_lossy(&out.stderr);

@@ -9,6 +9,12 @@
 //! g' = grad L(w + e)                   second pass over the same batch
 //! w  <- the optimizer's step from w with g'
 //! ```
+//! With `adaptive` (ASAM: Kwon, Kim, Park and Choi, "ASAM: Adaptive Sharpness-Aware Minimization for
+//! Scale-Invariant Learning of Deep Neural Networks", ICML 2021) the move is measured relative to each
+//! weight's size, `t = |w| + 0.01` elementwise: `e = rho * t^2 g / ||t g||`, so layers whose scale does
+//! not matter (those before a BatchNorm) are moved in proportion to their weights; its radius is
+//! larger (the paper uses 0.5 to 2).
+//!
 //! [`Sam::ascend`] moves the variables to `w + e` and keeps `w`; [`Sam::restore`] puts `w` back, bit for
 //! bit, before the caller's optimizer takes its step with `g'`. The optimizer's own state (moments,
 //! momentum) sees only `g'`, as with the reference wrapper. A step costs two forward and two backward
@@ -26,7 +32,13 @@ use crate::slots::unique_names;
 pub struct SamConfig {
     /// The radius of the uphill move, in the weights' units (the paper's `rho`, e.g. `0.05`), `> 0`.
     pub rho: f64,
+    /// ASAM's move relative to each weight's size (default `false`: plain SAM).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adaptive: bool,
 }
+
+/// ASAM's `eta`: the part of `t = |w| + eta` that lets a zero weight move.
+const ASAM_ETA: f64 = 0.01;
 
 impl SamConfig {
     /// Rejects a radius that is not a positive finite number.
@@ -71,7 +83,8 @@ impl Sam {
 
     /// Moves every variable to `w + rho * g / (||g|| + 1e-12)` with `g` its gradient in `grads` (a
     /// variable without one stays where it is and counts as zero in the norm), keeping `w` for
-    /// [`Sam::restore`]. Returns `||g||`. A non-finite norm is an error and moves nothing; calling it
+    /// [`Sam::restore`]; adaptive: `w + rho * t^2 g / (||t g|| + 1e-12)`, `t = |w| + 0.01`. Returns the
+    /// norm (`||g||`, or `||t g||`). A non-finite norm is an error and moves nothing; calling it
     /// twice without a restore is an error.
     pub fn ascend(&mut self, grads: &GradStore) -> Result<f64> {
         if self.saved.is_some() {
@@ -93,12 +106,22 @@ impl Sam {
                     var: var.dims().to_vec(),
                 });
             }
-            sum_sq += g
+            // Adaptive: the gradient scaled by `t`, whose norm the move is measured in, and the
+            // direction `t^2 g = t (t g)`.
+            let (scaled, dir) = if self.cfg.adaptive {
+                let t = (var.as_tensor().abs()? + ASAM_ETA)?;
+                let tg = (g * &t)?;
+                let dir = (&t * &tg)?;
+                (tg, dir)
+            } else {
+                (g.clone(), g.clone())
+            };
+            sum_sq += scaled
                 .sqr()?
                 .sum_all()?
                 .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?;
-            moves.push((var, g));
+            moves.push((var, dir));
         }
         let norm = sum_sq.sqrt();
         if !norm.is_finite() {
@@ -114,8 +137,8 @@ impl Sam {
             .map(|(_, v)| v.as_tensor().copy())
             .collect::<candle_core::Result<Vec<_>>>()?;
         let scale = self.cfg.rho / (norm + 1e-12);
-        for (var, g) in moves {
-            var.set(&(var.as_tensor() + (g * scale)?)?)?;
+        for (var, dir) in moves {
+            var.set(&(var.as_tensor() + (dir * scale)?)?)?;
         }
         self.saved = Some(saved);
         Ok(norm)
@@ -182,7 +205,14 @@ mod tests {
     fn ascend_moves_rho_along_the_normalised_gradient_and_restore_undoes_it() {
         let vs = vars();
         let w0 = values(&vs);
-        let mut sam = Sam::new(vs.clone(), SamConfig { rho: 0.05 }).unwrap();
+        let mut sam = Sam::new(
+            vs.clone(),
+            SamConfig {
+                rho: 0.05,
+                adaptive: false,
+            },
+        )
+        .unwrap();
         let grads = loss(&vs).backward().unwrap();
         let norm = sam.ascend(&grads).unwrap();
         let g = grads_of(&w0);
@@ -223,10 +253,59 @@ mod tests {
     }
 
     #[test]
+    fn the_adaptive_move_is_relative_to_each_weight() {
+        let vs = vars();
+        let w0 = values(&vs);
+        let rho = 0.5;
+        let mut sam = Sam::new(
+            vs.clone(),
+            SamConfig {
+                rho,
+                adaptive: true,
+            },
+        )
+        .unwrap();
+        let norm = sam.ascend(&loss(&vs).backward().unwrap()).unwrap();
+        let g = grads_of(&w0);
+        let t = |w: f32| w.abs() as f64 + ASAM_ETA;
+        let want_norm = w0
+            .iter()
+            .zip(&g)
+            .flat_map(|(w, g)| w.iter().zip(g).map(|(&w, g)| (t(w) * g).powi(2)))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            (norm - want_norm).abs() < 1e-4 * want_norm,
+            "{norm} vs {want_norm}"
+        );
+        let mut scaled_sq = 0f64;
+        for ((m, w), g) in values(&vs).iter().zip(&w0).zip(&g) {
+            for ((&m, &w), &g) in m.iter().zip(w).zip(g) {
+                let want = w as f64 + rho * t(w).powi(2) * g / want_norm;
+                assert!((m as f64 - want).abs() < 1e-5, "{m} vs {want}");
+                scaled_sq += ((m as f64 - w as f64) / t(w)).powi(2);
+            }
+        }
+        assert!(
+            (scaled_sq.sqrt() - rho).abs() < 1e-4,
+            "the move has length rho in t's units"
+        );
+        sam.restore().unwrap();
+        assert_eq!(values(&vs), w0);
+    }
+
+    #[test]
     fn a_zero_gradient_moves_nothing_and_a_non_finite_one_is_refused() {
         let vs = vars();
         let w0 = values(&vs);
-        let mut sam = Sam::new(vs.clone(), SamConfig { rho: 0.1 }).unwrap();
+        let mut sam = Sam::new(
+            vs.clone(),
+            SamConfig {
+                rho: 0.1,
+                adaptive: false,
+            },
+        )
+        .unwrap();
         let zero = (loss(&vs) * 0.0).unwrap().backward().unwrap();
         assert_eq!(sam.ascend(&zero).unwrap(), 0.0);
         assert_eq!(values(&vs), w0);
@@ -241,11 +320,26 @@ mod tests {
     #[test]
     fn a_radius_must_be_positive_and_finite() {
         for rho in [0.0, -0.05, f64::NAN, f64::INFINITY] {
-            let err = Sam::new(vars(), SamConfig { rho }).unwrap_err().to_string();
+            let err = Sam::new(
+                vars(),
+                SamConfig {
+                    rho,
+                    adaptive: false,
+                },
+            )
+            .unwrap_err()
+            .to_string();
             assert!(err.contains("sam.rho"), "{err}");
         }
         let v = vars();
         let dup = vec![v[0].clone(), ("a".into(), v[1].1.clone())];
-        assert!(Sam::new(dup, SamConfig { rho: 0.05 }).is_err());
+        assert!(Sam::new(
+            dup,
+            SamConfig {
+                rho: 0.05,
+                adaptive: false
+            }
+        )
+        .is_err());
     }
 }

@@ -229,6 +229,10 @@ struct TrainArgs {
     /// moved RHO (> 0, e.g. 0.05) uphill along the normalised gradient; two passes a step [recipe: off].
     #[arg(long, value_name = "RHO", allow_negative_numbers = true, value_parser = positive_f64)]
     sam: Option<f64>,
+    /// With --sam: ASAM (Kwon et al. 2021), the move relative to each weight's size (|w| + 0.01), for
+    /// which radii of about 0.5 to 2 are usual [recipe: off].
+    #[arg(long, requires = "sam")]
+    sam_adaptive: bool,
     /// Label smoothing of the training loss, in [0, 1) [recipe: 0].
     #[arg(long, value_name = "EPS", allow_negative_numbers = true, value_parser = smoothing_f64)]
     label_smoothing: Option<f64>,
@@ -266,7 +270,7 @@ struct TrainArgs {
             "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "augment", "no_augment",
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
             "optimizer", "momentum", "no_nesterov", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
-            "teacher", "distill_temperature", "distill_weight", "precise_bn", "sam",
+            "teacher", "distill_temperature", "distill_weight", "precise_bn", "sam", "sam_adaptive",
         ]
     )]
     resume: Option<PathBuf>,
@@ -525,7 +529,10 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
         cfg.precise_bn = true;
     }
     if let Some(rho) = args.sam {
-        cfg.sam = Some(SamConfig { rho });
+        cfg.sam = Some(SamConfig {
+            rho,
+            adaptive: args.sam_adaptive,
+        });
     }
     if args.no_augment {
         cfg.augment = None;

@@ -715,7 +715,10 @@ mod tests {
             let mut c = cfg(1);
             c.batch_size = 48;
             c.augment = None;
-            c.sam = sam.map(|rho| mnist_optim::SamConfig { rho });
+            c.sam = sam.map(|rho| mnist_optim::SamConfig {
+                rho,
+                adaptive: false,
+            });
             train(&c, &data)
         };
         let (plain, h_plain) = one_step(None);
@@ -739,9 +742,15 @@ mod tests {
             "the step reports the first pass"
         );
         let mut c = cfg(3);
-        c.sam = Some(mnist_optim::SamConfig { rho: 0.05 });
+        c.sam = Some(mnist_optim::SamConfig {
+            rho: 0.05,
+            adaptive: false,
+        });
         assert_resume_matches_uninterrupted(&c);
-        c.sam = Some(mnist_optim::SamConfig { rho: 0.0 });
+        c.sam = Some(mnist_optim::SamConfig {
+            rho: 0.0,
+            adaptive: false,
+        });
         assert!(c.validate().unwrap_err().to_string().contains("sam.rho"));
     }
 
