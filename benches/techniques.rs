@@ -58,14 +58,7 @@ fn step_ms(cfg: &ModelConfig, opt_cfg: &OptimizerConfig, budget: f64) -> f64 {
 fn sam_step_ms(cfg: &ModelConfig, opt_cfg: &OptimizerConfig, budget: f64) -> f64 {
     let (net, vars) = model(cfg);
     let mut opt = Optimizer::new(named(&vars, true), opt_cfg).expect("optimizer");
-    let mut sam = Sam::new(
-        named(&vars, true),
-        SamConfig {
-            rho: 0.05,
-            adaptive: false,
-        },
-    )
-    .expect("sam");
+    let mut sam = Sam::new(named(&vars, true), SamConfig::new(0.05)).expect("sam");
     let xs = Tensor::rand(0f32, 1f32, (64, 1, 28, 28), &Device::Cpu).expect("input");
     let ys = Tensor::from_iter((0..64u32).map(|i| i % 10), &Device::Cpu).expect("labels");
     1e3 * median_secs(budget, 3, None, || {

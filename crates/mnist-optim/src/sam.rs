@@ -41,6 +41,14 @@ pub struct SamConfig {
 const ASAM_ETA: f64 = 0.01;
 
 impl SamConfig {
+    /// Plain SAM with radius `rho`.
+    pub fn new(rho: f64) -> Self {
+        Self {
+            rho,
+            adaptive: false,
+        }
+    }
+
     /// Rejects a radius that is not a positive finite number.
     pub fn validate(&self) -> Result<()> {
         if self.rho.is_finite() && self.rho > 0.0 {
@@ -205,14 +213,7 @@ mod tests {
     fn ascend_moves_rho_along_the_normalised_gradient_and_restore_undoes_it() {
         let vs = vars();
         let w0 = values(&vs);
-        let mut sam = Sam::new(
-            vs.clone(),
-            SamConfig {
-                rho: 0.05,
-                adaptive: false,
-            },
-        )
-        .unwrap();
+        let mut sam = Sam::new(vs.clone(), SamConfig::new(0.05)).unwrap();
         let grads = loss(&vs).backward().unwrap();
         let norm = sam.ascend(&grads).unwrap();
         let g = grads_of(&w0);
@@ -298,14 +299,7 @@ mod tests {
     fn a_zero_gradient_moves_nothing_and_a_non_finite_one_is_refused() {
         let vs = vars();
         let w0 = values(&vs);
-        let mut sam = Sam::new(
-            vs.clone(),
-            SamConfig {
-                rho: 0.1,
-                adaptive: false,
-            },
-        )
-        .unwrap();
+        let mut sam = Sam::new(vs.clone(), SamConfig::new(0.1)).unwrap();
         let zero = (loss(&vs) * 0.0).unwrap().backward().unwrap();
         assert_eq!(sam.ascend(&zero).unwrap(), 0.0);
         assert_eq!(values(&vs), w0);
@@ -320,26 +314,13 @@ mod tests {
     #[test]
     fn a_radius_must_be_positive_and_finite() {
         for rho in [0.0, -0.05, f64::NAN, f64::INFINITY] {
-            let err = Sam::new(
-                vars(),
-                SamConfig {
-                    rho,
-                    adaptive: false,
-                },
-            )
-            .unwrap_err()
-            .to_string();
+            let err = Sam::new(vars(), SamConfig::new(rho))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("sam.rho"), "{err}");
         }
         let v = vars();
         let dup = vec![v[0].clone(), ("a".into(), v[1].1.clone())];
-        assert!(Sam::new(
-            dup,
-            SamConfig {
-                rho: 0.05,
-                adaptive: false
-            }
-        )
-        .is_err());
+        assert!(Sam::new(dup, SamConfig::new(0.05)).is_err());
     }
 }

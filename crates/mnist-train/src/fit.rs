@@ -715,10 +715,7 @@ mod tests {
             let mut c = cfg(1);
             c.batch_size = 48;
             c.augment = None;
-            c.sam = sam.map(|rho| mnist_optim::SamConfig {
-                rho,
-                adaptive: false,
-            });
+            c.sam = sam.map(mnist_optim::SamConfig::new);
             train(&c, &data)
         };
         let (plain, h_plain) = one_step(None);
@@ -742,15 +739,9 @@ mod tests {
             "the step reports the first pass"
         );
         let mut c = cfg(3);
-        c.sam = Some(mnist_optim::SamConfig {
-            rho: 0.05,
-            adaptive: false,
-        });
+        c.sam = Some(mnist_optim::SamConfig::new(0.05));
         assert_resume_matches_uninterrupted(&c);
-        c.sam = Some(mnist_optim::SamConfig {
-            rho: 0.0,
-            adaptive: false,
-        });
+        c.sam = Some(mnist_optim::SamConfig::new(0.0));
         assert!(c.validate().unwrap_err().to_string().contains("sam.rho"));
     }
 
