@@ -54,7 +54,7 @@ fn step_ms(cfg: &ModelConfig, opt_cfg: &OptimizerConfig, budget: f64) -> f64 {
 }
 
 /// ms per training step with `opt_cfg` and sharpness-aware minimisation (radius 0.05), as `fit` takes
-/// it: the gradient, the uphill move, a second pass keeping the BatchNorm statistics, the step.
+/// it: the gradient, then `Sam::step` with a second pass keeping the BatchNorm statistics.
 fn sam_step_ms(cfg: &ModelConfig, opt_cfg: &OptimizerConfig, budget: f64) -> f64 {
     let (net, vars) = model(cfg);
     let mut opt = Optimizer::new(named(&vars, true), opt_cfg).expect("optimizer");
@@ -64,17 +64,11 @@ fn sam_step_ms(cfg: &ModelConfig, opt_cfg: &OptimizerConfig, budget: f64) -> f64
     1e3 * median_secs(budget, 3, None, || {
         let logits = net.forward_t(&xs, true).expect("forward");
         let loss = cross_entropy(&logits, &ys).expect("loss");
-        sam.ascend(&loss.backward().expect("backward"))
-            .expect("ascend");
-        let logits = net
-            .forward_train_keeping_statistics(&xs)
-            .expect("second forward");
-        let grads = cross_entropy(&logits, &ys)
-            .expect("loss")
-            .backward()
-            .expect("backward");
-        sam.restore().expect("restore");
-        opt.step(&grads).expect("step");
+        let grads = loss.backward().expect("backward");
+        sam.step(&mut opt, &grads, || {
+            cross_entropy(&net.forward_train_keeping_statistics(&xs)?, &ys)?.backward()
+        })
+        .expect("sam step");
     })
 }
 

@@ -15,8 +15,9 @@
 //! not matter (those before a BatchNorm) are moved in proportion to their weights; its radius is
 //! larger (the paper uses 0.5 to 2).
 //!
-//! [`Sam::ascend`] moves the variables to `w + e` and keeps `w`; [`Sam::restore`] puts `w` back, bit for
-//! bit, before the caller's optimizer takes its step with `g'`. The optimizer's own state (moments,
+//! [`Sam::step`] takes the whole step: [`Sam::ascend`] moves the variables to `w + e` and keeps `w`, the
+//! caller's closure computes `g'`, [`Sam::restore`] puts `w` back, bit for bit, and the optimizer takes
+//! its step with `g'`. The optimizer's own state (moments,
 //! momentum) sees only `g'`, as with the reference wrapper. A step costs two forward and two backward
 //! passes.
 
@@ -25,6 +26,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{OptimError, Result};
+use crate::optimizer::Optimizer;
 use crate::slots::unique_names;
 
 /// Settings of [`Sam`].
@@ -152,6 +154,21 @@ impl Sam {
         Ok(norm)
     }
 
+    /// One sharpness-aware step: [`Sam::ascend`] with `grads` (the gradient at the weights `w`),
+    /// `regrad()` for the gradient at the moved weights, [`Sam::restore`] (also when `regrad` fails), and
+    /// `opt`'s step from `w` with that gradient.
+    pub fn step(
+        &mut self,
+        opt: &mut Optimizer,
+        grads: &GradStore,
+        regrad: impl FnOnce() -> candle_core::Result<GradStore>,
+    ) -> Result<()> {
+        self.ascend(grads)?;
+        let moved = regrad();
+        self.restore()?;
+        opt.step(&moved?)
+    }
+
     /// Puts back the weights [`Sam::ascend`] kept (nothing to do when none are kept).
     pub fn restore(&mut self) -> Result<()> {
         if let Some(saved) = self.saved.take() {
@@ -251,6 +268,40 @@ mod tests {
         assert_eq!(values(&vs), w0, "restored bit for bit");
         sam.restore().unwrap();
         assert_eq!(values(&vs), w0, "a second restore changes nothing");
+    }
+
+    /// The step applies the gradient taken at the moved weights to the weights themselves (plain SGD:
+    /// `w - lr g'`); a failing second pass leaves the weights as they were.
+    #[test]
+    fn a_step_applies_the_moved_gradient_at_the_weights() {
+        let vs = vars();
+        let w0 = values(&vs);
+        let sgd = crate::SgdConfig {
+            lr: 0.1,
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        };
+        let mut opt = Optimizer::new(vs.clone(), &crate::OptimizerConfig::Sgd(sgd)).unwrap();
+        let mut sam = Sam::new(vs.clone(), SamConfig::new(0.05)).unwrap();
+        let failed = sam.step(&mut opt, &loss(&vs).backward().unwrap(), || {
+            candle_core::bail!("no second pass")
+        });
+        assert!(failed.unwrap_err().to_string().contains("no second pass"));
+        assert_eq!(values(&vs), w0, "restored after the failure");
+        let mut moved = Vec::new();
+        sam.step(&mut opt, &loss(&vs).backward().unwrap(), || {
+            moved = values(&vs);
+            loss(&vs).backward()
+        })
+        .unwrap();
+        assert_ne!(moved, w0, "the second gradient is taken at moved weights");
+        for ((now, w), g) in values(&vs).iter().zip(&w0).zip(&grads_of(&moved)) {
+            for ((&now, &w), &g) in now.iter().zip(w).zip(g) {
+                let want = w as f64 - 0.1 * g;
+                assert!((now as f64 - want).abs() < 1e-6, "{now} vs {want}");
+            }
+        }
     }
 
     #[test]

@@ -384,7 +384,7 @@ pub fn fit_with(
             }
             let (batch, soft) = batch?;
             opt.set_lr(scheduler.lr_at(epoch0, step));
-            let loss_of = |logits: &Tensor| -> Result<Tensor, TrainError> {
+            let loss_of = |logits: &Tensor| -> candle_core::Result<Tensor> {
                 let mut loss = smoothed_cross_entropy(logits, &batch.labels, cfg.label_smoothing)?;
                 if let (Some(soft), Some((_, d))) = (&soft, &teachers) {
                     let distill = soft_kl_divergence(logits, soft, d.temperature)?;
@@ -404,18 +404,13 @@ pub fn fit_with(
             }
             match sam.as_mut() {
                 None => opt.backward_step(&loss)?,
-                Some(sam) => {
-                    // The gradient at the weights moved uphill, applied at the weights themselves; the
-                    // second pass leaves the BatchNorm statistics as the first left them.
-                    sam.ascend(&loss.backward()?)?;
-                    let perturbed = trained
+                // The second pass leaves the BatchNorm statistics as the first left them.
+                Some(sam) => sam.step(&mut opt, &loss.backward()?, || {
+                    let logits = trained
                         .net
-                        .forward_train_keeping_statistics(&batch.images)
-                        .map_err(TrainError::from)
-                        .and_then(|logits| Ok(loss_of(&logits)?.backward()?));
-                    sam.restore()?;
-                    opt.step(&perturbed?)?;
-                }
+                        .forward_train_keeping_statistics(&batch.images)?;
+                    loss_of(&logits)?.backward()
+                })?,
             }
             if let Some(ema) = ema.as_mut() {
                 ema.update()?;
