@@ -187,42 +187,88 @@ pub fn warp_field_into(
         );
         return;
     };
-    let lut = div255_table();
-    let mut pad = [0f32; PAD_LEN];
-    for (row, src_row) in src.chunks_exact(IMAGE_SIDE).enumerate() {
-        let start = (row + 1) * PAD + 1;
-        for (p, &s) in pad[start..start + IMAGE_SIDE].iter_mut().zip(src_row) {
-            *p = lut[s as usize];
-        }
-    }
+    let pad = padded(src);
     let c = (IMAGE_SIDE as f32 - 1.0) / 2.0; // 13.5: the centre between pixels 13 and 14
     let (sin, cos) = t.rotation_deg.to_radians().sin_cos();
     let a = cos / t.scale;
     let b = sin / t.scale;
     // Inverse map: src = c + (1/scale) * R(-θ) * (dst - c - shift), in padded coordinates (+1).
     let dx0 = -c - t.shift_x;
-    let limit = (IMAGE_SIDE + 1) as f32; // 29: the last padded index that still has a right neighbour
+    #[cfg(target_arch = "x86_64")]
+    let simd = std::is_x86_feature_detected!("avx512f");
     for (y, dst_row) in dst.chunks_exact_mut(IMAGE_SIDE).enumerate() {
         let dy = y as f32 - c - t.shift_y;
-        let u0 = c + 1.0 + a * dx0 + b * dy;
-        let v0 = c + 1.0 - b * dx0 + a * dy;
+        let row = Row {
+            u0: c + 1.0 + a * dx0 + b * dy,
+            v0: c + 1.0 - b * dx0 + a * dy,
+            a,
+            b,
+            field: field.map(|f| {
+                let r = y * IMAGE_SIDE..(y + 1) * IMAGE_SIDE;
+                (&f.dx[r.clone()], &f.dy[r])
+            }),
+            nearest,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX-512F is present (checked above).
+            unsafe { warp512::row(&pad, dst_row, &row) };
+            continue;
+        }
+        row.sample(&pad, dst_row);
+    }
+}
+
+/// The image as `pixel / 255` in the middle of a zero `PAD x PAD` grid (one pixel of zeros above and
+/// to the left).
+fn padded(src: &[u8]) -> [f32; PAD_LEN] {
+    let lut = div255_table();
+    let mut pad = [0f32; PAD_LEN];
+    for (row, src_row) in src.chunks_exact(IMAGE_SIDE).take(IMAGE_SIDE).enumerate() {
+        let start = (row + 1) * PAD + 1;
+        for (p, &s) in pad[start..start + IMAGE_SIDE].iter_mut().zip(src_row) {
+            *p = lut[s as usize];
+        }
+    }
+    pad
+}
+
+/// One output row of [`warp_field_into`]: output column `x` samples the padded source at
+/// `(u0 + a x, v0 - b x)`, moved by the row's displacements if any.
+struct Row<'a> {
+    u0: f32,
+    v0: f32,
+    a: f32,
+    b: f32,
+    /// This row's `(dx, dy)` displacements (28 each).
+    field: Option<(&'a [f32], &'a [f32])>,
+    nearest: bool,
+}
+
+/// The last padded index that still has a right (or lower) neighbour: sampling positions are inside
+/// when `0 <= u, v < 29`.
+const LIMIT: f32 = (IMAGE_SIDE + 1) as f32;
+
+impl Row<'_> {
+    /// The portable sampler (and the reference of [`warp512::row`], which gives the same bits).
+    fn sample(&self, pad: &[f32; PAD_LEN], dst_row: &mut [f32]) {
+        let (a, b) = (self.a, self.b);
         for (x, out) in dst_row.iter_mut().enumerate() {
             let xf = x as f32;
-            let (mut u, mut v) = (u0 + a * xf, v0 - b * xf);
-            if let Some(f) = field {
+            let (mut u, mut v) = (self.u0 + a * xf, self.v0 - b * xf);
+            if let Some((fx, fy)) = self.field {
                 // The inverse map is linear: a displacement (ex, ey) of the output position moves the
                 // source position by R(-θ) (ex, ey) / scale.
-                let i = y * IMAGE_SIDE + x;
-                let (ex, ey) = (f.dx[i], f.dy[i]);
+                let (ex, ey) = (fx[x], fy[x]);
                 u += a * ex + b * ey;
                 v += a * ey - b * ex;
             }
-            *out = if u >= 0.0 && v >= 0.0 && u < limit && v < limit {
+            *out = if u >= 0.0 && v >= 0.0 && u < LIMIT && v < LIMIT {
                 let (x0, y0) = (u as usize, v as usize);
                 let (fx, fy) = (u - x0 as f32, v - y0 as f32);
                 // x0, y0 <= 28, so every index is below 29 * 32 + 30 < 1024: the masks change nothing.
                 let i = y0 * PAD + x0;
-                if nearest {
+                if self.nearest {
                     let j = i + (fy >= 0.5) as usize * PAD + (fx >= 0.5) as usize;
                     *out = pad[j & PAD_MASK];
                     continue;
@@ -235,6 +281,99 @@ pub fn warp_field_into(
             } else {
                 0.0
             };
+        }
+    }
+}
+
+/// [`Row::sample`] 16 columns at a time (a 28-pixel row is a full vector and a 12-lane one), the four
+/// neighbours fetched with gathers: the same operations in the same order on every lane (separate
+/// multiplies and adds, no fused multiply-add; truncation for the integer part; ordered comparisons, so
+/// a NaN position reads zero as in the scalar code), hence the same bits.
+#[cfg(target_arch = "x86_64")]
+mod warp512 {
+    use super::{Row, LIMIT, PAD, PAD_LEN};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row(pad: &[f32; PAD_LEN], dst_row: &mut [f32], r: &Row) {
+        let (a, b) = (_mm512_set1_ps(r.a), _mm512_set1_ps(r.b));
+        let (u0, v0) = (_mm512_set1_ps(r.u0), _mm512_set1_ps(r.v0));
+        let (zero, half, limit) = (_mm512_setzero_ps(), _mm512_set1_ps(0.5), _mm512_set1_ps(LIMIT));
+        let lanes = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        let n = dst_row.len().min(r.field.map_or(usize::MAX, |(fx, fy)| fx.len().min(fy.len())));
+        let base = pad.as_ptr();
+        let mut x0 = 0;
+        while x0 < n {
+            let take = (n - x0).min(16);
+            let m: __mmask16 = if take == 16 { 0xffff } else { (1u16 << take) - 1 };
+            let xf = _mm512_add_ps(lanes, _mm512_set1_ps(x0 as f32));
+            let mut u = _mm512_add_ps(u0, _mm512_mul_ps(a, xf));
+            let mut v = _mm512_sub_ps(v0, _mm512_mul_ps(b, xf));
+            if let Some((fx, fy)) = r.field {
+                // SAFETY: lanes `< take` only, inside both slices (`x0 + take <= n`).
+                let (ex, ey) = unsafe {
+                    (
+                        _mm512_maskz_loadu_ps(m, fx.as_ptr().add(x0)),
+                        _mm512_maskz_loadu_ps(m, fy.as_ptr().add(x0)),
+                    )
+                };
+                u = _mm512_add_ps(u, _mm512_add_ps(_mm512_mul_ps(a, ex), _mm512_mul_ps(b, ey)));
+                v = _mm512_add_ps(v, _mm512_sub_ps(_mm512_mul_ps(a, ey), _mm512_mul_ps(b, ex)));
+            }
+            let inside = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(u, zero)
+                & _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, zero)
+                & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(u, limit)
+                & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, limit)
+                & m;
+            let (xi, yi) = (_mm512_cvttps_epi32(u), _mm512_cvttps_epi32(v));
+            let (fx, fy) = (
+                _mm512_sub_ps(u, _mm512_cvtepi32_ps(xi)),
+                _mm512_sub_ps(v, _mm512_cvtepi32_ps(yi)),
+            );
+            // Inside lanes: 0 <= xi, yi <= 28, so `i + PAD + 1 < PAD_LEN`; other lanes are not read.
+            let i = _mm512_add_epi32(_mm512_slli_epi32::<5>(yi), xi);
+            const _: () = assert!(PAD == 32);
+            // SAFETY (every gather below): only `inside` lanes are read, at indices below `PAD_LEN`.
+            let gather = |idx: __m512i| unsafe {
+                _mm512_mask_i32gather_ps::<4>(zero, inside, idx, base)
+            };
+            let out = if r.nearest {
+                let j = _mm512_mask_add_epi32(
+                    i,
+                    _mm512_cmp_ps_mask::<_CMP_GE_OQ>(fy, half),
+                    i,
+                    _mm512_set1_epi32(PAD as i32),
+                );
+                let j = _mm512_mask_add_epi32(
+                    j,
+                    _mm512_cmp_ps_mask::<_CMP_GE_OQ>(fx, half),
+                    j,
+                    _mm512_set1_epi32(1),
+                );
+                gather(j)
+            } else {
+                let (p00, p01) = (gather(i), gather(_mm512_add_epi32(i, _mm512_set1_epi32(1))));
+                let (p10, p11) = (
+                    gather(_mm512_add_epi32(i, _mm512_set1_epi32(PAD as i32))),
+                    gather(_mm512_add_epi32(i, _mm512_set1_epi32(PAD as i32 + 1))),
+                );
+                let top = _mm512_add_ps(p00, _mm512_mul_ps(fx, _mm512_sub_ps(p01, p00)));
+                let bottom = _mm512_add_ps(p10, _mm512_mul_ps(fx, _mm512_sub_ps(p11, p10)));
+                _mm512_add_ps(top, _mm512_mul_ps(fy, _mm512_sub_ps(bottom, top)))
+            };
+            // SAFETY: lanes `< take` only, inside `dst_row` (`x0 + take <= n <= dst_row.len()`).
+            unsafe {
+                _mm512_mask_storeu_ps(
+                    dst_row.as_mut_ptr().add(x0),
+                    m,
+                    _mm512_maskz_mov_ps(inside, out),
+                )
+            };
+            x0 += take;
         }
     }
 }
@@ -591,6 +730,61 @@ mod tests {
             serde_json::from_str::<AugmentConfig>(&json).unwrap(),
             elastic
         );
+    }
+
+    /// The AVX-512 row sampler gives the portable sampler's bits: rows inside, across and outside the
+    /// image, exact integer and half-pixel positions, the edges of the sampling range, displacements,
+    /// both interpolations, and NaN positions (zeros).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_rows_give_the_scalar_bits() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let src: Vec<u8> = (0..IMAGE_PIXELS).map(|_| rng.random()).collect();
+        let pad = padded(&src);
+        let fx: Vec<f32> = (0..IMAGE_SIDE).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let fy: Vec<f32> = (0..IMAGE_SIDE).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let mut rows: Vec<(f32, f32, f32, f32)> = (0..2000)
+            .map(|_| {
+                let th: f32 = rng.random_range(-1.0..1.0);
+                let s: f32 = rng.random_range(0.7..1.4);
+                let u0 = rng.random_range(-8.0..36.0);
+                let v0 = rng.random_range(-8.0..36.0);
+                (th.cos() / s, th.sin() / s, u0, v0)
+            })
+            .collect();
+        rows.extend([
+            (1.0, 0.0, 1.0, 1.0),
+            (1.0, 0.0, 0.0, 0.0),
+            (1.0, 0.0, -0.0, 28.0),
+            (1.0, 0.0, 1.5, 28.5),
+            (1.0, 0.0, 1.0, 29.0),
+            (1.0, 0.0, 1.0, 28.999_998),
+            (0.5, 0.0, 14.0, -1e-7),
+            (1.0, 0.0, 0.5, 0.5),
+            (f32::NAN, 0.0, 1.0, 1.0),
+            (1.0, 0.0, f32::INFINITY, 1.0),
+        ]);
+        for (k, &(a, b, u0, v0)) in rows.iter().enumerate() {
+            for nearest in [false, true] {
+                for field in [None, Some((&fx[..], &fy[..]))] {
+                    let row = Row { u0, v0, a, b, field, nearest };
+                    let (mut want, mut got) = ([7f32; IMAGE_SIDE], [7f32; IMAGE_SIDE]);
+                    row.sample(&pad, &mut want);
+                    // SAFETY: AVX-512F checked above.
+                    unsafe { warp512::row(&pad, &mut got, &row) };
+                    let bits = |r: &[f32]| r.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "row {k} (a {a}, b {b}, u0 {u0}, v0 {v0}), nearest {nearest}, field {}",
+                        field.is_some()
+                    );
+                }
+            }
+        }
     }
 
     #[test]
