@@ -33,6 +33,23 @@ fn summary_json_reports_the_original_parameter_counts() {
     assert!(text.contains("Non-trainable params: 60"), "{text}");
 }
 
+/// Output into a pipe whose reader is gone (`summary --spec | head -1`) ends the command quietly: no
+/// panic message from `println!` on the broken pipe.
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let out = std::process::Command::new(common::bin("solution-conv"))
+        .args(["summary", "--spec"])
+        .stdout(writer)
+        .output()
+        .expect("run binary");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && err.trim().is_empty(), "{err}");
+    assert!(!out.status.success(), "nothing could be written");
+}
+
 #[test]
 fn train_then_evaluate_round_trips() {
     let dir = tempfile::tempdir().unwrap();

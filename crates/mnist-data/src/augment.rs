@@ -300,16 +300,27 @@ mod warp512 {
     pub(super) unsafe fn row(pad: &[f32; PAD_LEN], dst_row: &mut [f32], r: &Row) {
         let (a, b) = (_mm512_set1_ps(r.a), _mm512_set1_ps(r.b));
         let (u0, v0) = (_mm512_set1_ps(r.u0), _mm512_set1_ps(r.v0));
-        let (zero, half, limit) = (_mm512_setzero_ps(), _mm512_set1_ps(0.5), _mm512_set1_ps(LIMIT));
+        let (zero, half, limit) = (
+            _mm512_setzero_ps(),
+            _mm512_set1_ps(0.5),
+            _mm512_set1_ps(LIMIT),
+        );
         let lanes = _mm512_setr_ps(
             0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
         );
-        let n = dst_row.len().min(r.field.map_or(usize::MAX, |(fx, fy)| fx.len().min(fy.len())));
+        let n = dst_row.len().min(
+            r.field
+                .map_or(usize::MAX, |(fx, fy)| fx.len().min(fy.len())),
+        );
         let base = pad.as_ptr();
         let mut x0 = 0;
         while x0 < n {
             let take = (n - x0).min(16);
-            let m: __mmask16 = if take == 16 { 0xffff } else { (1u16 << take) - 1 };
+            let m: __mmask16 = if take == 16 {
+                0xffff
+            } else {
+                (1u16 << take) - 1
+            };
             let xf = _mm512_add_ps(lanes, _mm512_set1_ps(x0 as f32));
             let mut u = _mm512_add_ps(u0, _mm512_mul_ps(a, xf));
             let mut v = _mm512_sub_ps(v0, _mm512_mul_ps(b, xf));
@@ -338,9 +349,8 @@ mod warp512 {
             let i = _mm512_add_epi32(_mm512_slli_epi32::<5>(yi), xi);
             const _: () = assert!(PAD == 32);
             // SAFETY (every gather below): only `inside` lanes are read, at indices below `PAD_LEN`.
-            let gather = |idx: __m512i| unsafe {
-                _mm512_mask_i32gather_ps::<4>(zero, inside, idx, base)
-            };
+            let gather =
+                |idx: __m512i| unsafe { _mm512_mask_i32gather_ps::<4>(zero, inside, idx, base) };
             let out = if r.nearest {
                 let j = _mm512_mask_add_epi32(
                     i,
@@ -744,8 +754,12 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let src: Vec<u8> = (0..IMAGE_PIXELS).map(|_| rng.random()).collect();
         let pad = padded(&src);
-        let fx: Vec<f32> = (0..IMAGE_SIDE).map(|_| rng.random_range(-3.0..3.0)).collect();
-        let fy: Vec<f32> = (0..IMAGE_SIDE).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let fx: Vec<f32> = (0..IMAGE_SIDE)
+            .map(|_| rng.random_range(-3.0..3.0))
+            .collect();
+        let fy: Vec<f32> = (0..IMAGE_SIDE)
+            .map(|_| rng.random_range(-3.0..3.0))
+            .collect();
         let mut rows: Vec<(f32, f32, f32, f32)> = (0..2000)
             .map(|_| {
                 let th: f32 = rng.random_range(-1.0..1.0);
@@ -770,7 +784,14 @@ mod tests {
         for (k, &(a, b, u0, v0)) in rows.iter().enumerate() {
             for nearest in [false, true] {
                 for field in [None, Some((&fx[..], &fy[..]))] {
-                    let row = Row { u0, v0, a, b, field, nearest };
+                    let row = Row {
+                        u0,
+                        v0,
+                        a,
+                        b,
+                        field,
+                        nearest,
+                    };
                     let (mut want, mut got) = ([7f32; IMAGE_SIDE], [7f32; IMAGE_SIDE]);
                     row.sample(&pad, &mut want);
                     // SAFETY: AVX-512F checked above.

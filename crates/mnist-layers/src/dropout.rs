@@ -98,7 +98,13 @@ mod tests {
     #[test]
     fn bulk_mask_is_the_one_float_at_a_time_mask() {
         use rand::SeedableRng;
-        for (seed, skip, n) in [(1u64, 0usize, 1usize), (2, 3, 1023), (3, 7, 1024), (4, 17, 5488), (5, 1, 70_001)] {
+        for (seed, skip, n) in [
+            (1u64, 0usize, 1usize),
+            (2, 3, 1023),
+            (3, 7, 1024),
+            (4, 17, 5488),
+            (5, 1, 70_001),
+        ] {
             let mut a = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             for _ in 0..skip {
                 a.random::<u32>();
@@ -106,10 +112,20 @@ mod tests {
             let mut b = a.clone();
             let fast = mask(&mut a, n, 0.25, 4.0 / 3.0);
             let slow: Vec<f32> = (0..n)
-                .map(|_| if b.random::<f32>() < 0.25 { 0.0 } else { 4.0 / 3.0 })
+                .map(|_| {
+                    if b.random::<f32>() < 0.25 {
+                        0.0
+                    } else {
+                        4.0 / 3.0
+                    }
+                })
                 .collect();
             assert_eq!(fast, slow, "seed {seed}, skip {skip}, n {n}");
-            assert_eq!(a.random::<u64>(), b.random::<u64>(), "the generators end in the same state");
+            assert_eq!(
+                a.random::<u64>(),
+                b.random::<u64>(),
+                "the generators end in the same state"
+            );
         }
     }
 }

@@ -341,6 +341,19 @@ fn load_arch(path: &Path) -> Result<ArchSpec> {
     ArchSpec::load(path).map_err(|e| UsageError(format!("--arch {e}")).into())
 }
 
+/// A command whose output goes to a pipe that closes early (`summary --spec | head`) ends quietly, as
+/// other command-line tools do, instead of panicking in `println!` on the broken pipe: SIGPIPE gets its
+/// default action back (Rust ignores it, so writes fail instead). Not for `serve`, whose clients may
+/// close their connections at any time: there the failed write is an error of that one response.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: `signal` with a valid signal number and the default action has no memory-safety
+    // preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Entry point of a solution binary: parses the command line, sets up logging, runs, and turns any
 /// error into one line on stderr and a non-zero exit code.
 pub fn main(solution: Solution) -> ExitCode {
@@ -355,6 +368,9 @@ pub fn main(solution: Solution) -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    if !matches!(cli.command, Some(Command::Serve(_))) {
+        quiet_on_closed_pipe();
+    }
     init_logging();
     match run(solution, cli) {
         Ok(()) => ExitCode::SUCCESS,
