@@ -39,7 +39,7 @@ impl ModuleT for Dropout {
         let scale = 1.0 / (1.0 - self.p);
         let mask = {
             let mut rng = self.rng.lock().map_err(|_| LayerError::RngPoisoned)?;
-            mask(&mut *rng, xs.elem_count(), self.p, scale)
+            draw_mask(&mut *rng, xs.elem_count(), self.p, scale)
         };
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs.mul(&mask)
@@ -50,7 +50,7 @@ impl ModuleT for Dropout {
 /// `i`-th `rng.random::<f32>()` would be below `p`. The words are drawn in one bulk fill (the same `u32`s
 /// as `n` calls of `next_u32`) and turned into floats as rand's `StandardUniform` does (the top 24 bits
 /// times `2^-24`), so the masks are the same as drawing one float at a time, in a fraction of the time.
-fn mask(rng: &mut impl Rng, n: usize, p: f32, scale: f32) -> Vec<f32> {
+fn draw_mask(rng: &mut impl Rng, n: usize, p: f32, scale: f32) -> Vec<f32> {
     const CHUNK: usize = 1024;
     let mut words = [0u32; CHUNK];
     let mut out = Vec::with_capacity(n);
@@ -110,7 +110,7 @@ mod tests {
                 a.random::<u32>();
             }
             let mut b = a.clone();
-            let fast = mask(&mut a, n, 0.25, 4.0 / 3.0);
+            let fast = draw_mask(&mut a, n, 0.25, 4.0 / 3.0);
             let slow: Vec<f32> = (0..n)
                 .map(|_| {
                     if b.random::<f32>() < 0.25 {
