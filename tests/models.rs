@@ -285,3 +285,84 @@ fn inference_in_chunks_matches_image_by_image() {
         }
     }
 }
+
+/// A spec with SiLU wherever an activation can go: a conv block with its BatchNorm after the activation
+/// (the fused block's place), one with the BatchNorm before it, a separable convolution, an inception
+/// module's branches and a dense layer.
+const SILU_SPEC: &str = include_str!("fixtures/silu.json");
+
+/// SiLU (`"activation": "silu"`) runs on candle's own op after the convolution, on both kernel choices:
+/// the same logits in inference and in training and the same gradient of every variable, the fast
+/// kernels against the reference twins, and different logits from the same spec with ReLU (so it is
+/// applied, not skipped as an activation the fused kernels do not know).
+#[test]
+fn silu_trains_and_infers_the_same_on_both_kernel_choices() {
+    use candle_core::Var;
+    let spec = ArchSpec::from_json(SILU_SPEC).unwrap();
+    let xs = Tensor::rand(0f32, 1f32, (5, 1, 28, 28), &Device::Cpu).unwrap();
+    let run = |spec: &ArchSpec, kernels: Kernels| {
+        let vars = SeededVarMap::new(4);
+        let net = build(
+            spec,
+            vars.var_builder(DType::F32, &Device::Cpu),
+            kernels,
+            dropout_rng(4),
+        )
+        .unwrap();
+        let eval = net.forward_t(&xs, false).unwrap();
+        let train = net.forward_t(&xs, true).unwrap();
+        let loss = train.sqr().unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let data = vars.var_map().data().lock().unwrap();
+        let mut g: Vec<(String, Vec<f32>)> = data
+            .iter()
+            .filter_map(|(n, v): (&String, &Var)| {
+                let t = grads.get(v.as_tensor())?;
+                Some((
+                    n.clone(),
+                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                ))
+            })
+            .collect();
+        g.sort_by(|a, b| a.0.cmp(&b.0));
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (v(&eval), v(&train), g)
+    };
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        // Relative to the largest value, and to 1e-2 where every value is nearly zero (a sum that
+        // cancels, such as a BatchNorm shift just before the global average pool).
+        let scale = b.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-4 * scale, "{what}: {x} vs {y}");
+        }
+    };
+    let (fe, ft, fg) = run(&spec, Kernels::Auto);
+    let (re, rt, rg) = run(&spec, Kernels::Reference);
+    close(&fe, &re, "inference logits");
+    close(&ft, &rt, "training logits");
+    assert_eq!(fg.len(), rg.len());
+    assert!(
+        fg.len() >= 15,
+        "every trained variable has a gradient: {}",
+        fg.len()
+    );
+    for ((n, a), (m, b)) in fg.iter().zip(&rg) {
+        assert_eq!(n, m);
+        assert!(a.iter().all(|v| v.is_finite()), "{n}");
+        close(a, b, n);
+    }
+    let relu = ArchSpec::from_json(&SILU_SPEC.replace("silu", "relu")).unwrap();
+    let (le, _, _) = run(&relu, Kernels::Auto);
+    assert!(
+        fe.iter().zip(&le).any(|(a, b)| (a - b).abs() > 1e-3),
+        "SiLU and ReLU give the same logits"
+    );
+    let rows = summary(&spec).unwrap();
+    assert!(
+        rows.layers
+            .iter()
+            .any(|l| l.kind == "Activation" && l.name.ends_with(".silu")),
+        "the BatchNorm-before block's SiLU is a summary row of its own"
+    );
+}

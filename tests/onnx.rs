@@ -128,6 +128,54 @@ fn every_shipped_model_runs_the_same_in_tract() {
     }
 }
 
+/// SiLU exports as `Mul(x, Sigmoid(x))` (opset 13 has no SiLU operator) wherever it goes (the spec of
+/// `tests/fixtures/silu.json`, seeded random weights), and tract computes the logits candle does.
+#[test]
+fn silu_exports_as_the_input_times_its_sigmoid() {
+    use candle_core::{DType, Device};
+    use mnist_models::{dropout_rng, ArchSpec, ModelConfig};
+    let Some((images, _)) = test_images() else {
+        return;
+    };
+    let arch = ArchSpec::from_json(include_str!("fixtures/silu.json")).unwrap();
+    let config = ModelConfig::custom(Solution::Conv, arch);
+    let vars = mnist_layers::init::SeededVarMap::new(5);
+    config
+        .build(vars.var_builder(DType::F32, &Device::Cpu), dropout_rng(5))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("silu.safetensors");
+    vars.var_map().save(&weights).unwrap();
+    let model = Classifier::load(config, &weights, &Device::Cpu).unwrap();
+    let bytes = mnist_onnx::export(model.config(), model.vars()).unwrap();
+    let proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut &bytes[..])
+        .unwrap();
+    let ops: Vec<&str> = proto
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .map(|n| n.op_type.as_str())
+        .collect();
+    let count = |op: &str| ops.iter().filter(|&&o| o == op).count();
+    // Two conv blocks, the separable convolution, two inception branches and a dense layer.
+    assert_eq!(
+        (count("Sigmoid"), count("Mul"), count("Relu")),
+        (6, 6, 0),
+        "{ops:?}"
+    );
+    let n = 64;
+    let theirs = tract_logits(&bytes, &images[..n], "silu");
+    let ours = model.logits(&images[..n]).unwrap();
+    for (a, b) in ours.iter().zip(&theirs) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= TOLERANCE, "candle {x} vs tract {y}");
+        }
+    }
+}
+
 /// The exported file's input and output, as tract reads them.
 #[test]
 fn exported_file_declares_input_and_logits() {

@@ -9,7 +9,7 @@ use crate::{
     batch_norm, conv2d, separable_conv2d, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig,
     DepthwiseConv2d, SeparableConv2d,
 };
-use crate::{Kernels, MaxPool2d, MaxPool2dConfig};
+use crate::{Kernels, LayerError, MaxPool2d, MaxPool2dConfig};
 
 /// Configuration of a [`ConvBnPool`] block.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -41,6 +41,15 @@ impl ConvBnPool {
     /// Wraps existing layers: `conv [o, c, k, k]` followed by `bn` over the same `o` channels and an
     /// optional pool, on the fast kernels.
     pub fn new(conv: Conv2d, bn: BatchNorm, pool: Option<MaxPool2dConfig>) -> Result<Self> {
+        let act = conv.config().activation;
+        if !act.fuses() {
+            return Err(LayerError::Config(format!(
+                "conv_bn_pool: the fused block applies ReLU or nothing, not {}; build the \
+                 convolution, BatchNorm and pool as layers of their own",
+                act.name()
+            ))
+            .into());
+        }
         let o = conv.weight().dim(0)?;
         let c = bn.gamma().dim(0)?;
         if o != c {
@@ -383,6 +392,35 @@ mod tests {
             bn: BatchNormConfig::default(),
             pool: Some(MaxPool2dConfig::default()),
         }
+    }
+
+    /// SiLU is applied after the convolution by candle's op (the values `y * sigmoid(y)` of the
+    /// convolution without activation, on both kernel choices), and a fused block refuses it, naming it,
+    /// rather than running it as no activation.
+    #[test]
+    fn silu_runs_after_the_convolution_and_the_fused_block_refuses_it() {
+        let silu = Conv2dConfig {
+            activation: Activation::Silu,
+            ..cfg().conv
+        };
+        let none = Conv2dConfig {
+            activation: Activation::None,
+            ..cfg().conv
+        };
+        let x = rand_t(&[2, 3, 9, 9], 7);
+        let vars = SeededVarMap::new(2);
+        let vb = vars.var_builder(DType::F32, &Device::Cpu);
+        let conv = conv2d(3, 4, 3, silu, vb.pp("c")).unwrap();
+        let plain = conv2d(3, 4, 3, none, vb.pp("c")).unwrap();
+        let y = plain.forward(&x).unwrap();
+        let want = (&y * candle_nn::ops::sigmoid(&y).unwrap()).unwrap();
+        for kernels in [Kernels::Auto, Kernels::Reference] {
+            let got = conv.clone().with_kernels(kernels).forward(&x).unwrap();
+            assert_close(&got, &want, 1e-5, &format!("silu {kernels:?}"));
+        }
+        let bn = batch_norm(4, BatchNormConfig::default(), vb.pp("bn")).unwrap();
+        let err = ConvBnPool::new(conv, bn, None).unwrap_err().to_string();
+        assert!(err.contains("silu"), "{err}");
     }
 
     #[test]

@@ -123,10 +123,22 @@ impl Module for Conv2d {
         let cfg = self.config;
         let (pad, _) = cfg.padding.resolve2d(h, w, self.k, cfg.stride)?;
         let relu = cfg.activation.is_relu();
-        if self.kernels.use_fast(xs) {
-            ops::conv2d_fused(xs, &self.weight, self.bias.as_ref(), cfg.stride, pad, relu)
+        let ys = if self.kernels.use_fast(xs) {
+            ops::conv2d_fused(xs, &self.weight, self.bias.as_ref(), cfg.stride, pad, relu)?
         } else {
-            ops::conv2d_fused_reference(xs, &self.weight, self.bias.as_ref(), cfg.stride, pad, relu)
+            ops::conv2d_fused_reference(
+                xs,
+                &self.weight,
+                self.bias.as_ref(),
+                cfg.stride,
+                pad,
+                relu,
+            )?
+        };
+        if cfg.activation.fuses() {
+            Ok(ys)
+        } else {
+            cfg.activation.forward(&ys)
         }
     }
 }
@@ -204,10 +216,7 @@ impl Module for DepthwiseConv2d {
         if let Some(b) = &self.bias {
             ys = ys.broadcast_add(&b.reshape((1, self.c, 1, 1))?)?;
         }
-        if cfg.activation.is_relu() {
-            ys = ys.relu()?;
-        }
-        Ok(ys)
+        cfg.activation.forward(&ys)
     }
 }
 

@@ -4,7 +4,9 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 
 use crate::error::shape_err;
 use crate::ops::{self, InceptionPlan, InferStep};
-use crate::{BatchNorm, Conv2d, Dropout, Kernels, LayerError, MaxPool2d, SeparableConv2d};
+use crate::{
+    Activation, BatchNorm, Conv2d, Dropout, Kernels, LayerError, MaxPool2d, SeparableConv2d,
+};
 
 /// One layer of an inception branch.
 #[derive(Debug, Clone)]
@@ -68,7 +70,7 @@ impl BranchLayer {
             BranchLayer::Conv(conv) => {
                 let cfg = conv.config();
                 let (o, _, k, _) = conv.weight().dims4()?;
-                if cfg.stride != 1 {
+                if cfg.stride != 1 || !cfg.activation.fuses() {
                     return Ok(Planned::Uncovered);
                 }
                 InferStep::Conv {
@@ -83,7 +85,11 @@ impl BranchLayer {
             BranchLayer::SepConv(sep) => {
                 let (dw, pw) = (sep.depthwise(), sep.pointwise());
                 let (dcfg, pcfg) = (dw.config(), pw.config());
-                if dcfg.stride != 1 || dw.bias().is_some() || dcfg.activation.is_relu() {
+                if dcfg.stride != 1
+                    || dw.bias().is_some()
+                    || dcfg.activation != Activation::None
+                    || !pcfg.activation.fuses()
+                {
                     return Ok(Planned::Uncovered);
                 }
                 let (c, _, k, _) = dw.weight().dims4()?;
@@ -251,7 +257,7 @@ impl InceptionModule {
                 _ => return Ok(None),
             };
             let cfg = conv.config();
-            if cfg.stride != 1 {
+            if cfg.stride != 1 || !cfg.activation.fuses() {
                 return Ok(None);
             }
             let (pool, (ph, pw)) = match pool {

@@ -128,7 +128,7 @@ impl Padding {
     }
 }
 
-/// Activation fused after a convolution.
+/// Activation after a convolution or a dense layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Activation {
@@ -137,12 +137,50 @@ pub enum Activation {
     None,
     /// `max(x, 0)`.
     Relu,
+    /// `x * sigmoid(x)` (SiLU, "swish": Elfwing, Uchibe and Doya 2018; Ramachandran, Zoph and Le 2017).
+    /// Applied by candle's own op after the convolution; the fused kernels know only ReLU and none.
+    Silu,
 }
 
 impl Activation {
     /// True for [`Activation::Relu`].
     pub fn is_relu(self) -> bool {
         self == Activation::Relu
+    }
+
+    /// True when the fused kernels can apply it in their epilogues (none or ReLU); a layer with any
+    /// other activation runs on candle's ops after the convolution.
+    pub fn fuses(self) -> bool {
+        matches!(self, Activation::None | Activation::Relu)
+    }
+
+    /// Keras's name of it as a layer of its own (`ReLU`, `Activation`), for summaries.
+    pub fn keras_layer(self) -> &'static str {
+        match self {
+            Activation::None => "Linear",
+            Activation::Relu => "ReLU",
+            Activation::Silu => "Activation",
+        }
+    }
+
+    /// Its name in the spec files (`none`, `relu`, `silu`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::None => "none",
+            Activation::Relu => "relu",
+            Activation::Silu => "silu",
+        }
+    }
+}
+
+impl candle_core::Module for Activation {
+    /// The activation on every value (with a gradient: candle's `relu` and `silu` ops).
+    fn forward(&self, xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        match self {
+            Activation::None => Ok(xs.clone()),
+            Activation::Relu => xs.relu(),
+            Activation::Silu => xs.silu(),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use mnist_layers::{
     MaxPool2dConfig, RunningStats, SeparableBnPool, SeparableConv2d, SharedRng,
 };
 
-use crate::net::{Flatten, GlobalAvgPool, Relu, Stage};
+use crate::net::{Flatten, GlobalAvgPool, Stage};
 use crate::plan::{branch_layer_name, inception_bn_name, plan, BlockNames, Planned};
 use crate::spec::{ArchSpec, BnPlace, ConvSpec, InceptionSpec, LayerSpec, PoolSpec};
 use crate::{ModelError, Net};
@@ -126,8 +126,12 @@ impl Lower<'_> {
             LayerSpec::Dense(d) => {
                 let m = linear(flat_in, d.units, self.vb.pp(&l.name))?;
                 stages.push(Stage::plain(&l.name, "Dense", m));
-                if d.activation == Activation::Relu {
-                    stages.push(Stage::plain(&format!("{}.relu", l.name), "ReLU", Relu));
+                if d.activation != Activation::None {
+                    stages.push(Stage::plain(
+                        &format!("{}.{}", l.name, d.activation.name()),
+                        d.activation.keras_layer(),
+                        d.activation,
+                    ));
                 }
             }
             LayerSpec::Inception(m) => self.inception(m, c_in.unwrap_or(0), &l.name, stages)?,
@@ -154,7 +158,7 @@ impl Lower<'_> {
         );
         let vc = self.vb.pp(&names.conv);
         let pool = c.pool.as_ref().map(pool_cfg);
-        let fused = self.fast() && c.batch_norm == BnPlace::After;
+        let fused = self.fast() && c.batch_norm == BnPlace::After && c.activation.fuses();
         if fused {
             let bn = self.batch_norm(c.filters, self.vb.pp(&names.bn))?;
             let label = match (separable, pool.is_some()) {
@@ -189,8 +193,12 @@ impl Lower<'_> {
                 "BatchNormalization",
                 bn.with_kernels(k),
             ));
-            if c.batch_norm == BnPlace::Before && c.activation == Activation::Relu {
-                stages.push(Stage::plain(&names.act, "ReLU", Relu));
+            if c.batch_norm == BnPlace::Before && c.activation != Activation::None {
+                stages.push(Stage::plain(
+                    &names.act,
+                    c.activation.keras_layer(),
+                    c.activation,
+                ));
             }
         }
         if let Some(p) = pool {

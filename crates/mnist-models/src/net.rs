@@ -88,15 +88,6 @@ impl Module for Flatten {
     }
 }
 
-/// `max(x, 0)`.
-pub(crate) struct Relu;
-
-impl Module for Relu {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.relu()
-    }
-}
-
 /// Global average pooling `[b, c, h, w] -> [b, c]`.
 pub(crate) struct GlobalAvgPool;
 

@@ -249,8 +249,8 @@ fn part_kinds(spec: &ArchSpec) -> Vec<Vec<&'static str>> {
                     BnPlace::After => parts.push("bn"),
                     BnPlace::Before => {
                         parts.push("bn");
-                        if c.activation == Activation::Relu {
-                            parts.push("relu");
+                        if c.activation != Activation::None {
+                            parts.push(c.activation.name());
                         }
                     }
                 }
@@ -356,7 +356,7 @@ fn plan_layer<'a>(
                 Naming::Blocks => BlockNames {
                     conv: format!("{first}.conv"),
                     bn: format!("{first}.bn"),
-                    act: format!("{first}.relu"),
+                    act: format!("{first}.{}", c.activation.name()),
                     pool: format!("{first}.pool"),
                 },
                 Naming::Keras => {
@@ -367,7 +367,7 @@ fn plan_layer<'a>(
                     } else {
                         String::new()
                     };
-                    let act = if c.batch_norm == BnPlace::Before && c.activation == Activation::Relu
+                    let act = if c.batch_norm == BnPlace::Before && c.activation != Activation::None
                     {
                         next()
                     } else {
@@ -395,8 +395,8 @@ fn plan_layer<'a>(
                     4 * c.filters,
                     2 * c.filters,
                 ));
-                if c.batch_norm == BnPlace::Before && c.activation == Activation::Relu {
-                    rows.push(row(&parts.act, "ReLU", conv_out, 0, 0));
+                if c.batch_norm == BnPlace::Before && c.activation != Activation::None {
+                    rows.push(row(&parts.act, c.activation.keras_layer(), conv_out, 0, 0));
                 }
             }
             let mut out = conv_out;

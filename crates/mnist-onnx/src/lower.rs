@@ -5,14 +5,15 @@
 //!   'same' puts the odd pixel at the bottom/right, so pads may be asymmetric).
 //! - separable_conv: a depthwise `Conv` with `group = in` (weight `[in, 1, k, k]`, no bias, the layer's
 //!   stride and pads), then a 1x1 `Conv` (weight `[out, in, 1, 1]`, the bias).
-//! - The activation follows the convolution, unless the BatchNorm is placed before it.
+//! - The activation follows the convolution, unless the BatchNorm is placed before it: `Relu`, or SiLU as
+//!   `Mul(x, Sigmoid(x))`.
 //! - batch_norm: `BatchNormalization` with the running statistics and the spec's epsilon.
 //! - max_pool: `MaxPool`; ONNX ignores padded cells as our pool counts them `-inf`, and rounds down
 //!   (`ceil_mode = 0`) as Keras 'valid' does.
 //! - dropout: nothing (the identity at inference).
 //! - flatten: `Flatten` (axis 1: `[N, c, h, w] -> [N, c*h*w]`, NCHW order as candle's).
 //! - global_avg_pool: `GlobalAveragePool` then `Flatten`.
-//! - dense: `Gemm` with `transB = 1` (weight `[out, in]`, bias `[out]`), then `Relu` if asked.
+//! - dense: `Gemm` with `transB = 1` (weight `[out, in]`, bias `[out]`), then its activation if any.
 //! - inception: each branch from the module's input, then `Concat` on the channels (axis 1), then the
 //!   module's BatchNorm if any.
 
@@ -66,10 +67,14 @@ pub(crate) fn lower(
     Ok(emit.graph)
 }
 
-/// Whether a convolution applies its activation itself: with the BatchNorm before the activation, the
+/// The activation a convolution applies itself: with the BatchNorm before the activation, the
 /// activation moves behind the BatchNorm (as `mnist_models::build` does).
-fn conv_relu(c: &ConvSpec) -> bool {
-    c.activation == Activation::Relu && c.batch_norm != BnPlace::Before
+fn conv_act(c: &ConvSpec) -> Activation {
+    if c.batch_norm == BnPlace::Before {
+        Activation::None
+    } else {
+        c.activation
+    }
 }
 
 fn ints(v: &[usize]) -> Attr {
@@ -154,8 +159,21 @@ impl Emit<'_> {
         ))
     }
 
-    fn relu(&mut self, x: String, name: &str) -> String {
-        self.graph.node("Relu", name, vec![x], vec![])
+    /// `act` on `x`: nothing, `Relu`, or SiLU as `Mul(x, Sigmoid(x))` (opset 13 has no SiLU operator).
+    fn activation(&mut self, x: String, act: Activation, name: &str) -> String {
+        match act {
+            Activation::None => x,
+            Activation::Relu => self.graph.node("Relu", name, vec![x], vec![]),
+            Activation::Silu => {
+                let s = self.graph.node(
+                    "Sigmoid",
+                    &format!("{name}.sigmoid"),
+                    vec![x.clone()],
+                    vec![],
+                );
+                self.graph.node("Mul", name, vec![x, s], vec![])
+            }
+        }
     }
 
     fn layer(&mut self, l: &Planned, x: String, dims: Dims) -> Result<(String, Dims), OnnxError> {
@@ -208,16 +226,18 @@ impl Emit<'_> {
                     vec![x, w, b],
                     vec![("transB", Attr::Int(1))],
                 ); // [N, units]
-                if d.activation == Activation::Relu {
-                    y = self.relu(y, &format!("{}.relu", l.name));
-                }
+                y = self.activation(
+                    y,
+                    d.activation,
+                    &format!("{}.{}", l.name, d.activation.name()),
+                );
                 Ok((y, Dims::Flat(d.units)))
             }
             LayerSpec::Inception(m) => self.inception(x, dims, m, &l.name),
         }
     }
 
-    /// The convolution of a conv or separable_conv layer, with its activation when `relu`.
+    /// The convolution of a conv or separable_conv layer, then the activation `act`.
     fn conv(
         &mut self,
         x: String,
@@ -225,7 +245,7 @@ impl Emit<'_> {
         c: &ConvSpec,
         separable: bool,
         prefix: &str,
-        relu: bool,
+        act: Activation,
     ) -> Result<(String, Dims), OnnxError> {
         let (ci, h, w) = self.map(dims)?;
         let k = c.kernel;
@@ -258,11 +278,7 @@ impl Emit<'_> {
             }
             self.graph.node("Conv", prefix, inputs, attrs) // [N, filters, oh, ow]
         };
-        let y = if relu {
-            self.relu(y, &format!("{prefix}.relu"))
-        } else {
-            y
-        };
+        let y = self.activation(y, act, &format!("{prefix}.{}", act.name()));
         Ok((
             y,
             Dims::Map {
@@ -282,11 +298,11 @@ impl Emit<'_> {
         separable: bool,
         names: &BlockNames,
     ) -> Result<(String, Dims), OnnxError> {
-        let (mut y, mut dims) = self.conv(x, dims, c, separable, &names.conv, conv_relu(c))?;
+        let (mut y, mut dims) = self.conv(x, dims, c, separable, &names.conv, conv_act(c))?;
         if c.batch_norm != BnPlace::None {
             y = self.batch_norm(y, dims, &names.bn)?;
-            if c.batch_norm == BnPlace::Before && c.activation == Activation::Relu {
-                y = self.relu(y, &names.act);
+            if c.batch_norm == BnPlace::Before {
+                y = self.activation(y, c.activation, &names.act);
             }
         }
         if let Some(p) = &c.pool {
@@ -346,7 +362,7 @@ impl Emit<'_> {
                                 layer.type_name()
                             )));
                         }
-                        self.conv(y, d, c, separable, &lname, conv_relu(c))?
+                        self.conv(y, d, c, separable, &lname, conv_act(c))?
                     }
                     LayerSpec::MaxPool(p) => self.max_pool(y, d, p, &lname)?,
                     LayerSpec::BatchNorm => (self.batch_norm(y, d, &lname)?, d),
