@@ -6,8 +6,17 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use mnist_challenge::layers::init::SeededVarMap;
 use mnist_challenge::layers::Kernels;
 use mnist_challenge::models::{
-    build, builtin, dropout_rng, is_trainable, summary, ArchSpec, Solution, Variant,
+    build, builtin, dropout_rng, is_trainable, summary, ArchSpec, Net, Solution, Variant,
 };
+
+/// `spec` built on the CPU on `kernels`, its weights and dropout masks drawn from `seed`; the variables
+/// stay readable through the returned map.
+fn seeded(spec: &ArchSpec, seed: u64, kernels: Kernels) -> (Net, SeededVarMap) {
+    let vars = SeededVarMap::new(seed);
+    let vb = vars.var_builder(DType::F32, &Device::Cpu);
+    let net = build(spec, vb, kernels, dropout_rng(seed)).unwrap();
+    (net, vars)
+}
 
 type Rows = &'static [(&'static str, &'static [usize], usize)];
 /// A built-in spec's expected summary: (solution, variant, (total, trainable, non-trainable), rows).
@@ -173,14 +182,7 @@ fn built_models_hold_exactly_the_summarised_variables() {
         let spec = builtin(solution, variant);
         let mut names = Vec::new();
         for kernels in [Kernels::Auto, Kernels::Reference] {
-            let vars = SeededVarMap::new(1);
-            let net = build(
-                spec,
-                vars.var_builder(DType::F32, &Device::Cpu),
-                kernels,
-                dropout_rng(1),
-            )
-            .unwrap();
+            let (net, vars) = seeded(spec, 1, kernels);
             let x = Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
             assert_eq!(net.forward_t(&x, false).unwrap().dims(), &[2, 10]);
             let data = vars.var_map().data().lock().unwrap();
@@ -224,14 +226,7 @@ fn every_model_maps_a_batch_to_ten_logits_and_the_same_seed_gives_the_same_weigh
     for (solution, variant, _, _) in TABLE {
         let spec = builtin(solution, variant);
         let run = |seed| {
-            let vars = SeededVarMap::new(seed);
-            let net = build(
-                spec,
-                vars.var_builder(DType::F32, &device),
-                Kernels::Auto,
-                dropout_rng(seed),
-            )
-            .unwrap();
+            let (net, _vars) = seeded(spec, seed, Kernels::Auto);
             net.forward_t(&xs, false).unwrap()
         };
         let a = run(7);
@@ -270,9 +265,7 @@ fn inference_in_chunks_matches_image_by_image() {
     let xs = Tensor::rand(0f32, 1f32, (b, 1, 28, 28), &Device::Cpu).unwrap();
     for (solution, variant, _, _) in TABLE {
         for kernels in [Kernels::Auto, Kernels::Reference] {
-            let vars = SeededVarMap::new(3);
-            let vb = vars.var_builder(DType::F32, &Device::Cpu);
-            let net = build(builtin(solution, variant), vb, kernels, dropout_rng(3)).unwrap();
+            let (net, _vars) = seeded(builtin(solution, variant), 3, kernels);
             let all = net.forward_t(&xs, false).unwrap();
             assert_eq!(all.dims(), &[b, 10]);
             let one_by_one: Vec<Tensor> = (0..b)
@@ -301,14 +294,7 @@ fn silu_trains_and_infers_the_same_on_both_kernel_choices() {
     let spec = ArchSpec::from_json(SILU_SPEC).unwrap();
     let xs = Tensor::rand(0f32, 1f32, (5, 1, 28, 28), &Device::Cpu).unwrap();
     let run = |spec: &ArchSpec, kernels: Kernels| {
-        let vars = SeededVarMap::new(4);
-        let net = build(
-            spec,
-            vars.var_builder(DType::F32, &Device::Cpu),
-            kernels,
-            dropout_rng(4),
-        )
-        .unwrap();
+        let (net, vars) = seeded(spec, 4, kernels);
         let eval = net.forward_t(&xs, false).unwrap();
         let train = net.forward_t(&xs, true).unwrap();
         let loss = train.sqr().unwrap().sum_all().unwrap();
