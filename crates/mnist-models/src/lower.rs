@@ -22,16 +22,12 @@ fn pool_cfg(p: &PoolSpec) -> MaxPool2dConfig {
     }
 }
 
-/// The convolution's own config: with the BatchNorm before the activation, the activation moves
-/// behind the BatchNorm.
+/// The convolution's own config (its activation: [`ConvSpec::conv_activation`]).
 fn conv_cfg(c: &ConvSpec) -> Conv2dConfig {
     Conv2dConfig {
         stride: c.stride,
         padding: c.padding,
-        activation: match c.batch_norm {
-            BnPlace::Before => Activation::None,
-            BnPlace::None | BnPlace::After => c.activation,
-        },
+        activation: c.conv_activation(),
         bias: c.bias,
     }
 }

@@ -115,7 +115,7 @@ pub struct ConvSpec {
     /// Keras padding: `valid` (default) or `same`.
     #[serde(default, skip_serializing_if = "is_default")]
     pub padding: Padding,
-    /// `relu` (default) or `none`.
+    /// `relu` (default), `none` or `silu`.
     #[serde(default = "relu", skip_serializing_if = "is_relu")]
     pub activation: Activation,
     /// A bias per output channel (default true).
@@ -128,6 +128,18 @@ pub struct ConvSpec {
     /// A max-pool at the end of the block.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolSpec>,
+}
+
+impl ConvSpec {
+    /// The activation the convolution applies itself: with the BatchNorm before the activation, the
+    /// activation moves behind the BatchNorm (every lowering follows this: `mnist_models::build`, the
+    /// ONNX export).
+    pub fn conv_activation(&self) -> Activation {
+        match self.batch_norm {
+            BnPlace::Before => Activation::None,
+            BnPlace::None | BnPlace::After => self.activation,
+        }
+    }
 }
 
 /// Where a conv block's BatchNorm goes.
@@ -178,7 +190,7 @@ pub struct DropoutSpec {
 pub struct DenseSpec {
     /// Output size.
     pub units: usize,
-    /// `none` (default: the logits) or `relu`.
+    /// `none` (default: the logits), `relu` or `silu`.
     #[serde(default, skip_serializing_if = "is_default")]
     pub activation: Activation,
 }

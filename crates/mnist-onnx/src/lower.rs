@@ -67,16 +67,6 @@ pub(crate) fn lower(
     Ok(emit.graph)
 }
 
-/// The activation a convolution applies itself: with the BatchNorm before the activation, the
-/// activation moves behind the BatchNorm (as `mnist_models::build` does).
-fn conv_act(c: &ConvSpec) -> Activation {
-    if c.batch_norm == BnPlace::Before {
-        Activation::None
-    } else {
-        c.activation
-    }
-}
-
 fn ints(v: &[usize]) -> Attr {
     Attr::Ints(v.iter().map(|&x| x as i64).collect())
 }
@@ -298,7 +288,8 @@ impl Emit<'_> {
         separable: bool,
         names: &BlockNames,
     ) -> Result<(String, Dims), OnnxError> {
-        let (mut y, mut dims) = self.conv(x, dims, c, separable, &names.conv, conv_act(c))?;
+        let (mut y, mut dims) =
+            self.conv(x, dims, c, separable, &names.conv, c.conv_activation())?;
         if c.batch_norm != BnPlace::None {
             y = self.batch_norm(y, dims, &names.bn)?;
             if c.batch_norm == BnPlace::Before {
@@ -362,7 +353,7 @@ impl Emit<'_> {
                                 layer.type_name()
                             )));
                         }
-                        self.conv(y, d, c, separable, &lname, conv_act(c))?
+                        self.conv(y, d, c, separable, &lname, c.conv_activation())?
                     }
                     LayerSpec::MaxPool(p) => self.max_pool(y, d, p, &lname)?,
                     LayerSpec::BatchNorm => (self.batch_norm(y, d, &lname)?, d),
