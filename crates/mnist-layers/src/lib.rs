@@ -260,6 +260,20 @@ mod tests {
         assert!(Padding::Valid.resolve(5, 3, 0).is_err());
     }
 
+    /// `Activation::name` is the spelling the spec files use (serde's), both ways.
+    #[test]
+    fn activation_names_are_the_serde_names() {
+        for a in [Activation::None, Activation::Relu, Activation::Silu] {
+            // A new variant breaks this match: add it to the list above too.
+            match a {
+                Activation::None | Activation::Relu | Activation::Silu => {}
+            }
+            let json = format!("\"{}\"", a.name());
+            assert_eq!(serde_json::to_string(&a).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Activation>(&json).unwrap(), a);
+        }
+    }
+
     #[test]
     fn kernels_serde_lowercase() {
         assert_eq!(serde_json::to_string(&Kernels::Auto).unwrap(), "\"auto\"");
