@@ -498,6 +498,11 @@ macro_rules! simd_kernel {
                     }
                 }
                 let zero = $zero();
+                // The epilogue indexes the rows at run time (its loop is not unrolled), which needs the
+                // accumulators in memory: a copy of their final values, so that the taps' loop keeps
+                // `acc` in registers from its zeroing on (taking `acc` itself cost a `memset` call and
+                // the accumulators' loads before the loop, every tile).
+                let acc = std::hint::black_box(acc);
                 for (j, accj) in acc.iter().enumerate() {
                     let oc = o0 + j;
                     if oc >= dc.o {

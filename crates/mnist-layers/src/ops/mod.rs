@@ -184,47 +184,38 @@ pub(crate) fn has_avx512() -> bool {
 }
 
 thread_local! {
+    /// The free scratch buffers of this thread (a stack: a call takes its buffers from the top and puts
+    /// them back in the same order, so each call site keeps getting buffers of the sizes it needs).
     static SCRATCH: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with `N` thread-local scratch buffers of exactly the given lengths (contents unspecified).
+/// Runs `f` with `N` thread-local scratch buffers of exactly the given lengths (contents unspecified:
+/// earlier values, never uninitialised memory).
 ///
-/// The buffers are kept per thread and only grow, so a training loop allocates them once.
+/// The buffers are kept per thread and only grow, so a training loop allocates them once. Calls nest:
+/// a call inside `f` (a kernel's own scratch, or rayon work-stealing) takes further buffers from the
+/// same pool, which then stay in it too, instead of allocating zeroed ones on every call.
 pub(crate) fn with_scratch<const N: usize, R>(
     lens: [usize; N],
     f: impl FnOnce([&mut [f32]; N]) -> R,
 ) -> R {
-    fn split<'a, const N: usize>(
-        bufs: &'a mut [Vec<f32>],
-        lens: &[usize; N],
-    ) -> [&'a mut [f32]; N] {
-        let mut it = bufs.iter_mut();
-        std::array::from_fn(|i| match it.next() {
-            Some(b) => {
-                if b.len() < lens[i] {
-                    b.resize(lens[i], 0.0);
-                }
-                &mut b[..lens[i]]
-            }
-            // `bufs` always holds at least N vectors (see the callers below).
-            None => &mut [],
-        })
-    }
-    SCRATCH.with(|cell| {
-        // A re-entrant call (rayon work-stealing inside `f`) gets fresh buffers instead of a panic.
-        match cell.try_borrow_mut() {
-            Ok(mut bufs) => {
-                if bufs.len() < N {
-                    bufs.resize_with(N, Vec::new);
-                }
-                f(split(&mut bufs, &lens))
-            }
-            Err(_) => {
-                let mut bufs: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0.0; n]).collect();
-                f(split(&mut bufs, &lens))
-            }
+    let mut bufs: [Vec<f32>; N] =
+        SCRATCH.with(|cell| std::array::from_fn(|_| cell.borrow_mut().pop().unwrap_or_default()));
+    for (b, &n) in bufs.iter_mut().zip(&lens) {
+        if b.len() < n {
+            b.resize(n, 0.0);
         }
-    })
+    }
+    let r = {
+        let mut it = bufs.iter_mut().zip(lens);
+        f(std::array::from_fn(|_| match it.next() {
+            Some((b, n)) => &mut b[..n],
+            None => &mut [],
+        }))
+    };
+    // Back in reverse, so the next call's first buffer is this call's first.
+    SCRATCH.with(|cell| cell.borrow_mut().extend(bufs.into_iter().rev()));
+    r
 }
 
 thread_local! {
@@ -468,7 +459,8 @@ pub(crate) fn give_buf(v: Vec<f32>) {
 }
 
 /// `dst = src` over the shorter of the two, for the short rows of planes (10-40 floats): fixed 8-float
-/// blocks, then the tail, never a `memcpy` call (whose call cost is that of the copy at these sizes).
+/// blocks, then the tail, never a `memcpy` call (whose call cost is that of the copy at these sizes;
+/// see [`write_row`]).
 #[inline(always)]
 pub(crate) fn copy_row(dst: &mut [f32], src: &[f32]) {
     // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `write_row` only writes initialised values
@@ -479,19 +471,25 @@ pub(crate) fn copy_row(dst: &mut [f32], src: &[f32]) {
 
 /// [`copy_row`] into values that may not have been written yet (an [`Uninit`] output): every one of the
 /// first `min(dst.len(), src.len())` is written.
+///
+/// Each value's bits pass through an OR with a zero the compiler cannot see (`black_box`): the same
+/// bits, but no longer a plain load and store, which LLVM's loop-idiom pass would turn back into a
+/// `memcpy` call (it did, in the depthwise kernels' row stores).
 #[inline(always)]
 pub(crate) fn write_row(dst: &mut [std::mem::MaybeUninit<f32>], src: &[f32]) {
     let n = dst.len().min(src.len());
     let (dst, src) = (&mut dst[..n], &src[..n]);
+    let z = std::hint::black_box(0u32);
+    let same = |y: f32| f32::from_bits(y.to_bits() | z);
     let mut d = dst.chunks_exact_mut(8);
     let mut s = src.chunks_exact(8);
     for (a, b) in (&mut d).zip(&mut s) {
         for (x, &y) in a.iter_mut().zip(b) {
-            x.write(y);
+            x.write(same(y));
         }
     }
     for (a, &b) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        a.write(b);
+        a.write(same(b));
     }
 }
 
@@ -606,5 +604,54 @@ pub(crate) mod test_util {
             d <= tol * m.max(1.0),
             "{what}: max|diff| = {d:e} (max|ref| = {m:e}, tol {tol:e})"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{copy_row, with_scratch};
+
+    /// A call inside `with_scratch` gets buffers of its own (the outer ones keep their values), and the
+    /// same nesting again gets the very same buffers: nothing is allocated after the first time.
+    #[test]
+    fn nested_scratch_calls_get_their_own_buffers_and_keep_them() {
+        let nest = || {
+            with_scratch([10, 20], |[a, b]| {
+                a.fill(1.0);
+                b.fill(2.0);
+                let inner = with_scratch([30], |[c]| {
+                    c.fill(3.0);
+                    (c.len(), c.as_ptr() as usize)
+                });
+                assert!(a.iter().all(|&v| v == 1.0) && b.iter().all(|&v| v == 2.0));
+                assert_eq!((a.len(), b.len(), inner.0), (10, 20, 30));
+                [a.as_ptr() as usize, b.as_ptr() as usize, inner.1]
+            })
+        };
+        let first = nest();
+        assert!(first[0] != first[1] && first[1] != first[2] && first[0] != first[2]);
+        assert_eq!(nest(), first, "the second time, the same buffers");
+    }
+
+    /// `copy_row` copies every bit (negative zero, NaN payloads, infinities) over the shorter length.
+    #[test]
+    fn copy_row_copies_the_bits() {
+        let src: Vec<f32> = [-0.0, f32::from_bits(0x7fc0_1234), f32::INFINITY, -1.5]
+            .into_iter()
+            .cycle()
+            .take(27)
+            .collect();
+        for n in [0, 1, 7, 8, 9, 16, 26, 27] {
+            let mut dst = vec![9.0f32; n + 3];
+            copy_row(&mut dst[..n], &src);
+            assert!(
+                dst[..n]
+                    .iter()
+                    .zip(&src)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{n}"
+            );
+            assert!(dst[n..].iter().all(|&v| v == 9.0), "{n}: past the row");
+        }
     }
 }
