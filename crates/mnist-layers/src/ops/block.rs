@@ -16,7 +16,10 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::bn::{affine, channel_sums, check_vec, dot_dev, stats_tensors, BnBackward, BnBatch};
+use super::bn::{
+    channel_sums, check_vec, dot_dev, normalise_by_channel, stats_tensors, stats_then_planes,
+    BnBackward, BnBatch,
+};
 use super::conv::{geometry_of, ConvGeom, ConvGrads};
 use super::direct::{DirectConv, Epilogue};
 use super::pool::PoolGeom;
@@ -24,7 +27,7 @@ use super::separable::{SepGeom, SepKernels};
 use super::AfterDx;
 use super::{
     cpu_data, fwd_slice, give_buf, par_zeros, sum_f32, take_buf, with_scratch, with_thread_buf,
-    write_row, OpState, Pad4,
+    write_row, DisjointPlanes, OpState, Pad4,
 };
 use crate::error::shape_err;
 
@@ -312,34 +315,42 @@ impl BlockOp {
                 }
                 Ok::<(), candle_core::Error>(())
             })?;
-        let BnBatch {
-            mean,
-            var,
-            invstd,
-            scale,
-            shift,
-        } = BnBatch::new(&y, (b, o, ohw), |i, ch| sums[i * o + ch], gamma, beta, eps);
-        let (out, argmax) = match self.pool {
+        let plane_sum = |i: usize, ch: usize| sums[i * o + ch];
+        let (bn, out, argmax) = match self.pool {
             Some(pg) => {
                 let mut out = par_zeros(b * o * pl);
                 let mut arg = par_zeros(b * o * pl);
-                out.par_chunks_mut(pl)
-                    .zip(arg.par_chunks_mut(pl))
-                    .enumerate()
-                    .with_min_len(8)
-                    .for_each(|(p, (op, ap))| {
-                        let (a, s) = (scale[p % o], shift[p % o]);
+                let (outs, args) = (
+                    DisjointPlanes::new(&mut out, pl),
+                    DisjointPlanes::new(&mut arg, pl),
+                );
+                let bn = stats_then_planes(
+                    &y,
+                    (b, o, ohw),
+                    plane_sum,
+                    gamma,
+                    beta,
+                    eps,
+                    |p, yp, a, s| {
                         with_scratch([ohw], |[z]| {
-                            for (zv, &yv) in z.iter_mut().zip(&y[p * ohw..(p + 1) * ohw]) {
+                            for (zv, &yv) in z.iter_mut().zip(yp) {
                                 *zv = yv * a + s;
                             }
-                            pg.plane_fwd(z, op, ap);
+                            // SAFETY: `stats_then_planes` hands out every plane `p` exactly once.
+                            pg.plane_fwd(z, unsafe { outs.plane(p) }, unsafe { args.plane(p) });
                         });
-                    });
-                (out, arg)
+                    },
+                );
+                (bn, out, arg)
             }
-            None => (affine(&y, &scale, &shift, o, ohw), Vec::new()),
+            None => {
+                let (bn, out) = normalise_by_channel(&y, (b, o, ohw), plane_sum, gamma, beta, eps);
+                (bn, out, Vec::new())
+            }
         };
+        let BnBatch {
+            mean, var, invstd, ..
+        } = bn;
         self.saved.set(Saved {
             y,
             mean,

@@ -391,6 +391,11 @@ impl<T: Send> Uninit<T> {
         self.v.spare_capacity_mut()[..self.n].par_chunks_mut(chunk)
     }
 
+    /// The `n` values, for writers that split them other than into chunks.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [std::mem::MaybeUninit<T>] {
+        &mut self.v.spare_capacity_mut()[..self.n]
+    }
+
     /// The vector of the `n` values.
     ///
     /// # Safety
@@ -399,6 +404,49 @@ impl<T: Send> Uninit<T> {
         // SAFETY: the capacity is `n` (from `new`) and the caller guarantees all `n` were written.
         unsafe { self.v.set_len(self.n) };
         self.v
+    }
+}
+
+/// The planes of a buffer (`plane` values each) for tasks running in parallel that each write planes no
+/// other task writes, in an order rayon's chunked iterators cannot express (e.g. every `c`-th plane).
+pub(crate) struct DisjointPlanes<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    plane: usize,
+    _buf: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: handing out planes to several threads is sound under `plane`'s contract (no plane twice at
+// once); the values themselves are `Send`.
+unsafe impl<T: Send> Sync for DisjointPlanes<'_, T> {}
+
+impl<'a, T> DisjointPlanes<'a, T> {
+    pub(crate) fn new(buf: &'a mut [T], plane: usize) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            plane,
+            _buf: std::marker::PhantomData,
+        }
+    }
+
+    /// Plane `p` (panics past the end of the buffer).
+    ///
+    /// # Safety
+    /// No other reference to plane `p` obtained from `self` is alive: each plane is handed to one task.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn plane(&self, p: usize) -> &mut [T] {
+        let end = (p + 1)
+            .checked_mul(self.plane)
+            .expect("plane index overflows");
+        assert!(
+            end <= self.len,
+            "plane {p} past the end of {} values",
+            self.len
+        );
+        // SAFETY: in bounds (checked above) of the buffer borrowed mutably for `'a`; exclusive by the
+        // caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(p * self.plane), self.plane) }
     }
 }
 
