@@ -76,50 +76,22 @@ pub(crate) fn channel_stats_with(
     stats.into_iter().unzip()
 }
 
-/// BatchNorm's batch statistics over `y [b, c, hw]` (`plane_sum(i, ch)` as for [`channel_stats_with`])
-/// and the per-channel `(scale, shift)` that normalise it with `gamma`, `beta`: what a training forward
-/// pass needs, and keeps for its backward pass.
+/// BatchNorm's batch statistics over `y [b, c, hw]`: what a training forward pass keeps for its backward
+/// pass ([`stats_then_planes`] computes them).
 pub(crate) struct BnBatch {
     pub mean: Vec<f32>,
     /// Biased variance.
     pub var: Vec<f32>,
     /// `1 / sqrt(var + eps)`.
     pub invstd: Vec<f32>,
-    pub scale: Vec<f32>,
-    pub shift: Vec<f32>,
-}
-
-impl BnBatch {
-    pub(crate) fn new(
-        y: &[f32],
-        (b, c, hw): (usize, usize, usize),
-        plane_sum: impl Fn(usize, usize) -> f64 + Sync,
-        gamma: &[f32],
-        beta: &[f32],
-        eps: f64,
-    ) -> Self {
-        let (mean, var) = channel_stats_with(y, b, c, hw, plane_sum);
-        let invstd: Vec<f32> = var
-            .iter()
-            .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
-            .collect();
-        let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] * invstd[ch]).collect();
-        let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
-        Self {
-            mean,
-            var,
-            invstd,
-            scale,
-            shift,
-        }
-    }
 }
 
 /// BatchNorm's training statistics over `y [b, c, hw]`, channel by channel: right after a channel's
 /// variance is summed over its `b` planes, `per_plane(p, plane, scale, shift)` gets each of them (`p = i *
 /// c + ch`) while they are still in cache, to normalise (and pool) it: one pass over `y` from memory
-/// instead of two. The same bits as [`BnBatch::new`]: the same sums in the same order, the same
-/// `scale`/`shift`. Channels run in parallel; `per_plane` is called once for every plane.
+/// instead of two. The same bits as the two passes (`channel_stats_with`, then `scale = gamma * invstd`,
+/// `shift = beta - mean * scale` and [`affine`]): the same sums in the same order. Channels run in
+/// parallel; `per_plane` is called once for every plane.
 pub(crate) fn stats_then_planes(
     y: &[f32],
     (b, c, hw): (usize, usize, usize),
@@ -130,7 +102,7 @@ pub(crate) fn stats_then_planes(
     per_plane: impl Fn(usize, &[f32], f32, f32) + Sync,
 ) -> BnBatch {
     let n = (b * hw) as f64;
-    let per: Vec<[f32; 5]> = (0..c)
+    let per: Vec<[f32; 3]> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let plane = |i: usize| &y[(i * c + ch) * hw..(i * c + ch + 1) * hw];
@@ -142,7 +114,7 @@ pub(crate) fn stats_then_planes(
             for i in 0..b {
                 per_plane(i * c + ch, plane(i), scale, shift);
             }
-            [mean, var, invstd, scale, shift]
+            [mean, var, invstd]
         })
         .collect();
     let col = |k: usize| per.iter().map(|v| v[k]).collect::<Vec<f32>>();
@@ -150,13 +122,10 @@ pub(crate) fn stats_then_planes(
         mean: col(0),
         var: col(1),
         invstd: col(2),
-        scale: col(3),
-        shift: col(4),
     }
 }
 
-/// [`stats_then_planes`] normalising every plane into a new `[b, c, hw]`: the same values as
-/// [`BnBatch::new`] followed by [`affine`].
+/// [`stats_then_planes`] normalising every plane into a new `[b, c, hw]`.
 pub(crate) fn normalise_by_channel(
     y: &[f32],
     dims: (usize, usize, usize),
@@ -581,7 +550,7 @@ mod tests {
     use crate::ops::test_util::{assert_close, rand_t};
     use candle_core::Var;
 
-    /// Channel by channel gives the very bits of the statistics first and the normalisation after, at
+    /// Channel by channel gives the very bits of all statistics first and every plane after, at
     /// sizes that are not multiples of the vector width, with one image and with one channel.
     #[test]
     fn normalise_by_channel_is_stats_then_affine_bit_for_bit() {
@@ -602,19 +571,20 @@ mod tests {
             let (gamma, beta) = (t(c, 100 + seed as u64), t(c, 200 + seed as u64));
             let plane = |i: usize, ch: usize| &y[(i * c + ch) * hw..(i * c + ch + 1) * hw];
             let sum = |i: usize, ch: usize| sum_f32(plane(i, ch));
-            let want = BnBatch::new(&y, (b, c, hw), sum, &gamma, &beta, 1e-3);
-            let want_out = affine(&y, &want.scale, &want.shift, c, hw);
+            // The two passes: all statistics first, then every plane.
+            let (mean, var) = channel_stats_with(&y, b, c, hw, sum);
+            let invstd: Vec<f32> = var
+                .iter()
+                .map(|&v| (1.0 / (v as f64 + 1e-3).sqrt()) as f32)
+                .collect();
+            let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] * invstd[ch]).collect();
+            let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
+            let want_out = affine(&y, &scale, &shift, c, hw);
             let (got, got_out) = normalise_by_channel(&y, (b, c, hw), sum, &gamma, &beta, 1e-3);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
             let what = format!("b {b}, c {c}, hw {hw}");
             assert_eq!(bits(&got_out), bits(&want_out), "{what}: output");
-            for (g, w) in [
-                (&got.mean, &want.mean),
-                (&got.var, &want.var),
-                (&got.invstd, &want.invstd),
-                (&got.scale, &want.scale),
-                (&got.shift, &want.shift),
-            ] {
+            for (g, w) in [(&got.mean, &mean), (&got.var, &var), (&got.invstd, &invstd)] {
                 assert_eq!(bits(g), bits(w), "{what}: statistics");
             }
         }

@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::bn::{affine, check_vec, plane_sums, stats_tensors, BnBackward, BnBatch};
+use super::bn::{check_vec, normalise_by_channel, plane_sums, stats_tensors, BnBackward, BnBatch};
 use super::conv::{geometry_of, ConvGeom};
 use super::{cpu_data, dims4, fwd_slice, give_buf, sum_f32, take_buf, OpState, Pad4, PoolGeom};
 
@@ -293,8 +293,8 @@ impl CustomOp2 for InceptionOp {
             .get(range.clone())
             .ok_or_else(|| candle_core::Error::msg(format!("{OP}: no BatchNorm parameters")))?;
         let (gamma, beta) = bn_params.split_at(ch);
-        let bn = BnBatch::new(&y, (b, ch, ohw), |i, c| sums[i * ch + c], gamma, beta, *eps);
-        let z = affine(&y, &bn.scale, &bn.shift, ch, ohw);
+        let sum = |i: usize, c: usize| sums[i * ch + c];
+        let (bn, z) = normalise_by_channel(&y, (b, ch, ohw), sum, gamma, beta, *eps);
         self.saved.set(Saved {
             pooled,
             y,
