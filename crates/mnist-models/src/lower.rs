@@ -189,12 +189,8 @@ impl Lower<'_> {
                 "BatchNormalization",
                 bn.with_kernels(k),
             ));
-            if c.batch_norm == BnPlace::Before && c.activation != Activation::None {
-                stages.push(Stage::plain(
-                    &names.act,
-                    c.activation.keras_layer(),
-                    c.activation,
-                ));
+            if let Some(act) = c.activation_after_bn() {
+                stages.push(Stage::plain(&names.act, act.keras_layer(), act));
             }
         }
         if let Some(p) = pool {

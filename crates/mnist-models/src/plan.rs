@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use mnist_layers::{Activation, Padding};
+use mnist_layers::Padding;
 use serde::Serialize;
 
 use crate::spec::{
@@ -244,15 +244,11 @@ fn part_kinds(spec: &ArchSpec) -> Vec<Vec<&'static str>> {
                 } else {
                     "sepconv"
                 }];
-                match c.batch_norm {
-                    BnPlace::None => {}
-                    BnPlace::After => parts.push("bn"),
-                    BnPlace::Before => {
-                        parts.push("bn");
-                        if c.activation != Activation::None {
-                            parts.push(c.activation.name());
-                        }
-                    }
+                if c.batch_norm != BnPlace::None {
+                    parts.push("bn");
+                }
+                if let Some(act) = c.activation_after_bn() {
+                    parts.push(act.name());
                 }
                 if c.pool.is_some() {
                     parts.push("pool");
@@ -367,8 +363,7 @@ fn plan_layer<'a>(
                     } else {
                         String::new()
                     };
-                    let act = if c.batch_norm == BnPlace::Before && c.activation != Activation::None
-                    {
+                    let act = if c.activation_after_bn().is_some() {
                         next()
                     } else {
                         String::new()
@@ -395,8 +390,8 @@ fn plan_layer<'a>(
                     4 * c.filters,
                     2 * c.filters,
                 ));
-                if c.batch_norm == BnPlace::Before && c.activation != Activation::None {
-                    rows.push(row(&parts.act, c.activation.keras_layer(), conv_out, 0, 0));
+                if let Some(act) = c.activation_after_bn() {
+                    rows.push(row(&parts.act, act.keras_layer(), conv_out, 0, 0));
                 }
             }
             let mut out = conv_out;

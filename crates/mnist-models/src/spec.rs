@@ -140,6 +140,13 @@ impl ConvSpec {
             BnPlace::None | BnPlace::After => self.activation,
         }
     }
+
+    /// The activation that follows the BatchNorm as a layer of its own: only with the BatchNorm placed
+    /// before an activation other than none (the other half of [`Self::conv_activation`]).
+    pub fn activation_after_bn(&self) -> Option<Activation> {
+        (self.batch_norm == BnPlace::Before && self.activation != Activation::None)
+            .then_some(self.activation)
+    }
 }
 
 /// Where a conv block's BatchNorm goes.

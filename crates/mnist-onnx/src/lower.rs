@@ -292,8 +292,8 @@ impl Emit<'_> {
             self.conv(x, dims, c, separable, &names.conv, c.conv_activation())?;
         if c.batch_norm != BnPlace::None {
             y = self.batch_norm(y, dims, &names.bn)?;
-            if c.batch_norm == BnPlace::Before {
-                y = self.activation(y, c.activation, &names.act);
+            if let Some(act) = c.activation_after_bn() {
+                y = self.activation(y, act, &names.act);
             }
         }
         if let Some(p) = &c.pool {
