@@ -24,6 +24,7 @@ use super::conv::{geometry_of, ConvGeom, ConvGrads};
 use super::direct::{DirectConv, Epilogue};
 use super::pool::PoolGeom;
 use super::separable::{SepGeom, SepKernels};
+use super::winograd::Winograd;
 use super::AfterDx;
 use super::{
     cpu_data, fwd_slice, give_buf, par_zeros, sum_f32, take_buf, with_scratch, with_thread_buf,
@@ -829,6 +830,11 @@ fn infer_with(
         affine: Some((&sc, &sh)),
     };
     let prep = conv.prepare(&wv)?;
+    // 3x3 convolutions with Winograd's F(m, 3) along the rows where it saves work (AVX-512 CPUs).
+    let wino = match &prep {
+        Prepared::Dense(Some(dc)) => Winograd::for_conv(dc, &wv, false),
+        _ => None,
+    };
     let (pl, chw) = (pool.map_or(oh * ow, |p| p.oh * p.ow), conv.chw());
     cpu_data!(x, xg, xs, OP_INFER);
     // [b, o, pooled h*w]
@@ -850,6 +856,20 @@ fn infer_with(
         // Unpooled, the compact output goes straight into the result (`run_compact_uninit`,
         // `forward_image_uninit`: all `o * oh * ow` values written).
         match (&conv, &prep) {
+            (BlockConv::Dense(_), Prepared::Dense(Some(dc))) if wino.is_some() => {
+                let wg = wino.as_ref().expect("checked by the guard");
+                with_scratch([dc.xp_len, dc.out_len(), wg.scratch_len()], |[xp, y, t]| {
+                    let xp = dc.padded(x_rest, xp);
+                    match pool {
+                        None => wg.run_compact_uninit(dc, xp, t, &epi, y, oimg),
+                        Some(pg) => {
+                            wg.run(xp, t, &epi, y)?; // [o, nwide]
+                            pool_into(pg, dc, y, oimg);
+                            Ok(())
+                        }
+                    }
+                })
+            }
             (BlockConv::Dense(_), Prepared::Dense(Some(dc))) => {
                 with_scratch([dc.xp_len, dc.out_len()], |[xp, y]| {
                     let xp = dc.padded(x_rest, xp);

@@ -35,7 +35,7 @@ pub(crate) struct Epilogue<'a> {
 
 impl Epilogue<'_> {
     /// True when its per-channel vectors hold (at least) `o` values.
-    fn fits(&self, o: usize) -> bool {
+    pub(crate) fn fits(&self, o: usize) -> bool {
         self.bias.is_none_or(|b| b.len() >= o)
             && self
                 .affine
@@ -77,7 +77,7 @@ pub(crate) struct DirectConv {
 pub(crate) type Segments = [(usize, u16); 3];
 
 /// The output-channel block for `o` channels: few wasted (zero) channels, few weight loads per FMA.
-fn pick_ob(o: usize) -> usize {
+pub(crate) fn pick_ob(o: usize) -> usize {
     [5usize, 4, 2, 1]
         .into_iter()
         .min_by_key(|&ob| {
@@ -238,6 +238,11 @@ impl DirectConv {
             let _ = (xp, epi, out);
             Ok(false)
         }
+    }
+
+    /// The kernel size `k` (of `k x k`).
+    pub(crate) fn k(&self) -> usize {
+        self.hp - self.oh + 1
     }
 
     /// Length of the output buffer `[o, nwide]`.

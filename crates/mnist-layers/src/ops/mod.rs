@@ -48,6 +48,7 @@ mod inception;
 mod inception_train;
 mod pool;
 mod separable;
+mod winograd;
 
 pub(crate) use direct::{DirectConv, Epilogue};
 pub(crate) use pool::PoolGeom;
