@@ -267,8 +267,31 @@ impl DwGeom {
 
     /// Stride 1: `dx [h, w] = conv^T(g, f)` as a convolution of the zero-padded gradient, taps in the
     /// order of the general loop in [`Self::plane_bwd`] (ky outer, kx inner; bit-identical sums).
-    /// `taps`: this channel's part of [`Self::dx_taps`].
+    /// `taps`: this channel's part of [`Self::dx_taps`]; `gp`: scratch for the padded gradient.
+    /// On an AVX-512 CPU, read straight from the unpadded `g` instead
+    /// ([`super::depthwise_k512::plane_dx`]: the same products in the same order, so the same bits).
     fn plane_dx_s1(
+        &self,
+        taps: &[(usize, f32)],
+        g: &[f32],
+        dx: &mut [f32],
+        gp: &mut [f32],
+    ) -> Result<()> {
+        // The taps' weights are the filter in its own order (`dx_taps`: `i = ky * k + kx`).
+        let mut f = [0f32; 49];
+        if taps.len() == self.k * self.k && taps.len() <= f.len() {
+            for (fi, t) in f.iter_mut().zip(taps) {
+                *fi = t.1;
+            }
+            if super::depthwise_k512::plane_dx(self, g, &f[..taps.len()], dx) {
+                return Ok(());
+            }
+        }
+        self.plane_dx_padded(taps, g, dx, gp)
+    }
+
+    /// [`Self::plane_dx_s1`] from the zero-padded gradient in `gp` (on every CPU).
+    pub(crate) fn plane_dx_padded(
         &self,
         taps: &[(usize, f32)],
         g: &[f32],

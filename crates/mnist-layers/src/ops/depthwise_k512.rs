@@ -40,9 +40,40 @@ pub(crate) fn image_fwd(g: &DwGeom, xi: &[f32], f: &[f32], out: &mut [f32]) -> b
     true
 }
 
+/// One plane of the stride-1 depthwise input gradient, read straight from the unpadded output gradient:
+/// `dx [h, w]` with `dx[y][x] = sum over (ky, kx), ky outer and kx inner, of f[ky][kx] * g[y + pt - ky][x +
+/// pl - kx]` (zero outside `g [oh, ow]`), `acc + w * g` unfused from +0: the products and order of
+/// `DwGeom::plane_dx_padded`'s taps on the zero-padded gradient, so the same bits (see the module's note
+/// on skipped and masked taps). `false` (nothing written) where the CPU has no AVX-512, the
+/// geometry is not stride 1 or a buffer is short.
+pub(crate) fn plane_dx(g: &DwGeom, gp: &[f32], f: &[f32], dx: &mut [f32]) -> bool {
+    if g.stride != 1
+        || g.h == 0
+        || g.w == 0
+        || g.k > MAX_K
+        || gp.len() < g.oh * g.ow
+        || f.len() < g.k * g.k
+        || dx.len() < g.h * g.w
+        || !super::has_avx512()
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: AVX-512F is available (checked above), and the buffers hold the planes (checked above).
+        unsafe { k512::plane_dx(g, gp, f, dx) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The largest kernel [`plane_dx`] takes (its column masks are kept per kx).
+const MAX_K: usize = 7;
+
 #[cfg(target_arch = "x86_64")]
 mod k512 {
-    use super::{DwGeom, L, ROWS};
+    use super::{DwGeom, L, MAX_K, ROWS};
     use std::arch::x86_64::*;
 
     /// Lanes `[lo, hi)` of a 16-lane mask (empty when `hi <= lo`).
@@ -91,6 +122,107 @@ mod k512 {
                 oy += rows;
             }
             x0 += 2 * L;
+        }
+    }
+
+    /// [`super::plane_dx`]: passes of `ROWS` rows and 32 columns over the `[h, w]` input-gradient plane.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `gp.len() >= oh * ow`, `f.len() >= k * k`, `dx.len() >= h * w`,
+    /// `k <= MAX_K`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn plane_dx(g: &DwGeom, gp: &[f32], f: &[f32], dx: &mut [f32]) {
+        let mut x0 = 0;
+        while x0 < g.w {
+            let mut y = 0;
+            while y < g.h {
+                let rows = (g.h - y).min(ROWS);
+                // Rows whose every tap reads inside the gradient plane skip the row checks:
+                // `y + pt - (k - 1) >= 0` and `y + rows - 1 + pt < oh`.
+                let inside = y + g.pt >= g.k - 1 && y + rows + g.pt <= g.oh;
+                // SAFETY: forwarded contract; `y + rows <= h`, `x0 < w`.
+                unsafe {
+                    macro_rules! go {
+                        ($r:literal) => {
+                            match (g.w - x0 > L, inside) {
+                                (true, true) => pass_dx::<$r, 2, false>(g, gp, f, dx, y, x0),
+                                (true, false) => pass_dx::<$r, 2, true>(g, gp, f, dx, y, x0),
+                                (false, true) => pass_dx::<$r, 1, false>(g, gp, f, dx, y, x0),
+                                (false, false) => pass_dx::<$r, 1, true>(g, gp, f, dx, y, x0),
+                            }
+                        };
+                    }
+                    match rows {
+                        4 => go!(4),
+                        3 => go!(3),
+                        2 => go!(2),
+                        _ => go!(1),
+                    }
+                }
+                y += rows;
+            }
+            x0 += 2 * L;
+        }
+    }
+
+    /// Input-gradient rows `y0 .. y0 + R`, columns `x0 .. x0 + NV * 16` (those inside `w`): `R x NV`
+    /// accumulators over every tap, ky outer and kx inner (the order of `DwGeom::dx_taps`), each reading
+    /// `g[y + pt - ky][x + pl - kx]` with the lanes outside the gradient row masked out. `CHECK`: skip
+    /// the taps of rows outside `[0, oh)`.
+    ///
+    /// # Safety
+    /// As [`plane_dx`], and `y0 + R <= h`, `x0 < w`; without `CHECK`, every row read inside `[0, oh)`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pass_dx<const R: usize, const NV: usize, const CHECK: bool>(
+        g: &DwGeom,
+        gp: &[f32],
+        f: &[f32],
+        dx: &mut [f32],
+        y0: usize,
+        x0: usize,
+    ) {
+        let (oh, ow, k) = (g.oh as isize, g.ow as isize, g.k);
+        let (pt, pl) = (g.pt as isize, g.pl as isize);
+        let gptr = gp.as_ptr();
+        // Output lanes of each vector.
+        let n: [isize; NV] =
+            std::array::from_fn(|v| ((g.w - x0).saturating_sub(v * L)).min(L) as isize);
+        // Per kx, the lanes of each vector whose gradient column lies inside the row.
+        let mut m = [[0 as __mmask16; NV]; MAX_K];
+        for (kx, mk) in m.iter_mut().enumerate().take(k) {
+            for (v, mv) in mk.iter_mut().enumerate() {
+                let c = x0 as isize + (v * L) as isize + pl - kx as isize;
+                *mv = lanes(-c, n[v].min(ow - c));
+            }
+        }
+        let mut acc = [[_mm512_setzero_ps(); NV]; R];
+        for ky in 0..k {
+            for (kx, mk) in m.iter().enumerate().take(k) {
+                let wv = _mm512_set1_ps(f[ky * k + kx]);
+                let c0 = x0 as isize + pl - kx as isize;
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let sy = (y0 + r) as isize + pt - ky as isize;
+                    if CHECK && (sy < 0 || sy >= oh) {
+                        continue;
+                    }
+                    for v in 0..NV {
+                        // Only the lanes of `mk[v]` are read: columns inside row `sy` of `g`.
+                        let p = gptr.wrapping_offset(sy * ow + c0 + (v * L) as isize);
+                        // SAFETY: the masked-out lanes are not accessed; the others lie in `gp`.
+                        let gv = unsafe { _mm512_maskz_loadu_ps(mk[v], p) };
+                        a[v] = _mm512_add_ps(a[v], _mm512_mul_ps(wv, gv));
+                    }
+                }
+            }
+        }
+        let op = dx.as_mut_ptr();
+        for (r, a) in acc.iter().enumerate() {
+            for v in 0..NV {
+                let dst = op.wrapping_add((y0 + r) * g.w + x0 + v * L);
+                // SAFETY: lanes `[0, n[v])` are columns `x0 + v*L ..` of row `y0 + r` of `dx`.
+                unsafe { _mm512_mask_storeu_ps(dst, lanes(0, n[v]), a[v]) };
+            }
         }
     }
 
@@ -194,6 +326,47 @@ mod tests {
             g.image_fwd(&xd, &g.fwd_taps(&f), &mut padded).unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&padded), "c{c} {h}x{w} k{k} {pad:?}");
+        }
+    }
+
+    /// The input gradient bit for bit against the zero-padded path (`DwGeom::plane_dx_padded`), every
+    /// padding and width case.
+    #[test]
+    fn unpadded_input_gradient_gives_the_padded_bits() {
+        if !crate::ops::has_avx512() {
+            eprintln!("no AVX-512 here: the unpadded input-gradient kernel is not used");
+            return;
+        }
+        for (i, (h, w, k, pad)) in [
+            (28, 28, 3, (0, 0, 0, 0)),
+            (14, 14, 3, (0, 0, 0, 0)),
+            (12, 12, 3, (0, 0, 0, 0)),
+            (28, 28, 3, (1, 1, 1, 1)),
+            (28, 28, 5, (2, 2, 2, 2)),
+            (9, 40, 5, (2, 1, 0, 3)),
+            (7, 7, 3, (0, 1, 1, 0)),
+            (8, 8, 3, (3, 2, 2, 3)),
+            (5, 17, 5, (2, 1, 0, 3)),
+            (6, 5, 1, (0, 0, 0, 0)),
+            (33, 70, 3, (1, 1, 1, 1)),
+            (3, 3, 3, (0, 0, 0, 0)),
+            (10, 35, 7, (3, 3, 3, 3)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let g = DwGeom::new((1, 1, h, w), k, 1, pad).unwrap();
+            let seed = 40 + 3 * i as u64;
+            let f = rand_t(&[k * k], seed + 1).to_vec1::<f32>().unwrap();
+            let gr = rand_t(&[g.oh * g.ow], seed + 2).to_vec1::<f32>().unwrap();
+            let mut fast = vec![f32::NAN; h * w];
+            assert!(plane_dx(&g, &gr, &f, &mut fast));
+            let mut padded = vec![f32::NAN; h * w];
+            let mut scratch = vec![f32::NAN; g.bwd_scratch_len()];
+            g.plane_dx_padded(&g.dx_taps(&f), &gr, &mut padded, &mut scratch)
+                .unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&padded), "{h}x{w} k{k} {pad:?}");
         }
     }
 

@@ -100,8 +100,12 @@ impl SepGeom {
         let d = self.dw;
         let (hw, ohw, kk) = (d.h * d.w, self.ohw(), d.k * d.k);
         if d.stride == 1 {
+            // The padded image stays in `xd` for the filter gradient; the output is read from the
+            // unpadded image where the CPU has AVX-512 (the same bits, `depthwise_k512`).
             d.pad_image(xi, xd);
-            d.image_fwd(xd, &kern.fwd_taps, &mut dwo[..d.c * ohw])?;
+            if !super::depthwise_k512::image_fwd(&d, xi, f, &mut dwo[..d.c * ohw]) {
+                d.image_fwd(xd, &kern.fwd_taps, &mut dwo[..d.c * ohw])?;
+            }
             dwo[d.c * ohw..].fill(0.0);
             return Ok(());
         }
