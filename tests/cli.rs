@@ -69,6 +69,10 @@ fn train_then_evaluate_round_trips() {
                 "nearest",
                 "--weight-decay",
                 "0.01",
+                "--schedule",
+                "one-cycle",
+                "--warmup-fraction",
+                "0.1",
             ],
         ),
     );
@@ -84,6 +88,12 @@ fn train_then_evaluate_round_trips() {
     assert_eq!(
         config["adam"]["weight_decay"].as_f64(),
         Some(0.01),
+        "{config}"
+    );
+    assert_eq!(config["schedule"]["kind"], "one_cycle", "{config}");
+    assert_eq!(
+        config["schedule"]["pct_start"].as_f64(),
+        Some(0.1),
         "{config}"
     );
     // --interpolation turns augmentation on (with the improved recipe's ranges).
@@ -173,12 +183,27 @@ fn bad_input_gives_one_clear_line_and_a_non_zero_exit() {
         ("--interpolation", "cubic"),
         ("--weight-decay", "-0.1"),
         ("--weight-decay", "inf"),
+        ("--warmup-fraction", "0"),
+        ("--warmup-fraction", "1"),
     ] {
         let out = run("solution-conv", &[flag, value]);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(flag), "{flag} {value}: {err}");
     }
+
+    // A warm-up fraction without a one-cycle schedule (the original's plateau rule) is refused by name.
+    let out = run(
+        "solution-conv",
+        &["--variant", "seed", "--warmup-fraction", "0.1", "--quiet"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--warmup-fraction") && err.contains("plateau"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 
     let bogus = dir.path().join("model.safetensors");
     std::fs::write(&bogus, b"not a safetensors file").unwrap();

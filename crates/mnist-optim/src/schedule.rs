@@ -73,6 +73,16 @@ fn invalid(what: &'static str, value: f64, reason: &'static str) -> OptimError {
 }
 
 impl ScheduleConfig {
+    /// The schedule's kind as its serialised tag (`constant`, `plateau`, `one_cycle`, `warmup_cosine`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Constant => "constant",
+            Self::Plateau { .. } => "plateau",
+            Self::OneCycle { .. } => "one_cycle",
+            Self::WarmupCosine { .. } => "warmup_cosine",
+        }
+    }
+
     /// Checks the parameters of the schedule, naming the first one out of range.
     pub fn validate(&self) -> Result<()> {
         match *self {
@@ -446,6 +456,29 @@ mod tests {
         let cfg2: ScheduleConfig =
             serde_json::from_str(r#"{"kind": "one_cycle", "max_lr": 0.01}"#).unwrap();
         assert_eq!(cfg2, cfg);
+    }
+
+    /// Each schedule's name is its serialised tag.
+    #[test]
+    fn names_are_the_serde_tags() {
+        for cfg in [
+            ScheduleConfig::Constant,
+            ScheduleConfig::Plateau { factor: 2.0 },
+            ScheduleConfig::OneCycle {
+                max_lr: 0.01,
+                pct_start: 0.3,
+                div_factor: 25.0,
+                final_div_factor: 1e4,
+            },
+            ScheduleConfig::WarmupCosine {
+                peak_lr: 0.01,
+                warmup_epochs: 1.0,
+                final_lr: 0.0,
+            },
+        ] {
+            let v = serde_json::to_value(cfg).unwrap();
+            assert_eq!(v["kind"], cfg.name());
+        }
     }
 
     /// PyTorch's exact values for a small case, computed from its algorithm by hand:
