@@ -154,12 +154,12 @@ impl Activation {
         matches!(self, Activation::None | Activation::Relu)
     }
 
-    /// Keras's name of it as a layer of its own (`ReLU`, `Activation`), for summaries.
+    /// Keras's layer class for it as a layer of its own, for summaries: `ReLU` has its own class, every
+    /// other function is an `Activation` layer (`Activation("silu")`, `Activation("linear")`).
     pub fn keras_layer(self) -> &'static str {
         match self {
-            Activation::None => "Linear",
             Activation::Relu => "ReLU",
-            Activation::Silu => "Activation",
+            Activation::None | Activation::Silu => "Activation",
         }
     }
 

@@ -458,7 +458,9 @@ struct DfDims {
 }
 
 multiversion! {
-    /// The accumulation of [`DwGeom::plane_df_s1`] for `KK = k * k` taps.
+    /// The accumulation of [`DwGeom::plane_df_s1`] for `KK = k * k` taps: per tap, 8 lanes each summing
+    /// `g * x` over the rows and 8-column vectors in order (unfused, from +0), then the lanes reduced as
+    /// `(a0 + a4 + (a2 + a6)) + (a1 + a5 + (a3 + a7))`. `depthwise_k512::df_acc` does the same on AVX-512.
     fn df_s1_imp(d: DfDims, xd: &[f32], gq: &[f32], df: &mut [f32], kk: usize) {
         match kk {
             1 => df_acc::<1>(d, xd, gq, df),
@@ -469,7 +471,22 @@ multiversion! {
 }
 
 fn df_s1<const KK: usize>(d: DfDims, xd: &[f32], gq: &[f32], df: &mut [f32]) {
+    let DfDims { k, oh, ow8, wp } = d;
+    if super::depthwise_k512::df_acc((k, oh, ow8, wp), xd, gq, df) {
+        return;
+    }
     df_s1_imp(d, xd, gq, df, KK)
+}
+
+/// [`df_s1`] on the portable kernel only (the reference of the AVX-512 one's bits in the tests).
+#[cfg(test)]
+pub(crate) fn df_s1_portable(
+    (k, oh, ow8, wp): (usize, usize, usize, usize),
+    xd: &[f32],
+    gq: &[f32],
+    df: &mut [f32],
+) {
+    df_s1_imp(DfDims { k, oh, ow8, wp }, xd, gq, df, k * k)
 }
 
 #[inline(always)]

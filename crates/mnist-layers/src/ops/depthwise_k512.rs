@@ -68,6 +68,45 @@ pub(crate) fn plane_dx(g: &DwGeom, gp: &[f32], f: &[f32], dx: &mut [f32]) -> boo
     false
 }
 
+/// The depthwise filter gradient's accumulation (`DwGeom::plane_df_s1`) on AVX-512: `df [k*k]` from the
+/// padded image plane `xd` (rows `wp` long) and the output gradient `gq [oh, ow8]` (rows padded with zeros
+/// to a multiple of 8). Each tap keeps the portable kernel's 8 lanes, two taps to a 16-lane register (tap
+/// `2p` in the low half, `2p + 1` in the high one), so every lane sums the same products in the same order
+/// and the lanes are reduced the same way: the same bits with half the vector operations. `false`
+/// (nothing written) without AVX-512 or for kernels other than 1, 3 and 5.
+pub(crate) fn df_acc(
+    (k, oh, ow8, wp): (usize, usize, usize, usize),
+    xd: &[f32],
+    gq: &[f32],
+    df: &mut [f32],
+) -> bool {
+    let need = (oh + k - 1) * wp;
+    if !matches!(k, 1 | 3 | 5)
+        || !ow8.is_multiple_of(8)
+        || ow8 + k - 1 > wp
+        || xd.len() < need
+        || gq.len() < oh * ow8
+        || df.len() < k * k
+        || !super::has_avx512()
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: AVX-512F is available and the buffers hold what the kernel reads (checked above).
+        unsafe {
+            match k {
+                1 => k512::df_acc::<1, 1>((k, oh, ow8, wp), xd, gq, df),
+                3 => k512::df_acc::<9, 5>((k, oh, ow8, wp), xd, gq, df),
+                _ => k512::df_acc::<25, 13>((k, oh, ow8, wp), xd, gq, df),
+            }
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The largest kernel [`plane_dx`] takes (its column masks are kept per kx).
 const MAX_K: usize = 7;
 
@@ -122,6 +161,63 @@ mod k512 {
                 oy += rows;
             }
             x0 += 2 * L;
+        }
+    }
+
+    /// [`super::df_acc`] for `KK = k * k` taps in `P = ceil(KK / 2)` registers.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `xd` holds `(oh + k - 1) * wp` floats, `gq` `oh * ow8`, `df` `KK`,
+    /// `ow8` is a multiple of 8 and `ow8 + k - 1 <= wp`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn df_acc<const KK: usize, const P: usize>(
+        (k, oh, ow8, wp): (usize, usize, usize, usize),
+        xd: &[f32],
+        gq: &[f32],
+        df: &mut [f32],
+    ) {
+        // Both halves of a register from two 8-float runs.
+        let pair = |lo: __m256, hi: __m256| {
+            _mm512_castpd_ps(_mm512_insertf64x4(
+                _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+                _mm256_castps_pd(hi),
+                1,
+            ))
+        };
+        let (xp, gp) = (xd.as_ptr(), gq.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); P];
+        for oy in 0..oh {
+            for v in 0..ow8 / 8 {
+                // SAFETY: `oy * ow8 + 8v + 8 <= oh * ow8 <= gq.len()`.
+                let g = unsafe { _mm256_loadu_ps(gp.add(oy * ow8 + 8 * v)) };
+                let g2 = pair(g, g);
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let x = |t: usize| {
+                        if t < KK {
+                            let off = (oy + t / k) * wp + t % k + 8 * v;
+                            // SAFETY: `off + 8 <= (oh - 1 + k - 1) * wp + k - 1 + ow8 <= (oh + k - 1) * wp`.
+                            unsafe { _mm256_loadu_ps(xp.add(off)) }
+                        } else {
+                            _mm256_setzero_ps()
+                        }
+                    };
+                    let xv = pair(x(2 * p), x(2 * p + 1));
+                    *a = _mm512_add_ps(*a, _mm512_mul_ps(g2, xv));
+                }
+            }
+        }
+        let mut lanes = [0f32; 32];
+        for (p, a) in acc.iter().enumerate() {
+            // SAFETY: 16 floats into the first half of `lanes`.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
+            for half in 0..2 {
+                let t = 2 * p + half;
+                if t < KK {
+                    let a = &lanes[8 * half..8 * half + 8];
+                    let h = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+                    df[t] = (h[0] + h[2]) + (h[1] + h[3]);
+                }
+            }
         }
     }
 
@@ -368,6 +464,46 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&padded), "{h}x{w} k{k} {pad:?}");
         }
+    }
+
+    /// The filter gradient's accumulation bit for bit against the portable kernel, kernels 1, 3 and 5.
+    #[test]
+    fn filter_gradient_pairs_give_the_portable_bits() {
+        if !crate::ops::has_avx512() {
+            eprintln!("no AVX-512 here: the paired filter-gradient kernel is not used");
+            return;
+        }
+        for (i, (k, oh, ow)) in [
+            (3usize, 26usize, 26usize),
+            (3, 12, 12),
+            (3, 5, 9),
+            (5, 10, 10),
+            (5, 24, 17),
+            (1, 14, 14),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let ow8 = ow.div_ceil(8) * 8;
+            let wp = ow8 + k - 1 + i % 2;
+            let seed = 70 + 3 * i as u64;
+            let xd = rand_t(&[(oh + k - 1) * wp], seed).to_vec1::<f32>().unwrap();
+            let mut gq = rand_t(&[oh * ow8], seed + 1).to_vec1::<f32>().unwrap();
+            for row in gq.chunks_exact_mut(ow8) {
+                row[ow..].fill(0.0);
+            }
+            let (mut fast, mut portable) = (vec![f32::NAN; k * k], vec![f32::NAN; k * k]);
+            assert!(df_acc((k, oh, ow8, wp), &xd, &gq, &mut fast));
+            crate::ops::depthwise::df_s1_portable((k, oh, ow8, wp), &xd, &gq, &mut portable);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&portable), "k{k} {oh}x{ow} wp {wp}");
+        }
+        assert!(!df_acc(
+            (7, 4, 8, 14),
+            &[0.0; 200],
+            &[0.0; 32],
+            &mut [0.0; 49]
+        ));
     }
 
     #[test]
