@@ -154,6 +154,54 @@ impl DwGeom {
         Some(())
     }
 
+    /// True where [`Self::image_df_unpadded`] can take an image whose slice `x` (the image, then what
+    /// follows it in the batch) holds `len` floats: stride 1, no padding ("valid"), kernel 1, 3 or 5, an
+    /// AVX-512 CPU, and `ceil8(ow) - ow` floats after the image's last plane to read.
+    pub(crate) fn df_reads_unpadded(&self, len: usize) -> bool {
+        let ow8 = self.ow.div_ceil(8) * 8;
+        self.stride == 1
+            && (self.pt, self.pl) == (0, 0)
+            && self.h == self.oh + self.k - 1
+            && self.w == self.ow + self.k - 1
+            && matches!(self.k, 1 | 3 | 5)
+            && len >= self.c * self.h * self.w + (ow8 - self.ow)
+            && super::has_avx512()
+    }
+
+    /// [`Self::image_df`] read straight from the unpadded image `x` (where [`Self::df_reads_unpadded`]):
+    /// the same products in the same order, so the same bits. The 8-column runs of a row's last vector
+    /// reach past the row into the next one, where the gradient (padded with zeros to `ceil8(ow)`) is
+    /// zero: `0 * x` adds nothing to the sums, as the padded copy's zeros did (for finite `x`). `None`,
+    /// nothing written, where it does not apply.
+    pub(crate) fn image_df_unpadded(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        df: &mut [f32],
+        gq: &mut [f32],
+    ) -> Option<()> {
+        if !self.df_reads_unpadded(x.len()) {
+            return None;
+        }
+        let (k, oh, ow, hw) = (self.k, self.oh, self.ow, self.h * self.w);
+        let ow8 = ow.div_ceil(8) * 8;
+        for (ch, (gpl, d)) in g
+            .chunks_exact(oh * ow)
+            .zip(df.chunks_exact_mut(k * k))
+            .enumerate()
+            .take(self.c)
+        {
+            for (dst, src) in gq.chunks_exact_mut(ow8).zip(gpl.chunks_exact(ow)) {
+                dst[..ow].copy_from_slice(src);
+                dst[ow..].fill(0.0);
+            }
+            if !super::depthwise_k512::df_acc((k, oh, ow8, self.w), &x[ch * hw..], gq, d) {
+                return None;
+            }
+        }
+        Some(())
+    }
+
     /// Stride 1: `dx [c, h, w] = conv^T(g, f)` of one image (see [`Self::plane_dx_s1`]); `gp` is scratch
     /// of one padded gradient plane.
     pub(crate) fn image_dx(

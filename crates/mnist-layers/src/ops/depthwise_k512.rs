@@ -69,8 +69,9 @@ pub(crate) fn plane_dx(g: &DwGeom, gp: &[f32], f: &[f32], dx: &mut [f32]) -> boo
 }
 
 /// The depthwise filter gradient's accumulation (`DwGeom::plane_df_s1`) on AVX-512: `df [k*k]` from the
-/// padded image plane `xd` (rows `wp` long) and the output gradient `gq [oh, ow8]` (rows padded with zeros
-/// to a multiple of 8). Each tap keeps the portable kernel's 8 lanes, two taps to a 16-lane register (tap
+/// image plane `xd` (rows `wp` long: the padded copy, or the unpadded plane of a valid convolution, whose
+/// last runs then reach into the next row where `gq` is zero) and the output gradient `gq [oh, ow8]` (rows
+/// padded with zeros to a multiple of 8). Each tap keeps the portable kernel's 8 lanes, two taps to a 16-lane register (tap
 /// `2p` in the low half, `2p + 1` in the high one), so every lane sums the same products in the same order
 /// and the lanes are reduced the same way: the same bits with half the vector operations. `false`
 /// (nothing written) without AVX-512 or for kernels other than 1, 3 and 5.
@@ -80,11 +81,11 @@ pub(crate) fn df_acc(
     gq: &[f32],
     df: &mut [f32],
 ) -> bool {
-    let need = (oh + k - 1) * wp;
+    // The last row's last run ends at `(oh - 1 + k - 1) * wp + k - 1 + ow8`.
     if !matches!(k, 1 | 3 | 5)
+        || oh == 0
         || !ow8.is_multiple_of(8)
-        || ow8 + k - 1 > wp
-        || xd.len() < need
+        || xd.len() < (oh + k - 2) * wp + k - 1 + ow8
         || gq.len() < oh * ow8
         || df.len() < k * k
         || !super::has_avx512()
@@ -167,8 +168,8 @@ mod k512 {
     /// [`super::df_acc`] for `KK = k * k` taps in `P = ceil(KK / 2)` registers.
     ///
     /// # Safety
-    /// AVX-512F must be available; `xd` holds `(oh + k - 1) * wp` floats, `gq` `oh * ow8`, `df` `KK`,
-    /// `ow8` is a multiple of 8 and `ow8 + k - 1 <= wp`.
+    /// AVX-512F must be available; `xd` holds `(oh + k - 2) * wp + k - 1 + ow8` floats, `gq` `oh * ow8`,
+    /// `df` `KK`, `ow8` is a multiple of 8.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn df_acc<const KK: usize, const P: usize>(
         (k, oh, ow8, wp): (usize, usize, usize, usize),
@@ -195,7 +196,7 @@ mod k512 {
                     let x = |t: usize| {
                         if t < KK {
                             let off = (oy + t / k) * wp + t % k + 8 * v;
-                            // SAFETY: `off + 8 <= (oh - 1 + k - 1) * wp + k - 1 + ow8 <= (oh + k - 1) * wp`.
+                            // SAFETY: `off + 8 <= (oh - 1 + k - 1) * wp + k - 1 + ow8 <= xd.len()`.
                             unsafe { _mm256_loadu_ps(xp.add(off)) }
                         } else {
                             _mm256_setzero_ps()
@@ -504,6 +505,51 @@ mod tests {
             &[0.0; 32],
             &mut [0.0; 49]
         ));
+    }
+
+    /// A valid convolution's filter gradient read from the unpadded image: the bits of the padded copy's.
+    #[test]
+    fn unpadded_filter_gradient_gives_the_padded_bits() {
+        if !crate::ops::has_avx512() {
+            eprintln!("no AVX-512 here: the unpadded filter gradient is not used");
+            return;
+        }
+        for (i, (c, h, w, k)) in [
+            (3usize, 28usize, 28usize, 3usize),
+            (2, 14, 14, 3),
+            (2, 12, 9, 5),
+            (1, 7, 20, 1),
+            (4, 10, 10, 3),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let g = DwGeom::new((1, c, h, w), k, 1, (0, 0, 0, 0)).unwrap();
+            let seed = 90 + 3 * i as u64;
+            let ow8 = g.ow.div_ceil(8) * 8;
+            // The image, then as much of "the next image" as the last row's last run reads.
+            let x = rand_t(&[c * h * w + ow8 - g.ow], seed)
+                .to_vec1::<f32>()
+                .unwrap();
+            let gr = rand_t(&[c * g.oh * g.ow], seed + 1)
+                .to_vec1::<f32>()
+                .unwrap();
+            let mut gq = vec![f32::NAN; g.oh * ow8];
+            let (mut fast, mut padded) = (vec![f32::NAN; c * k * k], vec![f32::NAN; c * k * k]);
+            assert!(g.df_reads_unpadded(x.len()));
+            assert!(!g.df_reads_unpadded(x.len() - 1) || ow8 == g.ow);
+            g.image_df_unpadded(&x, &gr, &mut fast, &mut gq).unwrap();
+            let mut xd = vec![f32::NAN; g.padded_len()];
+            g.pad_image(&x[..c * h * w], &mut xd);
+            g.image_df(&xd, &gr, &mut padded, &mut gq).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&padded), "c{c} {h}x{w} k{k}");
+        }
+        // Padding or too little to read: not taken.
+        let same = DwGeom::new((1, 1, 8, 8), 3, 1, (1, 1, 1, 1)).unwrap();
+        assert!(!same.df_reads_unpadded(1 << 20));
+        let valid = DwGeom::new((1, 1, 12, 12), 3, 1, (0, 0, 0, 0)).unwrap();
+        assert!(!valid.df_reads_unpadded(144));
     }
 
     #[test]

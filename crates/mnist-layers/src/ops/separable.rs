@@ -86,6 +86,18 @@ impl SepGeom {
         }
     }
 
+    /// [`Self::depthwise_image`] straight from the unpadded image where the CPU can
+    /// ([`super::depthwise_k512::image_fwd`]: the same bits, no padded copy); `false`, nothing written,
+    /// elsewhere.
+    fn depthwise_unpadded(&self, xi: &[f32], f: &[f32], dwo: &mut [f32]) -> bool {
+        let n = self.dw.c * self.ohw();
+        if super::depthwise_k512::image_fwd(&self.dw, xi, f, &mut dwo[..n]) {
+            dwo[n..].fill(0.0);
+            return true;
+        }
+        false
+    }
+
     /// The depthwise output of one image `xi [c, h, w]` into `dwo`, which holds the pointwise
     /// convolution's input (`[c, oh, ow]` then slack up to `pw.xp_len`, zeroed). For stride 1, `xd`
     /// holds the padded image afterwards ([`DwGeom::pad_image`]).
@@ -184,11 +196,7 @@ impl SepGeom {
         let pw = &kern.pw;
         let (f, _) = self.split(w);
         with_scratch([self.dw_scratch_len(), pw.xp_len], |[xd, dwo]| {
-            // Straight from the unpadded image where the CPU can (the same bits, no padded copy).
-            let n = self.dw.c * self.ohw();
-            if super::depthwise_k512::image_fwd(&self.dw, xi, f, &mut dwo[..n]) {
-                dwo[n..].fill(0.0);
-            } else {
+            if !self.depthwise_unpadded(xi, f, dwo) {
                 self.depthwise_image(kern, xi, f, dwo, xd)?;
             }
             then(dwo)
@@ -319,17 +327,28 @@ impl SepGeom {
                                 db[oc] += sum_f32(row) as f32;
                             }
                         }
+                        // The filter gradient reads the unpadded image where it can; otherwise the
+                        // recomputation leaves the padded image in `xd` for it.
+                        let x_rest = &x[i * chw..];
+                        let unpadded_df = d.df_reads_unpadded(x_rest.len());
                         // The pointwise weights' gradient, from the recomputed depthwise output.
-                        self.depthwise_image(&kern, xi, f, dwo, xd)?;
+                        if !(unpadded_df && self.depthwise_unpadded(xi, f, dwo)) {
+                            self.depthwise_image(&kern, xi, f, dwo, xd)?;
+                        }
                         let gw = pw.wide_grad(gbuf, gwide);
                         pw.weight_grad(dwo, gw, dpw)?;
                         // The gradient at the depthwise output.
                         pw_t.pad_into(gbuf, gxp);
                         pw_t.run_compact(gxp, &Epilogue::default(), dwide, ddwo)?;
                         if d.stride == 1 {
-                            // The padded image of the recomputation is still in `xd`.
                             let (gq, gpl) = gp.split_at_mut(d.oh * d.ow.div_ceil(8) * 8);
-                            if d.image_df(xd, ddwo, &mut df, gq).is_some() {
+                            let df_done = if unpadded_df {
+                                d.image_df_unpadded(x_rest, ddwo, &mut df, gq)
+                            } else {
+                                // The padded image of the recomputation is still in `xd`.
+                                d.image_df(xd, ddwo, &mut df, gq)
+                            };
+                            if df_done.is_some() {
                                 for (a, b) in ddw.iter_mut().zip(&df) {
                                     *a += b;
                                 }
