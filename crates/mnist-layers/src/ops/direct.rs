@@ -686,10 +686,93 @@ unsafe fn run_generic(dc: &DirectConv, xp: &[f32], epi: &Epilogue, out: &mut [Ma
     }
 }
 
+/// A random stride-1 convolution case with its reference output, for the tests of the kernels that
+/// compute it (this module's and `winograd.rs`).
+#[cfg(test)]
+pub(crate) mod fixture {
+    use super::{DirectConv, Epilogue};
+    use crate::ops::test_util::rand_t;
+    use crate::ops::Pad4;
+    use candle_core::{Device, Tensor};
+
+    /// `relu?(conv(x, w) + b) * scale + shift` on one random `[c, h, w]` image, with the direct
+    /// convolution of its weights and its padded input.
+    pub(crate) struct ConvCase {
+        pub dc: DirectConv,
+        /// The weights `[o, c, k, k]`, flattened.
+        pub w: Vec<f32>,
+        /// The padded input ([`DirectConv::pad_into`]; NaN where nothing was written).
+        pub xp: Vec<f32>,
+        /// candle's reference output `[1, o, oh, ow]` ([`crate::ops::conv2d_fused_reference`], then the
+        /// affine of [`crate::ops::batch_norm_eval_reference`]).
+        pub reference: Tensor,
+        relu: bool,
+        bias: Vec<f32>,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+    }
+
+    impl ConvCase {
+        pub(crate) fn new(
+            c: usize,
+            (h, w): (usize, usize),
+            (o, k): (usize, usize),
+            pad: Pad4,
+            relu: bool,
+            seed: u64,
+        ) -> Self {
+            let x = rand_t(&[1, c, h, w], seed);
+            let wt = rand_t(&[o, c, k, k], seed + 1);
+            let b = rand_t(&[o], seed + 2);
+            let (sc, sh) = (rand_t(&[o], seed + 3), rand_t(&[o], seed + 4));
+            let yr = crate::ops::conv2d_fused_reference(&x, &wt, Some(&b), 1, pad, relu).unwrap();
+            let reference = crate::ops::batch_norm_eval_reference(&yr, &sc, &sh).unwrap();
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let wv = v(&wt);
+            let dc = DirectConv::new((c, h, w), &wv, (o, k), pad).unwrap();
+            let (_, _, oh, ow) = reference.dims4().unwrap();
+            assert_eq!((dc.oh, dc.ow), (oh, ow));
+            let mut xp = vec![f32::NAN; dc.xp_len];
+            dc.pad_into(&v(&x), &mut xp);
+            Self {
+                dc,
+                w: wv,
+                xp,
+                reference,
+                relu,
+                bias: v(&b),
+                scale: v(&sc),
+                shift: v(&sh),
+            }
+        }
+
+        /// Bias, ReLU and the affine as the kernels' epilogue.
+        pub(crate) fn epi(&self) -> Epilogue<'_> {
+            Epilogue {
+                bias: Some(&self.bias),
+                relu: self.relu,
+                affine: Some((&self.scale, &self.shift)),
+            }
+        }
+
+        /// The outputs `[1, o, oh, ow]` of a wide buffer `[o, nwide]`.
+        pub(crate) fn compact(&self, y: &[f32]) -> Tensor {
+            let (o, oh, ow) = (self.dc.o, self.dc.oh, self.dc.ow);
+            let mut out = Vec::with_capacity(o * oh * ow);
+            for oc in 0..o {
+                for oy in 0..oh {
+                    out.extend_from_slice(self.dc.row(y, oc, oy));
+                }
+            }
+            Tensor::from_vec(out, (1, o, oh, ow), &Device::Cpu).unwrap()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_util::{assert_close, rand_t};
+    use crate::ops::test_util::assert_close;
     use candle_core::{Device, Tensor};
 
     /// The direct convolution (every kernel instance this CPU has, and the portable one) against
@@ -703,35 +786,11 @@ mod tests {
         relu: bool,
         seed: u64,
     ) {
-        let x = rand_t(&[1, c, h, w], seed);
-        let wt = rand_t(&[o, c, k, k], seed + 1);
-        let b = rand_t(&[o], seed + 2);
-        let (sc, sh) = (rand_t(&[o], seed + 3), rand_t(&[o], seed + 4));
-        let yr = crate::ops::conv2d_fused_reference(&x, &wt, Some(&b), 1, pad, relu).unwrap();
-        let yr = crate::ops::batch_norm_eval_reference(&yr, &sc, &sh).unwrap();
-        let (_, _, oh, ow) = yr.dims4().unwrap();
-        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let wv = v(&wt);
-        let dc = DirectConv::new((c, h, w), &wv, (o, k), pad).unwrap();
-        assert_eq!((dc.oh, dc.ow), (oh, ow));
-        let (bv, scv, shv) = (v(&b), v(&sc), v(&sh));
-        let epi = Epilogue {
-            bias: Some(&bv),
-            relu,
-            affine: Some((&scv, &shv)),
-        };
-        let mut xp = vec![f32::NAN; dc.xp_len];
-        dc.pad_into(&v(&x), &mut xp);
+        let case = fixture::ConvCase::new(c, (h, w), (o, k), pad, relu, seed);
+        let (dc, xp, yr, epi) = (&case.dc, &case.xp, &case.reference, case.epi());
+        let (oh, ow) = (dc.oh, dc.ow);
         let what = format!("c{c} {h}x{w} o{o} k{k} {pad:?} relu{relu}");
-        let compact = |y: &[f32]| {
-            let mut out = Vec::with_capacity(o * oh * ow);
-            for oc in 0..o {
-                for oy in 0..oh {
-                    out.extend_from_slice(dc.row(y, oc, oy));
-                }
-            }
-            Tensor::from_vec(out, (1, o, oh, ow), &Device::Cpu).unwrap()
-        };
+        let compact = |y: &[f32]| case.compact(y);
         // Outputs start as NaN, and every kernel writes every value of `[o, nwide]` (its callers build
         // results in place on that: `run_uninit`), finite from a finite padded input.
         let nan = || vec![MaybeUninit::new(f32::NAN); dc.out_len()];

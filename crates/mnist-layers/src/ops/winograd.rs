@@ -692,7 +692,8 @@ mod k512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_util::{assert_close, rand_t};
+    use crate::ops::direct::fixture::ConvCase;
+    use crate::ops::test_util::assert_close;
     use candle_core::{Device, Tensor};
 
     /// The Winograd convolution (AVX-512 where present, and its portable twin) against the direct
@@ -705,35 +706,12 @@ mod tests {
         m: usize,
         seed: u64,
     ) {
-        let x = rand_t(&[1, c, h, w], seed);
-        let wt = rand_t(&[o, c, 3, 3], seed + 1);
-        let b = rand_t(&[o], seed + 2);
-        let (sc, sh) = (rand_t(&[o], seed + 3), rand_t(&[o], seed + 4));
         let relu = seed.is_multiple_of(2);
-        let yr = crate::ops::conv2d_fused_reference(&x, &wt, Some(&b), 1, pad, relu).unwrap();
-        let yr = crate::ops::batch_norm_eval_reference(&yr, &sc, &sh).unwrap();
-        let (_, _, oh, ow) = yr.dims4().unwrap();
-        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let wv = v(&wt);
-        let dc = DirectConv::new((c, h, w), &wv, (o, 3), pad).unwrap();
-        let wg = Winograd::new(&dc, &wv, m);
-        let (bv, scv, shv) = (v(&b), v(&sc), v(&sh));
-        let epi = Epilogue {
-            bias: Some(&bv),
-            relu,
-            affine: Some((&scv, &shv)),
-        };
-        let mut xp = vec![f32::NAN; dc.xp_len];
-        dc.pad_into(&v(&x), &mut xp);
-        let compact = |y: &[f32]| {
-            let mut out = Vec::with_capacity(o * oh * ow);
-            for oc in 0..o {
-                for oy in 0..oh {
-                    out.extend_from_slice(dc.row(y, oc, oy));
-                }
-            }
-            Tensor::from_vec(out, (1, o, oh, ow), &Device::Cpu).unwrap()
-        };
+        let case = ConvCase::new(c, (h, w), (o, 3), pad, relu, seed);
+        let (dc, xp, yr, epi) = (&case.dc, &case.xp, &case.reference, case.epi());
+        let (oh, ow) = (dc.oh, dc.ow);
+        let wg = Winograd::new(dc, &case.w, m);
+        let compact = |y: &[f32]| case.compact(y);
         let what = format!("c{c} {h}x{w} o{o} {pad:?} F({m},3)");
         let mut t = vec![f32::NAN; wg.scratch_len()];
         let mut yp = vec![f32::NAN; dc.out_len()];
