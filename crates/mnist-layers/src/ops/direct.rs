@@ -804,12 +804,12 @@ mod tests {
             y
         };
         let mut y = nan();
-        dc.run_uninit(&xp, &epi, &mut y).unwrap();
+        dc.run_uninit(xp, &epi, &mut y).unwrap();
         let yd = compact(&init(y));
-        assert_close(&yd, &yr, 1e-4, &format!("dispatched {what}"));
+        assert_close(&yd, yr, 1e-4, &format!("dispatched {what}"));
         // The compact stores: the same bits, every one of `[o, oh*ow]` written.
         let mut yc = vec![MaybeUninit::new(f32::NAN); o * oh * ow];
-        if dc.run_compact_stores(&xp, &epi, &mut yc).unwrap() {
+        if dc.run_compact_stores(xp, &epi, &mut yc).unwrap() {
             let yc = Tensor::from_vec(init(yc), (1, o, oh, ow), &Device::Cpu).unwrap();
             assert_close(&yc, &yd, 0.0, &format!("compact stores {what}"));
         } else {
@@ -817,13 +817,13 @@ mod tests {
         }
         let mut y = nan();
         // SAFETY: buffers sized by `dc`.
-        unsafe { run_generic(&dc, &xp, &epi, &mut y) };
-        assert_close(&compact(&init(y)), &yr, 1e-4, &format!("portable {what}"));
+        unsafe { run_generic(dc, xp, &epi, &mut y) };
+        assert_close(&compact(&init(y)), yr, 1e-4, &format!("portable {what}"));
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             let mut y = nan();
             // SAFETY: AVX2 and FMA checked just above; buffers sized by `dc`.
-            unsafe { k256::run::<false>(&dc, &xp, &epi, &mut y) };
+            unsafe { k256::run::<false>(dc, xp, &epi, &mut y) };
             // Same FMAs in the same order per output as the AVX-512 kernel: bit-identical.
             assert_close(
                 &compact(&init(y)),

@@ -715,11 +715,11 @@ mod tests {
         let what = format!("c{c} {h}x{w} o{o} {pad:?} F({m},3)");
         let mut t = vec![f32::NAN; wg.scratch_len()];
         let mut yp = vec![f32::NAN; dc.out_len()];
-        wg.run_portable(&xp, &mut t, &epi, &mut yp).unwrap();
+        wg.run_portable(xp, &mut t, &epi, &mut yp).unwrap();
         let yp = compact(&yp);
-        assert_close(&yp, &yr, 1e-4, &format!("portable {what}"));
+        assert_close(&yp, yr, 1e-4, &format!("portable {what}"));
         let mut yd = vec![0f32; dc.out_len()];
-        dc.run(&xp, &epi, &mut yd).unwrap();
+        dc.run(xp, &epi, &mut yd).unwrap();
         assert_close(
             &yp,
             &compact(&yd),
@@ -728,7 +728,7 @@ mod tests {
         );
         let mut t = vec![f32::NAN; wg.scratch_len()];
         let mut y = vec![f32::NAN; dc.out_len()];
-        wg.run(&xp, &mut t, &epi, &mut y).unwrap();
+        wg.run(xp, &mut t, &epi, &mut y).unwrap();
         assert_close(
             &compact(&y),
             &yp,
@@ -738,7 +738,7 @@ mod tests {
         // The compact output: every value written, the same bits.
         let mut yc = vec![std::mem::MaybeUninit::new(f32::NAN); o * oh * ow];
         let mut wide = vec![0f32; dc.out_len()];
-        wg.run_compact_uninit(&dc, &xp, &mut t, &epi, &mut wide, &mut yc)
+        wg.run_compact_uninit(dc, xp, &mut t, &epi, &mut wide, &mut yc)
             .unwrap();
         // SAFETY: every value was initialised (NaN, then maybe overwritten).
         let yc: Vec<f32> = yc.into_iter().map(|v| unsafe { v.assume_init() }).collect();
