@@ -85,7 +85,7 @@ fn distill_weight(s: &str) -> std::result::Result<f64, String> {
     f64_where(s, |v| v > 0.0 && v <= 1.0, "above 0 and at most 1")
 }
 
-fn ema_decay(s: &str) -> std::result::Result<f64, String> {
+fn open_unit_f64(s: &str) -> std::result::Result<f64, String> {
     f64_where(s, |v| v > 0.0 && v < 1.0, "above 0 and below 1")
 }
 
@@ -168,7 +168,7 @@ struct TrainArgs {
     /// Average the weights: keep an exponential moving average of every model variable (BatchNorm
     /// statistics included) with this decay per step, in (0, 1), e.g. 0.999; validate, test and save the
     /// average [default: off].
-    #[arg(long, value_name = "DECAY", allow_negative_numbers = true, value_parser = ema_decay)]
+    #[arg(long, value_name = "DECAY", allow_negative_numbers = true, value_parser = open_unit_f64)]
     ema: Option<f64>,
     /// Use the --ema decay from the first step instead of ramping it up as min(DECAY, (1+t)/(10+t)).
     #[arg(long, requires = "ema")]
@@ -193,7 +193,7 @@ struct TrainArgs {
     plateau_factor: Option<f64>,
     /// One-cycle schedule: the fraction of the steps spent warming up to the peak, the rest annealing
     /// to the end, above 0 and below 1 [improved recipe: 0.25]. Needs the one-cycle schedule.
-    #[arg(long, value_name = "F", allow_negative_numbers = true, value_parser = ema_decay)]
+    #[arg(long, value_name = "F", allow_negative_numbers = true, value_parser = open_unit_f64)]
     warmup_fraction: Option<f64>,
     /// Turn on-the-fly augmentation (rotation, shift, scale) on.
     #[arg(long, conflicts_with = "no_augment")]
