@@ -63,17 +63,39 @@ pub(crate) fn channel_stats_with(
     hw: usize,
     plane_sum: impl Fn(usize, usize) -> f64 + Sync,
 ) -> (Vec<f32>, Vec<f32>) {
-    let n = (b * hw) as f64;
     let stats: Vec<(f32, f32)> = (0..c)
         .into_par_iter()
-        .map(|ch| {
-            let plane = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-            let mean = ((0..b).map(|i| plane_sum(i, ch)).sum::<f64>() / n) as f32;
-            let var = (0..b).map(|i| sum_sq_dev(plane(i), mean)).sum::<f64>() / n;
-            (mean, var as f32)
-        })
+        .map(|ch| channel_mean_var(x, (b, c, hw), ch, &plane_sum))
         .collect();
     stats.into_iter().unzip()
+}
+
+/// Channel `ch`'s `(mean, biased variance)` over its `b` planes of `x [b, c, hw]`: the mean from the
+/// planes' sums `plane_sum(i, ch)` added in f64, then the squared deviations from it, in f64 across
+/// planes.
+fn channel_mean_var(
+    x: &[f32],
+    (b, c, hw): (usize, usize, usize),
+    ch: usize,
+    plane_sum: &impl Fn(usize, usize) -> f64,
+) -> (f32, f32) {
+    let n = (b * hw) as f64;
+    let plane = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+    let mean = ((0..b).map(|i| plane_sum(i, ch)).sum::<f64>() / n) as f32;
+    let var = (0..b).map(|i| sum_sq_dev(plane(i), mean)).sum::<f64>() / n;
+    (mean, var as f32)
+}
+
+/// `1 / sqrt(var + eps)`, taken in f64.
+fn inv_std(var: f32, eps: f64) -> f32 {
+    (1.0 / (var as f64 + eps).sqrt()) as f32
+}
+
+/// The per-channel affine `(scale, shift)` that normalises with the batch statistics and applies
+/// BatchNorm's `gamma`, `beta`: `scale = gamma * invstd`, `shift = beta - mean * scale`.
+fn norm_affine(gamma: f32, beta: f32, mean: f32, invstd: f32) -> (f32, f32) {
+    let scale = gamma * invstd;
+    (scale, beta - mean * scale)
 }
 
 /// BatchNorm's batch statistics over `y [b, c, hw]`: what a training forward pass keeps for its backward
@@ -101,16 +123,13 @@ pub(crate) fn stats_then_planes(
     eps: f64,
     per_plane: impl Fn(usize, &[f32], f32, f32) + Sync,
 ) -> BnBatch {
-    let n = (b * hw) as f64;
     let per: Vec<[f32; 3]> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let plane = |i: usize| &y[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-            let mean = ((0..b).map(|i| plane_sum(i, ch)).sum::<f64>() / n) as f32;
-            let var = ((0..b).map(|i| sum_sq_dev(plane(i), mean)).sum::<f64>() / n) as f32;
-            let invstd = (1.0 / (var as f64 + eps).sqrt()) as f32;
-            let scale = gamma[ch] * invstd;
-            let shift = beta[ch] - mean * scale;
+            let (mean, var) = channel_mean_var(y, (b, c, hw), ch, &plane_sum);
+            let invstd = inv_std(var, eps);
+            let (scale, shift) = norm_affine(gamma[ch], beta[ch], mean, invstd);
             for i in 0..b {
                 per_plane(i * c + ch, plane(i), scale, shift);
             }
@@ -365,10 +384,9 @@ impl CustomOp3 for BnTrainOp {
         let x = fwd_slice(s1, l1, OP_TRAIN)?;
         let gamma = fwd_slice(s2, l2, OP_TRAIN)?;
         let beta = fwd_slice(s3, l3, OP_TRAIN)?;
-        let scale: Vec<f32> = (0..self.c).map(|ch| gamma[ch] * self.invstd[ch]).collect();
-        let shift: Vec<f32> = (0..self.c)
-            .map(|ch| beta[ch] - self.mean[ch] * scale[ch])
-            .collect();
+        let (scale, shift): (Vec<f32>, Vec<f32>) = (0..self.c)
+            .map(|ch| norm_affine(gamma[ch], beta[ch], self.mean[ch], self.invstd[ch]))
+            .unzip();
         let y = affine(x, &scale, &shift, self.c, self.hw);
         Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
     }
@@ -434,10 +452,7 @@ pub fn batch_norm_train(
         cpu_data!(x, xg, xs, OP_TRAIN);
         channel_stats(xs, b, c, h * w)
     };
-    let invstd: Vec<f32> = var
-        .iter()
-        .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
-        .collect();
+    let invstd: Vec<f32> = var.iter().map(|&v| inv_std(v, eps)).collect();
     let dev = x.device().clone();
     let mean_t = Tensor::from_vec(mean.clone(), c, &dev)?;
     let var_t = Tensor::from_vec(var, c, &dev)?;
