@@ -245,6 +245,17 @@ fn unknown_field() {
     );
     refused(
         tmp.path(),
+        "unknown-init",
+        &format!("{{ \"init\": \"xavier\", \"layers\": [{GAP_DENSE}] }}"),
+        &[
+            "unknown variant `xavier`",
+            "glorot_uniform",
+            "he_uniform",
+            "pytorch",
+        ],
+    );
+    refused(
+        tmp.path(),
         "field-on-flatten",
         &layers(r#"{ "type": "flatten", "size": 3 }, { "type": "dense", "units": 10 }"#),
         &["layers[0] (flatten)", "unknown field `size`"],

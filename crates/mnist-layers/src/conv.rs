@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::error::shape_err;
-use crate::init::glorot_uniform;
+use crate::init::WeightInit;
 use crate::{ops, Activation, Kernels, LayerError, Padding};
 
 /// Configuration shared by the convolution layers.
@@ -18,6 +18,8 @@ pub struct Conv2dConfig {
     pub activation: Activation,
     /// Whether the layer has a bias (default true).
     pub bias: bool,
+    /// How the weights are drawn (default glorot-uniform, as Keras).
+    pub init: WeightInit,
 }
 
 impl Default for Conv2dConfig {
@@ -27,6 +29,7 @@ impl Default for Conv2dConfig {
             padding: Padding::Valid,
             activation: Activation::None,
             bias: true,
+            init: WeightInit::GlorotUniform,
         }
     }
 }
@@ -59,7 +62,7 @@ pub struct Conv2d {
     kernels: Kernels,
 }
 
-/// Builds a [`Conv2d`]: `"weight" [out_c, in_c, k, k]` glorot-uniform (fan_in = in_c*k*k,
+/// Builds a [`Conv2d`]: `"weight" [out_c, in_c, k, k]` drawn by `cfg.init` (fan_in = in_c*k*k,
 /// fan_out = out_c*k*k), `"bias" [out_c]` zeros when `cfg.bias`. It runs on the fast kernels where it
 /// can ([`Conv2d::with_kernels`] chooses otherwise).
 pub fn conv2d(
@@ -77,7 +80,7 @@ pub fn conv2d(
     let weight = vb.get_with_hints(
         (out_c, in_c, k, k),
         "weight",
-        glorot_uniform(in_c * k * k, out_c * k * k),
+        cfg.init.init(in_c * k * k, out_c * k * k),
     )?;
     let bias = if cfg.bias {
         Some(vb.get_with_hints(out_c, "bias", Init::Const(0.0))?)
@@ -155,7 +158,7 @@ pub struct DepthwiseConv2d {
     kernels: Kernels,
 }
 
-/// Builds a [`DepthwiseConv2d`]: `"weight" [c, 1, k, k]` glorot-uniform with fan_in = fan_out = k*k
+/// Builds a [`DepthwiseConv2d`]: `"weight" [c, 1, k, k]` drawn by `cfg.init` with fan_in = fan_out = k*k
 /// (Keras depthwise, multiplier 1), `"bias" [c]` zeros when `cfg.bias`.
 pub fn depthwise_conv2d(
     c: usize,
@@ -164,7 +167,7 @@ pub fn depthwise_conv2d(
     vb: VarBuilder,
 ) -> Result<DepthwiseConv2d> {
     check_config("depthwise_conv2d", &[("channels", c), ("kernel", k)], &cfg)?;
-    let weight = vb.get_with_hints((c, 1, k, k), "weight", glorot_uniform(k * k, k * k))?;
+    let weight = vb.get_with_hints((c, 1, k, k), "weight", cfg.init.init(k * k, k * k))?;
     let bias = if cfg.bias {
         Some(vb.get_with_hints(c, "bias", Init::Const(0.0))?)
     } else {

@@ -20,10 +20,43 @@ pub fn glorot_uniform_limit(fan_in: usize, fan_out: usize) -> f64 {
 
 /// The glorot-uniform [`Init`] for the given fans.
 pub fn glorot_uniform(fan_in: usize, fan_out: usize) -> Init {
-    let limit = glorot_uniform_limit(fan_in, fan_out);
-    Init::Uniform {
-        lo: -limit,
-        up: limit,
+    WeightInit::GlorotUniform.init(fan_in, fan_out)
+}
+
+/// How a layer's weights are drawn, from `U(-limit, limit)` with the limit set by the layer's fans. Every
+/// choice draws the same uniforms in the same order, so two models differing only here start from the same
+/// draws, scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightInit {
+    /// Keras's default, `sqrt(6 / (fan_in + fan_out))` (Glorot and Bengio, AISTATS 2010).
+    #[default]
+    GlorotUniform,
+    /// He et al.'s for ReLU layers, `sqrt(6 / fan_in)` (ICCV 2015; Keras's `he_uniform`).
+    HeUniform,
+    /// PyTorch's default for convolutions and linear layers, `sqrt(1 / fan_in)` (`kaiming_uniform_` with
+    /// `a = sqrt(5)`).
+    Pytorch,
+}
+
+impl WeightInit {
+    /// The half-width of the uniform range for a layer with these fans.
+    pub fn limit(self, fan_in: usize, fan_out: usize) -> f64 {
+        let per_fan_in = |n: f64| (n / fan_in.max(1) as f64).sqrt();
+        match self {
+            WeightInit::GlorotUniform => glorot_uniform_limit(fan_in, fan_out),
+            WeightInit::HeUniform => per_fan_in(6.0),
+            WeightInit::Pytorch => per_fan_in(1.0),
+        }
+    }
+
+    /// The [`Init`] for a layer with these fans.
+    pub fn init(self, fan_in: usize, fan_out: usize) -> Init {
+        let limit = self.limit(fan_in, fan_out);
+        Init::Uniform {
+            lo: -limit,
+            up: limit,
+        }
     }
 }
 
@@ -142,6 +175,27 @@ impl SimpleBackend for SeededVarMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weight_init_limits() {
+        let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        // A 3x3 convolution from 10 to 20 channels: fans 90 and 180.
+        close(
+            WeightInit::GlorotUniform.limit(90, 180),
+            (6.0f64 / 270.0).sqrt(),
+        );
+        close(WeightInit::HeUniform.limit(90, 180), (6.0f64 / 90.0).sqrt());
+        close(WeightInit::Pytorch.limit(90, 180), 1.0 / 90f64.sqrt());
+        // The default is Keras's; the names as a spec writes them.
+        assert_eq!(WeightInit::default(), WeightInit::GlorotUniform);
+        for (name, init) in ["glorot_uniform", "he_uniform", "pytorch"].iter().zip([
+            WeightInit::GlorotUniform,
+            WeightInit::HeUniform,
+            WeightInit::Pytorch,
+        ]) {
+            assert_eq!(serde_json::to_string(&init).unwrap(), format!("\"{name}\""));
+        }
+    }
 
     fn build(seed: u64) -> Vec<(String, Vec<f32>)> {
         let m = SeededVarMap::new(seed);

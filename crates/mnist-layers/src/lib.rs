@@ -36,7 +36,8 @@ pub use conv::{
 pub use dropout::{dropout, Dropout};
 pub use error::LayerError;
 pub use inception::{BranchLayer, InceptionModule};
-pub use linear::linear;
+pub use init::WeightInit;
+pub use linear::{linear, linear_with_init};
 pub use norm::{batch_norm, BatchNorm, BatchNormConfig, RunningStats};
 pub use pool::{global_avg_pool, max_pool2d, MaxPool2d, MaxPool2dConfig};
 

@@ -3,18 +3,28 @@
 use candle_core::Result;
 use candle_nn::{Init, Linear, VarBuilder};
 
-use crate::init::glorot_uniform;
+use crate::init::WeightInit;
 use crate::LayerError;
 
 /// A `candle_nn::Linear` with a glorot-uniform `"weight" [out_dim, in_dim]` and a zero `"bias" [out_dim]`.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    linear_with_init(in_dim, out_dim, WeightInit::GlorotUniform, vb)
+}
+
+/// [`linear`] with its weight drawn by `init`.
+pub fn linear_with_init(
+    in_dim: usize,
+    out_dim: usize,
+    init: WeightInit,
+    vb: VarBuilder,
+) -> Result<Linear> {
     if in_dim == 0 || out_dim == 0 {
         return Err(LayerError::Config(format!(
             "linear: dims {in_dim} -> {out_dim} must be positive"
         ))
         .into());
     }
-    let w = vb.get_with_hints((out_dim, in_dim), "weight", glorot_uniform(in_dim, out_dim))?;
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", init.init(in_dim, out_dim))?;
     let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
     Ok(Linear::new(w, Some(b)))
 }

@@ -4,9 +4,10 @@
 use candle_core::Result;
 use candle_nn::VarBuilder;
 use mnist_layers::{
-    batch_norm, conv2d, dropout, linear, separable_conv2d, Activation, BatchNorm, BatchNormConfig,
-    BranchLayer, Conv2d, Conv2dConfig, ConvBnPool, FusedBlock, InceptionModule, Kernels, MaxPool2d,
-    MaxPool2dConfig, RunningStats, SeparableBnPool, SeparableConv2d, SharedRng,
+    batch_norm, conv2d, dropout, linear_with_init, separable_conv2d, Activation, BatchNorm,
+    BatchNormConfig, BranchLayer, Conv2d, Conv2dConfig, ConvBnPool, FusedBlock, InceptionModule,
+    Kernels, MaxPool2d, MaxPool2dConfig, RunningStats, SeparableBnPool, SeparableConv2d, SharedRng,
+    WeightInit,
 };
 
 use crate::net::{Flatten, GlobalAvgPool, Stage};
@@ -22,13 +23,15 @@ fn pool_cfg(p: &PoolSpec) -> MaxPool2dConfig {
     }
 }
 
-/// The convolution's own config (its activation: [`ConvSpec::conv_activation`]).
-fn conv_cfg(c: &ConvSpec) -> Conv2dConfig {
+/// The convolution's own config (its activation: [`ConvSpec::conv_activation`]; its weights drawn by
+/// `init`, the model's).
+fn conv_cfg(c: &ConvSpec, init: WeightInit) -> Conv2dConfig {
     Conv2dConfig {
         stride: c.stride,
         padding: c.padding,
         activation: c.conv_activation(),
         bias: c.bias,
+        init,
     }
 }
 
@@ -53,6 +56,7 @@ pub fn build(
         rng,
         bn_cfg,
         bn_stats: RunningStats::default(),
+        init: spec.init,
     };
     let mut stages = Vec::new();
     for layer in &plan.layers {
@@ -68,6 +72,8 @@ struct Lower<'a> {
     bn_cfg: BatchNormConfig,
     /// Shared by every BatchNorm of the model ([`Net::recalibrate_batch_norm`]).
     bn_stats: RunningStats,
+    /// How convolution and dense weights are drawn.
+    init: WeightInit,
 }
 
 impl Lower<'_> {
@@ -120,7 +126,7 @@ impl Lower<'_> {
                 GlobalAvgPool,
             )),
             LayerSpec::Dense(d) => {
-                let m = linear(flat_in, d.units, self.vb.pp(&l.name))?;
+                let m = linear_with_init(flat_in, d.units, self.init, self.vb.pp(&l.name))?;
                 stages.push(Stage::plain(&l.name, "Dense", m));
                 if d.activation != Activation::None {
                     stages.push(Stage::plain(
@@ -150,7 +156,7 @@ impl Lower<'_> {
             } else {
                 "Conv2D"
             },
-            conv_cfg(c),
+            conv_cfg(c, self.init),
         );
         let vc = self.vb.pp(&names.conv);
         let pool = c.pool.as_ref().map(pool_cfg);
@@ -218,12 +224,13 @@ impl Lower<'_> {
                 let vb = self.vb.pp(branch_layer_name(name, i, j));
                 layers.push(match layer {
                     LayerSpec::Conv(s) => {
-                        let m = conv2d(c, s.filters, s.kernel, conv_cfg(s), vb)?;
+                        let m = conv2d(c, s.filters, s.kernel, conv_cfg(s, self.init), vb)?;
                         c = s.filters;
                         BranchLayer::Conv(m)
                     }
                     LayerSpec::SeparableConv(s) => {
-                        let m = separable_conv2d(c, s.filters, s.kernel, conv_cfg(s), vb)?;
+                        let m =
+                            separable_conv2d(c, s.filters, s.kernel, conv_cfg(s, self.init), vb)?;
                         c = s.filters;
                         BranchLayer::SepConv(m)
                     }

@@ -392,4 +392,66 @@ mod tests {
             }
         }
     }
+
+    /// A spec's `"init"` scales the same draws: every convolution and dense weight of a built-in model
+    /// (plain, separable and inception) is its glorot-uniform value times the ratio of the two limits for
+    /// that layer's fans, and everything else (biases, BatchNorm) is the same.
+    #[test]
+    fn the_weight_init_scales_the_same_draws() {
+        use mnist_layers::WeightInit;
+        for solution in [Solution::Conv, Solution::Separable, Solution::Inception] {
+            let glorot = builtin(solution, Variant::Improved).clone();
+            for init in [WeightInit::HeUniform, WeightInit::Pytorch] {
+                let spec = ArchSpec {
+                    init,
+                    ..glorot.clone()
+                };
+                let (_, a) = net(&glorot, Kernels::Auto);
+                let (_, b) = net(&spec, Kernels::Auto);
+                let (a, b) = (
+                    a.var_map().data().lock().unwrap(),
+                    b.var_map().data().lock().unwrap(),
+                );
+                assert_eq!(a.len(), b.len());
+                let mut scaled = 0;
+                for (name, va) in a.iter() {
+                    let ta = va
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    let tb = b[name]
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    let dims = va.as_tensor().dims().to_vec();
+                    if !name.ends_with("weight") || dims.len() < 2 {
+                        assert_eq!(ta, tb, "{solution:?} {init:?} {name}");
+                        continue;
+                    }
+                    // [out, in] or [out, in, k, k]; a depthwise weight's fans are both k*k.
+                    let k2: usize = dims[2..].iter().product();
+                    let (fan_in, fan_out) = if name.contains("depthwise") {
+                        (k2, k2)
+                    } else {
+                        (dims[1] * k2, dims[0] * k2)
+                    };
+                    let ratio = init.limit(fan_in, fan_out)
+                        / WeightInit::GlorotUniform.limit(fan_in, fan_out);
+                    for (x, y) in ta.iter().zip(&tb) {
+                        let want = *x as f64 * ratio;
+                        assert!(
+                            (*y as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                            "{solution:?} {init:?} {name}: {y} vs {want}"
+                        );
+                    }
+                    scaled += 1;
+                }
+                assert!(scaled >= 6, "{solution:?}: {scaled} weights scaled");
+            }
+        }
+    }
 }

@@ -23,7 +23,7 @@
 use std::fmt;
 use std::path::Path;
 
-use mnist_layers::{Activation, Padding};
+use mnist_layers::{Activation, Padding, WeightInit};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -41,6 +41,10 @@ pub struct ArchSpec {
     /// Settings of every BatchNorm in the model.
     #[serde(default, skip_serializing_if = "is_default")]
     pub batch_norm: BatchNormSpec,
+    /// How every convolution's and dense layer's weights are drawn (default glorot-uniform, as Keras);
+    /// biases start at zero.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub init: WeightInit,
     /// The layers, input first.
     pub layers: Vec<LayerSpec>,
 }
@@ -231,6 +235,8 @@ struct ArchHead {
     names: Naming,
     #[serde(default)]
     batch_norm: BatchNormSpec,
+    #[serde(default)]
+    init: WeightInit,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -426,6 +432,7 @@ impl ArchSpec {
             name: head.name,
             names: head.names,
             batch_norm: head.batch_norm,
+            init: head.init,
             layers,
         })
     }
