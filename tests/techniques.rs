@@ -1,6 +1,7 @@
 //! The recipe options of issue 14 Part B end to end: weight averaging (`--ema`), SGD with Nesterov
 //! momentum (`--optimizer sgd`), elastic distortion (`--elastic`), precise BatchNorm (`--precise-bn`),
-//! sharpness-aware minimisation (`--sam`) and test-time augmentation (`evaluate --tta`). Each flag is accepted, lands in config.json, survives `train --resume` bit for bit,
+//! sharpness-aware minimisation (`--sam`), gradient centralization (`--grad-centralization`) and test-time
+//! augmentation (`evaluate --tta`). Each flag is accepted, lands in config.json, survives `train --resume` bit for bit,
 //! and bad values are refused with exit code 2 naming the flag.
 
 mod common;
@@ -207,6 +208,58 @@ fn sam_is_stored_changes_training_and_resumes_bit_for_bit() {
 }
 
 #[test]
+fn grad_centralization_is_stored_changes_training_and_resumes_bit_for_bit() {
+    if mnist_dir_if_present().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = straight_and_resumed_agree(tmp.path(), "gc", &["--grad-centralization"]);
+    assert_eq!(config["adam"]["grad_centralization"], true);
+    let plain = tmp.path().join("plain");
+    ok(
+        &run_owned(BIN, &train_args("seed", "2", LIMIT, &plain, &[])),
+        "plain",
+    );
+    // Off is not written: configs (and sweeps' baseline runs) from before the flag read the same.
+    assert!(read_json(&plain.join("config.json"))["adam"]
+        .get("grad_centralization")
+        .is_none());
+    let (a, b) = (
+        tensors(&plain.join("model.safetensors")),
+        tensors(&tmp.path().join("gc-2").join("model.safetensors")),
+    );
+    assert!(
+        a.iter().any(|(name, bits)| bits != &b[name]),
+        "gradient centralization trains otherwise"
+    );
+    // It stays on when the optimizer changes to SGD.
+    let sgd = tmp.path().join("gc-sgd");
+    ok(
+        &run_owned(
+            BIN,
+            &train_args(
+                "seed",
+                "1",
+                "200",
+                &sgd,
+                &[
+                    "--grad-centralization",
+                    "--optimizer",
+                    "sgd",
+                    "--lr",
+                    "0.05",
+                ],
+            ),
+        ),
+        "gc sgd",
+    );
+    assert_eq!(
+        read_json(&sgd.join("config.json"))["sgd"]["grad_centralization"],
+        true
+    );
+}
+
+#[test]
 fn elastic_is_stored_and_resumes_bit_for_bit() {
     if mnist_dir_if_present().is_none() {
         return;
@@ -281,6 +334,7 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         &["--elastic", "2"],
         &["--precise-bn"],
         &["--sam", "0.05"],
+        &["--grad-centralization"],
     ] {
         let mut args = vec!["train", "--resume", "somewhere", "--data-dir"];
         args.push(data.to_str().unwrap());

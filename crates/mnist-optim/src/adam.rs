@@ -20,7 +20,7 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{OptimError, Result};
-use crate::slots::{is_fast, take_in_order, tensor_like, unique_names};
+use crate::slots::{centralized, is_false, is_fast, take_in_order, tensor_like, unique_names};
 
 /// Hyper-parameters of [`Adam`]; the defaults are those of `keras.optimizers.Adam`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -36,6 +36,10 @@ pub struct AdamConfig {
     pub epsilon: f64,
     /// Decoupled weight decay (`w -= lr * wd * w` each step), `>= 0`. Default `0.0` (off).
     pub weight_decay: f64,
+    /// Gradient centralization of every weight of rank 2 and up before the step (default off; a config
+    /// without the field reads as off, and off is not written).
+    #[serde(skip_serializing_if = "is_false")]
+    pub grad_centralization: bool,
 }
 
 impl Default for AdamConfig {
@@ -46,6 +50,7 @@ impl Default for AdamConfig {
             beta2: 0.999,
             epsilon: 1e-7,
             weight_decay: 0.0,
+            grad_centralization: false,
         }
     }
 }
@@ -238,6 +243,7 @@ impl Adam {
             beta2,
             epsilon,
             weight_decay,
+            grad_centralization,
         } = self.cfg;
         let alpha = lr * (1.0 - beta2.powf(t)).sqrt() / (1.0 - beta1.powf(t));
         let decay = 1.0 - lr * weight_decay;
@@ -245,6 +251,7 @@ impl Adam {
             let Some(grad) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
+            let grad = &centralized(grad, grad_centralization)?;
             match &mut slot.moments {
                 Moments::Host { m, v } => {
                     let grad = grad.to_dtype(DType::F32)?.contiguous()?;
@@ -422,6 +429,103 @@ mod tests {
     use super::*;
     use crate::slots::test_util::{lcg, max_abs_diff, vars_from};
     use candle_core::Device;
+
+    /// With gradient centralization, a step is the plain step on the centralized gradient (every
+    /// filter's mean out, vectors as they are), bit for bit; without it, nothing changes.
+    #[test]
+    fn grad_centralization_steps_on_the_centralized_gradient() {
+        let dev = Device::Cpu;
+        let shapes: [&[usize]; 3] = [&[3, 2, 3, 3], &[4, 5], &[4]];
+        let make = || -> Vec<(String, Var)> {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let n: usize = s.iter().product();
+                    let v: Vec<f32> = (0..n)
+                        .map(|k| ((k * 7 + i * 3) % 11) as f32 * 0.1 - 0.5)
+                        .collect();
+                    (
+                        format!("w{i}"),
+                        Var::from_tensor(&Tensor::from_vec(v, *s, &dev).unwrap()).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        // A fixed gradient per variable: the loss sum(w * c).
+        let coeffs: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| {
+                let n: usize = s.iter().product();
+                let v: Vec<f32> = (0..n).map(|k| ((k * 13) % 17) as f32 * 0.3 - 2.0).collect();
+                Tensor::from_vec(v, *s, &dev).unwrap()
+            })
+            .collect();
+        let loss = |vars: &[(String, Var)], cs: &[Tensor]| -> Tensor {
+            vars.iter()
+                .zip(cs)
+                .map(|((_, v), c)| (v.as_tensor() * c).unwrap().sum_all().unwrap())
+                .reduce(|a, b| (a + b).unwrap())
+                .unwrap()
+        };
+        let centred: Vec<Tensor> = coeffs
+            .iter()
+            .map(|c| centralized(c, true).unwrap())
+            .collect();
+        for c in &centred[..2] {
+            let sums = c
+                .flatten_from(1)
+                .unwrap()
+                .sum(1)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert!(sums.iter().all(|s| s.abs() < 1e-5), "{sums:?}");
+        }
+        assert_eq!(
+            centred[2].to_vec1::<f32>().unwrap(),
+            coeffs[2].to_vec1::<f32>().unwrap()
+        );
+        let (a_vars, b_vars) = (make(), make());
+        let cfg = AdamConfig {
+            lr: 1e-2,
+            ..AdamConfig::default()
+        };
+        let mut a = Adam::new(
+            a_vars.clone(),
+            AdamConfig {
+                grad_centralization: true,
+                ..cfg
+            },
+        )
+        .unwrap();
+        let mut b = Adam::new(b_vars.clone(), cfg).unwrap();
+        for _ in 0..3 {
+            a.backward_step(&loss(&a_vars, &coeffs)).unwrap();
+            b.backward_step(&loss(&b_vars, &centred)).unwrap();
+        }
+        let bits = |vars: &[(String, Var)]| -> Vec<Vec<u32>> {
+            vars.iter()
+                .map(|(_, v)| {
+                    let t = v
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    t.iter().map(|x| x.to_bits()).collect()
+                })
+                .collect()
+        };
+        assert_eq!(bits(&a_vars), bits(&b_vars));
+        // The plain optimizer on the raw gradient ends elsewhere.
+        let c_vars = make();
+        let mut c = Adam::new(c_vars.clone(), cfg).unwrap();
+        for _ in 0..3 {
+            c.backward_step(&loss(&c_vars, &coeffs)).unwrap();
+        }
+        assert_ne!(bits(&a_vars), bits(&c_vars));
+    }
 
     #[test]
     fn config_validation() {

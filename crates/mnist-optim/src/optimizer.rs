@@ -68,6 +68,23 @@ impl OptimizerConfig {
         }
     }
 
+    /// Whether gradients of weights of rank 2 and up are centralized before each step (the gradient of
+    /// the loss, before any weight decay; see [`crate::AdamConfig::grad_centralization`]).
+    pub fn grad_centralization(&self) -> bool {
+        match self {
+            Self::Adam(c) => c.grad_centralization,
+            Self::Sgd(c) => c.grad_centralization,
+        }
+    }
+
+    /// Sets [`OptimizerConfig::grad_centralization`].
+    pub fn set_grad_centralization(&mut self, on: bool) {
+        match self {
+            Self::Adam(c) => c.grad_centralization = on,
+            Self::Sgd(c) => c.grad_centralization = on,
+        }
+    }
+
     /// Checks every hyper-parameter, naming the first one out of range.
     pub fn validate(&self) -> Result<()> {
         match self {

@@ -281,6 +281,7 @@ mod tests {
             momentum: 0.0,
             nesterov: false,
             weight_decay: 0.0,
+            grad_centralization: false,
         };
         let mut opt = Optimizer::new(vs.clone(), &crate::OptimizerConfig::Sgd(sgd)).unwrap();
         let mut sam = Sam::new(vs.clone(), SamConfig::new(0.05)).unwrap();

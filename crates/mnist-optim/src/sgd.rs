@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adam::check_lr;
 use crate::error::{OptimError, Result};
-use crate::slots::{is_fast, take_in_order, tensor_like, unique_names};
+use crate::slots::{centralized, is_false, is_fast, take_in_order, tensor_like, unique_names};
 
 /// Hyper-parameters of [`Sgd`]; the defaults are those of the public tiny-MNIST leaders
 /// (momentum 0.9, Nesterov on, no weight decay).
@@ -37,6 +37,10 @@ pub struct SgdConfig {
     pub nesterov: bool,
     /// Coupled L2 weight decay (`g += wd * w` before the momentum), `>= 0`. Default `0.0` (off).
     pub weight_decay: f64,
+    /// Gradient centralization of every weight of rank 2 and up before the step (default off; a config
+    /// without the field reads as off, and off is not written).
+    #[serde(skip_serializing_if = "is_false")]
+    pub grad_centralization: bool,
 }
 
 impl Default for SgdConfig {
@@ -46,6 +50,7 @@ impl Default for SgdConfig {
             momentum: 0.9,
             nesterov: true,
             weight_decay: 0.0,
+            grad_centralization: false,
         }
     }
 }
@@ -192,11 +197,13 @@ impl Sgd {
             momentum,
             nesterov,
             weight_decay,
+            grad_centralization,
         } = self.cfg;
         for slot in &mut self.slots {
             let Some(grad) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
+            let grad = &centralized(grad, grad_centralization)?;
             match &mut slot.buffer {
                 Buffer::Host(b) => {
                     let grad = grad.to_dtype(DType::F32)?.contiguous()?;
@@ -433,6 +440,7 @@ mod tests {
                     momentum: 0.9,
                     nesterov,
                     weight_decay: wd,
+                    grad_centralization: false,
                 };
                 let mut opt = if reference {
                     Sgd::new_reference(vars, cfg).unwrap()
@@ -472,6 +480,7 @@ mod tests {
                 momentum: 0.9,
                 nesterov,
                 weight_decay,
+                grad_centralization: false,
             };
             let fast_vars = vars_from(&init);
             let ref_vars = vars_from(&init);

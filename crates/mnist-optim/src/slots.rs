@@ -6,6 +6,24 @@ use std::collections::{BTreeMap, HashSet};
 
 use candle_core::{DType, Tensor, Var};
 
+/// The gradient of a weight with every filter's mean taken out: for rank 2 and up (`[out, in]`, `[out, in,
+/// k, k]`), `g - mean(g[o, ..])` for each output `o`, so each filter's update sums to zero (Yong, Huang,
+/// Hua and Zhang, "Gradient Centralization", ECCV 2020); vectors (biases, BatchNorm) as they are.
+pub(crate) fn centralized(g: &Tensor, on: bool) -> Result<Tensor> {
+    if !on || g.rank() < 2 {
+        return Ok(g.clone());
+    }
+    let flat = g.flatten_from(1)?;
+    Ok(flat
+        .broadcast_sub(&flat.mean_keepdim(1)?)?
+        .reshape(g.shape())?)
+}
+
+/// For `#[serde(skip_serializing_if)]`: a switch left off is not written.
+pub(crate) fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 use crate::{OptimError, Result};
 
 /// `vars` as given, or the first name that occurs twice (names key checkpoints, so they must be unique).

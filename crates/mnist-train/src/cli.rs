@@ -155,6 +155,11 @@ struct TrainArgs {
     /// `1 - lr * WD`, with the scheduled lr. SGD: coupled L2 (PyTorch's), `WD * w` is added to the gradient.
     #[arg(long, value_name = "WD", allow_negative_numbers = true, value_parser = non_negative_f64)]
     weight_decay: Option<f64>,
+    /// Gradient centralization (Yong et al. 2020): before each step, every convolution and dense weight's
+    /// gradient loses its mean over each filter (each output's inputs), so each filter's update sums to
+    /// zero [recipe: off].
+    #[arg(long)]
+    grad_centralization: bool,
     /// The optimizer: adam (Keras form) or sgd (PyTorch form, momentum and Nesterov on by default; pass
     /// its --lr, e.g. 0.1) [recipe: adam].
     #[arg(long, value_enum, value_name = "OPT")]
@@ -275,6 +280,7 @@ struct TrainArgs {
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
             "optimizer", "momentum", "no_nesterov", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
             "teacher", "distill_temperature", "distill_weight", "precise_bn", "sam", "sam_adaptive",
+            "grad_centralization",
         ]
     )]
     resume: Option<PathBuf>,
@@ -470,6 +476,9 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
     if let Some(wd) = args.weight_decay {
         cfg.optimizer.set_weight_decay(wd);
     }
+    if args.grad_centralization {
+        cfg.optimizer.set_grad_centralization(true);
+    }
     cfg.ema = args.ema.map(|decay| EmaConfig {
         decay,
         warmup: !args.no_ema_warmup,
@@ -577,6 +586,7 @@ fn apply_optimizer_flags(cfg: &mut TrainConfig, args: &TrainArgs) -> Result<()> 
             cfg.optimizer = OptimizerConfig::Sgd(SgdConfig {
                 lr: cfg.optimizer.lr(),
                 weight_decay: cfg.optimizer.weight_decay(),
+                grad_centralization: cfg.optimizer.grad_centralization(),
                 ..SgdConfig::default()
             });
         }
@@ -584,6 +594,7 @@ fn apply_optimizer_flags(cfg: &mut TrainConfig, args: &TrainArgs) -> Result<()> 
             cfg.optimizer = OptimizerConfig::Adam(AdamConfig {
                 lr: cfg.optimizer.lr(),
                 weight_decay: cfg.optimizer.weight_decay(),
+                grad_centralization: cfg.optimizer.grad_centralization(),
                 ..AdamConfig::default()
             });
         }
