@@ -73,6 +73,7 @@ fn train_then_evaluate_round_trips() {
                 "one-cycle",
                 "--warmup-fraction",
                 "0.1",
+                "--cycle-momentum",
             ],
         ),
     );
@@ -94,6 +95,14 @@ fn train_then_evaluate_round_trips() {
     assert_eq!(
         config["schedule"]["pct_start"].as_f64(),
         Some(0.1),
+        "{config}"
+    );
+    assert_eq!(
+        (
+            config["schedule"]["cycle_momentum"]["base"].as_f64(),
+            config["schedule"]["cycle_momentum"]["max"].as_f64()
+        ),
+        (Some(0.85), Some(0.95)),
         "{config}"
     );
     // --interpolation turns augmentation on (with the improved recipe's ranges).
@@ -201,6 +210,17 @@ fn bad_input_gives_one_clear_line_and_a_non_zero_exit() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("--warmup-fraction") && err.contains("plateau"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let out = run(
+        "solution-conv",
+        &["--variant", "seed", "--cycle-momentum", "--quiet"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--cycle-momentum") && err.contains("plateau"),
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");

@@ -335,6 +335,7 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         &["--precise-bn"],
         &["--sam", "0.05"],
         &["--grad-centralization"],
+        &["--cycle-momentum"],
     ] {
         let mut args = vec!["train", "--resume", "somewhere", "--data-dir"];
         args.push(data.to_str().unwrap());

@@ -205,6 +205,12 @@ impl Adam {
         self.cfg.lr = lr;
     }
 
+    /// Sets `beta1`, the first moment's decay, for the next steps (a schedule's cyclical momentum; the
+    /// bias correction uses the current value, as PyTorch's Adam does).
+    pub fn set_beta1(&mut self, beta1: f64) {
+        self.cfg.beta1 = beta1;
+    }
+
     /// Number of steps taken so far.
     pub fn step_count(&self) -> u64 {
         self.step

@@ -31,5 +31,5 @@ pub use ema::{Ema, EmaConfig, EmaState};
 pub use error::{OptimError, Result};
 pub use optimizer::{Optimizer, OptimizerConfig, OptimizerState};
 pub use sam::{Sam, SamConfig};
-pub use schedule::{ScheduleConfig, Scheduler, SchedulerState};
+pub use schedule::{MomentumRange, ScheduleConfig, Scheduler, SchedulerState};
 pub use sgd::{Sgd, SgdConfig, SgdState};

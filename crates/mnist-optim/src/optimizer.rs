@@ -148,6 +148,15 @@ impl Optimizer {
         }
     }
 
+    /// Sets the momentum for the next steps: Adam's `beta1`, SGD's momentum (a schedule's cyclical
+    /// momentum, [`crate::Scheduler::momentum_at`]).
+    pub fn set_momentum(&mut self, momentum: f64) {
+        match self {
+            Self::Adam(o) => o.set_beta1(momentum),
+            Self::Sgd(o) => o.set_momentum(momentum),
+        }
+    }
+
     /// Number of steps taken so far.
     pub fn step_count(&self) -> u64 {
         match self {

@@ -50,6 +50,11 @@ pub enum ScheduleConfig {
         /// `min_lr = initial_lr / final_div_factor`. Default `1e4`.
         #[serde(default = "default_final_div_factor")]
         final_div_factor: f64,
+        /// Cyclical momentum (PyTorch's `cycle_momentum`): the optimizer's momentum (Adam's `beta1`, SGD's
+        /// momentum) falls from `max` to `base` while the learning rate rises and climbs back while it
+        /// falls, by the same cosine. `None` (the default; not written) leaves the momentum alone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cycle_momentum: Option<MomentumRange>,
     },
     /// Linear warm-up over `round(warmup_epochs * steps_per_epoch)` steps from `peak_lr / W`
     /// (step 0) to `peak_lr` (step `W - 1`), then cosine down to `final_lr` at the last step.
@@ -62,6 +67,25 @@ pub enum ScheduleConfig {
         /// Learning rate at the last step (`>= 0`).
         final_lr: f64,
     },
+}
+
+/// The range of a one-cycle schedule's cyclical momentum; the default is PyTorch's (0.85 to 0.95).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MomentumRange {
+    /// The momentum at the learning rate's peak.
+    pub base: f64,
+    /// The momentum at the first and the last step.
+    pub max: f64,
+}
+
+impl Default for MomentumRange {
+    fn default() -> Self {
+        Self {
+            base: 0.85,
+            max: 0.95,
+        }
+    }
 }
 
 fn invalid(what: &'static str, value: f64, reason: &'static str) -> OptimError {
@@ -103,6 +127,7 @@ impl ScheduleConfig {
                 pct_start,
                 div_factor,
                 final_div_factor,
+                cycle_momentum,
             } => {
                 check_lr("one_cycle.max_lr", max_lr)?;
                 if !(pct_start > 0.0 && pct_start < 1.0) {
@@ -125,6 +150,22 @@ impl ScheduleConfig {
                         final_div_factor,
                         "must be finite and > 0",
                     ));
+                }
+                if let Some(MomentumRange { base, max }) = cycle_momentum {
+                    if !(0.0..1.0).contains(&base) {
+                        return Err(invalid(
+                            "one_cycle.cycle_momentum.base",
+                            base,
+                            "must lie in [0, 1)",
+                        ));
+                    }
+                    if !(base..1.0).contains(&max) {
+                        return Err(invalid(
+                            "one_cycle.cycle_momentum.max",
+                            max,
+                            "must lie in [base, 1)",
+                        ));
+                    }
                 }
                 Ok(())
             }
@@ -227,33 +268,20 @@ impl Scheduler {
     /// Steps past the end are clamped to the last step.
     pub fn lr_at(&self, epoch0: usize, step_in_epoch: usize) -> f64 {
         let total = self.total_steps();
-        let step = epoch0
-            .saturating_mul(self.steps_per_epoch)
-            .saturating_add(step_in_epoch)
-            .min(total - 1);
+        let step = self.step(epoch0, step_in_epoch);
         match self.cfg {
             ScheduleConfig::Constant | ScheduleConfig::Plateau { .. } => self.state.lr,
             ScheduleConfig::OneCycle {
                 max_lr,
-                pct_start,
                 div_factor,
                 final_div_factor,
+                ..
             } => {
                 let initial = max_lr / div_factor;
                 let min = initial / final_div_factor;
-                let s = step as f64;
-                let peak_step = pct_start * total as f64 - 1.0;
-                if s <= peak_step {
-                    let pct = if peak_step > 0.0 { s / peak_step } else { 1.0 };
-                    anneal_cos(initial, max_lr, pct)
-                } else {
-                    let span = (total - 1) as f64 - peak_step;
-                    let pct = if span > 0.0 {
-                        (s - peak_step) / span
-                    } else {
-                        1.0
-                    };
-                    anneal_cos(max_lr, min, pct)
+                match self.one_cycle_phase(step) {
+                    (true, pct) => anneal_cos(initial, max_lr, pct),
+                    (false, pct) => anneal_cos(max_lr, min, pct),
                 }
             }
             ScheduleConfig::WarmupCosine {
@@ -276,6 +304,57 @@ impl Scheduler {
                 };
                 anneal_cos(peak_lr, final_lr, pct)
             }
+        }
+    }
+
+    /// The optimizer's momentum at that step when the schedule cycles it (a one-cycle schedule with
+    /// `cycle_momentum`), else `None`. Steps past the end are clamped to the last step.
+    pub fn momentum_at(&self, epoch0: usize, step_in_epoch: usize) -> Option<f64> {
+        let ScheduleConfig::OneCycle {
+            cycle_momentum: Some(MomentumRange { base, max }),
+            ..
+        } = self.cfg
+        else {
+            return None;
+        };
+        Some(
+            match self.one_cycle_phase(self.step(epoch0, step_in_epoch)) {
+                (true, pct) => anneal_cos(max, base, pct),
+                (false, pct) => anneal_cos(base, max, pct),
+            },
+        )
+    }
+
+    /// The global step (0-based) of step `step_in_epoch` of epoch `epoch0`, clamped to the last.
+    fn step(&self, epoch0: usize, step_in_epoch: usize) -> usize {
+        epoch0
+            .saturating_mul(self.steps_per_epoch)
+            .saturating_add(step_in_epoch)
+            .min(self.total_steps() - 1)
+    }
+
+    /// Where a one-cycle schedule is at `step`: rising (`true`) or falling, and the fraction of that
+    /// phase done (PyTorch's `OneCycleLR`: the peak at step `pct_start * total - 1`).
+    fn one_cycle_phase(&self, step: usize) -> (bool, f64) {
+        let pct_start = match self.cfg {
+            ScheduleConfig::OneCycle { pct_start, .. } => pct_start,
+            _ => 0.0,
+        };
+        let total = self.total_steps();
+        let s = step as f64;
+        let peak_step = pct_start * total as f64 - 1.0;
+        if s <= peak_step {
+            (true, if peak_step > 0.0 { s / peak_step } else { 1.0 })
+        } else {
+            let span = (total - 1) as f64 - peak_step;
+            (
+                false,
+                if span > 0.0 {
+                    (s - peak_step) / span
+                } else {
+                    1.0
+                },
+            )
         }
     }
 
@@ -343,6 +422,51 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cyclical momentum follows PyTorch's OneCycleLR: max at the first step, base at the learning
+    /// rate's peak, max again at the last step, by the same cosine; without it, none.
+    #[test]
+    fn one_cycle_momentum_mirrors_the_learning_rate() {
+        let range = MomentumRange::default();
+        let one_cycle = |cycle_momentum| ScheduleConfig::OneCycle {
+            max_lr: 0.01,
+            pct_start: 0.3,
+            div_factor: 25.0,
+            final_div_factor: 1e4,
+            cycle_momentum,
+        };
+        let cfg = one_cycle(Some(range));
+        // 10 epochs x 100 steps; the peak at step 299.
+        let s = Scheduler::new(cfg, 1e-3, 100, 10).unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-12;
+        let m = |e, k| s.momentum_at(e, k).unwrap();
+        assert!(close(m(0, 0), 0.95) && close(m(2, 99), 0.85) && close(m(9, 99), 0.95));
+        // Halfway up and halfway down: the middle of the range.
+        assert!(close(m(1, 49) + 0.0, anneal_cos(0.95, 0.85, 149.0 / 299.0)));
+        let mid_down = 299 + (999 - 299) / 2;
+        assert!(close(m(mid_down / 100, mid_down % 100), 0.90));
+        // Where the learning rate rises the momentum falls, and the other way round.
+        for step in 1..1000 {
+            let (e, k, pe, pk) = (step / 100, step % 100, (step - 1) / 100, (step - 1) % 100);
+            let (dl, dm) = (s.lr_at(e, k) - s.lr_at(pe, pk), m(e, k) - m(pe, pk));
+            assert!(dl * dm <= 1e-18, "step {step}: lr {dl}, momentum {dm}");
+        }
+        // The learning rate does not depend on it.
+        let plain = one_cycle(None);
+        let p = Scheduler::new(plain, 1e-3, 100, 10).unwrap();
+        assert_eq!(p.momentum_at(3, 7), None);
+        for (e, k) in [(0, 0), (2, 99), (5, 50), (9, 99)] {
+            assert_eq!(p.lr_at(e, k).to_bits(), s.lr_at(e, k).to_bits());
+        }
+        // Out of range: named.
+        for (base, max, what) in [(0.95, 0.85, "max"), (-0.1, 0.9, "base"), (0.85, 1.0, "max")] {
+            let bad = one_cycle(Some(MomentumRange { base, max }));
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("cycle_momentum.{what}")), "{err}");
+        }
+        // Off is not written, so configs from before read the same.
+        assert!(!serde_json::to_string(&plain).unwrap().contains("momentum"));
+    }
 
     fn plateau(factor: f64) -> Scheduler {
         Scheduler::new(ScheduleConfig::Plateau { factor }, 1e-3, 10, 30).unwrap()
@@ -432,6 +556,7 @@ mod tests {
             pct_start: 0.3,
             div_factor: div,
             final_div_factor: fdiv,
+            cycle_momentum: None,
         };
         // 10 epochs x 100 steps = 1000 steps; peak at step 0.3*1000 - 1 = 299.
         let s = Scheduler::new(cfg, 1e-3, 100, 10).unwrap();
@@ -469,6 +594,7 @@ mod tests {
                 pct_start: 0.3,
                 div_factor: 25.0,
                 final_div_factor: 1e4,
+                cycle_momentum: None,
             },
             ScheduleConfig::WarmupCosine {
                 peak_lr: 0.01,
@@ -490,6 +616,7 @@ mod tests {
             pct_start: 0.3,
             div_factor: 25.0,
             final_div_factor: 1e4,
+            cycle_momentum: None,
         };
         let s = Scheduler::new(cfg, 1.0, 5, 2).unwrap();
         let init = 1.0 / 25.0;
@@ -565,12 +692,14 @@ mod tests {
                 pct_start: 0.3,
                 div_factor: 25.0,
                 final_div_factor: 1e4,
+                cycle_momentum: None,
             },
             ScheduleConfig::OneCycle {
                 max_lr: 0.01,
                 pct_start: 1.0,
                 div_factor: 25.0,
                 final_div_factor: 1e4,
+                cycle_momentum: None,
             },
             ScheduleConfig::WarmupCosine {
                 peak_lr: 0.01,

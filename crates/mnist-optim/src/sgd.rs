@@ -166,6 +166,11 @@ impl Sgd {
         self.cfg.lr = lr;
     }
 
+    /// Sets the momentum for the next steps (a schedule's cyclical momentum).
+    pub fn set_momentum(&mut self, momentum: f64) {
+        self.cfg.momentum = momentum;
+    }
+
     /// Number of steps taken so far.
     pub fn step_count(&self) -> u64 {
         self.step

@@ -9,7 +9,9 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mnist_data::{DataSource, Dataset, ElasticConfig, Interpolation, DEFAULT_ELASTIC_SIGMA};
 use mnist_layers::Kernels;
 use mnist_models::{thousands, ArchSpec, Classifier, ModelConfig, Solution, Variant};
-use mnist_optim::{AdamConfig, EmaConfig, OptimizerConfig, SamConfig, ScheduleConfig, SgdConfig};
+use mnist_optim::{
+    AdamConfig, EmaConfig, MomentumRange, OptimizerConfig, SamConfig, ScheduleConfig, SgdConfig,
+};
 
 use crate::{
     default_run_dir, evaluate, load_checkpoint, read_json, run_training_with, Checkpoint,
@@ -200,6 +202,11 @@ struct TrainArgs {
     /// to the end, above 0 and below 1 [improved recipe: 0.25]. Needs the one-cycle schedule.
     #[arg(long, value_name = "F", allow_negative_numbers = true, value_parser = open_unit_f64)]
     warmup_fraction: Option<f64>,
+    /// One-cycle schedule: cycle the momentum (Adam's beta1, SGD's momentum) against the learning rate,
+    /// from 0.95 down to 0.85 at the peak and back, as PyTorch's OneCycleLR and fast.ai do [improved
+    /// recipe: off]. Needs the one-cycle schedule.
+    #[arg(long)]
+    cycle_momentum: bool,
     /// Turn on-the-fly augmentation (rotation, shift, scale) on.
     #[arg(long, conflicts_with = "no_augment")]
     augment: bool,
@@ -276,7 +283,7 @@ struct TrainArgs {
         long,
         value_name = "DIR",
         conflicts_with_all = [
-            "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "warmup_fraction", "augment", "no_augment",
+            "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "warmup_fraction", "cycle_momentum", "augment", "no_augment",
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
             "optimizer", "momentum", "no_nesterov", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
             "teacher", "distill_temperature", "distill_weight", "precise_bn", "sam", "sam_adaptive",
@@ -511,6 +518,7 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
                 pct_start: 0.25,
                 div_factor: 25.0,
                 final_div_factor: 1e3,
+                cycle_momentum: None,
             }
         }
         None => {}
@@ -519,13 +527,24 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
     {
         *factor = f;
     }
+    let needs_one_cycle = |flag: String, other: &ScheduleConfig| {
+        anyhow::anyhow!(
+            "{flag}: needs the one-cycle schedule (this run's is {}; add --schedule one-cycle)",
+            other.name()
+        )
+    };
     if let Some(f) = args.warmup_fraction {
         match &mut cfg.schedule {
             ScheduleConfig::OneCycle { pct_start, .. } => *pct_start = f,
-            other => bail!(
-                "--warmup-fraction {f}: needs the one-cycle schedule (this run's is {}; add --schedule one-cycle)",
-                other.name()
-            ),
+            other => return Err(needs_one_cycle(format!("--warmup-fraction {f}"), other)),
+        }
+    }
+    if args.cycle_momentum {
+        match &mut cfg.schedule {
+            ScheduleConfig::OneCycle { cycle_momentum, .. } => {
+                *cycle_momentum = Some(MomentumRange::default())
+            }
+            other => return Err(needs_one_cycle("--cycle-momentum".into(), other)),
         }
     }
     let custom_augment = args.rotate.is_some()

@@ -113,6 +113,7 @@ impl TrainConfig {
                         pct_start: 0.25,
                         div_factor: 25.0,
                         final_div_factor: 1e3,
+                        cycle_momentum: None,
                     },
                     augment: Some(AugmentConfig {
                         max_rotation_deg: 10.0,

@@ -384,6 +384,9 @@ pub fn fit_with(
             }
             let (batch, soft) = batch?;
             opt.set_lr(scheduler.lr_at(epoch0, step));
+            if let Some(m) = scheduler.momentum_at(epoch0, step) {
+                opt.set_momentum(m);
+            }
             let loss_of = |logits: &Tensor| -> candle_core::Result<Tensor> {
                 let mut loss = smoothed_cross_entropy(logits, &batch.labels, cfg.label_smoothing)?;
                 if let (Some(soft), Some((_, d))) = (&soft, &teachers) {
@@ -660,6 +663,41 @@ mod tests {
             aug.elastic = Some(mnist_data::ElasticConfig::new(4.0));
         }
         assert_resume_matches_uninterrupted(&all);
+    }
+
+    /// Cyclical momentum is a function of the step: a resumed run sets it again before its first step,
+    /// and it trains otherwise than the plain one-cycle recipe.
+    #[test]
+    fn cyclical_momentum_resumes_bit_for_bit_and_changes_training() {
+        let mut cycled = cfg(3);
+        let mnist_optim::ScheduleConfig::OneCycle { cycle_momentum, .. } = &mut cycled.schedule
+        else {
+            panic!("the improved recipe is one-cycle");
+        };
+        *cycle_momentum = Some(mnist_optim::MomentumRange::default());
+        assert_resume_matches_uninterrupted(&cycled);
+        for optimizer in [
+            cycled.optimizer,
+            mnist_optim::OptimizerConfig::Sgd(mnist_optim::SgdConfig {
+                lr: 0.05,
+                ..Default::default()
+            }),
+        ] {
+            let data = tiny_data(64);
+            let (a, b) = (
+                TrainConfig {
+                    optimizer,
+                    ..cfg(2)
+                },
+                TrainConfig {
+                    optimizer,
+                    ..cycled.clone()
+                },
+            );
+            let (w_plain, _) = train(&a, &data);
+            let (w_cycled, _) = train(&TrainConfig { epochs: 2, ..b }, &data);
+            assert_ne!(w_plain, w_cycled, "{}", optimizer.name());
+        }
     }
 
     #[test]
