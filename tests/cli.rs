@@ -74,6 +74,8 @@ fn train_then_evaluate_round_trips() {
                 "--warmup-fraction",
                 "0.1",
                 "--cycle-momentum",
+                "--beta2",
+                "0.99",
             ],
         ),
     );
@@ -91,6 +93,7 @@ fn train_then_evaluate_round_trips() {
         Some(0.01),
         "{config}"
     );
+    assert_eq!(config["adam"]["beta2"].as_f64(), Some(0.99), "{config}");
     assert_eq!(config["schedule"]["kind"], "one_cycle", "{config}");
     assert_eq!(
         config["schedule"]["pct_start"].as_f64(),

@@ -306,6 +306,9 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         (&["--optimizer", "sgd", "--momentum", "-0.1"], "--momentum"),
         (&["--momentum", "0.5"], "--momentum"),
         (&["--no-nesterov"], "--no-nesterov"),
+        (&["--beta2", "1"], "--beta2"),
+        (&["--beta2", "-0.1"], "--beta2"),
+        (&["--optimizer", "sgd", "--beta2", "0.99"], "--beta2"),
         (&["--elastic", "-1"], "--elastic"),
         (&["--elastic", "nan"], "--elastic"),
         (
@@ -336,6 +339,7 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         &["--sam", "0.05"],
         &["--grad-centralization"],
         &["--cycle-momentum"],
+        &["--beta2", "0.99"],
     ] {
         let mut args = vec!["train", "--resume", "somewhere", "--data-dir"];
         args.push(data.to_str().unwrap());

@@ -172,6 +172,10 @@ struct TrainArgs {
     /// SGD with classical (heavy-ball) momentum instead of Nesterov's. Needs --optimizer sgd.
     #[arg(long)]
     no_nesterov: bool,
+    /// Adam's second-moment decay beta2, in [0, 1) [default: 0.999, Keras's; fast.ai's one-cycle uses
+    /// 0.99]. Needs Adam.
+    #[arg(long, value_name = "B2", allow_negative_numbers = true, value_parser = smoothing_f64)]
+    beta2: Option<f64>,
     /// Average the weights: keep an exponential moving average of every model variable (BatchNorm
     /// statistics included) with this decay per step, in (0, 1), e.g. 0.999; validate, test and save the
     /// average [default: off].
@@ -285,7 +289,7 @@ struct TrainArgs {
         conflicts_with_all = [
             "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "warmup_fraction", "cycle_momentum", "augment", "no_augment",
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
-            "optimizer", "momentum", "no_nesterov", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
+            "optimizer", "momentum", "no_nesterov", "beta2", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
             "teacher", "distill_temperature", "distill_weight", "precise_bn", "sam", "sam_adaptive",
             "grad_centralization",
         ]
@@ -627,8 +631,17 @@ fn apply_optimizer_flags(cfg: &mut TrainConfig, args: &TrainArgs) -> Result<()> 
             if args.no_nesterov {
                 sgd.nesterov = false;
             }
+            if args.beta2.is_some() {
+                return Err(UsageError(
+                    "--beta2 applies to Adam only (the optimizer is sgd)".to_string(),
+                )
+                .into());
+            }
         }
-        OptimizerConfig::Adam(_) => {
+        OptimizerConfig::Adam(adam) => {
+            if let Some(b2) = args.beta2 {
+                adam.beta2 = b2;
+            }
             let flag = match (args.momentum, args.no_nesterov) {
                 (Some(_), _) => "--momentum",
                 (None, true) => "--no-nesterov",
