@@ -204,29 +204,16 @@ fn bad_input_gives_one_clear_line_and_a_non_zero_exit() {
         assert!(err.contains(flag), "{flag} {value}: {err}");
     }
 
-    // A warm-up fraction without a one-cycle schedule (the original's plateau rule) is refused by name.
-    let out = run(
-        "solution-conv",
-        &["--variant", "seed", "--warmup-fraction", "0.1", "--quiet"],
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--warmup-fraction") && err.contains("plateau"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    let out = run(
-        "solution-conv",
-        &["--variant", "seed", "--cycle-momentum", "--quiet"],
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--cycle-momentum") && err.contains("plateau"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    // The one-cycle schedule's flags without it (the original's plateau rule) are refused by name.
+    for flag in [&["--warmup-fraction", "0.1"][..], &["--cycle-momentum"]] {
+        let mut args = vec!["--variant", "seed", "--quiet"];
+        args.extend_from_slice(flag);
+        let out = run("solution-conv", &args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag[0]) && err.contains("plateau"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 
     let bogus = dir.path().join("model.safetensors");
     std::fs::write(&bogus, b"not a safetensors file").unwrap();

@@ -74,6 +74,25 @@ fn straight_and_resumed_agree_but(
     read_json(&straight.join("config.json"))
 }
 
+/// Trains the seed recipe plainly for 2 epochs beside the `{name}-2` run of [`straight_and_resumed_agree`]
+/// and checks that the flag changed the trained weights; returns the plain run's config.json.
+fn plain_run_trains_otherwise(tmp: &Path, name: &str) -> serde_json::Value {
+    let plain = tmp.join("plain");
+    ok(
+        &run_owned(BIN, &train_args("seed", "2", LIMIT, &plain, &[])),
+        "plain",
+    );
+    let (a, b) = (
+        tensors(&plain.join("model.safetensors")),
+        tensors(&tmp.join(format!("{name}-2")).join("model.safetensors")),
+    );
+    assert!(
+        a.iter().any(|(tensor, bits)| bits != &b[tensor]),
+        "{name} trains otherwise"
+    );
+    read_json(&plain.join("config.json"))
+}
+
 #[test]
 fn ema_is_stored_saved_as_the_model_and_resumes_bit_for_bit() {
     if mnist_dir_if_present().is_none() {
@@ -169,20 +188,8 @@ fn sam_is_stored_changes_training_and_resumes_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let config = straight_and_resumed_agree(tmp.path(), "sam", &["--sam", "0.05"]);
     assert_eq!(config["sam"]["rho"], 0.05);
-    let plain = tmp.path().join("plain");
-    ok(
-        &run_owned(BIN, &train_args("seed", "2", LIMIT, &plain, &[])),
-        "plain",
-    );
-    assert!(read_json(&plain.join("config.json")).get("sam").is_none());
-    let (a, b) = (
-        tensors(&plain.join("model.safetensors")),
-        tensors(&tmp.path().join("sam-2").join("model.safetensors")),
-    );
-    assert!(
-        a.iter().any(|(name, bits)| bits != &b[name]),
-        "SAM trains otherwise"
-    );
+    let plain = plain_run_trains_otherwise(tmp.path(), "sam");
+    assert!(plain.get("sam").is_none());
     let adaptive = tmp.path().join("asam");
     ok(
         &run_owned(
@@ -215,23 +222,9 @@ fn grad_centralization_is_stored_changes_training_and_resumes_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let config = straight_and_resumed_agree(tmp.path(), "gc", &["--grad-centralization"]);
     assert_eq!(config["adam"]["grad_centralization"], true);
-    let plain = tmp.path().join("plain");
-    ok(
-        &run_owned(BIN, &train_args("seed", "2", LIMIT, &plain, &[])),
-        "plain",
-    );
+    let plain = plain_run_trains_otherwise(tmp.path(), "gc");
     // Off is not written: configs (and sweeps' baseline runs) from before the flag read the same.
-    assert!(read_json(&plain.join("config.json"))["adam"]
-        .get("grad_centralization")
-        .is_none());
-    let (a, b) = (
-        tensors(&plain.join("model.safetensors")),
-        tensors(&tmp.path().join("gc-2").join("model.safetensors")),
-    );
-    assert!(
-        a.iter().any(|(name, bits)| bits != &b[name]),
-        "gradient centralization trains otherwise"
-    );
+    assert!(plain["adam"].get("grad_centralization").is_none());
     // It stays on when the optimizer changes to SGD.
     let sgd = tmp.path().join("gc-sgd");
     ok(
