@@ -54,6 +54,17 @@ impl DwGeom {
         })
     }
 
+    /// Stride 1 without padding: `oh = h - k + 1 > 0`, `ow = w - k + 1 > 0`, every tap inside the plane.
+    pub(crate) fn is_unpadded(&self) -> bool {
+        self.stride == 1
+            && self.oh > 0
+            && self.ow > 0
+            && self.pt == 0
+            && self.pl == 0
+            && self.oh + self.k == self.h + 1
+            && self.ow + self.k == self.w + 1
+    }
+
     /// Range of output columns whose input column lies inside the image, for kernel column `kx`.
     #[inline]
     fn ox_range(&self, kx: usize) -> (usize, usize) {

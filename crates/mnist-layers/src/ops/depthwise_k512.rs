@@ -27,15 +27,26 @@ pub(crate) fn image_fwd(g: &DwGeom, xi: &[f32], f: &[f32], out: &mut [f32]) -> b
         return false;
     }
     #[cfg(target_arch = "x86_64")]
-    for ((x, fc), o) in xi
-        .chunks_exact(hw.max(1))
-        .zip(f.chunks_exact(kk))
-        .zip(out.chunks_exact_mut(ohw.max(1)))
-        .take(g.c)
     {
-        // SAFETY: AVX-512F is available (`has_avx512`, checked above); `x` holds the `h * w` plane, `fc` the `k * k`
-        // filter and `o` the `oh * ow` output plane.
-        unsafe { k512::plane(g, x, fc, o) };
+        // Rows narrower than a vector run flat (see `k512::plane_flat`): on one vCPU, per plane, 12x12
+        // inputs -21%, 10x10 -26%, 8x8 -53%; wider rows, where the row kernel fills its lanes, stay.
+        let flat = (g.ow < L).then(|| k512::flat_table(g)).flatten();
+        for ((x, fc), o) in xi
+            .chunks_exact(hw.max(1))
+            .zip(f.chunks_exact(kk))
+            .zip(out.chunks_exact_mut(ohw.max(1)))
+            .take(g.c)
+        {
+            // SAFETY: AVX-512F is available (`has_avx512`, checked above); `x` holds the `h * w` plane,
+            // `fc` the `k * k` filter and `o` the `oh * ow` output plane; `t` is the unpadded
+            // geometry's table.
+            unsafe {
+                match &flat {
+                    Some(t) => k512::plane_flat(g, x, fc, o, t),
+                    None => k512::plane(g, x, fc, o),
+                }
+            };
+        }
     }
     true
 }
@@ -162,6 +173,115 @@ mod k512 {
                 oy += rows;
             }
             x0 += 2 * L;
+        }
+    }
+
+    /// [`plane_flat`]'s table for `g`: per vector of 16 flat positions, its kept lanes (the columns below
+    /// `ow` of the rows it crosses, before the last output) and the index in `o` of its first kept output.
+    /// The same for every plane of the geometry; `None` unless it is unpadded (`DwGeom::is_unpadded`).
+    pub(super) fn flat_table(g: &DwGeom) -> Option<Vec<(__mmask16, usize)>> {
+        if !g.is_unpadded() {
+            return None;
+        }
+        let end = (g.oh - 1) * g.w + g.ow;
+        let (mut row, mut col) = (0usize, 0usize);
+        let mut out = Vec::with_capacity(end.div_ceil(L));
+        for n0 in (0..end).step_by(L) {
+            let first = row * g.ow + col.min(g.ow);
+            let mut keep: __mmask16 = 0;
+            let mut j = 0;
+            while j < L {
+                let seg = (g.w - col).min(L - j);
+                let kept = g.ow.saturating_sub(col).min(seg);
+                keep |= lanes(j as isize, (j + kept) as isize);
+                j += seg;
+                col += seg;
+                if col == g.w {
+                    (row, col) = (row + 1, 0);
+                }
+            }
+            out.push((keep & lanes(0, (end - n0) as isize), first));
+        }
+        Some(out)
+    }
+
+    /// [`plane`] for an unpadded geometry, the plane read as one flat signal: output `(y, x)` is flat
+    /// position `n = y * w + x`, whose taps are `x[n + ky * w + kx]`, so a vector covers 16 consecutive
+    /// positions across rows instead of one row's columns (a 6-wide output row fills 6 of [`plane`]'s 16
+    /// lanes; its 8-wide flat rows fill 12 of 16). The wrapped positions (`n % w >= ow`) are computed and
+    /// dropped: each vector's kept lanes ([`flat_table`]) are packed by a compress and stored at their
+    /// place in `o`. Every kept output sums the same products in the same order as [`pass`] (kx outer, ky
+    /// inner, `acc + w * x` unfused, from +0), so the same bits.
+    ///
+    /// # Safety
+    /// As [`plane`]; `t` is the geometry's [`flat_table`] (so it is unpadded).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn plane_flat(
+        g: &DwGeom,
+        x: &[f32],
+        f: &[f32],
+        o: &mut [f32],
+        t: &[(__mmask16, usize)],
+    ) {
+        for (i, vecs) in t.chunks(ROWS).enumerate() {
+            let n0 = i * ROWS * L;
+            // SAFETY: forwarded contract; `vecs` are the table's entries from flat position `n0`.
+            unsafe {
+                match vecs.len() {
+                    4 => flat_pass::<4>(g, x, f, o, vecs, n0),
+                    3 => flat_pass::<3>(g, x, f, o, vecs, n0),
+                    2 => flat_pass::<2>(g, x, f, o, vecs, n0),
+                    _ => flat_pass::<1>(g, x, f, o, vecs, n0),
+                }
+            }
+        }
+    }
+
+    /// `R` vectors of [`plane_flat`] from flat position `n0`, `t` their table entries.
+    ///
+    /// # Safety
+    /// As [`plane_flat`], `t.len() >= R` and `n0 + (R - 1) * L` before the last output's position.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn flat_pass<const R: usize>(
+        g: &DwGeom,
+        x: &[f32],
+        f: &[f32],
+        o: &mut [f32],
+        t: &[(__mmask16, usize)],
+        n0: usize,
+    ) {
+        let (w, k) = (g.w, g.k);
+        let end = (g.oh - 1) * w + g.ow;
+        let xp = x.as_ptr();
+        // The lanes of each vector before `end`: the only ones read.
+        let m: [__mmask16; R] =
+            std::array::from_fn(|v| lanes(0, end as isize - (n0 + v * L) as isize));
+        let mut acc = [_mm512_setzero_ps(); R];
+        for kx in 0..k {
+            for ky in 0..k {
+                let wv = _mm512_set1_ps(f[ky * k + kx]);
+                let p = xp.wrapping_add(n0 + ky * w + kx);
+                for (v, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: a lane before `end` reads below `(end - 1) + (k - 1) * (w + 1) = h * w`,
+                    // inside `x`; the others are not accessed.
+                    let xv = unsafe { _mm512_maskz_loadu_ps(m[v], p.wrapping_add(v * L)) };
+                    *a = _mm512_add_ps(*a, _mm512_mul_ps(wv, xv));
+                }
+            }
+        }
+        let op = o.as_mut_ptr();
+        for (a, &(keep, first)) in acc.iter().zip(t) {
+            let count = keep.count_ones() as isize;
+            // SAFETY: the vector's `count` kept outputs are `o[first..first + count]`, inside `o [oh *
+            // ow]` (the table counts every output once, in order).
+            unsafe {
+                _mm512_mask_storeu_ps(
+                    op.wrapping_add(first),
+                    lanes(0, count),
+                    _mm512_maskz_compress_ps(keep, *a),
+                )
+            };
         }
     }
 
@@ -410,6 +530,16 @@ mod tests {
             (2, 6, 5, 1, (0, 0, 0, 0)),
             (1, 33, 70, 3, (1, 1, 1, 1)),
             (1, 3, 3, 3, (0, 0, 0, 0)),
+            // Unpadded rows narrower than a vector run flat (`plane_flat`): the separable's 10x10, 8x8
+            // and 6x6 outputs, tall and short planes, kernels 1-7, a single output.
+            (3, 12, 12, 3, (0, 0, 0, 0)),
+            (2, 10, 10, 3, (0, 0, 0, 0)),
+            (5, 8, 8, 3, (0, 0, 0, 0)),
+            (1, 7, 17, 5, (0, 0, 0, 0)),
+            (2, 19, 4, 3, (0, 0, 0, 0)),
+            (1, 9, 9, 7, (0, 0, 0, 0)),
+            (1, 5, 15, 1, (0, 0, 0, 0)),
+            (1, 5, 5, 5, (0, 0, 0, 0)),
         ] {
             let g = DwGeom::new((1, c, h, w), k, 1, pad).unwrap();
             let x = rand_t(&[c * h * w], 31).to_vec1::<f32>().unwrap();
