@@ -74,6 +74,17 @@ fn straight_and_resumed_agree_but(
     read_json(&straight.join("config.json"))
 }
 
+/// Trains the seed recipe with `flags` for one epoch of 200 images into `tmp/name`; returns its
+/// config.json.
+fn short_run(tmp: &Path, name: &str, flags: &[&str]) -> serde_json::Value {
+    let dir = tmp.join(name);
+    ok(
+        &run_owned(BIN, &train_args("seed", "1", "200", &dir, flags)),
+        name,
+    );
+    read_json(&dir.join("config.json"))
+}
+
 /// Trains the seed recipe plainly for 2 epochs beside the `{name}-2` run of [`straight_and_resumed_agree`]
 /// and checks that the flag changed the trained weights; returns the plain run's config.json.
 fn plain_run_trains_otherwise(tmp: &Path, name: &str) -> serde_json::Value {
@@ -190,21 +201,7 @@ fn sam_is_stored_changes_training_and_resumes_bit_for_bit() {
     assert_eq!(config["sam"]["rho"], 0.05);
     let plain = plain_run_trains_otherwise(tmp.path(), "sam");
     assert!(plain.get("sam").is_none());
-    let adaptive = tmp.path().join("asam");
-    ok(
-        &run_owned(
-            BIN,
-            &train_args(
-                "seed",
-                "1",
-                "200",
-                &adaptive,
-                &["--sam", "0.5", "--sam-adaptive"],
-            ),
-        ),
-        "asam",
-    );
-    let config = read_json(&adaptive.join("config.json"));
+    let config = short_run(tmp.path(), "asam", &["--sam", "0.5", "--sam-adaptive"]);
     assert_eq!(
         (
             config["sam"]["rho"].as_f64(),
@@ -226,30 +223,18 @@ fn grad_centralization_is_stored_changes_training_and_resumes_bit_for_bit() {
     // Off is not written: configs (and sweeps' baseline runs) from before the flag read the same.
     assert!(plain["adam"].get("grad_centralization").is_none());
     // It stays on when the optimizer changes to SGD.
-    let sgd = tmp.path().join("gc-sgd");
-    ok(
-        &run_owned(
-            BIN,
-            &train_args(
-                "seed",
-                "1",
-                "200",
-                &sgd,
-                &[
-                    "--grad-centralization",
-                    "--optimizer",
-                    "sgd",
-                    "--lr",
-                    "0.05",
-                ],
-            ),
-        ),
-        "gc sgd",
+    let config = short_run(
+        tmp.path(),
+        "gc-sgd",
+        &[
+            "--grad-centralization",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.05",
+        ],
     );
-    assert_eq!(
-        read_json(&sgd.join("config.json"))["sgd"]["grad_centralization"],
-        true
-    );
+    assert_eq!(config["sgd"]["grad_centralization"], true);
 }
 
 #[test]
