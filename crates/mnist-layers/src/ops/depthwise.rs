@@ -170,10 +170,7 @@ impl DwGeom {
     /// AVX-512 CPU, and `ceil8(ow) - ow` floats after the image's last plane to read.
     pub(crate) fn df_reads_unpadded(&self, len: usize) -> bool {
         let ow8 = self.ow.div_ceil(8) * 8;
-        self.stride == 1
-            && (self.pt, self.pl) == (0, 0)
-            && self.h == self.oh + self.k - 1
-            && self.w == self.ow + self.k - 1
+        self.is_unpadded()
             && matches!(self.k, 1 | 3 | 5)
             && len >= self.c * self.h * self.w + (ow8 - self.ow)
             && super::has_avx512()
