@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::bn::{
-    channel_sums, check_vec, dot_dev, normalise_by_channel, stats_tensors, stats_then_planes,
+    channel_sums, check_vec, dz_sums, normalise_by_channel, stats_tensors, stats_then_planes,
     BnBackward, BnBatch,
 };
 use super::conv::{geometry_of, ConvGeom, ConvGrads};
@@ -460,7 +460,7 @@ impl BlockOp {
         let yp = &y[p * ohw..(p + 1) * ohw];
         let mean = saved.mean[ch];
         if self.pool.is_none() {
-            return (sum_f32(dp), dot_dev(dp, yp, mean));
+            return dz_sums(dp, yp, mean);
         }
         let mut acc = 0f32;
         for (&d, &a) in dp.iter().zip(&saved.argmax[p * pl..(p + 1) * pl]) {

@@ -342,11 +342,15 @@ pub(crate) fn plane_sums(
 ) -> Vec<(f64, f64)> {
     channel_sums(c, b, |i, ch| {
         let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-        (
-            sum_f32(&dys[r.clone()]),
-            dot_dev(&dys[r.clone()], &xs[r], mean[ch]),
-        )
+        dz_sums(&dys[r.clone()], &xs[r], mean[ch])
     })
+}
+
+/// One plane's `(sum(dz), sum(dz * (y - mean)))`: `sum_f32(dz)` and `dot_dev(dz, y, mean)`, in one pass
+/// where the CPU has AVX-512 (the same bits).
+pub(crate) fn dz_sums(dz: &[f32], y: &[f32], mean: f32) -> (f64, f64) {
+    super::stream_k512::sum_and_dot_dev(dz, y, mean)
+        .unwrap_or_else(|| (sum_f32(dz), dot_dev(dz, y, mean)))
 }
 
 /// `dx` of every plane of `[b, c, hw]` from `dy` (see [`BnBackward::input_grad`]).

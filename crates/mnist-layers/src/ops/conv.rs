@@ -437,12 +437,17 @@ impl ConvGeom {
         let need_dx = !matches!(dx_conv, DxConv::None);
         let mut pdw = vec![0f32; nchunks * o * ckk];
         let mut pdb = vec![0f32; nchunks * o];
-        // Every image's dx is written by the input-gradient convolution (`compact_into_uninit` or
-        // `run_compact_uninit`); without dx, one unwritten value per chunk keeps the chunks zipped.
+        // Every image's dx is written by the input-gradient convolution (`compact_into_uninit`,
+        // `run_uninit` or `run_compact_uninit`); without dx, one unwritten value per chunk keeps the chunks zipped.
         let dx_chunk = if need_dx { GRAD_CHUNK * chw } else { 1 };
         let mut dx = Uninit::new(if need_dx { g.b * chw } else { nchunks });
         let lens = [
-            o * ohw,
+            // The output gradient, and what the input-gradient convolution reads past it when it
+            // pads nothing (it then reads the gradient in place, `DirectConv::padded`).
+            match dx_conv {
+                DxConv::Padded(d) => (o * ohw).max(d.xp_len),
+                _ => o * ohw,
+            },
             dc.xp_len,
             // The wide gradient (the shared layout is its own).
             match dx_conv {
@@ -467,12 +472,13 @@ impl ConvGeom {
             .try_for_each(|(ch, ((dw, db), dxc))| {
                 let i0 = ch * GRAD_CHUNK;
                 let i1 = (i0 + GRAD_CHUNK).min(g.b);
-                with_scratch(lens, |[gbuf, xp, gwide, gp, dxwide]| {
+                with_scratch(lens, |[gfull, xp, gwide, gp, dxwide]| {
                     if let DxConv::Shared(_) = dx_conv {
                         // Only the gradient's rows are written below: the zeros around them stay.
                         gp.fill(0.0);
                     }
                     for i in i0..i1 {
+                        let gbuf = &mut gfull[..o * ohw];
                         fill_g(i, gbuf);
                         if need_db {
                             for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
@@ -487,9 +493,15 @@ impl ConvGeom {
                             }
                             DxConv::Padded(dxk) => {
                                 dc.weight_grad(xp, dc.wide_grad(gbuf, gwide), dw)?;
-                                dxk.pad_into(gbuf, gp);
-                                dxk.run(gp, &Epilogue::default(), dxwide)?;
-                                dxk.compact_into_uninit(dxwide, &mut dxc[dst()]);
+                                let gx = dxk.padded(gfull, gp);
+                                let dst = &mut dxc[dst()];
+                                if dxk.wide_is_compact() {
+                                    // A 1x1 input gradient, say: no copy in, none out.
+                                    dxk.run_uninit(gx, &Epilogue::default(), dst)?;
+                                } else {
+                                    dxk.run(gx, &Epilogue::default(), dxwide)?;
+                                    dxk.compact_into_uninit(dxwide, dst);
+                                }
                             }
                             DxConv::Shared(sg) => {
                                 sg.fill(gbuf, gp);
@@ -520,7 +532,8 @@ impl ConvGeom {
             db.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
         // SAFETY: with `need_dx`, the chunks cover the `b * chw` values in `GRAD_CHUNK`-image steps and
-        // every image `i` of a chunk had its `chw` values written by `compact_into_uninit` or
+        // every image `i` of a chunk had its `chw` values written by `compact_into_uninit`,
+        // `run_uninit` (where the wide layout is the compact one, `out_len == chw`) or
         // `run_compact_uninit` (their output is `[c, h, w]`: `dx_conv` maps `[o, oh, ow]` back to the
         // input's shape), or an error returned.
         let dx = need_dx.then(|| unsafe { dx.assume_init() });

@@ -48,6 +48,7 @@ mod inception;
 mod inception_train;
 mod pool;
 mod separable;
+mod stream_k512;
 mod winograd;
 
 pub(crate) use direct::{DirectConv, Epilogue};

@@ -57,7 +57,9 @@ impl PoolGeom {
     pub(crate) fn plane_fwd(&self, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
         let (k, s, w) = (self.k, self.stride, self.w);
         if k == 2 && s == 2 && self.pt == 0 && self.pl == 0 {
-            pool2x2(w, self.oh, self.ow, x, out, arg);
+            if !super::stream_k512::pool2x2(w, (self.oh, self.ow), x, out, arg) {
+                pool2x2_portable(w, self.oh, self.ow, x, out, arg);
+            }
             return;
         }
         if k == 2 && s == 1 && self.pt == 0 && self.pl == 0 && self.oh < self.h && self.ow < w {
@@ -193,7 +195,7 @@ multiversion! {
 multiversion! {
     /// The common 2x2 / stride-2 pool of one plane, branch-free: pairwise maxima, the earlier
     /// candidate wins ties (the first maximum in row-major window order).
-    fn pool2x2(w: usize, oh: usize, ow: usize, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
+    pub(crate) fn pool2x2_portable(w: usize, oh: usize, ow: usize, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
         for oy in 0..oh {
             let r0 = 2 * oy * w;
             let r1 = r0 + w;
@@ -218,7 +220,7 @@ multiversion! {
 
 multiversion! {
     /// The 2x2 / stride-1 pool of one plane whose windows all lie inside it, with the tie rule of
-    /// [`pool2x2`].
+    /// [`pool2x2_portable`].
     fn pool2x2_s1(w: usize, oh: usize, ow: usize, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
         for oy in 0..oh {
             let r0 = oy * w;

@@ -299,8 +299,12 @@ impl SepGeom {
         // Every value of dx is written below (`image_dx` and `plane_bwd` write whole planes), so it
         // starts as a recycled buffer instead of zeros.
         let mut dx = super::take_buf(if need_dx { d.b * chw } else { nchunks });
+        // `gbuf` holds the output gradient and then as much of what follows it as the transposed
+        // pointwise convolution reads (`DirectConv::padded`: it pads nothing, so it reads `gbuf` in place
+        // where its input is the compact layout; the values past the gradient only meet outputs that
+        // are never read).
         let lens = [
-            o * ohw,
+            (o * ohw).max(pw_t.xp_len),
             self.dw_scratch_len(),
             pw.xp_len,
             pw.out_len(),
@@ -317,10 +321,11 @@ impl SepGeom {
                 let i0 = ch * GRAD_CHUNK;
                 let i1 = (i0 + GRAD_CHUNK).min(d.b);
                 let (ddw, dpw) = dw.split_at_mut(c * kk);
-                with_scratch(lens, |[gbuf, xd, dwo, gwide, gxp, dwide, ddwo, gp]| {
+                with_scratch(lens, |[gfull, xd, dwo, gwide, gxp, dwide, ddwo, gp]| {
                     let mut df = vec![0f32; c * kk];
                     for i in i0..i1 {
                         let xi = &x[i * chw..(i + 1) * chw];
+                        let gbuf = &mut gfull[..o * ohw];
                         fill_g(i, gbuf);
                         if need_db {
                             for (oc, row) in gbuf.chunks_exact(ohw).enumerate() {
@@ -338,8 +343,8 @@ impl SepGeom {
                         let gw = pw.wide_grad(gbuf, gwide);
                         pw.weight_grad(dwo, gw, dpw)?;
                         // The gradient at the depthwise output.
-                        pw_t.pad_into(gbuf, gxp);
-                        pw_t.run_compact(gxp, &Epilogue::default(), dwide, ddwo)?;
+                        let gx = pw_t.padded(gfull, gxp);
+                        pw_t.run_compact(gx, &Epilogue::default(), dwide, ddwo)?;
                         if d.stride == 1 {
                             let (gq, gpl) = gp.split_at_mut(d.oh * d.ow.div_ceil(8) * 8);
                             let df_done = if unpadded_df {
