@@ -437,8 +437,8 @@ impl ConvGeom {
         let need_dx = !matches!(dx_conv, DxConv::None);
         let mut pdw = vec![0f32; nchunks * o * ckk];
         let mut pdb = vec![0f32; nchunks * o];
-        // Every image's dx is written by the input-gradient convolution (`compact_into_uninit`,
-        // `run_uninit` or `run_compact_uninit`); without dx, one unwritten value per chunk keeps the chunks zipped.
+        // Every image's dx is written by the input-gradient convolution (`compact_into_uninit` or
+        // `run_compact_uninit`); without dx, one unwritten value per chunk keeps the chunks zipped.
         let dx_chunk = if need_dx { GRAD_CHUNK * chw } else { 1 };
         let mut dx = Uninit::new(if need_dx { g.b * chw } else { nchunks });
         let lens = [
@@ -495,9 +495,11 @@ impl ConvGeom {
                                 dc.weight_grad(xp, dc.wide_grad(gbuf, gwide), dw)?;
                                 let gx = dxk.padded(gfull, gp);
                                 let dst = &mut dxc[dst()];
-                                if dxk.wide_is_compact() {
-                                    // A 1x1 input gradient, say: no copy in, none out.
-                                    dxk.run_uninit(gx, &Epilogue::default(), dst)?;
+                                if dxk.wp == dxk.ow {
+                                    // A 1x1 input gradient, say: rows whole, so the kernel writes
+                                    // into dx itself (`run_uninit` where the wide layout is the
+                                    // compact one, else masked compact stores), no copy out.
+                                    dxk.run_compact_uninit(gx, &Epilogue::default(), dxwide, dst)?;
                                 } else {
                                     dxk.run(gx, &Epilogue::default(), dxwide)?;
                                     dxk.compact_into_uninit(dxwide, dst);
@@ -532,8 +534,7 @@ impl ConvGeom {
             db.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
         // SAFETY: with `need_dx`, the chunks cover the `b * chw` values in `GRAD_CHUNK`-image steps and
-        // every image `i` of a chunk had its `chw` values written by `compact_into_uninit`,
-        // `run_uninit` (where the wide layout is the compact one, `out_len == chw`) or
+        // every image `i` of a chunk had its `chw` values written by `compact_into_uninit` or
         // `run_compact_uninit` (their output is `[c, h, w]`: `dx_conv` maps `[o, oh, ow]` back to the
         // input's shape), or an error returned.
         let dx = need_dx.then(|| unsafe { dx.assume_init() });

@@ -355,11 +355,10 @@ impl CustomOp2 for InceptionOp {
             let fill_g = |i: usize, gb: &mut [f32]| {
                 let dyi = &dys[i * n + c0..i * n + c1];
                 if let Some(bnb) = &bnb {
-                    gb.copy_from_slice(dyi);
                     let yi = &saved.y[i * n + c0..i * n + c1];
-                    let planes = gb.chunks_exact_mut(ohw).zip(yi.chunks_exact(ohw));
-                    for (k, (gp, yp)) in planes.enumerate() {
-                        bnb.input_grad(br.channels.start + k, gp, yp, br.relu);
+                    let planes = gb.chunks_exact_mut(ohw).zip(dyi.chunks_exact(ohw));
+                    for (k, ((gp, dz), yp)) in planes.zip(yi.chunks_exact(ohw)).enumerate() {
+                        bnb.input_grad_from(br.channels.start + k, dz, gp, yp, br.relu);
                     }
                 } else if br.relu {
                     let yi = &ys[i * n + c0..i * n + c1];
