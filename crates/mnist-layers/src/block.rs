@@ -4,6 +4,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::shape_err;
+use crate::inception::{FusedHead, InceptionModule};
 use crate::ops::{self, BlockSpec, PoolSpec};
 use crate::{
     batch_norm, conv2d, separable_conv2d, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig,
@@ -368,6 +369,50 @@ pub fn train_stack(blocks: &[&FusedBlock], xs: &Tensor) -> Result<Tensor> {
         hw = out;
     }
     let (ys, stats) = ops::block_stack_train(xs, &parts)?;
+    for (b, (mean, var)) in blocks.iter().zip(&stats) {
+        b.block().bn.update_running(mean, var)?;
+    }
+    Ok(ys)
+}
+
+/// An inception module with its BatchNorm `bn` and then `blocks` on `xs` in training mode, as ONE op
+/// ([`ops::inception_stack_train`]) when the module can train fused
+/// ([`InceptionModule::train_with_bn`]) and every block runs on the fast kernels: the gradient at the
+/// module's output then skips candle's gradient store too. Otherwise the module and then
+/// [`train_stack`]. The same outputs, gradients and running statistics either way.
+pub fn train_inception_stack(
+    module: &InceptionModule,
+    bn: &BatchNorm,
+    blocks: &[&FusedBlock],
+    xs: &Tensor,
+) -> Result<Tensor> {
+    let fast = !blocks.is_empty() && blocks.iter().all(|b| b.block().kernels.use_fast(xs));
+    let head = match fast {
+        true => module.fused_head(xs, bn)?,
+        false => None,
+    };
+    let Some(FusedHead {
+        branches,
+        bn: m,
+        mut hw,
+    }) = head
+    else {
+        return train_stack(blocks, &module.train_with_bn(bn, xs)?);
+    };
+    let mut parts = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        let (part, out) = b.stack_part(hw)?;
+        parts.push(part);
+        hw = out;
+    }
+    let ops::StackTrained {
+        y: ys,
+        head_stats,
+        stats,
+    } = ops::inception_stack_train(xs, &branches, Some(m), &parts)?;
+    if let Some((mean, var)) = head_stats {
+        bn.update_running(&mean, &var)?;
+    }
     for (b, (mean, var)) in blocks.iter().zip(&stats) {
         b.block().bn.update_running(mean, var)?;
     }

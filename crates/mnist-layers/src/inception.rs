@@ -134,6 +134,17 @@ enum Planned {
     Uncovered,
 }
 
+/// An inception module's fused training parts for a stack of blocks after it
+/// ([`InceptionModule::fused_head`]).
+pub(crate) struct FusedHead<'a> {
+    /// The branches as [`ops::inception_train`] takes them.
+    pub branches: Vec<ops::InceptionBranch<'a>>,
+    /// The module's BatchNorm.
+    pub bn: ops::ModuleBn<'a>,
+    /// The module's output `(h, w)`.
+    pub hw: (usize, usize),
+}
+
 /// Parallel branches over one input, concatenated along the channel axis:
 /// `[b, c, h, w] -> [b, sum(out_i), h', w']` (every branch must end at the same spatial size; an empty
 /// branch passes its input through).
@@ -285,11 +296,15 @@ impl InceptionModule {
         Ok(Some(out))
     }
 
-    /// Training as ONE op ([`ops::inception_train`]), followed by `bn` if given (running statistics
-    /// updated), or `None` when that cannot run: other kernels (of the module or of `bn`), an input that
-    /// needs a gradient (a module that does not come first), or a branch that is not one stride-1
-    /// convolution after an optional max pool.
-    fn train_fused(&self, xs: &Tensor, bn: Option<&BatchNorm>) -> Result<Option<Tensor>> {
+    /// The branches and BatchNorm as [`ops::inception_train`] takes them, or `None` when that cannot
+    /// run: other kernels (of the module or of `bn`), an input that needs a gradient (a module that
+    /// does not come first), or a branch that is not one stride-1 convolution after an optional max
+    /// pool.
+    fn fused_parts<'a>(
+        &'a self,
+        xs: &Tensor,
+        bn: Option<&'a BatchNorm>,
+    ) -> Result<Option<(Vec<ops::InceptionBranch<'a>>, Option<ops::ModuleBn<'a>>)>> {
         let fast = self.kernels.use_fast(xs) && bn.is_none_or(|bn| bn.kernels().use_fast(xs));
         if !fast || xs.track_op() {
             return Ok(None);
@@ -302,6 +317,52 @@ impl InceptionModule {
             beta: bn.beta(),
             eps: bn.config().eps,
         });
+        Ok(Some((branches, m)))
+    }
+
+    /// [`Self::fused_parts`] with `bn`, and the module's output `(h, w)` on `xs`, for a stack of
+    /// blocks after it ([`crate::block::train_inception_stack`]).
+    pub(crate) fn fused_head<'a>(
+        &'a self,
+        xs: &Tensor,
+        bn: &'a BatchNorm,
+    ) -> Result<Option<FusedHead<'a>>> {
+        let Some((branches, Some(m))) = self.fused_parts(xs, Some(bn))? else {
+            return Ok(None);
+        };
+        // Every branch gives the same size (`inception_train` checks it): the first one's.
+        let (_, _, h, w) = xs.dims4()?;
+        let hw = match branches.first() {
+            Some(br) => {
+                let (ph, pw) = match br.pool {
+                    Some(p) => (
+                        ops::out_len(h, p.pad.0, p.pad.2, p.kernel, p.stride, "max_pool2d")?,
+                        ops::out_len(w, p.pad.1, p.pad.3, p.kernel, p.stride, "max_pool2d")?,
+                    ),
+                    None => (h, w),
+                };
+                let k = br.w.dim(3)?;
+                let (pt, pl, pb, pr) = br.pad;
+                (
+                    (ph + pt + pb + 1).saturating_sub(k),
+                    (pw + pl + pr + 1).saturating_sub(k),
+                )
+            }
+            None => (h, w),
+        };
+        Ok(Some(FusedHead {
+            branches,
+            bn: m,
+            hw,
+        }))
+    }
+
+    /// Training as ONE op ([`ops::inception_train`]), followed by `bn` if given (running statistics
+    /// updated), or `None` when that cannot run (see [`Self::fused_parts`]).
+    fn train_fused(&self, xs: &Tensor, bn: Option<&BatchNorm>) -> Result<Option<Tensor>> {
+        let Some((branches, m)) = self.fused_parts(xs, bn)? else {
+            return Ok(None);
+        };
         let (ys, stats) = ops::inception_train(xs, &branches, m)?;
         if let (Some(bn), Some((mean, var))) = (bn, stats) {
             bn.update_running(&mean, &var)?;

@@ -26,8 +26,8 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use block::{
-    conv_bn_pool, separable_bn_pool, train_stack, ConvBnPool, ConvBnPoolConfig, FusedBlock,
-    SeparableBnPool,
+    conv_bn_pool, separable_bn_pool, train_inception_stack, train_stack, ConvBnPool,
+    ConvBnPoolConfig, FusedBlock, SeparableBnPool,
 };
 pub use conv::{
     conv2d, depthwise_conv2d, separable_conv2d, Conv2d, Conv2dConfig, DepthwiseConv2d,

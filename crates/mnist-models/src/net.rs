@@ -168,9 +168,9 @@ impl Net {
     }
 
     /// Every stage over `xs`, one after the other; in training, each run of consecutive fused blocks
-    /// as one op ([`mnist_layers::train_stack`]) and an inception module with its BatchNorm as one
-    /// ([`InceptionModule::train_with_bn`]): the same results, without candle's gradient store between
-    /// them.
+    /// as one op ([`mnist_layers::train_stack`]), and an inception module with its BatchNorm and the
+    /// fused blocks after it as one ([`mnist_layers::train_inception_stack`]): the same results,
+    /// without candle's gradient store between them.
     fn run(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut ys = xs.clone();
         let mut rest = &self.stages[..];
@@ -197,8 +197,16 @@ impl Net {
                     ..
                 }, ..] = rest
                 {
-                    ys = m.train_with_bn(bn, &ys)?;
-                    rest = &rest[2..];
+                    // With the blocks after it, one op too.
+                    let blocks: Vec<&FusedBlock> = rest[2..]
+                        .iter()
+                        .map_while(|s| match &s.layer {
+                            Layer::Block(b) => Some(b),
+                            _ => None,
+                        })
+                        .collect();
+                    ys = mnist_layers::train_inception_stack(m, bn, &blocks, &ys)?;
+                    rest = &rest[2 + blocks.len()..];
                     continue;
                 }
             }

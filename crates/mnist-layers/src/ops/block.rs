@@ -34,7 +34,9 @@ use crate::error::shape_err;
 
 mod stack;
 
-pub use stack::{block_stack_train, block_stack_train_reference, StackBlock};
+pub use stack::{
+    block_stack_train, block_stack_train_reference, inception_stack_train, StackBlock, StackTrained,
+};
 
 const OP_TRAIN: &str = "conv_bn_pool_train";
 const OP_EVAL: &str = "conv_bn_pool_eval";

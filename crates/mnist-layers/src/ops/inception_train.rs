@@ -66,6 +66,21 @@ pub fn inception_train(
     branches: &[InceptionBranch],
     bn: Option<ModuleBn>,
 ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    let (op, parts) = build(x, branches, bn)?;
+    let params = Tensor::cat(&parts, 0)?;
+    let saved = op.saved.clone();
+    let y = x.contiguous()?.apply_op2(&params, op)?;
+    let stats = InceptionOp::stats_of(&saved, x.device())?;
+    Ok((y, stats))
+}
+
+/// The op of [`inception_train`] and its parameters in the order of its parameter vector (each
+/// branch's weight, flattened, and bias, then gamma and beta), checked against `x`.
+pub(crate) fn build(
+    x: &Tensor,
+    branches: &[InceptionBranch],
+    bn: Option<ModuleBn>,
+) -> Result<(InceptionOp, Vec<Tensor>)> {
     if branches.is_empty() {
         candle_core::bail!("{OP}: no branches")
     }
@@ -123,20 +138,13 @@ pub fn inception_train(
         }
         None => None,
     };
-    let params = Tensor::cat(&parts, 0)?;
-    let saved = OpState::new(OP);
     let op = InceptionOp {
         branches: built,
         out: (b, channels, oh, ow),
         bn: bn_eps.map(|eps| (eps, end..end + 2 * channels)),
-        saved: saved.clone(),
+        saved: OpState::new(OP),
     };
-    let y = x.contiguous()?.apply_op2(&params, op)?;
-    let stats = match &saved.lock()?.bn {
-        Some(st) => Some(stats_tensors(&st.mean, &st.var, x.device())?),
-        None => None,
-    };
-    Ok((y, stats))
+    Ok((op, parts))
 }
 
 /// The reference twin of [`inception_train`]: candle's own ops ([`super::max_pool2d_reference`],
@@ -189,7 +197,7 @@ impl Branch {
     }
 }
 
-struct InceptionOp {
+pub(crate) struct InceptionOp {
     branches: Vec<Branch>,
     /// `(b, channels, oh, ow)` of the output.
     out: (usize, usize, usize, usize),
@@ -200,7 +208,7 @@ struct InceptionOp {
 
 /// What the forward pass keeps for the backward pass (and the batch statistics for the caller).
 #[derive(Default)]
-struct Saved {
+pub(crate) struct Saved {
     /// The pooled input of each pooling branch (empty for the others).
     pooled: Vec<Vec<f32>>,
     /// With BatchNorm: the concatenation before it, and its batch statistics.
@@ -228,6 +236,59 @@ impl CustomOp2 for InceptionOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = fwd_slice(s1, l1, OP)?;
         let ps = fwd_slice(s2, l2, OP)?;
+        Ok((CpuStorage::F32(self.fwd(x, ps)?), Shape::from(self.out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        cpu_data!(x, xg, xs, OP);
+        cpu_data!(params, pg, ps, OP);
+        cpu_data!(res, yg, ys, OP);
+        cpu_data!(grad, gg, dys, OP);
+        let dparams = self.grads(xs, ps, ys, dys)?;
+        Ok((
+            None,
+            Some(Tensor::from_vec(dparams, params.shape(), params.device())?),
+        ))
+    }
+}
+
+impl InceptionOp {
+    /// `(b, channels, oh, ow)` of the output.
+    pub(crate) fn out_dims(&self) -> (usize, usize, usize, usize) {
+        self.out
+    }
+
+    /// The length of the parameter vector.
+    pub(crate) fn param_len(&self) -> usize {
+        let branches = self.branches.last().map_or(0, |br| br.params.end);
+        self.bn.as_ref().map_or(branches, |(_, r)| r.end)
+    }
+
+    /// The batch statistics `(mean, var)` that the last forward pass kept (with BatchNorm), as tensors.
+    pub(crate) fn stats_of(
+        saved: &OpState<Saved>,
+        dev: &candle_core::Device,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(match &saved.lock()?.bn {
+            Some(st) => Some(stats_tensors(&st.mean, &st.var, dev)?),
+            None => None,
+        })
+    }
+
+    /// What the forward pass keeps (for [`Self::stats_of`]).
+    pub(crate) fn saved(&self) -> &OpState<Saved> {
+        &self.saved
+    }
+
+    /// The training forward pass on raw slices: the output `[b, channels, oh, ow]` from the images `x`
+    /// and the parameter vector `ps`.
+    pub(crate) fn fwd(&self, x: &[f32], ps: &[f32]) -> Result<Vec<f32>> {
         let (b, ch, oh, ow) = self.out;
         let ohw = oh * ow;
         // The pooled inputs, plane by plane (no argmax: there is no input gradient).
@@ -287,7 +348,7 @@ impl CustomOp2 for InceptionOp {
                 y: Vec::new(),
                 bn: None,
             })?;
-            return Ok((CpuStorage::F32(y), Shape::from(self.out)));
+            return Ok(y);
         };
         let bn_params = ps
             .get(range.clone())
@@ -300,20 +361,19 @@ impl CustomOp2 for InceptionOp {
             y,
             bn: Some(bn),
         })?;
-        Ok((CpuStorage::F32(z), Shape::from(self.out)))
+        Ok(z)
     }
 
-    fn bwd(
+    /// The backward pass on raw slices: the parameter gradients from the images `xs`, the parameter
+    /// vector `ps`, the forward pass's output `ys` and the gradient `dys` at it (no input gradient: the
+    /// images need none).
+    pub(crate) fn grads(
         &self,
-        x: &Tensor,
-        params: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        cpu_data!(x, xg, xs, OP);
-        cpu_data!(params, pg, ps, OP);
-        cpu_data!(res, yg, ys, OP);
-        cpu_data!(grad, gg, dys, OP);
+        xs: &[f32],
+        ps: &[f32],
+        ys: &[f32],
+        dys: &[f32],
+    ) -> Result<Vec<f32>> {
         let (b, ch, oh, ow) = self.out;
         let ohw = oh * ow;
         let n = ch * ohw;
@@ -378,10 +438,7 @@ impl CustomOp2 for InceptionOp {
                 dst_b.copy_from_slice(&db);
             }
         }
-        Ok((
-            None,
-            Some(Tensor::from_vec(dparams, params.shape(), params.device())?),
-        ))
+        Ok(dparams)
     }
 }
 

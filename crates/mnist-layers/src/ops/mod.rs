@@ -56,9 +56,9 @@ pub(crate) use pool::PoolGeom;
 
 pub use block::{
     block_stack_train, block_stack_train_reference, conv_bn_pool_eval, conv_bn_pool_eval_reference,
-    conv_bn_pool_infer, conv_bn_pool_train, conv_bn_pool_train_reference,
+    conv_bn_pool_infer, conv_bn_pool_train, conv_bn_pool_train_reference, inception_stack_train,
     separable_bn_pool_eval_reference, separable_bn_pool_infer, separable_bn_pool_train,
-    separable_bn_pool_train_reference, BlockSpec, PoolSpec, StackBlock,
+    separable_bn_pool_train_reference, BlockSpec, PoolSpec, StackBlock, StackTrained,
 };
 pub use bn::{
     batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,

@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
 
 use super::{build, stats_tensors, BlockOp, BlockSpec, Saved, Weights};
+use crate::ops::inception_train::InceptionOp;
 use crate::ops::{cpu_data, dims4, fwd_slice, give_buf, AfterDx, OpState};
 
 const OP: &str = "block_stack_train";
@@ -44,12 +45,60 @@ pub fn block_stack_train(
     x: &Tensor,
     blocks: &[StackBlock],
 ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+    let StackTrained { y, stats, .. } = stack_train(x, None, blocks)?;
+    Ok((y, stats))
+}
+
+/// An inception module (with its BatchNorm, if any) and then `blocks`, as ONE op: the arguments of
+/// [`crate::ops::inception_train`] (`branches`, `bn`; `x`, the images, needs no gradient) and of
+/// [`block_stack_train`]. The gradient at the module's output goes straight from the first block's
+/// backward pass into the module's (no candle gradient store between them, which would start it as
+/// a zero tensor and add to it). Returns the last block's output, the module's batch statistics (with
+/// `bn`) and each block's; outputs, statistics and every gradient are bit for bit those of
+/// `inception_train` followed by `block_stack_train`.
+pub fn inception_stack_train(
+    x: &Tensor,
+    branches: &[crate::ops::InceptionBranch],
+    bn: Option<crate::ops::ModuleBn>,
+    blocks: &[StackBlock],
+) -> Result<StackTrained> {
+    stack_train(x, Some((branches, bn)), blocks)
+}
+
+/// What [`inception_stack_train`] returns.
+#[derive(Debug)]
+pub struct StackTrained {
+    /// The last block's output.
+    pub y: Tensor,
+    /// The module's batch statistics `(mean, var)`, with its BatchNorm.
+    pub head_stats: Option<(Tensor, Tensor)>,
+    /// Each block's batch statistics `(mean, var)`.
+    pub stats: Vec<(Tensor, Tensor)>,
+}
+
+/// The head of a stack: an inception module's branches and BatchNorm.
+type Head<'a, 'b> = (
+    &'b [crate::ops::InceptionBranch<'a>],
+    Option<crate::ops::ModuleBn<'a>>,
+);
+
+fn stack_train(x: &Tensor, head: Option<Head>, blocks: &[StackBlock]) -> Result<StackTrained> {
     if blocks.is_empty() {
         candle_core::bail!("{OP}: no blocks")
     }
     let mut dims = dims4(x, OP)?;
     let (mut ops, mut parts, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
     let mut end = 0;
+    let head = match head {
+        Some((branches, bn)) => {
+            let (op, p) = crate::ops::inception_train::build(x, branches, bn)?;
+            end = op.param_len();
+            dims = op.out_dims();
+            parts.extend(p);
+            Some((op, 0..end))
+        }
+        None => None,
+    };
     for blk in blocks {
         let w = match blk.depthwise {
             Some(dw) => Weights::Separable(dw, blk.w),
@@ -65,12 +114,18 @@ pub fn block_stack_train(
     }
     let params = Tensor::cat(&parts, 0)?;
     let saved: Vec<_> = ops.iter().map(|op| op.saved.clone()).collect();
+    let head_saved = head.as_ref().map(|(op, _)| op.saved().clone());
     let stack = StackOp {
+        head,
         ops,
         ranges,
         inputs: OpState::new(OP),
     };
     let y = x.contiguous()?.apply_op2(&params, stack)?;
+    let head_stats = match head_saved {
+        Some(s) => InceptionOp::stats_of(&s, x.device())?,
+        None => None,
+    };
     let stats = saved
         .iter()
         .map(|s| {
@@ -78,27 +133,47 @@ pub fn block_stack_train(
             stats_tensors(&s.mean, &s.var, x.device())
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((y, stats))
+    Ok(StackTrained {
+        y,
+        head_stats,
+        stats,
+    })
 }
 
 struct StackOp {
+    /// The inception module before the blocks, if any, and its part of the parameter vector.
+    head: Option<(InceptionOp, std::ops::Range<usize>)>,
     /// The blocks, in training mode.
     ops: Vec<BlockOp>,
     /// Each block's part of the parameter vector.
     ranges: Vec<std::ops::Range<usize>>,
-    /// The inputs of blocks 1.. (the outputs of blocks ..n-1), from the forward pass.
+    /// The inputs of the blocks after the stack's input (the head's output, if any, then the outputs
+    /// of blocks ..n-1), from the forward pass.
     inputs: OpState<Vec<Vec<f32>>>,
 }
 
 impl StackOp {
     fn params<'a>(&self, ps: &'a [f32], k: usize) -> Result<&'a [f32]> {
-        ps.get(self.ranges[k].clone()).ok_or_else(|| {
+        self.slice(ps, &self.ranges[k])
+    }
+
+    fn slice<'a>(&self, ps: &'a [f32], r: &std::ops::Range<usize>) -> Result<&'a [f32]> {
+        ps.get(r.clone()).ok_or_else(|| {
             candle_core::Error::msg(format!(
-                "{OP}: parameter vector of {} values, block {k} needs {:?}",
+                "{OP}: parameter vector of {} values, a part needs {r:?}",
                 ps.len(),
-                self.ranges[k]
             ))
         })
+    }
+
+    /// The input of block `k` among the stack's input `xs` and the forward pass's `inputs`.
+    fn input<'a>(&self, xs: &'a [f32], inputs: &'a [Vec<f32>], k: usize) -> &'a [f32] {
+        let k = k + self.head.is_some() as usize;
+        if k == 0 {
+            xs
+        } else {
+            &inputs[k - 1]
+        }
     }
 }
 
@@ -116,8 +191,11 @@ impl CustomOp2 for StackOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = fwd_slice(s1, l1, OP)?;
         let ps = fwd_slice(s2, l2, OP)?;
-        let mut inputs = Vec::with_capacity(self.ops.len() - 1);
-        let mut cur: Option<Vec<f32>> = None;
+        let mut inputs = Vec::with_capacity(self.ops.len());
+        let mut cur: Option<Vec<f32>> = match &self.head {
+            Some((op, r)) => Some(op.fwd(x, self.slice(ps, r)?)?),
+            None => None,
+        };
         for (k, op) in self.ops.iter().enumerate() {
             let eps = op.train_eps.ok_or_else(|| {
                 candle_core::Error::msg(format!("{OP}: block {k} not in training mode"))
@@ -148,7 +226,7 @@ impl CustomOp2 for StackOp {
         cpu_data!(params, pg, ps, OP);
         cpu_data!(grad, gg, dys, OP);
         let inputs = self.inputs.lock()?;
-        if inputs.len() + 1 != self.ops.len() {
+        if inputs.len() + 1 != self.ops.len() + self.head.is_some() as usize {
             candle_core::bail!("{OP} backward: no forward pass to go back through")
         }
         let mut dparams = vec![0f32; ps.len()];
@@ -158,8 +236,8 @@ impl CustomOp2 for StackOp {
         // input gradient while it was in cache (the same values as block k would take from `g`).
         let mut sums: Option<Vec<(f64, f64)>> = None;
         for (k, op) in self.ops.iter().enumerate().rev() {
-            let xin = if k == 0 { xs } else { &inputs[k - 1] };
-            let need_dx = k > 0 || x.track_op();
+            let xin = self.input(xs, &inputs, k);
+            let need_dx = k > 0 || self.head.is_some() || x.track_op();
             let taken = (k > 0).then(|| ImageSums::new(&self.ops[k - 1]));
             let (dx, dp) = {
                 let prev = match k {
@@ -198,9 +276,19 @@ impl CustomOp2 for StackOp {
             }
         }
         let dev = x.device();
-        let dx = match g {
-            Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
-            None => None,
+        let dx = match (&self.head, g) {
+            (Some((op, r)), Some(gh)) => {
+                // The gradient at the head's output, straight into its backward pass.
+                let dp = op.grads(xs, self.slice(ps, r)?, &inputs[0], &gh)?;
+                dparams[r.clone()].copy_from_slice(&dp);
+                give_buf(gh);
+                None
+            }
+            (Some(_), None) => {
+                candle_core::bail!("{OP} backward: the first block gave no input gradient")
+            }
+            (None, Some(v)) => Some(Tensor::from_vec(v, x.shape(), dev)?),
+            (None, None) => None,
         };
         Ok((dx, Some(Tensor::from_vec(dparams, params.shape(), dev)?)))
     }
@@ -432,6 +520,135 @@ mod tests {
                 1e-3,
                 &format!("gradient of variable {i} against the reference"),
             );
+        }
+    }
+
+    /// An inception module with BatchNorm (a pooled branch, a bias, 'same' paddings) and then two
+    /// blocks, as one op, against `inception_train` followed by `block_stack_train` (bit for bit: output,
+    /// both kinds of statistics and every gradient) and against the reference twins (within rounding).
+    #[test]
+    fn inception_head_matches_the_module_then_the_stack() {
+        use crate::ops::{inception_train, inception_train_reference, BranchPool, InceptionBranch};
+        let var = |t: Tensor| Var::from_tensor(&t).unwrap();
+        let (wa, wb, wc) = (
+            var(rand_t(&[3, 1, 1, 1], 50)),
+            var(rand_t(&[4, 1, 3, 3], 51)),
+            var(rand_t(&[2, 1, 1, 1], 52)),
+        );
+        let bias_b = var(rand_t(&[4], 53));
+        let gamma = var(((rand_t(&[9], 54) * 0.3).unwrap() + 1.0).unwrap());
+        let beta = var(rand_t(&[9], 55));
+        let pool = BranchPool {
+            kernel: 3,
+            stride: 1,
+            pad: (1, 1, 1, 1),
+        };
+        let branches = [
+            InceptionBranch {
+                pool: None,
+                w: wa.as_tensor(),
+                bias: None,
+                pad: (0, 0, 0, 0),
+                relu: true,
+            },
+            InceptionBranch {
+                pool: None,
+                w: wb.as_tensor(),
+                bias: Some(bias_b.as_tensor()),
+                pad: (1, 1, 1, 1),
+                relu: true,
+            },
+            InceptionBranch {
+                pool: Some(pool),
+                w: wc.as_tensor(),
+                bias: None,
+                pad: (0, 0, 0, 0),
+                relu: true,
+            },
+        ];
+        let bn = ModuleBnOf {
+            gamma: &gamma,
+            beta: &beta,
+        };
+        let no_pool = BlockSpec {
+            pool: None,
+            ..Default::default()
+        };
+        let pooled = BlockSpec {
+            relu: false,
+            ..Default::default()
+        };
+        let blocks = [
+            params(9, 6, 3, true, false, no_pool, 60),
+            params(6, 5, 1, false, false, pooled, 70),
+        ];
+        let x = rand_t(&[4, 1, 14, 12], 56);
+        let r = rand_t(&[4, 5, 6, 5], 57);
+        let sb: Vec<StackBlock> = blocks.iter().map(Params::block).collect();
+        let loss = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let StackTrained {
+            y: ys,
+            head_stats,
+            stats,
+        } = inception_stack_train(&x, &branches, Some(bn.get()), &sb).unwrap();
+        let gs = loss(&ys);
+        let (h1, hs1) = inception_train(&x, &branches, Some(bn.get())).unwrap();
+        let (y1, stats1) = block_stack_train(&h1, &sb).unwrap();
+        let g1 = loss(&y1);
+        let (hr, hsr) = inception_train_reference(&x, &branches, Some(bn.get())).unwrap();
+        let (yr, statsr) = block_stack_train_reference(&hr, &sb).unwrap();
+        let gr = loss(&yr);
+
+        assert_eq!(ys.dims(), &[4, 5, 6, 5]);
+        assert_eq!(bits(&ys), bits(&y1), "output");
+        assert_close(&ys, &yr, 1e-4, "output against the reference");
+        let ((m, v), (m1, v1), (mr, vr)) = (head_stats.unwrap(), hs1.unwrap(), hsr.unwrap());
+        assert_eq!(
+            (bits(&m), bits(&v)),
+            (bits(&m1), bits(&v1)),
+            "module statistics"
+        );
+        assert_close(&m, &mr, 1e-5, "module mean against the reference");
+        assert_close(&v, &vr, 1e-5, "module var against the reference");
+        for (k, ((m, v), (m1, v1))) in stats.iter().zip(&stats1).enumerate() {
+            assert_eq!(
+                (bits(m), bits(v)),
+                (bits(m1), bits(v1)),
+                "statistics of block {k}"
+            );
+        }
+        assert_eq!(statsr.len(), stats.len());
+        let mut vars = vec![&wa, &wb, &bias_b, &wc, &gamma, &beta];
+        vars.extend(blocks.iter().flat_map(Params::vars));
+        for (i, v) in vars.iter().enumerate() {
+            let (a, b, c) = (gs.get(v).unwrap(), g1.get(v).unwrap(), gr.get(v).unwrap());
+            assert_eq!(bits(a), bits(b), "gradient of variable {i}");
+            assert_close(
+                a,
+                c,
+                1e-3,
+                &format!("gradient of variable {i} against the reference"),
+            );
+        }
+        // The images need no gradient: an input that does is refused, as by `inception_train`.
+        let xv = Var::from_tensor(&x).unwrap();
+        assert!(inception_stack_train(xv.as_tensor(), &branches, Some(bn.get()), &sb).is_err());
+    }
+
+    /// The module's BatchNorm parameters of a test.
+    struct ModuleBnOf<'a> {
+        gamma: &'a Var,
+        beta: &'a Var,
+    }
+
+    impl ModuleBnOf<'_> {
+        fn get(&self) -> crate::ops::ModuleBn<'_> {
+            crate::ops::ModuleBn {
+                gamma: self.gamma.as_tensor(),
+                beta: self.beta.as_tensor(),
+                eps: 1e-3,
+            }
         }
     }
 
