@@ -366,6 +366,7 @@ mod tests {
     use super::*;
     use crate::ops::test_util::{assert_close, rand_t};
     use crate::ops::{conv_bn_pool_train, separable_bn_pool_train, PoolSpec};
+    use candle_core::backprop::GradStore;
     use candle_core::Var;
 
     /// The parameters of one test block.
@@ -422,6 +423,25 @@ mod tests {
             gamma: var(gamma.unwrap()),
             beta: var(rand_t(&[o], seed + 4)),
             spec,
+        }
+    }
+
+    /// Each variable's gradient in `fast` bit for bit as in `one_by_one`, and within rounding of
+    /// `reference`.
+    fn assert_gradients(vars: &[&Var], [fast, one_by_one, reference]: [&GradStore; 3]) {
+        for (i, v) in vars.iter().enumerate() {
+            let (a, b, c) = (
+                fast.get(v).unwrap(),
+                one_by_one.get(v).unwrap(),
+                reference.get(v).unwrap(),
+            );
+            assert_eq!(bits(a), bits(b), "gradient of variable {i}");
+            assert_close(
+                a,
+                c,
+                1e-3,
+                &format!("gradient of variable {i} against the reference"),
+            );
         }
     }
 
@@ -511,16 +531,7 @@ mod tests {
         }
         let mut vars = vec![&x];
         vars.extend(blocks.iter().flat_map(Params::vars));
-        for (i, v) in vars.iter().enumerate() {
-            let (a, b, c) = (gs.get(v).unwrap(), g1.get(v).unwrap(), gr.get(v).unwrap());
-            assert_eq!(bits(a), bits(b), "gradient of variable {i}");
-            assert_close(
-                a,
-                c,
-                1e-3,
-                &format!("gradient of variable {i} against the reference"),
-            );
-        }
+        assert_gradients(&vars, [&gs, &g1, &gr]);
     }
 
     /// An inception module with BatchNorm (a pooled branch, a bias, 'same' paddings) and then two
@@ -621,16 +632,7 @@ mod tests {
         assert_eq!(statsr.len(), stats.len());
         let mut vars = vec![&wa, &wb, &bias_b, &wc, &gamma, &beta];
         vars.extend(blocks.iter().flat_map(Params::vars));
-        for (i, v) in vars.iter().enumerate() {
-            let (a, b, c) = (gs.get(v).unwrap(), g1.get(v).unwrap(), gr.get(v).unwrap());
-            assert_eq!(bits(a), bits(b), "gradient of variable {i}");
-            assert_close(
-                a,
-                c,
-                1e-3,
-                &format!("gradient of variable {i} against the reference"),
-            );
-        }
+        assert_gradients(&vars, [&gs, &g1, &gr]);
         // The images need no gradient: an input that does is refused, as by `inception_train`.
         let xv = Var::from_tensor(&x).unwrap();
         assert!(inception_stack_train(xv.as_tensor(), &branches, Some(bn.get()), &sb).is_err());
