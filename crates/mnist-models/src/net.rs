@@ -176,13 +176,7 @@ impl Net {
         let mut rest = &self.stages[..];
         while let Some((stage, after)) = rest.split_first() {
             if train {
-                let blocks: Vec<&FusedBlock> = rest
-                    .iter()
-                    .map_while(|s| match &s.layer {
-                        Layer::Block(b) => Some(b),
-                        _ => None,
-                    })
-                    .collect();
+                let blocks = leading_blocks(rest);
                 if !blocks.is_empty() {
                     // One block, or blocks off the fast kernels, run one by one inside.
                     ys = mnist_layers::train_stack(&blocks, &ys)?;
@@ -198,13 +192,7 @@ impl Net {
                 }, ..] = rest
                 {
                     // With the blocks after it, one op too.
-                    let blocks: Vec<&FusedBlock> = rest[2..]
-                        .iter()
-                        .map_while(|s| match &s.layer {
-                            Layer::Block(b) => Some(b),
-                            _ => None,
-                        })
-                        .collect();
+                    let blocks = leading_blocks(&rest[2..]);
                     ys = mnist_layers::train_inception_stack(m, bn, &blocks, &ys)?;
                     rest = &rest[2 + blocks.len()..];
                     continue;
@@ -231,6 +219,17 @@ impl Net {
         }
         Ok(shapes)
     }
+}
+
+/// The fused blocks at the start of `stages`, up to the first other stage.
+fn leading_blocks(stages: &[Stage]) -> Vec<&FusedBlock> {
+    stages
+        .iter()
+        .map_while(|s| match &s.layer {
+            Layer::Block(b) => Some(b),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Inference on the CPU runs a large batch through the whole network in chunks of this many images, the
