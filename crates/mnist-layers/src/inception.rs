@@ -134,6 +134,16 @@ enum Planned {
     Uncovered,
 }
 
+/// [`InceptionModule::train_branches`]: the branches and the module's output `(h, w)`.
+type TrainBranches<'a> = (Vec<ops::InceptionBranch<'a>>, (usize, usize));
+
+/// [`InceptionModule::fused_parts`]: the branches, the BatchNorm and the module's output `(h, w)`.
+type FusedParts<'a> = (
+    Vec<ops::InceptionBranch<'a>>,
+    Option<ops::ModuleBn<'a>>,
+    (usize, usize),
+);
+
 /// An inception module's fused training parts for a stack of blocks after it
 /// ([`InceptionModule::fused_head`]).
 pub(crate) struct FusedHead<'a> {
@@ -253,14 +263,16 @@ impl InceptionModule {
         InceptionPlan::new(dims, &steps).map(Some)
     }
 
-    /// The branches as [`ops::inception_train`] takes them, or `None` unless every branch is one stride-1
+    /// The branches as [`ops::inception_train`] takes them and the first one's output `(h, w)` (every
+    /// branch must give the same: the op checks it), or `None` unless every branch is one stride-1
     /// convolution, optionally after a max pool.
-    fn train_branches(&self, xs: &Tensor) -> Result<Option<Vec<ops::InceptionBranch<'_>>>> {
+    fn train_branches(&self, xs: &Tensor) -> Result<Option<TrainBranches<'_>>> {
         let (h, w) = match xs.dims() {
             &[_, _, h, w] => (h, w),
             d => return Err(shape_err("inception", "[b, c, h, w]", d)),
         };
         let mut out = Vec::with_capacity(self.branches.len());
+        let mut out_hw = None;
         for branch in &self.branches {
             let (pool, conv) = match branch.as_slice() {
                 [BranchLayer::Conv(conv)] => (None, conv),
@@ -284,7 +296,8 @@ impl InceptionModule {
                 None => (None, (h, w)),
             };
             let k = conv.weight().dim(3)?;
-            let (pad, _) = cfg.padding.resolve2d(ph, pw, k, 1)?;
+            let (pad, hw) = cfg.padding.resolve2d(ph, pw, k, 1)?;
+            out_hw.get_or_insert(hw);
             out.push(ops::InceptionBranch {
                 pool,
                 w: conv.weight(),
@@ -293,10 +306,11 @@ impl InceptionModule {
                 relu: cfg.activation.is_relu(),
             });
         }
-        Ok(Some(out))
+        Ok(Some((out, out_hw.unwrap_or((h, w)))))
     }
 
-    /// The branches and BatchNorm as [`ops::inception_train`] takes them, or `None` when that cannot
+    /// The branches and BatchNorm as [`ops::inception_train`] takes them and the module's output
+    /// `(h, w)`, or `None` when that cannot
     /// run: other kernels (of the module or of `bn`), an input that needs a gradient (a module that
     /// does not come first), or a branch that is not one stride-1 convolution after an optional max
     /// pool.
@@ -304,12 +318,12 @@ impl InceptionModule {
         &'a self,
         xs: &Tensor,
         bn: Option<&'a BatchNorm>,
-    ) -> Result<Option<(Vec<ops::InceptionBranch<'a>>, Option<ops::ModuleBn<'a>>)>> {
+    ) -> Result<Option<FusedParts<'a>>> {
         let fast = self.kernels.use_fast(xs) && bn.is_none_or(|bn| bn.kernels().use_fast(xs));
         if !fast || xs.track_op() {
             return Ok(None);
         }
-        let Some(branches) = self.train_branches(xs)? else {
+        let Some((branches, hw)) = self.train_branches(xs)? else {
             return Ok(None);
         };
         let m = bn.map(|bn| ops::ModuleBn {
@@ -317,38 +331,17 @@ impl InceptionModule {
             beta: bn.beta(),
             eps: bn.config().eps,
         });
-        Ok(Some((branches, m)))
+        Ok(Some((branches, m, hw)))
     }
 
-    /// [`Self::fused_parts`] with `bn`, and the module's output `(h, w)` on `xs`, for a stack of
-    /// blocks after it ([`crate::block::train_inception_stack`]).
+    /// [`Self::fused_parts`] with `bn`, for a stack of blocks after it ([`crate::block::train_inception_stack`]).
     pub(crate) fn fused_head<'a>(
         &'a self,
         xs: &Tensor,
         bn: &'a BatchNorm,
     ) -> Result<Option<FusedHead<'a>>> {
-        let Some((branches, Some(m))) = self.fused_parts(xs, Some(bn))? else {
+        let Some((branches, Some(m), hw)) = self.fused_parts(xs, Some(bn))? else {
             return Ok(None);
-        };
-        // Every branch gives the same size (`inception_train` checks it): the first one's.
-        let (_, _, h, w) = xs.dims4()?;
-        let hw = match branches.first() {
-            Some(br) => {
-                let (ph, pw) = match br.pool {
-                    Some(p) => (
-                        ops::out_len(h, p.pad.0, p.pad.2, p.kernel, p.stride, "max_pool2d")?,
-                        ops::out_len(w, p.pad.1, p.pad.3, p.kernel, p.stride, "max_pool2d")?,
-                    ),
-                    None => (h, w),
-                };
-                let k = br.w.dim(3)?;
-                let (pt, pl, pb, pr) = br.pad;
-                (
-                    (ph + pt + pb + 1).saturating_sub(k),
-                    (pw + pl + pr + 1).saturating_sub(k),
-                )
-            }
-            None => (h, w),
         };
         Ok(Some(FusedHead {
             branches,
@@ -360,7 +353,7 @@ impl InceptionModule {
     /// Training as ONE op ([`ops::inception_train`]), followed by `bn` if given (running statistics
     /// updated), or `None` when that cannot run (see [`Self::fused_parts`]).
     fn train_fused(&self, xs: &Tensor, bn: Option<&BatchNorm>) -> Result<Option<Tensor>> {
-        let Some((branches, m)) = self.fused_parts(xs, bn)? else {
+        let Some((branches, m, _)) = self.fused_parts(xs, bn)? else {
             return Ok(None);
         };
         let (ys, stats) = ops::inception_train(xs, &branches, m)?;
