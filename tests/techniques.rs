@@ -238,6 +238,29 @@ fn grad_centralization_is_stored_changes_training_and_resumes_bit_for_bit() {
 }
 
 #[test]
+fn lookahead_is_stored_changes_training_and_resumes_bit_for_bit() {
+    if mnist_dir_if_present().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // k = 7 does not divide the 32 steps of an epoch: the resumed run must start its slow weights where
+    // the straight run synced them at the epoch's end.
+    let config = straight_and_resumed_agree(
+        tmp.path(),
+        "lookahead",
+        &["--lookahead", "7", "--lookahead-alpha", "0.6"],
+    );
+    assert_eq!(config["lookahead"]["k"], 7);
+    assert_eq!(config["lookahead"]["alpha"], 0.6);
+    let plain = plain_run_trains_otherwise(tmp.path(), "lookahead");
+    // Off is not written: configs (and sweeps' baseline runs) from before the flag read the same.
+    assert!(plain.get("lookahead").is_none(), "{plain}");
+    // The paper's alpha by default.
+    let config = short_run(tmp.path(), "lookahead-default", &["--lookahead", "5"]);
+    assert_eq!(config["lookahead"]["alpha"], 0.5);
+}
+
+#[test]
 fn elastic_is_stored_and_resumes_bit_for_bit() {
     if mnist_dir_if_present().is_none() {
         return;
@@ -300,6 +323,18 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         (&["--sam", "inf"], "--sam"),
         (&["--sam", "wide"], "--sam"),
         (&["--sam-adaptive"], "--sam"),
+        (&["--lookahead", "0"], "--lookahead"),
+        (&["--lookahead", "-5"], "--lookahead"),
+        (&["--lookahead", "2.5"], "--lookahead"),
+        (
+            &["--lookahead", "5", "--lookahead-alpha", "0"],
+            "--lookahead-alpha",
+        ),
+        (
+            &["--lookahead", "5", "--lookahead-alpha", "1.5"],
+            "--lookahead-alpha",
+        ),
+        (&["--lookahead-alpha", "0.5"], "--lookahead"),
     ] {
         let out = run_owned(BIN, &train_args("improved", "1", "100", &out_dir, args));
         let err = String::from_utf8_lossy(&out.stderr);
@@ -318,6 +353,7 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         &["--grad-centralization"],
         &["--cycle-momentum"],
         &["--beta2", "0.99"],
+        &["--lookahead", "5"],
     ] {
         let mut args = vec!["train", "--resume", "somewhere", "--data-dir"];
         args.push(data.to_str().unwrap());

@@ -1,7 +1,8 @@
 //! Optimisation for the MNIST models: a Keras-exact [`Adam`] (no hidden weight decay) and a
 //! PyTorch-exact [`Sgd`] with Nesterov momentum, each with a fast in-place CPU path and chosen by an
 //! [`OptimizerConfig`]; per-step learning-rate schedules ([`Scheduler`]); and an exponential moving
-//! average of the weights ([`Ema`]); the weight perturbation of sharpness-aware minimisation ([`Sam`]).
+//! average of the weights ([`Ema`]); the weight perturbation of sharpness-aware minimisation ([`Sam`]);
+//! the slow weights of Lookahead ([`Lookahead`]).
 //!
 //! The crate sees only candle `Var`s and gradients; it knows nothing of models or data.
 //!
@@ -20,6 +21,7 @@
 mod adam;
 mod ema;
 mod error;
+mod lookahead;
 mod optimizer;
 mod sam;
 mod schedule;
@@ -29,6 +31,7 @@ mod slots;
 pub use adam::{Adam, AdamConfig, AdamState, MomentState};
 pub use ema::{Ema, EmaConfig, EmaState};
 pub use error::{OptimError, Result};
+pub use lookahead::{Lookahead, LookaheadConfig};
 pub use optimizer::{Optimizer, OptimizerConfig, OptimizerState};
 pub use sam::{Sam, SamConfig};
 pub use schedule::{MomentumRange, ScheduleConfig, Scheduler, SchedulerState};

@@ -10,7 +10,8 @@ use mnist_data::{DataSource, Dataset, ElasticConfig, Interpolation, DEFAULT_ELAS
 use mnist_layers::Kernels;
 use mnist_models::{thousands, ArchSpec, Classifier, ModelConfig, Solution, Variant};
 use mnist_optim::{
-    AdamConfig, EmaConfig, MomentumRange, OptimizerConfig, SamConfig, ScheduleConfig, SgdConfig,
+    AdamConfig, EmaConfig, LookaheadConfig, MomentumRange, OptimizerConfig, SamConfig,
+    ScheduleConfig, SgdConfig,
 };
 
 use crate::{
@@ -83,7 +84,7 @@ fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
     f64_where(s, |v| v.is_finite() && v >= 0.0, "a number of at least 0")
 }
 
-fn distill_weight(s: &str) -> std::result::Result<f64, String> {
+fn up_to_one_f64(s: &str) -> std::result::Result<f64, String> {
     f64_where(s, |v| v > 0.0 && v <= 1.0, "above 0 and at most 1")
 }
 
@@ -194,7 +195,7 @@ struct TrainArgs {
     distill_temperature: Option<f64>,
     /// Distillation: share w of the teachers' term in the loss, (1 - w) * labels + w * T^2 * teachers,
     /// in (0, 1] [default: 0.5].
-    #[arg(long, value_name = "W", requires = "teacher", allow_negative_numbers = true, value_parser = distill_weight)]
+    #[arg(long, value_name = "W", requires = "teacher", allow_negative_numbers = true, value_parser = up_to_one_f64)]
     distill_weight: Option<f64>,
     /// Learning-rate schedule [recipe: plateau for seed, one-cycle for improved].
     #[arg(long, value_enum)]
@@ -253,6 +254,14 @@ struct TrainArgs {
     /// which radii of about 0.5 to 2 are usual [recipe: off].
     #[arg(long, requires = "sam")]
     sam_adaptive: bool,
+    /// Lookahead (Zhang et al. 2019): slow weights that move ALPHA of the way to the optimizer's weights
+    /// every K steps, the optimizer going on from them (also at every epoch's end, so the slow weights
+    /// are validated, tested and saved) [recipe: off].
+    #[arg(long, value_name = "K", allow_negative_numbers = true, value_parser = positive_usize)]
+    lookahead: Option<usize>,
+    /// With --lookahead: the fraction of the way the slow weights move, in (0, 1] [default: 0.5].
+    #[arg(long, value_name = "ALPHA", requires = "lookahead", allow_negative_numbers = true, value_parser = up_to_one_f64)]
+    lookahead_alpha: Option<f64>,
     /// Label smoothing of the training loss, in [0, 1) [recipe: 0].
     #[arg(long, value_name = "EPS", allow_negative_numbers = true, value_parser = smoothing_f64)]
     label_smoothing: Option<f64>,
@@ -291,7 +300,7 @@ struct TrainArgs {
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
             "optimizer", "momentum", "no_nesterov", "beta2", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
             "teacher", "distill_temperature", "distill_weight", "precise_bn", "sam", "sam_adaptive",
-            "grad_centralization",
+            "grad_centralization", "lookahead", "lookahead_alpha",
         ]
     )]
     resume: Option<PathBuf>,
@@ -594,6 +603,13 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
             rho,
             adaptive: args.sam_adaptive,
         });
+    }
+    if let Some(k) = args.lookahead {
+        let mut la = LookaheadConfig::new(k);
+        if let Some(alpha) = args.lookahead_alpha {
+            la.alpha = alpha;
+        }
+        cfg.lookahead = Some(la);
     }
     if args.no_augment {
         cfg.augment = None;

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use mnist_data::{AugmentConfig, Dataset, Interpolation};
 use mnist_models::{ModelConfig, Solution, Variant};
-use mnist_optim::{AdamConfig, EmaConfig, OptimizerConfig, SamConfig, ScheduleConfig};
+use mnist_optim::{
+    AdamConfig, EmaConfig, LookaheadConfig, OptimizerConfig, SamConfig, ScheduleConfig,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{DistillConfig, TrainError};
@@ -52,6 +54,12 @@ pub struct TrainConfig {
     /// leaves the BatchNorm running statistics as the first pass left them. `None` (the default) = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sam: Option<SamConfig>,
+    /// Lookahead ([`mnist_optim::Lookahead`], `--lookahead K`): slow weights that move `alpha` of the way
+    /// to the optimizer's every `k` steps, the optimizer restarting from them; synced also at every
+    /// epoch's end, so validation, the test and the saved model see the slow weights. `None` (the
+    /// default) = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookahead: Option<LookaheadConfig>,
     /// Knowledge distillation from trained teacher models (`--teacher`). `None` (the default) = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillConfig>,
@@ -88,6 +96,7 @@ impl TrainConfig {
                 ema: None,
                 precise_bn: false,
                 sam: None,
+                lookahead: None,
                 distill: None,
                 seed: 42,
                 limit_train: None,
@@ -132,6 +141,7 @@ impl TrainConfig {
                     ema: None,
                     precise_bn: false,
                     sam: None,
+                    lookahead: None,
                     distill: None,
                     seed: 42,
                     limit_train: None,
@@ -174,6 +184,10 @@ impl TrainConfig {
         }
         if let Some(sam) = &self.sam {
             sam.validate()
+                .map_err(|e| TrainError::Config(e.to_string()))?;
+        }
+        if let Some(la) = &self.lookahead {
+            la.validate()
                 .map_err(|e| TrainError::Config(e.to_string()))?;
         }
         self.schedule

@@ -12,7 +12,9 @@ use mnist_layers::init::SeededVarMap;
 use mnist_layers::SharedRng;
 use mnist_metrics::{argmax_rows, Accuracy, ConfusionMatrix, MeanLoss};
 use mnist_models::{is_trainable, Net};
-use mnist_optim::{Ema, EmaState, Optimizer, OptimizerState, Sam, Scheduler, SchedulerState};
+use mnist_optim::{
+    Ema, EmaState, Lookahead, Optimizer, OptimizerState, Sam, Scheduler, SchedulerState,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{Reporter, TrainConfig, TrainError};
@@ -340,6 +342,12 @@ pub fn fit_with(
         history = state.history;
         first_epoch0 = state.epoch;
     }
+    // The slow weights are the weights at every epoch's end (synced there), so a resumed run starts
+    // them from the weights it loaded, where the uninterrupted run has them.
+    let mut lookahead = match cfg.lookahead {
+        Some(c) => Some(Lookahead::new(trained.trainable_vars(), c)?),
+        None => None,
+    };
     let stop_requested = || stop.is_some_and(|s| s.load(Ordering::SeqCst));
     // The last epoch's recalibrated BatchNorm statistics (`precise_bn`), for the model at the end.
     let mut precise_stats = None;
@@ -415,6 +423,9 @@ pub fn fit_with(
                     loss_of(&logits)?.backward()
                 })?,
             }
+            if let Some(la) = lookahead.as_mut() {
+                la.step()?;
+            }
             if let Some(ema) = ema.as_mut() {
                 ema.update()?;
             }
@@ -425,6 +436,10 @@ pub fn fit_with(
             Ok(())
         });
         res?;
+        // The epoch ends on the slow weights: they are validated, tested, saved and checkpointed.
+        if let Some(la) = lookahead.as_mut() {
+            la.sync()?;
+        }
         let seconds = started.elapsed().as_secs_f64();
         // With `precise_bn`, the last validation sees recalibrated statistics; the model keeps them
         // only at the end, so that the checkpoint holds the moving averages training left (extending
