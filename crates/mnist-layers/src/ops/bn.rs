@@ -35,17 +35,25 @@ multiversion! {
         let mut acc = [0f32; 16];
         let ca = a.chunks_exact(16);
         let cb = b.chunks_exact(16);
-        let mut s = 0f64;
-        for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-            s += (x * (y - m)) as f64;
-        }
+        let (ra, rb) = (ca.remainder(), cb.remainder());
         for (x, y) in ca.zip(cb) {
             for i in 0..16 {
                 acc[i] += x[i] * (y[i] - m);
             }
         }
-        s + acc.iter().map(|&v| v as f64).sum::<f64>()
+        finish_dot_dev(&acc, ra, rb, m)
     }
+}
+
+/// The end of [`dot_dev`] (and of the one-pass sums that must give its bits): the values past the last
+/// whole vector, `a * (b - m)` one by one in f64, then the 16 lane sums added in f64.
+#[inline(always)]
+pub(crate) fn finish_dot_dev(lanes: &[f32; 16], ra: &[f32], rb: &[f32], m: f32) -> f64 {
+    let mut s = 0f64;
+    for (x, y) in ra.iter().zip(rb) {
+        s += (x * (y - m)) as f64;
+    }
+    s + lanes.iter().map(|&v| v as f64).sum::<f64>()
 }
 
 /// Per-channel `(mean, biased variance)` of `x [b, c, hw]`, two passes, f64 across planes.

@@ -564,12 +564,19 @@ multiversion! {
                 acc[i] += c[i];
             }
         }
-        let mut s: f64 = acc.iter().map(|&v| v as f64).sum();
-        for &v in rest {
-            s += v as f64;
-        }
-        s
+        finish_sum(&acc, rest)
     }
+}
+
+/// The end of [`sum_f32`] (and of the one-pass sums that must give its bits): the 16 lane sums added in
+/// f64, then the values past the last whole vector one by one.
+#[inline(always)]
+pub(crate) fn finish_sum(lanes: &[f32; 16], rest: &[f32]) -> f64 {
+    let mut s: f64 = lanes.iter().map(|&v| v as f64).sum();
+    for &v in rest {
+        s += v as f64;
+    }
+    s
 }
 
 /// Requires an `f32` CPU tensor of rank 4 and returns its dims.

@@ -57,17 +57,12 @@ pub(crate) fn sum_and_dot_dev(a: &[f32], b: &[f32], m: f32) -> Option<(f64, f64)
         // SAFETY: AVX-512F is available and `b` is at least as long as `a` (checked above).
         let (sum, dot) = unsafe { k512::lane_sums(a, b, m) };
         let whole = a.len() - a.len() % L;
-        // The twins' reductions: `sum_f32` adds its lanes in f64 and then the remainder one by one;
-        // `dot_dev` adds the remainder first and then the lanes' f64 sum.
-        let mut s: f64 = sum.iter().map(|&v| v as f64).sum();
-        for &v in &a[whole..] {
-            s += v as f64;
-        }
-        let mut d = 0f64;
-        for (x, y) in a[whole..].iter().zip(&b[whole..]) {
-            d += (x * (y - m)) as f64;
-        }
-        Some((s, d + dot.iter().map(|&v| v as f64).sum::<f64>()))
+        // The twins' own reductions of the lanes and the values past them.
+        let (ra, rb) = (&a[whole..], &b[whole..a.len()]);
+        Some((
+            super::finish_sum(&sum, ra),
+            super::bn::finish_dot_dev(&dot, ra, rb, m),
+        ))
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
