@@ -4,7 +4,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::shape_err;
-use crate::inception::{FusedHead, InceptionModule};
+use crate::inception::{FusedParts, InceptionModule};
 use crate::ops::{self, BlockSpec, PoolSpec};
 use crate::{
     batch_norm, conv2d, separable_conv2d, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig,
@@ -388,12 +388,12 @@ pub fn train_inception_stack(
 ) -> Result<Tensor> {
     let fast = !blocks.is_empty() && blocks.iter().all(|b| b.block().kernels.use_fast(xs));
     let head = match fast {
-        true => module.fused_head(xs, bn)?,
+        true => module.fused_parts(xs, Some(bn))?,
         false => None,
     };
-    let Some(FusedHead {
+    let Some(FusedParts {
         branches,
-        bn: m,
+        bn: module_bn,
         mut hw,
     }) = head
     else {
@@ -409,7 +409,7 @@ pub fn train_inception_stack(
         y: ys,
         head_stats,
         stats,
-    } = ops::inception_stack_train(xs, &branches, Some(m), &parts)?;
+    } = ops::inception_stack_train(xs, &branches, module_bn, &parts)?;
     if let Some((mean, var)) = head_stats {
         bn.update_running(&mean, &var)?;
     }

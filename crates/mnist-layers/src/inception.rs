@@ -137,20 +137,13 @@ enum Planned {
 /// [`InceptionModule::train_branches`]: the branches and the module's output `(h, w)`.
 type TrainBranches<'a> = (Vec<ops::InceptionBranch<'a>>, (usize, usize));
 
-/// [`InceptionModule::fused_parts`]: the branches, the BatchNorm and the module's output `(h, w)`.
-type FusedParts<'a> = (
-    Vec<ops::InceptionBranch<'a>>,
-    Option<ops::ModuleBn<'a>>,
-    (usize, usize),
-);
-
-/// An inception module's fused training parts for a stack of blocks after it
-/// ([`InceptionModule::fused_head`]).
-pub(crate) struct FusedHead<'a> {
-    /// The branches as [`ops::inception_train`] takes them.
+/// An inception module's training as one op ([`InceptionModule::fused_parts`]): what
+/// [`ops::inception_train`] (or, with fused blocks after it, [`ops::inception_stack_train`]) takes.
+pub(crate) struct FusedParts<'a> {
+    /// The branches.
     pub branches: Vec<ops::InceptionBranch<'a>>,
-    /// The module's BatchNorm.
-    pub bn: ops::ModuleBn<'a>,
+    /// The module's BatchNorm, if any.
+    pub bn: Option<ops::ModuleBn<'a>>,
     /// The module's output `(h, w)`.
     pub hw: (usize, usize),
 }
@@ -310,11 +303,10 @@ impl InceptionModule {
     }
 
     /// The branches and BatchNorm as [`ops::inception_train`] takes them and the module's output
-    /// `(h, w)`, or `None` when that cannot
-    /// run: other kernels (of the module or of `bn`), an input that needs a gradient (a module that
-    /// does not come first), or a branch that is not one stride-1 convolution after an optional max
-    /// pool.
-    fn fused_parts<'a>(
+    /// `(h, w)`, or `None` when that cannot run: other kernels (of the module or of `bn`), an input that
+    /// needs a gradient (a module that does not come first), or a branch that is not one stride-1
+    /// convolution after an optional max pool.
+    pub(crate) fn fused_parts<'a>(
         &'a self,
         xs: &Tensor,
         bn: Option<&'a BatchNorm>,
@@ -326,37 +318,21 @@ impl InceptionModule {
         let Some((branches, hw)) = self.train_branches(xs)? else {
             return Ok(None);
         };
-        let m = bn.map(|bn| ops::ModuleBn {
+        let bn = bn.map(|bn| ops::ModuleBn {
             gamma: bn.gamma(),
             beta: bn.beta(),
             eps: bn.config().eps,
         });
-        Ok(Some((branches, m, hw)))
-    }
-
-    /// [`Self::fused_parts`] with `bn`, for a stack of blocks after it ([`crate::block::train_inception_stack`]).
-    pub(crate) fn fused_head<'a>(
-        &'a self,
-        xs: &Tensor,
-        bn: &'a BatchNorm,
-    ) -> Result<Option<FusedHead<'a>>> {
-        let Some((branches, Some(m), hw)) = self.fused_parts(xs, Some(bn))? else {
-            return Ok(None);
-        };
-        Ok(Some(FusedHead {
-            branches,
-            bn: m,
-            hw,
-        }))
+        Ok(Some(FusedParts { branches, bn, hw }))
     }
 
     /// Training as ONE op ([`ops::inception_train`]), followed by `bn` if given (running statistics
     /// updated), or `None` when that cannot run (see [`Self::fused_parts`]).
     fn train_fused(&self, xs: &Tensor, bn: Option<&BatchNorm>) -> Result<Option<Tensor>> {
-        let Some((branches, m, _)) = self.fused_parts(xs, bn)? else {
+        let Some(parts) = self.fused_parts(xs, bn)? else {
             return Ok(None);
         };
-        let (ys, stats) = ops::inception_train(xs, &branches, m)?;
+        let (ys, stats) = ops::inception_train(xs, &parts.branches, parts.bn)?;
         if let (Some(bn), Some((mean, var))) = (bn, stats) {
             bn.update_running(&mean, &var)?;
         }

@@ -264,12 +264,6 @@ impl InceptionOp {
         self.out
     }
 
-    /// The length of the parameter vector.
-    pub(crate) fn param_len(&self) -> usize {
-        let branches = self.branches.last().map_or(0, |br| br.params.end);
-        self.bn.as_ref().map_or(branches, |(_, r)| r.end)
-    }
-
     /// The batch statistics `(mean, var)` that the last forward pass kept (with BatchNorm), as tensors.
     pub(crate) fn stats_of(
         saved: &OpState<Saved>,

@@ -92,7 +92,7 @@ fn stack_train(x: &Tensor, head: Option<Head>, blocks: &[StackBlock]) -> Result<
     let head = match head {
         Some((branches, bn)) => {
             let (op, p) = crate::ops::inception_train::build(x, branches, bn)?;
-            end = op.param_len();
+            end = p.iter().map(Tensor::elem_count).sum();
             dims = op.out_dims();
             parts.extend(p);
             Some((op, 0..end))
