@@ -1,6 +1,7 @@
 //! The recipe options of issue 14 Part B end to end: weight averaging (`--ema`), SGD with Nesterov
 //! momentum (`--optimizer sgd`), elastic distortion (`--elastic`), precise BatchNorm (`--precise-bn`),
-//! sharpness-aware minimisation (`--sam`), gradient centralization (`--grad-centralization`) and test-time
+//! sharpness-aware minimisation (`--sam`), gradient centralization (`--grad-centralization`), Lookahead
+//! (`--lookahead`), ghost BatchNorm (`--ghost-batch`) and test-time
 //! augmentation (`evaluate --tta`). Each flag is accepted, lands in config.json, survives `train --resume` bit for bit,
 //! and bad values are refused with exit code 2 naming the flag.
 
@@ -261,6 +262,27 @@ fn lookahead_is_stored_changes_training_and_resumes_bit_for_bit() {
 }
 
 #[test]
+fn ghost_batch_is_stored_changes_training_and_resumes_bit_for_bit() {
+    if mnist_dir_if_present().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // The seed recipe's batch of 32 in parts of 12: 12, 12 and 8 images (and the epoch's last, short
+    // batch in parts too).
+    let config = straight_and_resumed_agree(tmp.path(), "ghost", &["--ghost-batch", "12"]);
+    assert_eq!(config["ghost_batch"], 12);
+    let plain = plain_run_trains_otherwise(tmp.path(), "ghost");
+    assert!(plain.get("ghost_batch").is_none(), "{plain}");
+    // With precise BatchNorm: straight and resumed agree, recalibrated over batches of 12.
+    straight_and_resumed_agree_but(
+        tmp.path(),
+        "ghost-precise",
+        &["--ghost-batch", "12", "--precise-bn"],
+        true,
+    );
+}
+
+#[test]
 fn elastic_is_stored_and_resumes_bit_for_bit() {
     if mnist_dir_if_present().is_none() {
         return;
@@ -335,6 +357,15 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
             "--lookahead-alpha",
         ),
         (&["--lookahead-alpha", "0.5"], "--lookahead"),
+        (&["--ghost-batch", "0"], "--ghost-batch"),
+        (&["--ghost-batch", "1"], "--ghost-batch"),
+        (&["--ghost-batch", "64"], "--ghost-batch"),
+        (
+            &["--ghost-batch", "16", "--batch-size", "16"],
+            "--ghost-batch",
+        ),
+        (&["--ghost-batch", "-16"], "--ghost-batch"),
+        (&["--ghost-batch", "many"], "--ghost-batch"),
     ] {
         let out = run_owned(BIN, &train_args("improved", "1", "100", &out_dir, args));
         let err = String::from_utf8_lossy(&out.stderr);
@@ -354,6 +385,7 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         &["--cycle-momentum"],
         &["--beta2", "0.99"],
         &["--lookahead", "5"],
+        &["--ghost-batch", "16"],
     ] {
         let mut args = vec!["train", "--resume", "somewhere", "--data-dir"];
         args.push(data.to_str().unwrap());

@@ -1,7 +1,6 @@
 //! Keras-style BatchNorm over the channel dim of `[b, c, h, w]`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -37,38 +36,72 @@ impl Default for BatchNormConfig {
 /// the next batch enters with weight 1/k, so announcing batches 1, 2, ..., n one by one leaves the plain
 /// mean of their statistics ("precise BatchNorm": Wu and Johnson 2021, "Rethinking 'Batch' in
 /// BatchNorm", section 3, where a moving average of a few recent batches is shown to be a noisy estimate
-/// of the population statistics). After [`RunningStats::freeze`], batches leave the running statistics
-/// as they are (a second pass over the same batch, as sharpness-aware minimisation takes).
+/// of the population statistics). After [`RunningStats::ghost_part`]`(i, n)` for i = 1, ..., n, the n
+/// parts of one batch together move the running statistics as that batch would with the layer's
+/// momentum, toward the plain mean of the parts' statistics ("ghost BatchNorm", where every part is
+/// normalised by its own statistics). After [`RunningStats::freeze`], batches leave the running
+/// statistics as they are (a second pass over the same batch, as sharpness-aware minimisation takes).
 #[derive(Debug, Clone, Default)]
-pub struct RunningStats(Arc<AtomicUsize>);
+pub struct RunningStats(Arc<Mutex<StatsMode>>);
 
-/// The state of a frozen [`RunningStats`] (0 = momentum, k = the k-th batch of a plain mean).
-const FROZEN: usize = usize::MAX;
+/// What the next training-mode batch does to the running statistics (see [`RunningStats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+enum StatsMode {
+    /// `running = momentum * running + (1 - momentum) * batch`.
+    #[default]
+    Momentum,
+    /// The batch is the k-th (from 1) of a plain mean.
+    Average(usize),
+    /// The batch is part `i` (from 1) of `n` parts of one batch.
+    Ghost { i: usize, n: usize },
+    /// Left as they are.
+    Frozen,
+}
 
 impl RunningStats {
+    fn set(&self, mode: StatsMode) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = mode;
+    }
+
     /// The next batch is the `k`-th (from 1) of a plain mean; `k = 1` replaces the running statistics.
     pub fn average_batch(&self, k: usize) {
-        self.0.store(k.max(1), Ordering::SeqCst);
+        self.set(StatsMode::Average(k.max(1)));
+    }
+
+    /// The next batch is part `i` (from 1) of `n` parts of one batch: after parts 1 to n, the running
+    /// statistics are `momentum * before + (1 - momentum) * (plain mean of the n parts' statistics)`.
+    /// Part i enters with weight `w / R_i`, where `w = (1 - momentum) / n` and `R_i = momentum + i w`
+    /// (the weight of everything folded in so far), so every part ends with weight `w`.
+    pub fn ghost_part(&self, i: usize, n: usize) {
+        let n = n.max(1);
+        self.set(StatsMode::Ghost {
+            i: i.clamp(1, n),
+            n,
+        });
     }
 
     /// Back to each layer's momentum.
     pub fn use_momentum(&self) {
-        self.0.store(0, Ordering::SeqCst);
+        self.set(StatsMode::Momentum);
     }
 
     /// Training-mode batches no longer change the running statistics (until [`Self::use_momentum`] or
     /// [`Self::average_batch`]).
     pub fn freeze(&self) {
-        self.0.store(FROZEN, Ordering::SeqCst);
+        self.set(StatsMode::Frozen);
     }
 
     /// The weight of the previous running statistics for a layer of momentum `momentum`; `None` when
     /// frozen.
     fn keep(&self, momentum: f64) -> Option<f64> {
-        match self.0.load(Ordering::SeqCst) {
-            0 => Some(momentum),
-            FROZEN => None,
-            k => Some((k - 1) as f64 / k as f64),
+        match *self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            StatsMode::Momentum => Some(momentum),
+            StatsMode::Frozen => None,
+            StatsMode::Average(k) => Some((k - 1) as f64 / k as f64),
+            StatsMode::Ghost { i, n } => {
+                let w = (1.0 - momentum) / n as f64;
+                Some((momentum + (i - 1) as f64 * w) / (momentum + i as f64 * w))
+            }
         }
     }
 }
@@ -377,6 +410,65 @@ mod tests {
                 bn.running_mean().to_vec1::<f32>().unwrap(),
                 mean.to_vec1::<f32>().unwrap()
             );
+        }
+    }
+
+    #[test]
+    fn ghost_parts_move_the_statistics_once_toward_their_mean() {
+        for (momentum, n) in [(0.9, 4), (0.99, 3), (0.5, 2)] {
+            let m = SeededVarMap::new(0);
+            let vb = m.var_builder(DType::F32, &Device::Cpu);
+            let stats = RunningStats::default();
+            let cfg = BatchNormConfig {
+                momentum,
+                ..BatchNormConfig::default()
+            };
+            let bn = batch_norm(3, cfg, vb.pp("bn"))
+                .unwrap()
+                .with_running_stats(stats.clone());
+            // Something other than the initial statistics to start from.
+            bn.forward_t(&rand_t(&[4, 3, 5, 5], 3).affine(2.0, 1.0).unwrap(), true)
+                .unwrap();
+            let before = (
+                bn.running_mean().to_vec1::<f32>().unwrap(),
+                bn.running_var().to_vec1::<f32>().unwrap(),
+            );
+            let (mut sum_m, mut sum_v) = (vec![0f64; 3], vec![0f64; 3]);
+            for i in 1..=n {
+                let x = rand_t(&[2 + i, 3, 4, 4], 20 + i as u64)
+                    .affine(1.0 + i as f64, -(i as f64))
+                    .unwrap();
+                stats.ghost_part(i, n);
+                bn.forward_t(&x, true).unwrap();
+                let (mean, var) = batch_stats(&x);
+                for (c, (mv, vv)) in mean
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .zip(var.to_vec1::<f32>().unwrap())
+                    .enumerate()
+                {
+                    sum_m[c] += mv as f64;
+                    sum_v[c] += vv as f64;
+                }
+            }
+            stats.use_momentum();
+            let want = |before: &[f32], sum: &[f64]| -> Vec<f64> {
+                (0..3)
+                    .map(|c| momentum * before[c] as f64 + (1.0 - momentum) * sum[c] / n as f64)
+                    .collect()
+            };
+            for (got, want, what) in [
+                (bn.running_mean(), want(&before.0, &sum_m), "mean"),
+                (bn.running_var(), want(&before.1, &sum_v), "var"),
+            ] {
+                for (g, w) in got.to_vec1::<f32>().unwrap().iter().zip(&want) {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
+                        "momentum {momentum}, {n} parts, {what}: {g} vs {w}"
+                    );
+                }
+            }
         }
     }
 

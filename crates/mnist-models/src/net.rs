@@ -162,6 +162,50 @@ impl Net {
         result
     }
 
+    /// A training-mode forward pass with ghost BatchNorm (Hoffer, Hubara and Soudry 2017, "Train longer,
+    /// generalize better", section 4.1): `xs` runs through the model in consecutive parts of `ghost`
+    /// images (the last may be shorter), so that every BatchNorm normalises each part by that part's
+    /// own statistics, and the parts' outputs are concatenated in order (gradients flow to each part).
+    /// The running statistics move once, as for one batch with the layers' momentum, toward the plain
+    /// mean of the parts' statistics (as the usual ghost BatchNorm's per-part statistics, averaged). With
+    /// `keep_statistics`, they do not move (as [`Self::forward_train_keeping_statistics`]). A batch of at
+    /// most `ghost` images is one part, an ordinary training-mode pass. Layers go back to their momentum
+    /// afterwards, also after an error.
+    pub fn forward_train_ghost(
+        &self,
+        xs: &Tensor,
+        ghost: usize,
+        keep_statistics: bool,
+    ) -> Result<Tensor> {
+        let b = xs.dim(0)?;
+        if ghost == 0 {
+            candle_core::bail!("ghost BatchNorm: the ghost batch size must be at least 1");
+        }
+        let parts = b.div_ceil(ghost).max(1);
+        let pass = || -> Result<Tensor> {
+            if parts == 1 {
+                if keep_statistics {
+                    self.bn_stats.freeze();
+                }
+                return self.run(xs, true);
+            }
+            let mut ys = Vec::with_capacity(parts);
+            for i in 0..parts {
+                if keep_statistics {
+                    self.bn_stats.freeze();
+                } else {
+                    self.bn_stats.ghost_part(i + 1, parts);
+                }
+                let start = i * ghost;
+                ys.push(self.run(&xs.narrow(0, start, ghost.min(b - start))?, true)?);
+            }
+            Tensor::cat(&ys, 0)
+        };
+        let result = pass();
+        self.bn_stats.use_momentum();
+        result
+    }
+
     /// The architecture the model was built from.
     pub fn spec(&self) -> &ArchSpec {
         &self.spec
@@ -396,6 +440,85 @@ mod tests {
                         assert_eq!(flat(a), flat(b), "{what}: gradient of {name}");
                     }
                 }
+            }
+        }
+    }
+
+    /// Ghost BatchNorm: the output is each part's own training pass, concatenated, with the gradients of
+    /// those passes; the running statistics move once toward the parts' mean (or not at all when kept);
+    /// a batch no larger than a ghost batch is an ordinary training pass, bit for bit.
+    #[test]
+    fn ghost_batches_are_separate_passes_that_move_the_statistics_once() {
+        let x = images(4);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for solution in [Solution::Conv, Solution::Separable, Solution::Inception] {
+            for kernels in [Kernels::Auto, Kernels::Reference] {
+                let spec = builtin(solution, Variant::Improved);
+                let what = format!("{solution} {kernels:?}");
+                let mut zero = spec.clone();
+                zero.batch_norm.momentum = 0.0;
+                let stats_of = |x: &Tensor| {
+                    let (n, vars) = net(&zero, kernels);
+                    n.forward_t(x, true).unwrap();
+                    running(&vars)
+                };
+                let parts = [x.narrow(0, 0, 4).unwrap(), x.narrow(0, 4, 2).unwrap()];
+                let (ghost, gvars) = net(spec, kernels);
+                let before = running(&gvars);
+                let y = ghost.forward_train_ghost(&x, 4, false).unwrap();
+                let (plain, pvars) = net(spec, kernels);
+                let ys: Vec<Tensor> = parts
+                    .iter()
+                    .map(|p| plain.forward_train_keeping_statistics(p).unwrap())
+                    .collect();
+                assert_eq!(
+                    flat(&y),
+                    flat(&Tensor::cat(&ys, 0).unwrap()),
+                    "{what}: output"
+                );
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let loss = (ys[0].sqr().unwrap().sum_all().unwrap()
+                    + ys[1].sqr().unwrap().sum_all().unwrap())
+                .unwrap();
+                let gp = loss.backward().unwrap();
+                let (gd, pd) = (
+                    gvars.var_map().data().lock().unwrap(),
+                    pvars.var_map().data().lock().unwrap(),
+                );
+                for (name, v) in gd.iter().filter(|(name, _)| is_trainable(name)) {
+                    let a = flat(g.get(v.as_tensor()).expect(name));
+                    let b = flat(gp.get(pd[name].as_tensor()).expect(name));
+                    for (a, b) in a.iter().zip(&b) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                            "{what}: gradient of {name}: {a} vs {b}"
+                        );
+                    }
+                }
+                drop((gd, pd));
+                let m = spec.batch_norm.momentum as f32;
+                let (s0, s1) = (stats_of(&parts[0]), stats_of(&parts[1]));
+                for (((name, now), (_, old)), ((_, a), (_, b))) in
+                    running(&gvars).iter().zip(&before).zip(s0.iter().zip(&s1))
+                {
+                    for (((n, o), a), b) in now.iter().zip(old).zip(a).zip(b) {
+                        let want = m * o + (1.0 - m) * (a + b) / 2.0;
+                        assert!(
+                            (n - want).abs() <= 1e-5 * want.abs().max(1.0),
+                            "{what} {name}: {n} vs {want}"
+                        );
+                    }
+                }
+                // Kept: nothing moves. One part: an ordinary pass.
+                let moved = running(&gvars);
+                ghost.forward_train_ghost(&x, 4, true).unwrap();
+                assert_eq!(running(&gvars), moved, "{what}: kept");
+                let (one, ovars) = net(spec, kernels);
+                let whole = one.forward_train_ghost(&x, 6, false).unwrap();
+                let (two, tvars) = net(spec, kernels);
+                assert_eq!(flat(&whole), flat(&two.forward_t(&x, true).unwrap()));
+                assert_eq!(running(&ovars), running(&tvars), "{what}: one part");
+                assert!(one.forward_train_ghost(&x, 0, false).is_err());
             }
         }
     }

@@ -262,6 +262,10 @@ struct TrainArgs {
     /// With --lookahead: the fraction of the way the slow weights move, in (0, 1] [default: 0.5].
     #[arg(long, value_name = "ALPHA", requires = "lookahead", allow_negative_numbers = true, value_parser = up_to_one_f64)]
     lookahead_alpha: Option<f64>,
+    /// Ghost BatchNorm (Hoffer et al. 2017): every batch runs through the model in parts of N images,
+    /// each normalised by its own statistics (at least 2, smaller than the batch size) [recipe: off].
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = positive_usize)]
+    ghost_batch: Option<usize>,
     /// Label smoothing of the training loss, in [0, 1) [recipe: 0].
     #[arg(long, value_name = "EPS", allow_negative_numbers = true, value_parser = smoothing_f64)]
     label_smoothing: Option<f64>,
@@ -300,7 +304,7 @@ struct TrainArgs {
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
             "optimizer", "momentum", "no_nesterov", "beta2", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
             "teacher", "distill_temperature", "distill_weight", "precise_bn", "sam", "sam_adaptive",
-            "grad_centralization", "lookahead", "lookahead_alpha",
+            "grad_centralization", "lookahead", "lookahead_alpha", "ghost_batch",
         ]
     )]
     resume: Option<PathBuf>,
@@ -610,6 +614,16 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
             la.alpha = alpha;
         }
         cfg.lookahead = Some(la);
+    }
+    if let Some(g) = args.ghost_batch {
+        if g < 2 || g >= cfg.batch_size {
+            return Err(UsageError(format!(
+                "--ghost-batch {g}: must be at least 2 and smaller than the batch size {}",
+                cfg.batch_size
+            ))
+            .into());
+        }
+        cfg.ghost_batch = Some(g);
     }
     if args.no_augment {
         cfg.augment = None;

@@ -44,8 +44,8 @@ pub struct TrainConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<EmaConfig>,
     /// After the last epoch, replace every BatchNorm's running statistics with the mean of its batch
-    /// statistics over the plain (unaugmented) training images, in full batches of `batch_size`, in
-    /// order ("precise BatchNorm", [`mnist_models::Net::recalibrate_batch_norm`]), before the last
+    /// statistics over the plain (unaugmented) training images, in full batches of
+    /// [`Self::normalization_batch`] images, in order ("precise BatchNorm", [`mnist_models::Net::recalibrate_batch_norm`]), before the last
     /// validation, the test and the saved model. Off by default.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub precise_bn: bool,
@@ -60,6 +60,13 @@ pub struct TrainConfig {
     /// default) = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lookahead: Option<LookaheadConfig>,
+    /// Ghost BatchNorm (`--ghost-batch N`, [`mnist_models::Net::forward_train_ghost`]): each training
+    /// batch runs through the model in parts of this many images, every BatchNorm normalising each part
+    /// by its own statistics; the running statistics move once a batch toward the parts' mean, and
+    /// precise BatchNorm recalibrates over batches of this size. At least 2 and smaller than
+    /// `batch_size`. `None` (the default) = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ghost_batch: Option<usize>,
     /// Knowledge distillation from trained teacher models (`--teacher`). `None` (the default) = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillConfig>,
@@ -97,6 +104,7 @@ impl TrainConfig {
                 precise_bn: false,
                 sam: None,
                 lookahead: None,
+                ghost_batch: None,
                 distill: None,
                 seed: 42,
                 limit_train: None,
@@ -142,6 +150,7 @@ impl TrainConfig {
                     precise_bn: false,
                     sam: None,
                     lookahead: None,
+                    ghost_batch: None,
                     distill: None,
                     seed: 42,
                     limit_train: None,
@@ -160,6 +169,12 @@ impl TrainConfig {
                 .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
         };
         normal(self).zip(normal(other)).is_some_and(|(a, b)| a == b)
+    }
+
+    /// The number of images each training-mode BatchNorm sees at once: `ghost_batch`, or else
+    /// `batch_size`.
+    pub fn normalization_batch(&self) -> usize {
+        self.ghost_batch.unwrap_or(self.batch_size)
     }
 
     /// Rejects invalid settings once, before any work starts.
@@ -189,6 +204,15 @@ impl TrainConfig {
         if let Some(la) = &self.lookahead {
             la.validate()
                 .map_err(|e| TrainError::Config(e.to_string()))?;
+        }
+        if let Some(g) = self.ghost_batch {
+            if g < 2 || g >= self.batch_size {
+                return Err(TrainError::Config(format!(
+                    "invalid ghost_batch = {g} (--ghost-batch): must be at least 2 and smaller than \
+                     the batch size {}",
+                    self.batch_size
+                )));
+            }
         }
         self.schedule
             .validate()

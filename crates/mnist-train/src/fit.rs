@@ -403,7 +403,10 @@ pub fn fit_with(
                 }
                 Ok(loss)
             };
-            let logits = trained.net.forward_t(&batch.images, true)?;
+            let logits = match cfg.ghost_batch {
+                Some(g) => trained.net.forward_train_ghost(&batch.images, g, false)?,
+                None => trained.net.forward_t(&batch.images, true)?,
+            };
             let loss = loss_of(&logits)?;
             let loss_value = loss.to_scalar::<f32>()? as f64;
             if !loss_value.is_finite() {
@@ -417,9 +420,12 @@ pub fn fit_with(
                 None => opt.backward_step(&loss)?,
                 // The second pass leaves the BatchNorm statistics as the first left them.
                 Some(sam) => sam.step(&mut opt, &loss.backward()?, || {
-                    let logits = trained
-                        .net
-                        .forward_train_keeping_statistics(&batch.images)?;
+                    let logits = match cfg.ghost_batch {
+                        Some(g) => trained.net.forward_train_ghost(&batch.images, g, true)?,
+                        None => trained
+                            .net
+                            .forward_train_keeping_statistics(&batch.images)?,
+                    };
                     loss_of(&logits)?.backward()
                 })?,
             }
@@ -450,7 +456,7 @@ pub fn fit_with(
             }
             let stats = trained.running_stats();
             let kept = copies(&stats)?;
-            recalibrate_batch_norm(&trained.net, &train, cfg.batch_size, device)?;
+            recalibrate_batch_norm(&trained.net, &train, cfg.normalization_batch(), device)?;
             let val = evaluate(&trained.net, &data.val, device)?;
             let recalibrated = copies(&stats)?;
             set_all(&stats, &kept)?;
@@ -497,7 +503,9 @@ pub fn fit_with(
     match (cfg.precise_bn, precise_stats) {
         (true, Some(stats)) => set_all(&trained.running_stats(), &stats)?,
         // Resumed after its last epoch: the same recalibration, on the same weights, now.
-        (true, None) => recalibrate_batch_norm(&trained.net, &train, cfg.batch_size, device)?,
+        (true, None) => {
+            recalibrate_batch_norm(&trained.net, &train, cfg.normalization_batch(), device)?
+        }
         (false, _) => {}
     }
     Ok(history)
@@ -678,6 +686,27 @@ mod tests {
             aug.elastic = Some(mnist_data::ElasticConfig::new(4.0));
         }
         assert_resume_matches_uninterrupted(&all);
+    }
+
+    /// Ghost BatchNorm changes training, runs alone and under sharpness-aware minimisation (whose second
+    /// pass keeps the statistics), and resumes bit for bit; a ghost batch as large as the batch is refused.
+    #[test]
+    fn ghost_batch_norm_changes_training_and_resumes_bit_for_bit() {
+        let data = tiny_data(64);
+        let mut ghost = cfg(2);
+        ghost.ghost_batch = Some(6);
+        let (w_plain, _) = train(&cfg(2), &data);
+        let (w_ghost, _) = train(&ghost, &data);
+        assert_ne!(w_plain, w_ghost);
+        ghost.epochs = 3;
+        assert_resume_matches_uninterrupted(&ghost);
+        ghost.sam = Some(mnist_optim::SamConfig::new(0.05));
+        assert_resume_matches_uninterrupted(&ghost);
+        for g in [1, 16, 40] {
+            ghost.ghost_batch = Some(g);
+            let err = ghost.validate().unwrap_err().to_string();
+            assert!(err.contains("ghost_batch"), "{err}");
+        }
     }
 
     /// Cyclical momentum is a function of the step: a resumed run sets it again before its first step,
