@@ -64,6 +64,18 @@ class Concat(nn.Module):
         return torch.cat([b(x) for b in self.branches], 1)
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): each channel times sigmoid(expand(relu(reduce(its mean))))."""
+
+    def __init__(self, c, units):
+        super().__init__()
+        self.reduce, self.expand = nn.Linear(c, units), nn.Linear(units, c)
+
+    def forward(self, x):
+        g = torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3))))))
+        return x * g[:, :, None, None]
+
+
 def layers(specs, c, bn):
     """The torch layers of a list of layer specs on `c` input channels, and the channels they output."""
     out = []
@@ -98,6 +110,8 @@ def layers(specs, c, bn):
             c = s["units"]
             if s.get("activation") == "relu":
                 out.append(nn.ReLU())
+        elif t == "squeeze_excite":
+            out.append(SqueezeExcite(c, s["units"]))
         elif t == "inception":
             branches, total = [], 0
             for b in s["branches"]:

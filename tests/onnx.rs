@@ -128,25 +128,50 @@ fn every_shipped_model_runs_the_same_in_tract() {
     }
 }
 
-/// SiLU exports as `Mul(x, Sigmoid(x))` (opset 13 has no SiLU operator) wherever it goes (the spec of
-/// `tests/fixtures/silu.json`, seeded random weights), and tract computes the logits candle does.
-#[test]
-fn silu_exports_as_the_input_times_its_sigmoid() {
+/// The conv model of the spec `json` with seeded random weights (seed 5).
+fn seeded_model(json: &str) -> Classifier {
     use candle_core::{DType, Device};
     use mnist_models::{dropout_rng, ArchSpec, ModelConfig};
-    let Some((images, _)) = test_images() else {
-        return;
-    };
-    let arch = ArchSpec::from_json(include_str!("fixtures/silu.json")).unwrap();
+    let arch = ArchSpec::from_json(json).unwrap();
     let config = ModelConfig::custom(Solution::Conv, arch);
     let vars = mnist_layers::init::SeededVarMap::new(5);
     config
         .build(vars.var_builder(DType::F32, &Device::Cpu), dropout_rng(5))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let weights = dir.path().join("silu.safetensors");
+    let weights = dir.path().join("model.safetensors");
     vars.var_map().save(&weights).unwrap();
-    let model = Classifier::load(config, &weights, &Device::Cpu).unwrap();
+    Classifier::load(config, &weights, &Device::Cpu).unwrap()
+}
+
+/// Squeeze-and-excitation exports as `GlobalAveragePool`, two 1x1 `Conv`s with `Relu` and `Sigmoid`
+/// between, and a broadcast `Mul` (the spec of `tests/fixtures/squeeze-excite.json`: one mid-network,
+/// one before the global average pool; seeded random weights), and tract computes the logits candle does.
+#[test]
+fn squeeze_excite_exports_as_gated_channels() {
+    let Some((images, _)) = test_images() else {
+        return;
+    };
+    let model = seeded_model(include_str!("fixtures/squeeze-excite.json"));
+    let bytes = mnist_onnx::export(model.config(), model.vars()).unwrap();
+    let n = 64;
+    let theirs = tract_logits(&bytes, &images[..n], "squeeze-excite");
+    let ours = model.logits(&images[..n]).unwrap();
+    for (a, b) in ours.iter().zip(&theirs) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= TOLERANCE, "candle {x} vs tract {y}");
+        }
+    }
+}
+
+/// SiLU exports as `Mul(x, Sigmoid(x))` (opset 13 has no SiLU operator) wherever it goes (the spec of
+/// `tests/fixtures/silu.json`, seeded random weights), and tract computes the logits candle does.
+#[test]
+fn silu_exports_as_the_input_times_its_sigmoid() {
+    let Some((images, _)) = test_images() else {
+        return;
+    };
+    let model = seeded_model(include_str!("fixtures/silu.json"));
     let bytes = mnist_onnx::export(model.config(), model.vars()).unwrap();
     let proto = tract_onnx::onnx()
         .proto_model_for_read(&mut &bytes[..])

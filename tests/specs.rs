@@ -87,6 +87,7 @@ const HAND_WRITTEN: &str = r#"{
     { "type": "conv", "filters": 4, "kernel": 5, "padding": "same", "batch_norm": "before", "bias": false,
       "pool": { "kernel": 2 } },
     { "type": "separable_conv", "filters": 8, "kernel": 3, "batch_norm": "after", "pool": { "kernel": 2 } },
+    { "type": "squeeze_excite", "units": 2 },
     { "type": "dropout", "rate": 0.1 },
     { "type": "global_avg_pool" },
     { "type": "dense", "units": 16, "activation": "relu" },
@@ -314,6 +315,28 @@ fn zero_and_negative_sizes() {
         )),
         &["layers[0] (dropout)", "rate must be in [0, 1)"],
     );
+    refused(
+        tmp.path(),
+        "zero-excite-units",
+        &layers(&format!(
+            r#"{{ "type": "conv", "filters": 4, "kernel": 3 }}, {{ "type": "squeeze_excite", "units": 0 }}, {GAP_DENSE}"#
+        )),
+        &["layers[1] (squeeze_excite)", "units must be at least 1"],
+    );
+    refused(
+        tmp.path(),
+        "excite-on-flat",
+        &layers(
+            r#"{ "type": "global_avg_pool" }, { "type": "squeeze_excite", "units": 2 }, { "type": "dense", "units": 10 }"#,
+        ),
+        &["layers[1] (squeeze_excite)"],
+    );
+    refused(
+        tmp.path(),
+        "excite-without-units",
+        &layers(&format!(r#"{{ "type": "squeeze_excite" }}, {GAP_DENSE}"#)),
+        &["layers[0] (squeeze_excite)", "units"],
+    );
 }
 
 #[test]
@@ -422,5 +445,13 @@ fn inception_branches_that_do_not_fit() {
             r#"{{ "type": "inception", "branches": [[{{ "type": "dense", "units": 2 }}]] }}, {GAP_DENSE}"#
         )),
         &["branches[0][0] (dense)", "not dense"],
+    );
+    refused(
+        tmp.path(),
+        "branch-excite",
+        &layers(&format!(
+            r#"{{ "type": "inception", "branches": [[{{ "type": "squeeze_excite", "units": 2 }}]] }}, {GAP_DENSE}"#
+        )),
+        &["branches[0][0] (squeeze_excite)", "not squeeze_excite"],
     );
 }

@@ -15,6 +15,7 @@ pub mod block;
 pub mod conv;
 pub mod dropout;
 pub mod error;
+pub mod excite;
 pub mod inception;
 pub mod init;
 pub mod linear;
@@ -35,6 +36,7 @@ pub use conv::{
 };
 pub use dropout::{dropout, Dropout};
 pub use error::LayerError;
+pub use excite::{squeeze_excite, SqueezeExcite};
 pub use inception::{BranchLayer, InceptionModule};
 pub use init::WeightInit;
 pub use linear::{linear, linear_with_init};

@@ -4,10 +4,10 @@
 use candle_core::Result;
 use candle_nn::VarBuilder;
 use mnist_layers::{
-    batch_norm, conv2d, dropout, linear_with_init, separable_conv2d, Activation, BatchNorm,
-    BatchNormConfig, BranchLayer, Conv2d, Conv2dConfig, ConvBnPool, FusedBlock, InceptionModule,
-    Kernels, MaxPool2d, MaxPool2dConfig, RunningStats, SeparableBnPool, SeparableConv2d, SharedRng,
-    WeightInit,
+    batch_norm, conv2d, dropout, linear_with_init, separable_conv2d, squeeze_excite, Activation,
+    BatchNorm, BatchNormConfig, BranchLayer, Conv2d, Conv2dConfig, ConvBnPool, FusedBlock,
+    InceptionModule, Kernels, MaxPool2d, MaxPool2dConfig, RunningStats, SeparableBnPool,
+    SeparableConv2d, SharedRng, WeightInit,
 };
 
 use crate::net::{Flatten, GlobalAvgPool, Stage};
@@ -137,6 +137,11 @@ impl Lower<'_> {
                 }
             }
             LayerSpec::Inception(m) => self.inception(m, c_in.unwrap_or(0), &l.name, stages)?,
+            LayerSpec::SqueezeExcite(se) => {
+                let m =
+                    squeeze_excite(c_in.unwrap_or(0), se.units, self.init, self.vb.pp(&l.name))?;
+                stages.push(Stage::plain(&l.name, "SqueezeExcite", m));
+            }
         }
         Ok(())
     }

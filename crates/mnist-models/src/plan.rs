@@ -262,6 +262,7 @@ fn part_kinds(spec: &ArchSpec) -> Vec<Vec<&'static str>> {
             LayerSpec::GlobalAvgPool => vec!["gap"],
             LayerSpec::Dense(_) => vec!["dense"],
             LayerSpec::Inception(_) => vec!["inception"],
+            LayerSpec::SqueezeExcite(_) => vec!["se"],
         })
         .collect()
 }
@@ -453,6 +454,13 @@ fn plan_layer<'a>(
             out
         }
         LayerSpec::Inception(m) => plan_inception(at, m, input, &first, &mut rows)?,
+        LayerSpec::SqueezeExcite(se) => {
+            positive(at, "units", se.units)?;
+            let (c, _, _) = map_input(at, input)?;
+            let params = 2 * c * se.units + se.units + c;
+            rows.push(row(&first, "SqueezeExcite", input, params, 0));
+            input
+        }
     };
     Ok(Planned {
         spec: layer,

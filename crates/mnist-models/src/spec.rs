@@ -103,6 +103,8 @@ pub enum LayerSpec {
     Dense(DenseSpec),
     /// Parallel branches over the same input, concatenated along the channels.
     Inception(InceptionSpec),
+    /// Squeeze-and-excitation: each channel scaled by a learned gate computed from all channels' means.
+    SqueezeExcite(SqueezeExciteSpec),
 }
 
 /// A convolution block (plain or separable).
@@ -206,6 +208,16 @@ pub struct DenseSpec {
     pub activation: Activation,
 }
 
+/// A squeeze-and-excitation layer (Hu et al. 2018): `[c, h, w] -> [c, h, w]`, the channel means through
+/// a dense layer of `units` with ReLU and one back to `c` with a sigmoid, the result scaling each channel
+/// (`2 c units + units + c` parameters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqueezeExciteSpec {
+    /// The bottleneck's size (Hu et al. use `c / 16`; at a few dozen channels, a handful).
+    pub units: usize,
+}
+
 /// An inception module.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InceptionSpec {
@@ -278,7 +290,7 @@ fn invalid(msg: impl Into<String>) -> SpecError {
 }
 
 /// The layer types, as written in `"type"`.
-pub const LAYER_TYPES: [&str; 9] = [
+pub const LAYER_TYPES: [&str; 10] = [
     "conv",
     "separable_conv",
     "max_pool",
@@ -288,6 +300,7 @@ pub const LAYER_TYPES: [&str; 9] = [
     "global_avg_pool",
     "dense",
     "inception",
+    "squeeze_excite",
 ];
 
 impl LayerSpec {
@@ -303,6 +316,7 @@ impl LayerSpec {
             LayerSpec::GlobalAvgPool => "global_avg_pool",
             LayerSpec::Dense(_) => "dense",
             LayerSpec::Inception(_) => "inception",
+            LayerSpec::SqueezeExcite(_) => "squeeze_excite",
         }
     }
 
@@ -343,6 +357,9 @@ impl LayerSpec {
             "max_pool" => LayerSpec::MaxPool(serde_json::from_value(fields(rest)).map_err(err)?),
             "dropout" => LayerSpec::Dropout(serde_json::from_value(fields(rest)).map_err(err)?),
             "dense" => LayerSpec::Dense(serde_json::from_value(fields(rest)).map_err(err)?),
+            "squeeze_excite" => {
+                LayerSpec::SqueezeExcite(serde_json::from_value(fields(rest)).map_err(err)?)
+            }
             "batch_norm" => {
                 no_fields(&rest)?;
                 LayerSpec::BatchNorm

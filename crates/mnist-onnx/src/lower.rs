@@ -100,6 +100,17 @@ impl Emit<'_> {
 
     /// The variable `name` as an initializer, checked to be `dims`.
     fn weight(&mut self, name: &str, dims: &[usize]) -> Result<String, OnnxError> {
+        self.weight_as(name, dims, dims)
+    }
+
+    /// [`Self::weight`] stored under the shape `as_dims` (the same number of values, e.g. a dense
+    /// layer's `[out, in]` as a 1x1 convolution's `[out, in, 1, 1]`).
+    fn weight_as(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        as_dims: &[usize],
+    ) -> Result<String, OnnxError> {
         let t = self
             .weights
             .get(name)
@@ -124,7 +135,11 @@ impl Emit<'_> {
                 name: name.to_string(),
                 source: Box::new(source),
             })?;
-        Ok(self.graph.initializer(name, dims.to_vec(), data))
+        debug_assert_eq!(
+            dims.iter().product::<usize>(),
+            as_dims.iter().product::<usize>()
+        );
+        Ok(self.graph.initializer(name, as_dims.to_vec(), data))
     }
 
     /// The attributes of a `k x k` window with `stride` and Keras `padding` over an `h x w` input, and
@@ -224,6 +239,39 @@ impl Emit<'_> {
                 Ok((y, Dims::Flat(d.units)))
             }
             LayerSpec::Inception(m) => self.inception(x, dims, m, &l.name),
+            LayerSpec::SqueezeExcite(se) => {
+                let (c, _, _) = self.map(dims)?;
+                let u = se.units;
+                let name = &l.name;
+                // The two dense layers as 1x1 convolutions on the [N, c, 1, 1] means, so the gate
+                // broadcasts over the planes without a reshape.
+                let w1 =
+                    self.weight_as(&format!("{name}.reduce.weight"), &[u, c], &[u, c, 1, 1])?;
+                let b1 = self.weight(&format!("{name}.reduce.bias"), &[u])?;
+                let w2 =
+                    self.weight_as(&format!("{name}.expand.weight"), &[c, u], &[c, u, 1, 1])?;
+                let b2 = self.weight(&format!("{name}.expand.bias"), &[c])?;
+                let s = self.graph.node(
+                    "GlobalAveragePool",
+                    &format!("{name}.squeeze"),
+                    vec![x.clone()],
+                    vec![],
+                ); // [N, c, 1, 1]
+                let z = self
+                    .graph
+                    .node("Conv", &format!("{name}.reduce"), vec![s, w1, b1], vec![]); // [N, u, 1, 1]
+                let z = self
+                    .graph
+                    .node("Relu", &format!("{name}.reduce.relu"), vec![z], vec![]);
+                let a = self
+                    .graph
+                    .node("Conv", &format!("{name}.expand"), vec![z, w2, b2], vec![]); // [N, c, 1, 1]
+                let g = self
+                    .graph
+                    .node("Sigmoid", &format!("{name}.gate"), vec![a], vec![]);
+                let y = self.graph.node("Mul", name, vec![x, g], vec![]); // [N, c, h, w]
+                Ok((y, dims))
+            }
         }
     }
 
