@@ -337,6 +337,27 @@ impl FusedBlock {
     }
 }
 
+impl FusedBlock {
+    /// The inference op's view of this block on `h x w` inputs (BatchNorm as its running statistics'
+    /// scale and shift), and its output size.
+    fn infer_part(
+        &self,
+        (h, w): (usize, usize),
+    ) -> Result<(ops::InferStackBlock<'_>, (usize, usize))> {
+        let (part, out) = self.stack_part((h, w))?;
+        let (scale, shift) = self.block().bn.eval_scale_shift()?;
+        let part = ops::InferStackBlock {
+            depthwise: part.depthwise,
+            w: part.w,
+            bias: part.bias,
+            scale,
+            shift,
+            spec: part.spec,
+        };
+        Ok((part, out))
+    }
+}
+
 impl ModuleT for FusedBlock {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         match self {
@@ -373,6 +394,30 @@ pub fn train_stack(blocks: &[&FusedBlock], xs: &Tensor) -> Result<Tensor> {
         b.block().bn.update_running(mean, var)?;
     }
     Ok(ys)
+}
+
+/// `blocks` one after the other on `xs` in inference mode, each image through all of them in cache
+/// ([`ops::block_stack_infer`]) when every block runs on the fast kernels: the activations between the
+/// blocks never go to memory for the whole batch. The same output, bit for bit, as calling each block's
+/// `forward_t(xs, false)` in turn, which is what happens otherwise (other kernels, devices or dtypes).
+pub fn infer_stack(blocks: &[&FusedBlock], xs: &Tensor) -> Result<Tensor> {
+    let (h, w) = match xs.dims() {
+        &[_, _, h, w] => (h, w),
+        d => return Err(shape_err("infer_stack", "[b, c, h, w]", d)),
+    };
+    if blocks.len() < 2 || !blocks.iter().all(|b| b.block().kernels.use_fast(xs)) {
+        return blocks
+            .iter()
+            .try_fold(xs.clone(), |ys, b| b.forward_t(&ys, false));
+    }
+    let mut parts = Vec::with_capacity(blocks.len());
+    let mut hw = (h, w);
+    for b in blocks {
+        let (part, out) = b.infer_part(hw)?;
+        parts.push(part);
+        hw = out;
+    }
+    ops::block_stack_infer(xs, &parts)
 }
 
 /// An inception module with its BatchNorm `bn` and then `blocks` on `xs` in training mode, as ONE op

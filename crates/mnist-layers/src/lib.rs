@@ -27,7 +27,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use block::{
-    conv_bn_pool, separable_bn_pool, train_inception_stack, train_stack, ConvBnPool,
+    conv_bn_pool, infer_stack, separable_bn_pool, train_inception_stack, train_stack, ConvBnPool,
     ConvBnPoolConfig, FusedBlock, SeparableBnPool,
 };
 pub use conv::{

@@ -214,11 +214,21 @@ impl Net {
     /// Every stage over `xs`, one after the other; in training, each run of consecutive fused blocks
     /// as one op ([`mnist_layers::train_stack`]), and an inception module with its BatchNorm and the
     /// fused blocks after it as one ([`mnist_layers::train_inception_stack`]): the same results,
-    /// without candle's gradient store between them.
+    /// without candle's gradient store between them. In inference, each run of fused blocks image by
+    /// image through all of them in cache ([`mnist_layers::infer_stack`]), bit for bit the same.
     fn run(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut ys = xs.clone();
         let mut rest = &self.stages[..];
         while let Some((stage, after)) = rest.split_first() {
+            if !train {
+                let blocks = leading_blocks(rest);
+                if !blocks.is_empty() {
+                    // Each image through the whole run of blocks in cache.
+                    ys = mnist_layers::infer_stack(&blocks, &ys)?;
+                    rest = &rest[blocks.len()..];
+                    continue;
+                }
+            }
             if train {
                 let blocks = leading_blocks(rest);
                 if !blocks.is_empty() {
@@ -440,6 +450,49 @@ mod tests {
                         assert_eq!(flat(a), flat(b), "{what}: gradient of {name}");
                     }
                 }
+            }
+        }
+    }
+
+    /// In inference, each run of fused blocks goes image by image through all of them
+    /// (`mnist_layers::infer_stack`): the same logits, bit for bit, as the stages one by one, for every
+    /// built-in model and a spec with padded, strided, separable and pooled blocks, on batches whose
+    /// last image has nothing after it to read as padding.
+    #[test]
+    fn inference_stacks_give_the_blocks_one_by_one_bit_for_bit() {
+        let mixed = ArchSpec::from_json(
+            r#"{ "layers": [
+                { "type": "conv", "filters": 6, "kernel": 3, "padding": "same", "batch_norm": "after" },
+                { "type": "conv", "filters": 8, "kernel": 3, "batch_norm": "after", "pool": { "kernel": 2 } },
+                { "type": "separable_conv", "filters": 12, "kernel": 3, "batch_norm": "after" },
+                { "type": "conv", "filters": 12, "kernel": 3, "stride": 2, "batch_norm": "after" },
+                { "type": "separable_conv", "filters": 10, "kernel": 3, "padding": "same", "batch_norm": "after", "pool": { "kernel": 2 } },
+                { "type": "conv", "filters": 10, "kernel": 1, "batch_norm": "after" },
+                { "type": "global_avg_pool" },
+                { "type": "dense", "units": 10 }
+            ] }"#,
+        )
+        .unwrap();
+        let mut specs: Vec<ArchSpec> = Vec::new();
+        for solution in [Solution::Conv, Solution::Separable, Solution::Inception] {
+            for variant in [Variant::Seed, Variant::Improved] {
+                specs.push(builtin(solution, variant).clone());
+            }
+        }
+        specs.push(mixed);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for spec in &specs {
+            let (n, _) = net(spec, Kernels::Auto);
+            // Train a step so the running statistics are not the initial ones.
+            n.forward_t(&images(6), true).unwrap();
+            for x in [images(7), images(8).narrow(0, 0, 1).unwrap()] {
+                let stacked = n.forward_t(&x, false).unwrap();
+                let one_by_one = n
+                    .stages
+                    .iter()
+                    .try_fold(x.clone(), |ys, s| s.forward_t(&ys, false))
+                    .unwrap();
+                assert_eq!(flat(&stacked), flat(&one_by_one), "{}", spec.name);
             }
         }
     }

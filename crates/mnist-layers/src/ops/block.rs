@@ -11,8 +11,6 @@
 //! the depthwise then the pointwise weights for a separable block) built with `Tensor::cat`, whose
 //! backward splits the op's parameter gradient again.
 
-use std::mem::MaybeUninit;
-
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -32,7 +30,11 @@ use super::{
 };
 use crate::error::shape_err;
 
+mod infer;
 mod stack;
+
+use infer::infer_with;
+pub use infer::{block_stack_infer, InferStackBlock};
 
 pub use stack::{
     block_stack_train, block_stack_train_reference, inception_stack_train, StackBlock, StackTrained,
@@ -561,7 +563,7 @@ impl BlockOp {
 }
 
 thread_local! {
-    /// One pooled plane of [`infer_with`], before it is written into the result.
+    /// One pooled plane of an inference-mode block (`infer::InferBlock`), before it is written out.
     static POOL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The per-image convolution output of [`BlockOp::fwd_eval`] (separate from [`with_scratch`], which
     /// the convolution uses while this is borrowed).
@@ -798,116 +800,6 @@ pub fn conv_bn_pool_infer(
     spec: &BlockSpec,
 ) -> Result<Tensor> {
     infer_with(x, Weights::Dense(w), bias, scale, shift, spec)
-}
-
-/// The inference-mode block of any convolution, image by image (see [`conv_bn_pool_infer`]).
-fn infer_with(
-    x: &Tensor,
-    w: Weights,
-    bias: Option<&Tensor>,
-    scale: &Tensor,
-    shift: &Tensor,
-    spec: &BlockSpec,
-) -> Result<Tensor> {
-    let conv = w.geometry(super::dims4(x, OP_INFER)?, bias, spec, OP_INFER)?;
-    let (b, _, _, _) = conv.input();
-    let (o, oh, ow) = conv.output();
-    check_vec(scale, o, OP_INFER, "scale")?;
-    check_vec(shift, o, OP_INFER, "shift")?;
-    if let (BlockConv::Dense(g), Weights::Dense(wt)) = (conv, w) {
-        if g.stride != 1 {
-            return Ok(conv_bn_pool_eval(x, wt, bias, scale, shift, spec)?.detach());
-        }
-    }
-    let pool = match spec.pool {
-        Some(p) => Some(PoolGeom::new(oh, ow, p.kernel, p.stride, p.pad)?),
-        None => None,
-    };
-    let wv = Tensor::cat(&w.flat()?, 0)?.to_vec1::<f32>()?; // the convolution's weights
-    let bv = bias.map(|b| b.to_vec1::<f32>()).transpose()?; // [o]
-    let (sc, sh) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?); // [o]
-    let epi = Epilogue {
-        bias: bv.as_deref(),
-        relu: spec.relu,
-        affine: Some((&sc, &sh)),
-    };
-    let prep = conv.prepare(&wv)?;
-    // 3x3 convolutions with Winograd's F(m, 3) along the rows where it saves work (AVX-512 CPUs).
-    let wino = match &prep {
-        Prepared::Dense(Some(dc)) => Winograd::for_conv(dc, &wv, false),
-        _ => None,
-    };
-    let (pl, chw) = (pool.map_or(oh * ow, |p| p.oh * p.ow), conv.chw());
-    cpu_data!(x, xg, xs, OP_INFER);
-    // [b, o, pooled h*w]
-    let work = |i: usize, oimg: &mut [MaybeUninit<f32>]| {
-        let xi = &xs[i * chw..(i + 1) * chw];
-        // The direct kernel may read the next images as its padding (`DirectConv::padded`).
-        let x_rest = &xs[i * chw..];
-        // A pooled block: the image's output `[o, nwide]` in the wide layout of `dc`, pooled plane by
-        // plane straight into the result (all `o * pl` values written).
-        let pool_into =
-            |pg: PoolGeom, dc: &DirectConv, y: &[f32], oimg: &mut [MaybeUninit<f32>]| {
-                for (oc, op) in oimg.chunks_exact_mut(pl).enumerate() {
-                    with_thread_buf(&POOL_BUF, pl, |pooled| {
-                        pg.plane_max(&y[oc * dc.nwide..(oc + 1) * dc.nwide], dc.wp, pooled);
-                        write_row(op, pooled);
-                    })
-                }
-            };
-        // Unpooled, the compact output goes straight into the result (`run_compact_uninit`,
-        // `forward_image_uninit`: all `o * oh * ow` values written).
-        match (&conv, &prep) {
-            (BlockConv::Dense(_), Prepared::Dense(Some(dc))) if wino.is_some() => {
-                let wg = wino.as_ref().expect("checked by the guard");
-                with_scratch([dc.xp_len, dc.out_len(), wg.scratch_len()], |[xp, y, t]| {
-                    let xp = dc.padded(x_rest, xp);
-                    match pool {
-                        None => wg.run_compact_uninit(dc, xp, t, &epi, y, oimg),
-                        Some(pg) => {
-                            wg.run(xp, t, &epi, y)?; // [o, nwide]
-                            pool_into(pg, dc, y, oimg);
-                            Ok(())
-                        }
-                    }
-                })
-            }
-            (BlockConv::Dense(_), Prepared::Dense(Some(dc))) => {
-                with_scratch([dc.xp_len, dc.out_len()], |[xp, y]| {
-                    let xp = dc.padded(x_rest, xp);
-                    match pool {
-                        None => dc.run_compact_uninit(xp, &epi, y, oimg),
-                        Some(pg) => {
-                            dc.run(xp, &epi, y)?; // [o, nwide]
-                            pool_into(pg, dc, y, oimg);
-                            Ok(())
-                        }
-                    }
-                })
-            }
-            (BlockConv::Separable(sg), Prepared::Separable(k)) => match pool {
-                None => sg.forward_image_uninit(k, xi, &wv, &epi, oimg),
-                Some(pg) => {
-                    let dc = sg.pointwise(k);
-                    with_scratch([dc.out_len()], |[y]| {
-                        sg.wide_image(k, xi, &wv, &epi, y)?; // [o, nwide]
-                        pool_into(pg, dc, y, oimg);
-                        Ok(())
-                    })
-                }
-            },
-            _ => candle_core::bail!("{OP_INFER}: no direct kernels for this convolution"),
-        }
-    };
-    // SAFETY: `work` returns `Ok` only after all `o` planes of `pl` values of `oimg` were written: pooled,
-    // each plane as the `pl` values of `plane_max`; unpooled (`pl = oh * ow`), all `o * oh * ow` values by
-    // `run_compact_uninit` or `forward_image_uninit`.
-    let out = unsafe { super::collect_images_in_place(b, o * pl, work) }?;
-    let shape = match pool {
-        Some(p) => Shape::from((b, o, p.oh, p.ow)),
-        None => Shape::from((b, o, oh, ow)),
-    };
-    Tensor::from_vec(out, shape, x.device())
 }
 
 /// Fast fused training-mode separable block `pool?(BatchNorm_train(relu?(pointwise(depthwise(x)) +

@@ -55,10 +55,11 @@ pub(crate) use direct::{DirectConv, Epilogue};
 pub(crate) use pool::PoolGeom;
 
 pub use block::{
-    block_stack_train, block_stack_train_reference, conv_bn_pool_eval, conv_bn_pool_eval_reference,
-    conv_bn_pool_infer, conv_bn_pool_train, conv_bn_pool_train_reference, inception_stack_train,
-    separable_bn_pool_eval_reference, separable_bn_pool_infer, separable_bn_pool_train,
-    separable_bn_pool_train_reference, BlockSpec, PoolSpec, StackBlock, StackTrained,
+    block_stack_infer, block_stack_train, block_stack_train_reference, conv_bn_pool_eval,
+    conv_bn_pool_eval_reference, conv_bn_pool_infer, conv_bn_pool_train,
+    conv_bn_pool_train_reference, inception_stack_train, separable_bn_pool_eval_reference,
+    separable_bn_pool_infer, separable_bn_pool_train, separable_bn_pool_train_reference, BlockSpec,
+    InferStackBlock, PoolSpec, StackBlock, StackTrained,
 };
 pub use bn::{
     batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
