@@ -101,13 +101,18 @@ impl PoolGeom {
 impl PoolGeom {
     /// Inference: `out [oh, ow]` = the window maxima of the plane `x` (`h` rows `rs` apart), no argmax.
     pub(crate) fn plane_max(&self, x: &[f32], rs: usize, out: &mut [f32]) {
+        let unpadded_2x2 = self.k == 2 && self.stride == 2 && self.pt == 0 && self.pl == 0;
+        if unpadded_2x2 && super::stream_k512::pool2x2_max(rs, (self.oh, self.ow), x, out) {
+            return;
+        }
         pool_max(self, x, rs, out)
     }
 }
 
 multiversion! {
-    /// See [`PoolGeom::plane_max`]; windows entirely in the padding give `-inf`.
-    fn pool_max(g: &PoolGeom, x: &[f32], rs: usize, out: &mut [f32]) {
+    /// See [`PoolGeom::plane_max`] (the portable twin of its AVX-512 2x2 path); windows entirely in the
+    /// padding give `-inf`.
+    pub(crate) fn pool_max(g: &PoolGeom, x: &[f32], rs: usize, out: &mut [f32]) {
         let (k, s, ow) = (g.k, g.stride, g.ow);
         let max = |a: f32, b: f32| if b > a { b } else { a };
         if k == 2 && s == 2 && g.pt == 0 && g.pl == 0 {

@@ -3,7 +3,8 @@
 //!
 //! - the 2x2 / stride-2 max pool with its argmax ([`pool2x2`], twin `pool::pool2x2`): 16 outputs a vector,
 //!   each window's columns de-interleaved from two loads, the same strict comparisons (`>`, false for
-//!   NaN) choosing the same value and index;
+//!   NaN) choosing the same value and index; and without the argmax for inference ([`pool2x2_max`], twin
+//!   `pool::pool_max`);
 //! - BatchNorm's backward sums of one plane in one pass ([`sum_and_dot_dev`], twins `sum_f32` and
 //!   `bn::dot_dev`): both sets of 16 f32 lane accumulators fed from one load of each value (the compiler
 //!   left the two-sum loop scalar), the lanes and the remainder added in f64 as the twins add them.
@@ -20,6 +21,22 @@ pub(crate) fn pool2x2(
     out: &mut [f32],
     arg: &mut [u32],
 ) -> bool {
+    pool2x2_with::<true>(w, (oh, ow), x, out, arg)
+}
+
+/// [`pool2x2`] without the argmax: `out [oh, ow]` only, the values of the inference pool's portable
+/// loop (`PoolGeom::plane_max`: the later of two equal values never wins, NaN never replaces).
+pub(crate) fn pool2x2_max(w: usize, (oh, ow): (usize, usize), x: &[f32], out: &mut [f32]) -> bool {
+    pool2x2_with::<false>(w, (oh, ow), x, out, &mut [])
+}
+
+fn pool2x2_with<const ARG: bool>(
+    w: usize,
+    (oh, ow): (usize, usize),
+    x: &[f32],
+    out: &mut [f32],
+    arg: &mut [u32],
+) -> bool {
     // The last window row ends at `(2 oh - 1) w + 2 ow`; indices must fit in u32 as the twin's do.
     let need = if oh == 0 {
         0
@@ -29,7 +46,7 @@ pub(crate) fn pool2x2(
     if 2 * ow > w
         || x.len() < need
         || out.len() < oh * ow
-        || arg.len() < oh * ow
+        || (ARG && arg.len() < oh * ow)
         || need > u32::MAX as usize
         || !super::has_avx512()
     {
@@ -39,7 +56,7 @@ pub(crate) fn pool2x2(
     {
         // SAFETY: AVX-512F is available and the buffers hold what the kernel reads and writes (checked
         // above).
-        unsafe { k512::pool2x2(w, (oh, ow), x, out, arg) };
+        unsafe { k512::pool2x2::<ARG>(w, (oh, ow), x, out, arg) };
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -83,9 +100,10 @@ mod k512 {
     ///
     /// # Safety
     /// AVX-512F must be available; `2 ow <= w`, `x.len() >= (2 oh - 1) w + 2 ow` (when `oh > 0`),
-    /// `out.len()` and `arg.len() >= oh * ow`, and every index below `x.len()` fits in u32.
+    /// `out.len()` and (with `ARG`) `arg.len() >= oh * ow`, and every index below `x.len()` fits in
+    /// u32. Without `ARG`, `arg` is not touched.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pool2x2(
+    pub(super) unsafe fn pool2x2<const ARG: bool>(
         w: usize,
         (oh, ow): (usize, usize),
         x: &[f32],
@@ -137,11 +155,13 @@ mod k512 {
                         k,
                         _mm512_mask_blend_ps(gt, v1, v2),
                     );
-                    _mm512_mask_storeu_epi32(
-                        arg.as_mut_ptr().add(at).cast(),
-                        k,
-                        _mm512_mask_blend_epi32(gt, i1, i2),
-                    );
+                    if ARG {
+                        _mm512_mask_storeu_epi32(
+                            arg.as_mut_ptr().add(at).cast(),
+                            k,
+                            _mm512_mask_blend_epi32(gt, i1, i2),
+                        );
+                    }
                 }
                 ox += n;
             }
@@ -232,6 +252,16 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&o1), bits(&o2), "{h}x{w} values");
             assert_eq!(a1, a2, "{h}x{w} indices");
+            // Values only, as the inference pool's portable loop computes them, also with rows
+            // further apart than the plane is wide (the direct kernel's wide layout).
+            for rs in [w, w + 3] {
+                let x = awkward(h * rs, (h * 17 + rs) as u64);
+                let g = crate::ops::pool::PoolGeom::new(h, w, 2, 2, (0, 0, 0, 0)).unwrap();
+                let (mut o3, mut o4) = (vec![f32::NAN; oh * ow], vec![0f32; oh * ow]);
+                assert!(pool2x2_max(rs, (oh, ow), &x, &mut o3), "{h}x{w} / {rs}");
+                crate::ops::pool::pool_max(&g, &x, rs, &mut o4);
+                assert_eq!(bits(&o3), bits(&o4), "{h}x{w} / {rs} values only");
+            }
         }
         // A short input is refused, nothing written.
         let mut o = vec![7f32; 4];
