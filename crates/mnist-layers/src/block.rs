@@ -373,22 +373,11 @@ impl ModuleT for FusedBlock {
 /// outputs, gradients and running statistics as calling each block's `forward_t(xs, true)` in turn,
 /// which is what happens otherwise (other kernels, devices or dtypes).
 pub fn train_stack(blocks: &[&FusedBlock], xs: &Tensor) -> Result<Tensor> {
-    let (h, w) = match xs.dims() {
-        &[_, _, h, w] => (h, w),
-        d => return Err(shape_err("train_stack", "[b, c, h, w]", d)),
-    };
-    if blocks.len() < 2 || !blocks.iter().all(|b| b.block().kernels.use_fast(xs)) {
+    let Some(parts) = stack_parts(blocks, xs, "train_stack", FusedBlock::stack_part)? else {
         return blocks
             .iter()
             .try_fold(xs.clone(), |ys, b| b.forward_t(&ys, true));
-    }
-    let mut parts = Vec::with_capacity(blocks.len());
-    let mut hw = (h, w);
-    for b in blocks {
-        let (part, out) = b.stack_part(hw)?;
-        parts.push(part);
-        hw = out;
-    }
+    };
     let (ys, stats) = ops::block_stack_train(xs, &parts)?;
     for (b, (mean, var)) in blocks.iter().zip(&stats) {
         b.block().bn.update_running(mean, var)?;
@@ -401,23 +390,37 @@ pub fn train_stack(blocks: &[&FusedBlock], xs: &Tensor) -> Result<Tensor> {
 /// blocks never go to memory for the whole batch. The same output, bit for bit, as calling each block's
 /// `forward_t(xs, false)` in turn, which is what happens otherwise (other kernels, devices or dtypes).
 pub fn infer_stack(blocks: &[&FusedBlock], xs: &Tensor) -> Result<Tensor> {
-    let (h, w) = match xs.dims() {
-        &[_, _, h, w] => (h, w),
-        d => return Err(shape_err("infer_stack", "[b, c, h, w]", d)),
-    };
-    if blocks.len() < 2 || !blocks.iter().all(|b| b.block().kernels.use_fast(xs)) {
+    let Some(parts) = stack_parts(blocks, xs, "infer_stack", FusedBlock::infer_part)? else {
         return blocks
             .iter()
             .try_fold(xs.clone(), |ys, b| b.forward_t(&ys, false));
+    };
+    ops::block_stack_infer(xs, &parts)
+}
+
+/// Each block's part of a stack op on `xs` (`part` gives a block's view on its input size, and its
+/// output size), or `None` where the blocks run one by one: fewer than two, or not all on the fast
+/// kernels for `xs`.
+fn stack_parts<'b, P>(
+    blocks: &[&'b FusedBlock],
+    xs: &Tensor,
+    op: &'static str,
+    part: impl Fn(&'b FusedBlock, (usize, usize)) -> Result<(P, (usize, usize))>,
+) -> Result<Option<Vec<P>>> {
+    let mut hw = match xs.dims() {
+        &[_, _, h, w] => (h, w),
+        d => return Err(shape_err(op, "[b, c, h, w]", d)),
+    };
+    if blocks.len() < 2 || !blocks.iter().all(|b| b.block().kernels.use_fast(xs)) {
+        return Ok(None);
     }
     let mut parts = Vec::with_capacity(blocks.len());
-    let mut hw = (h, w);
     for b in blocks {
-        let (part, out) = b.infer_part(hw)?;
-        parts.push(part);
+        let (p, out) = part(b, hw)?;
+        parts.push(p);
         hw = out;
     }
-    ops::block_stack_infer(xs, &parts)
+    Ok(Some(parts))
 }
 
 /// An inception module with its BatchNorm `bn` and then `blocks` on `xs` in training mode, as ONE op

@@ -43,6 +43,30 @@ impl InferStackBlock<'_> {
             None => Weights::Dense(self.w),
         }
     }
+
+    /// This block prepared for inputs of `dims` ([`InferBlock::new`]).
+    fn prepare(&self, dims: (usize, usize, usize, usize)) -> Result<Option<InferBlock>> {
+        InferBlock::new(
+            dims,
+            self.weights(),
+            self.bias,
+            &self.scale,
+            &self.shift,
+            &self.spec,
+        )
+    }
+
+    /// This block alone over the batch `x` ([`infer_with`]).
+    fn run_alone(&self, x: &Tensor) -> Result<Tensor> {
+        infer_with(
+            x,
+            self.weights(),
+            self.bias,
+            &self.scale,
+            &self.shift,
+            &self.spec,
+        )
+    }
 }
 
 /// One inference-mode block prepared once for every image of a call: its geometry, the packed weights
@@ -231,25 +255,10 @@ pub fn block_stack_infer(x: &Tensor, blocks: &[InferStackBlock]) -> Result<Tenso
     let mut dims = dims4(x, OP_STACK)?;
     let mut plan = Vec::with_capacity(blocks.len());
     for (k, blk) in blocks.iter().enumerate() {
-        let ib = InferBlock::new(
-            dims,
-            blk.weights(),
-            blk.bias,
-            &blk.scale,
-            &blk.shift,
-            &blk.spec,
-        )?;
-        let Some(ib) = ib else {
+        let Some(ib) = blk.prepare(dims)? else {
             // A strided dense block on candle's ops splits the stack in two.
             let head = block_stack_infer(x, &blocks[..k])?;
-            let mid = infer_with(
-                &head,
-                blk.weights(),
-                blk.bias,
-                &blk.scale,
-                &blk.shift,
-                &blk.spec,
-            )?;
+            let mid = blk.run_alone(&head)?;
             return block_stack_infer(&mid, &blocks[k + 1..]);
         };
         let (o, h, w) = ib.out_dims();
