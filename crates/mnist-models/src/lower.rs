@@ -163,7 +163,9 @@ impl Lower<'_> {
             },
             conv_cfg(c, self.init),
         );
-        let vc = self.vb.pp(&names.conv);
+        // A tied convolution (`weights_of`) gets the owner's variables: the var map hands out the same
+        // variable for a name it holds, so both blocks train one set of weights.
+        let vc = self.vb.pp(&names.weights);
         let pool = c.pool.as_ref().map(pool_cfg);
         let fused = self.fast() && c.batch_norm == BnPlace::After && c.activation.fuses();
         if fused {
@@ -174,7 +176,7 @@ impl Lower<'_> {
                 (true, false) => "SeparableConv2D+BN",
                 (true, true) => "SeparableConv2D+BN+MaxPool",
             };
-            let prefixes = [names.conv.as_str(), names.bn.as_str()];
+            let prefixes = [names.weights.as_str(), names.bn.as_str()];
             let block: FusedBlock = if separable {
                 let sep = separable_conv2d(c_in, c.filters, c.kernel, cfg, vc)?;
                 SeparableBnPool::new(&sep, bn, pool)?.into()

@@ -80,6 +80,9 @@ pub struct LayerSummary {
 pub struct BlockNames {
     /// The convolution (`block1.conv`, `conv1`).
     pub conv: String,
+    /// The prefix of the convolution's variables: `conv`, or the tied layer's where the spec says
+    /// `weights_of` (`block5.conv`).
+    pub weights: String,
     /// The BatchNorm (`block1.bn`, `bn1`).
     pub bn: String,
     /// The activation after a BatchNorm placed before it (`block1.relu`).
@@ -295,6 +298,51 @@ fn part_names(spec: &ArchSpec) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The variable prefix of the convolution `layers[n]` that `layer` (planned with `ci` input channels)
+/// ties its weights to, or an error: `n` must be an earlier top-level conv layer of the same kind that
+/// owns its weights, with the same input channels, filters, kernel and bias.
+fn tied_weights(
+    at: &At,
+    n: usize,
+    layer: &LayerSpec,
+    ci: usize,
+    earlier: &[Planned],
+) -> Result<String, SpecError> {
+    let Some(owner) = earlier.get(n) else {
+        return Err(at.err(format!(
+            "weights_of {n}: layers[{n}] is not an earlier layer (a layer ties to one before it)"
+        )));
+    };
+    let (c, o) = match (layer, owner.spec) {
+        (LayerSpec::Conv(c), LayerSpec::Conv(o))
+        | (LayerSpec::SeparableConv(c), LayerSpec::SeparableConv(o)) => (c, o),
+        _ => {
+            return Err(at.err(format!(
+                "weights_of {n}: layers[{n}] is a {} layer, not a {} layer",
+                owner.spec.type_name(),
+                layer.type_name()
+            )))
+        }
+    };
+    if let Some(m) = o.weights_of {
+        return Err(at.err(format!(
+            "weights_of {n}: layers[{n}] ties its own weights to layers[{m}]; name layers[{m}]"
+        )));
+    }
+    let oci = owner.input.channels().unwrap_or(0);
+    if (ci, c.filters, c.kernel, c.bias) != (oci, o.filters, o.kernel, o.bias) {
+        return Err(at.err(format!(
+            "weights_of {n}: its weights would be {ci} -> {} channels, kernel {}, bias {}, but layers[{n}]'s are {oci} -> {} channels, kernel {}, bias {}",
+            c.filters, c.kernel, c.bias, o.filters, o.kernel, o.bias
+        )));
+    }
+    Ok(owner
+        .block
+        .as_ref()
+        .map(|b| b.weights.clone())
+        .unwrap_or_default())
+}
+
 /// Plans (and so checks) a model: every layer's input and output, names and parameters; the model must
 /// end in 10 outputs.
 pub fn plan(spec: &ArchSpec) -> Result<Plan<'_>, SpecError> {
@@ -322,7 +370,7 @@ pub fn plan(spec: &ArchSpec) -> Result<Plan<'_>, SpecError> {
     for (i, (layer, names)) in spec.layers.iter().zip(names).enumerate() {
         let loc = format!("layers[{i}]");
         let at = At(&loc, layer.type_name());
-        let planned = plan_layer(spec, layer, &at, dims, names)?;
+        let planned = plan_layer(spec, layer, &at, dims, names, &layers)?;
         dims = planned.output;
         layers.push(planned);
     }
@@ -340,6 +388,7 @@ fn plan_layer<'a>(
     at: &At,
     input: Dims,
     names: Vec<String>,
+    earlier: &[Planned<'a>],
 ) -> Result<Planned<'a>, SpecError> {
     let mut rows = Vec::new();
     let mut block = None;
@@ -348,10 +397,17 @@ fn plan_layer<'a>(
         LayerSpec::Conv(c) | LayerSpec::SeparableConv(c) => {
             let separable = matches!(layer, LayerSpec::SeparableConv(_));
             let (ci, h, w) = map_input(at, input)?;
-            let (conv_out, params) = conv_shape(at, c, separable, (ci, h, w))?;
-            let parts = match spec.names {
+            let (conv_out, own_params) = conv_shape(at, c, separable, (ci, h, w))?;
+            let tied = match c.weights_of {
+                Some(n) => Some(tied_weights(at, n, layer, ci, earlier)?),
+                None => None,
+            };
+            // A tied convolution's weights are counted once, at the layer that owns them.
+            let params = if tied.is_some() { 0 } else { own_params };
+            let mut parts = match spec.names {
                 Naming::Blocks => BlockNames {
                     conv: format!("{first}.conv"),
+                    weights: format!("{first}.conv"),
                     bn: format!("{first}.bn"),
                     act: format!("{first}.{}", c.activation.name()),
                     pool: format!("{first}.pool"),
@@ -376,12 +432,16 @@ fn plan_layer<'a>(
                     };
                     BlockNames {
                         conv: first.clone(),
+                        weights: first.clone(),
                         bn,
                         act,
                         pool,
                     }
                 }
             };
+            if let Some(owner) = tied {
+                parts.weights = owner;
+            }
             rows.push(row(&parts.conv, conv_kind(separable), conv_out, params, 0));
             if c.batch_norm != BnPlace::None {
                 rows.push(row(
@@ -515,6 +575,9 @@ fn plan_inception(
                         return Err(bat.err(
                             "inside a branch, write a BatchNorm or a pool as a batch_norm or max_pool layer of its own",
                         ));
+                    }
+                    if c.weights_of.is_some() {
+                        return Err(bat.err("weights_of ties top-level layers only, not a branch's"));
                     }
                     let separable = matches!(layer, LayerSpec::SeparableConv(_));
                     let (out, params) = conv_shape(&bat, c, separable, dims)?;

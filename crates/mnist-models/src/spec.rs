@@ -134,6 +134,11 @@ pub struct ConvSpec {
     /// A max-pool at the end of the block.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolSpec>,
+    /// Weight tying: the convolution uses the weights (and bias) of the earlier top-level layer
+    /// `layers[N]`, a convolution of the same kind and shape, applied again with this block's own
+    /// BatchNorm, stride, padding and pool (none of its own weights; their gradients add up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_of: Option<usize>,
 }
 
 impl ConvSpec {

@@ -39,6 +39,7 @@ pub(crate) fn lower(
         weights,
         eps: arch.batch_norm.eps as f32,
         at: String::new(),
+        emitted: HashMap::new(),
     };
     let mut x = INPUT_NAME.to_string(); // [N, 1, 28, 28]
     let mut dims = plan::INPUT;
@@ -78,6 +79,9 @@ struct Emit<'w> {
     eps: f32,
     /// Where in the spec the layer being lowered is (`layers[3] (conv)`), for errors.
     at: String,
+    /// The initializer already made for a variable (a tied convolution's weights, `weights_of`,
+    /// are one initializer that both `Conv` nodes read).
+    emitted: HashMap<String, String>,
 }
 
 impl Emit<'_> {
@@ -111,6 +115,9 @@ impl Emit<'_> {
         dims: &[usize],
         as_dims: &[usize],
     ) -> Result<String, OnnxError> {
+        if let Some(done) = self.emitted.get(name) {
+            return Ok(done.clone());
+        }
         let t = self
             .weights
             .get(name)
@@ -139,7 +146,9 @@ impl Emit<'_> {
             dims.iter().product::<usize>(),
             as_dims.iter().product::<usize>()
         );
-        Ok(self.graph.initializer(name, as_dims.to_vec(), data))
+        let init = self.graph.initializer(name, as_dims.to_vec(), data);
+        self.emitted.insert(name.to_string(), init.clone());
+        Ok(init)
     }
 
     /// The attributes of a `k x k` window with `stride` and Keras `padding` over an `h x w` input, and
@@ -275,32 +284,30 @@ impl Emit<'_> {
         }
     }
 
-    /// The convolution of a conv or separable_conv layer, then the activation `act`.
+    /// The convolution of a conv or separable_conv layer, then the activation `act`: its nodes named
+    /// from `prefix`, its weights the variables under `wp` (the same prefix, or a tied layer's).
     fn conv(
         &mut self,
         x: String,
         dims: Dims,
         c: &ConvSpec,
         separable: bool,
-        prefix: &str,
+        (prefix, wp): (&str, &str),
         act: Activation,
     ) -> Result<(String, Dims), OnnxError> {
         let (ci, h, w) = self.map(dims)?;
         let k = c.kernel;
         let (mut attrs, (oh, ow)) = self.window(c.padding, (h, w), k, c.stride)?;
         let y = if separable {
-            let dw = self.weight(&format!("{prefix}.depthwise.weight"), &[ci, 1, k, k])?;
+            let dw = self.weight(&format!("{wp}.depthwise.weight"), &[ci, 1, k, k])?;
             attrs.push(("group", Attr::Int(ci as i64)));
             let y = self
                 .graph
                 .node("Conv", &format!("{prefix}.depthwise"), vec![x, dw], attrs); // [N, ci, oh, ow]
-            let pw = self.weight(
-                &format!("{prefix}.pointwise.weight"),
-                &[c.filters, ci, 1, 1],
-            )?;
+            let pw = self.weight(&format!("{wp}.pointwise.weight"), &[c.filters, ci, 1, 1])?;
             let mut inputs = vec![y, pw];
             if c.bias {
-                inputs.push(self.weight(&format!("{prefix}.pointwise.bias"), &[c.filters])?);
+                inputs.push(self.weight(&format!("{wp}.pointwise.bias"), &[c.filters])?);
             }
             self.graph.node(
                 "Conv",
@@ -309,10 +316,10 @@ impl Emit<'_> {
                 vec![("kernel_shape", ints(&[1, 1]))],
             ) // [N, filters, oh, ow]
         } else {
-            let wt = self.weight(&format!("{prefix}.weight"), &[c.filters, ci, k, k])?;
+            let wt = self.weight(&format!("{wp}.weight"), &[c.filters, ci, k, k])?;
             let mut inputs = vec![x, wt];
             if c.bias {
-                inputs.push(self.weight(&format!("{prefix}.bias"), &[c.filters])?);
+                inputs.push(self.weight(&format!("{wp}.bias"), &[c.filters])?);
             }
             self.graph.node("Conv", prefix, inputs, attrs) // [N, filters, oh, ow]
         };
@@ -336,8 +343,14 @@ impl Emit<'_> {
         separable: bool,
         names: &BlockNames,
     ) -> Result<(String, Dims), OnnxError> {
-        let (mut y, mut dims) =
-            self.conv(x, dims, c, separable, &names.conv, c.conv_activation())?;
+        let (mut y, mut dims) = self.conv(
+            x,
+            dims,
+            c,
+            separable,
+            (&names.conv, &names.weights),
+            c.conv_activation(),
+        )?;
         if c.batch_norm != BnPlace::None {
             y = self.batch_norm(y, dims, &names.bn)?;
             if let Some(act) = c.activation_after_bn() {
@@ -401,7 +414,7 @@ impl Emit<'_> {
                                 layer.type_name()
                             )));
                         }
-                        self.conv(y, d, c, separable, &lname, c.conv_activation())?
+                        self.conv(y, d, c, separable, (&lname, &lname), c.conv_activation())?
                     }
                     LayerSpec::MaxPool(p) => self.max_pool(y, d, p, &lname)?,
                     LayerSpec::BatchNorm => (self.batch_norm(y, d, &lname)?, d),
