@@ -76,19 +76,38 @@ class SqueezeExcite(nn.Module):
         return x * g[:, :, None, None]
 
 
+class Tied(nn.Module):
+    """The convolution `conv`'s weights and bias applied again at `stride` (a spec's "weights_of")."""
+
+    def __init__(self, conv, stride):
+        super().__init__()
+        self.conv, self.stride = conv, stride
+
+    def forward(self, x):
+        c = self.conv
+        return nn.functional.conv2d(x, c.weight, c.bias, self.stride, groups=c.groups)
+
+
 def layers(specs, c, bn):
     """The torch layers of a list of layer specs on `c` input channels, and the channels they output."""
     out = []
-    for s in specs:
+    convs = {}  # the convolution modules of each conv layer, by index, for "weights_of" (weight tying)
+    for i, s in enumerate(specs):
         t = s["type"]
         if t in ("conv", "separable_conv"):
             k, stride, bias = s["kernel"], s.get("stride", 1), s.get("bias", True)
             if s.get("padding") == "same":
                 out.append(SamePad(k, stride))
-            if t == "conv":
-                out.append(nn.Conv2d(c, s["filters"], k, stride, bias=bias))
+            if "weights_of" in s:
+                # The owner's convolutions again, at this layer's stride: one set of parameters, counted once.
+                owner = convs[s["weights_of"]]
+                mods = [Tied(owner[0], stride)] + [Tied(m, 1) for m in owner[1:]]
+            elif t == "conv":
+                mods = [nn.Conv2d(c, s["filters"], k, stride, bias=bias)]
             else:
-                out += [nn.Conv2d(c, c, k, stride, groups=c, bias=False), nn.Conv2d(c, s["filters"], 1, bias=bias)]
+                mods = [nn.Conv2d(c, c, k, stride, groups=c, bias=False), nn.Conv2d(c, s["filters"], 1, bias=bias)]
+            convs[i] = mods
+            out += mods
             c = s["filters"]
             act = [nn.ReLU()] if s.get("activation", "relu") == "relu" else []
             place = s.get("batch_norm", "none")

@@ -164,6 +164,55 @@ fn squeeze_excite_exports_as_gated_channels() {
     }
 }
 
+/// A tied convolution (`weights_of`: the spec of `tests/fixtures/weights-of.json`, a plain and a
+/// separable one, seeded random weights) exports its weights once: one initializer per variable, read
+/// by both `Conv` nodes; and tract computes the logits candle does.
+#[test]
+fn tied_weights_export_as_one_initializer_read_twice() {
+    let Some((images, _)) = test_images() else {
+        return;
+    };
+    let model = seeded_model(include_str!("fixtures/weights-of.json"));
+    let bytes = mnist_onnx::export(model.config(), model.vars()).unwrap();
+    let proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut &bytes[..])
+        .unwrap();
+    let graph = proto.graph.as_ref().unwrap();
+    let inits: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let mut unique = inits.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), inits.len(), "{inits:?}");
+    assert!(!inits
+        .iter()
+        .any(|n| n.starts_with("block3.conv") || n.starts_with("block5.conv")));
+    let readers = |init: &str| {
+        graph
+            .node
+            .iter()
+            .filter(|n| n.input.iter().any(|i| i == init))
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        readers("block2.conv.weight"),
+        ["block2.conv", "block3.conv"]
+    );
+    assert_eq!(readers("block2.conv.bias"), ["block2.conv", "block3.conv"]);
+    assert_eq!(
+        readers("block4.conv.pointwise.weight"),
+        ["block4.conv.pointwise", "block5.conv.pointwise"]
+    );
+    let n = 64;
+    let theirs = tract_logits(&bytes, &images[..n], "weights-of");
+    let ours = model.logits(&images[..n]).unwrap();
+    for (a, b) in ours.iter().zip(&theirs) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= TOLERANCE, "candle {x} vs tract {y}");
+        }
+    }
+}
+
 /// SiLU exports as `Mul(x, Sigmoid(x))` (opset 13 has no SiLU operator) wherever it goes (the spec of
 /// `tests/fixtures/silu.json`, seeded random weights), and tract computes the logits candle does.
 #[test]

@@ -79,7 +79,7 @@ fn builtin_specs_round_trip_and_summaries_ignore_the_kernels() {
     }
 }
 
-/// A small conv net that is none of the built-in variants.
+/// A small conv net that is none of the built-in variants (a tied convolution among its layers).
 const HAND_WRITTEN: &str = r#"{
   "name": "tiny",
   "batch_norm": { "momentum": 0.9 },
@@ -87,6 +87,8 @@ const HAND_WRITTEN: &str = r#"{
     { "type": "conv", "filters": 4, "kernel": 5, "padding": "same", "batch_norm": "before", "bias": false,
       "pool": { "kernel": 2 } },
     { "type": "separable_conv", "filters": 8, "kernel": 3, "batch_norm": "after", "pool": { "kernel": 2 } },
+    { "type": "conv", "filters": 8, "kernel": 3, "padding": "same", "batch_norm": "after" },
+    { "type": "conv", "filters": 8, "kernel": 3, "padding": "same", "batch_norm": "after", "weights_of": 2 },
     { "type": "squeeze_excite", "units": 2 },
     { "type": "dropout", "rate": 0.1 },
     { "type": "global_avg_pool" },
@@ -422,6 +424,98 @@ fn malformed_json() {
         err.contains("missing.json") && err.contains("No such file"),
         "{err}"
     );
+}
+
+#[test]
+fn weight_ties_that_do_not_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conv = |extra: &str| {
+        format!(r#"{{ "type": "conv", "filters": 4, "kernel": 3, "padding": "same"{extra} }}"#)
+    };
+    let cases = [
+        (
+            "tie-forward",
+            format!(
+                "{}, {}, {GAP_DENSE}",
+                conv(r#", "weights_of": 1"#),
+                conv("")
+            ),
+            vec!["layers[0] (conv)", "weights_of 1", "not an earlier layer"],
+        ),
+        (
+            "tie-self",
+            format!(
+                "{}, {}, {GAP_DENSE}",
+                conv(""),
+                conv(r#", "weights_of": 1"#)
+            ),
+            vec!["layers[1] (conv)", "weights_of 1", "not an earlier layer"],
+        ),
+        (
+            // layers[0] takes 1 channel, layers[1] 4.
+            "tie-shape",
+            format!(
+                "{}, {}, {GAP_DENSE}",
+                conv(""),
+                conv(r#", "weights_of": 0"#)
+            ),
+            vec!["layers[1] (conv)", "1 -> 4 channels", "4 -> 4 channels"],
+        ),
+        (
+            "tie-bias",
+            format!(
+                "{}, {}, {}, {GAP_DENSE}",
+                conv(""),
+                conv(""),
+                conv(r#", "bias": false, "weights_of": 1"#)
+            ),
+            vec!["layers[2] (conv)", "bias false", "bias true"],
+        ),
+        (
+            "tie-kind",
+            format!(
+                r#"{}, {}, {{ "type": "separable_conv", "filters": 4, "kernel": 3, "padding": "same", "weights_of": 1 }}, {GAP_DENSE}"#,
+                conv(""),
+                conv("")
+            ),
+            vec!["layers[2] (separable_conv)", "layers[1] is a conv layer"],
+        ),
+        (
+            "tie-pool",
+            format!(
+                r#"{}, {{ "type": "max_pool", "kernel": 2 }}, {}, {GAP_DENSE}"#,
+                conv(""),
+                conv(r#", "weights_of": 1"#)
+            ),
+            vec!["layers[2] (conv)", "layers[1] is a max_pool layer"],
+        ),
+        (
+            "tie-chain",
+            format!(
+                "{}, {}, {}, {}, {GAP_DENSE}",
+                conv(""),
+                conv(""),
+                conv(r#", "weights_of": 1"#),
+                conv(r#", "weights_of": 2"#)
+            ),
+            vec!["layers[3] (conv)", "ties its own weights to layers[1]"],
+        ),
+        (
+            "tie-branch",
+            format!(
+                r#"{}, {{ "type": "inception", "branches": [[{}]] }}, {GAP_DENSE}"#,
+                conv(""),
+                conv(r#", "weights_of": 0"#)
+            ),
+            vec![
+                "branches[0][0] (conv)",
+                "weights_of ties top-level layers only",
+            ],
+        ),
+    ];
+    for (name, body, needles) in cases {
+        refused(tmp.path(), name, &layers(&body), &needles);
+    }
 }
 
 #[test]

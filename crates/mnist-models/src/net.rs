@@ -576,6 +576,86 @@ mod tests {
         }
     }
 
+    /// A tied convolution (`weights_of`, plain with its bias and separable) is the owner's weights
+    /// applied again: the same output as an untied twin holding a copy of them, one variable instead of
+    /// two, and its gradient the sum of the twin's two; on the fused and the reference kernels.
+    #[test]
+    fn tied_weights_train_as_one_variable_with_the_sum_of_both_gradients() {
+        let x = images(6);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let spec = |tie: bool| {
+            let (a, b) = match tie {
+                true => (r#", "weights_of": 1"#, r#", "weights_of": 3"#),
+                false => ("", ""),
+            };
+            ArchSpec::from_json(&format!(
+                r#"{{ "batch_norm": {{ "momentum": 0.9 }}, "layers": [
+                {{ "type": "conv", "filters": 6, "kernel": 3, "bias": false, "batch_norm": "after", "pool": {{ "kernel": 2 }} }},
+                {{ "type": "conv", "filters": 6, "kernel": 3, "batch_norm": "after" }},
+                {{ "type": "conv", "filters": 6, "kernel": 3, "batch_norm": "after"{a} }},
+                {{ "type": "separable_conv", "filters": 6, "kernel": 3, "padding": "same", "batch_norm": "after" }},
+                {{ "type": "separable_conv", "filters": 6, "kernel": 3, "padding": "same", "batch_norm": "after"{b} }},
+                {{ "type": "global_avg_pool" }}, {{ "type": "dense", "units": 10 }} ] }}"#
+            ))
+            .unwrap()
+        };
+        // (the tied variable, its twin's copy)
+        let pairs = [
+            ("block2.conv.weight", "block3.conv.weight"),
+            ("block2.conv.bias", "block3.conv.bias"),
+            (
+                "block4.conv.depthwise.weight",
+                "block5.conv.depthwise.weight",
+            ),
+            (
+                "block4.conv.pointwise.weight",
+                "block5.conv.pointwise.weight",
+            ),
+            ("block4.conv.pointwise.bias", "block5.conv.pointwise.bias"),
+        ];
+        for kernels in [Kernels::Auto, Kernels::Reference] {
+            let (tied, tvars) = net(&spec(true), kernels);
+            let (twin, wvars) = net(&spec(false), kernels);
+            let (td, wd) = (
+                tvars.var_map().data().lock().unwrap(),
+                wvars.var_map().data().lock().unwrap(),
+            );
+            assert_eq!(td.len() + pairs.len(), wd.len(), "{kernels:?}: variables");
+            for (owner, copy) in pairs {
+                assert!(!td.contains_key(copy), "{kernels:?}: {copy} exists");
+                wd[owner].set(td[owner].as_tensor()).unwrap();
+                wd[copy].set(td[owner].as_tensor()).unwrap();
+            }
+            for (name, v) in td.iter() {
+                wd[name].set(v.as_tensor()).unwrap();
+            }
+            let y = tied.forward_t(&x, true).unwrap();
+            let w = twin.forward_t(&x, true).unwrap();
+            assert_eq!(flat(&y), flat(&w), "{kernels:?}: output");
+            let gt = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let gw = w.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let close = |what: &str, a: Vec<f32>, b: Vec<f32>| {
+                assert_eq!(a.len(), b.len());
+                for (a, b) in a.iter().zip(&b) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs().max(1e-2),
+                        "{kernels:?}: gradient of {what}: {a} vs {b}"
+                    );
+                }
+            };
+            for (name, v) in td.iter().filter(|(name, _)| is_trainable(name)) {
+                let got = flat(gt.get(v.as_tensor()).expect(name));
+                let mut want = flat(gw.get(wd[name].as_tensor()).expect(name));
+                if let Some((_, copy)) = pairs.iter().find(|(owner, _)| owner == name) {
+                    let other = flat(gw.get(wd[*copy].as_tensor()).expect(copy));
+                    assert!(other.iter().any(|g| *g != 0.0), "{copy}: no gradient");
+                    want.iter_mut().zip(other).for_each(|(a, b)| *a += b);
+                }
+                close(name, got, want);
+            }
+        }
+    }
+
     /// A spec's `"init"` scales the same draws: every convolution and dense weight of a built-in model
     /// (plain, separable and inception) is its glorot-uniform value times the ratio of the two limits for
     /// that layer's fans, and everything else (biases, BatchNorm) is the same.
