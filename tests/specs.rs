@@ -432,85 +432,56 @@ fn weight_ties_that_do_not_fit() {
     let conv = |extra: &str| {
         format!(r#"{{ "type": "conv", "filters": 4, "kernel": 3, "padding": "same"{extra} }}"#)
     };
+    let tie = |n: usize| conv(&format!(r#", "weights_of": {n}"#));
+    let model = |parts: &[String]| format!("{}, {GAP_DENSE}", parts.join(", "));
     let cases = [
         (
             "tie-forward",
-            format!(
-                "{}, {}, {GAP_DENSE}",
-                conv(r#", "weights_of": 1"#),
-                conv("")
-            ),
+            model(&[tie(1), conv("")]),
             vec!["layers[0] (conv)", "weights_of 1", "not an earlier layer"],
         ),
         (
             "tie-self",
-            format!(
-                "{}, {}, {GAP_DENSE}",
-                conv(""),
-                conv(r#", "weights_of": 1"#)
-            ),
+            model(&[conv(""), tie(1)]),
             vec!["layers[1] (conv)", "weights_of 1", "not an earlier layer"],
         ),
         (
             // layers[0] takes 1 channel, layers[1] 4.
             "tie-shape",
-            format!(
-                "{}, {}, {GAP_DENSE}",
-                conv(""),
-                conv(r#", "weights_of": 0"#)
-            ),
+            model(&[conv(""), tie(0)]),
             vec!["layers[1] (conv)", "1 -> 4 channels", "4 -> 4 channels"],
         ),
         (
             "tie-bias",
-            format!(
-                "{}, {}, {}, {GAP_DENSE}",
-                conv(""),
-                conv(""),
-                conv(r#", "bias": false, "weights_of": 1"#)
-            ),
+            model(&[conv(""), conv(""), conv(r#", "bias": false, "weights_of": 1"#)]),
             vec!["layers[2] (conv)", "bias false", "bias true"],
         ),
         (
             "tie-kind",
-            format!(
-                r#"{}, {}, {{ "type": "separable_conv", "filters": 4, "kernel": 3, "padding": "same", "weights_of": 1 }}, {GAP_DENSE}"#,
+            model(&[
                 conv(""),
-                conv("")
-            ),
+                conv(""),
+                r#"{ "type": "separable_conv", "filters": 4, "kernel": 3, "padding": "same", "weights_of": 1 }"#.into(),
+            ]),
             vec!["layers[2] (separable_conv)", "layers[1] is a conv layer"],
         ),
         (
             "tie-pool",
-            format!(
-                r#"{}, {{ "type": "max_pool", "kernel": 2 }}, {}, {GAP_DENSE}"#,
-                conv(""),
-                conv(r#", "weights_of": 1"#)
-            ),
+            model(&[conv(""), r#"{ "type": "max_pool", "kernel": 2 }"#.into(), tie(1)]),
             vec!["layers[2] (conv)", "layers[1] is a max_pool layer"],
         ),
         (
             "tie-chain",
-            format!(
-                "{}, {}, {}, {}, {GAP_DENSE}",
-                conv(""),
-                conv(""),
-                conv(r#", "weights_of": 1"#),
-                conv(r#", "weights_of": 2"#)
-            ),
+            model(&[conv(""), conv(""), tie(1), tie(2)]),
             vec!["layers[3] (conv)", "ties its own weights to layers[1]"],
         ),
         (
             "tie-branch",
-            format!(
-                r#"{}, {{ "type": "inception", "branches": [[{}]] }}, {GAP_DENSE}"#,
+            model(&[
                 conv(""),
-                conv(r#", "weights_of": 0"#)
-            ),
-            vec![
-                "branches[0][0] (conv)",
-                "weights_of ties top-level layers only",
-            ],
+                format!(r#"{{ "type": "inception", "branches": [[{}]] }}"#, tie(0)),
+            ]),
+            vec!["branches[0][0] (conv)", "weights_of ties top-level layers only"],
         ),
     ];
     for (name, body, needles) in cases {
