@@ -73,6 +73,9 @@ pub struct LayerSummary {
     pub params: usize,
     /// Of which not trained (BatchNorm running statistics).
     pub non_trainable: usize,
+    /// A tied convolution's owner (`weights_of`): the prefix of the weights it uses, counted there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights_of: Option<String>,
 }
 
 /// The variable prefixes of a conv block's parts.
@@ -149,6 +152,7 @@ fn row(name: &str, kind: &str, output: Dims, params: usize, non_trainable: usize
         output_shape: output.to_vec(),
         params,
         non_trainable,
+        weights_of: None,
     }
 }
 
@@ -439,10 +443,12 @@ fn plan_layer<'a>(
                     }
                 }
             };
+            let mut conv_row = row(&parts.conv, conv_kind(separable), conv_out, params, 0);
             if let Some(owner) = tied {
+                conv_row.weights_of = Some(owner.clone());
                 parts.weights = owner;
             }
-            rows.push(row(&parts.conv, conv_kind(separable), conv_out, params, 0));
+            rows.push(conv_row);
             if c.batch_norm != BnPlace::None {
                 rows.push(row(
                     &parts.bn,

@@ -56,7 +56,10 @@ impl fmt::Display for Summary {
         let names: Vec<String> = self
             .layers
             .iter()
-            .map(|l| format!("{} ({})", l.name, l.kind))
+            .map(|l| match &l.weights_of {
+                Some(owner) => format!("{} ({}, weights of {owner})", l.name, l.kind),
+                None => format!("{} ({})", l.name, l.kind),
+            })
             .collect();
         // Keras's column widths, widened so long layer names keep a gap before the shape.
         let w = names.iter().map(|n| n.len() + 2).fold(32, usize::max);
@@ -101,5 +104,37 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(8640), "8,640");
         assert_eq!(thousands(1234567), "1,234,567");
+    }
+
+    /// A tied convolution (`weights_of`) shows no parameters of its own and names the owner, whose
+    /// weights the total counts once.
+    #[test]
+    fn a_tied_convolution_counts_its_weights_at_the_owner() {
+        let spec = |tie: &str| {
+            crate::ArchSpec::from_json(&format!(
+                r#"{{ "layers": [
+                {{ "type": "conv", "filters": 4, "kernel": 3 }},
+                {{ "type": "conv", "filters": 4, "kernel": 3, "batch_norm": "after" }},
+                {{ "type": "conv", "filters": 4, "kernel": 3, "batch_norm": "after"{tie} }},
+                {{ "type": "global_avg_pool" }}, {{ "type": "dense", "units": 10 }} ] }}"#
+            ))
+            .unwrap()
+        };
+        let tied = super::summary(&spec(r#", "weights_of": 1"#)).unwrap();
+        let untied = super::summary(&spec("")).unwrap();
+        assert_eq!(tied.params_total, untied.params_total - (4 * 4 * 9 + 4));
+        let row = tied
+            .layers
+            .iter()
+            .find(|l| l.name == "block3.conv")
+            .unwrap();
+        assert_eq!(
+            (row.params, row.weights_of.as_deref()),
+            (0, Some("block2.conv"))
+        );
+        assert!(untied.layers.iter().all(|l| l.weights_of.is_none()));
+        assert!(tied
+            .to_string()
+            .contains("block3.conv (Conv2D, weights of block2.conv)"));
     }
 }
