@@ -75,6 +75,22 @@ fn correct(logits: &[Vec<f32>], labels: &[u8]) -> usize {
         .count()
 }
 
+/// tract's logits of the ONNX file `bytes` on `images` agree with `model`'s (candle's) within
+/// [`TOLERANCE`], logit by logit.
+fn agrees_with_tract(model: &Classifier, bytes: &[u8], images: &[Vec<u8>], what: &str) {
+    let theirs = tract_logits(bytes, images, what);
+    let ours = model.logits(images).unwrap();
+    assert_eq!(theirs.len(), ours.len(), "{what}");
+    for (a, b) in ours.iter().zip(&theirs) {
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (x - y).abs() <= TOLERANCE,
+                "{what}: candle {x} vs tract {y}"
+            );
+        }
+    }
+}
+
 fn check_against_tract(model: &Classifier, images: &[Vec<u8>], labels: &[u8], what: &str) {
     let bytes = mnist_onnx::export(model.config(), model.vars()).expect("export");
     let ours = model.logits(images).expect("candle logits");
@@ -154,14 +170,7 @@ fn squeeze_excite_exports_as_gated_channels() {
     };
     let model = seeded_model(include_str!("fixtures/squeeze-excite.json"));
     let bytes = mnist_onnx::export(model.config(), model.vars()).unwrap();
-    let n = 64;
-    let theirs = tract_logits(&bytes, &images[..n], "squeeze-excite");
-    let ours = model.logits(&images[..n]).unwrap();
-    for (a, b) in ours.iter().zip(&theirs) {
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= TOLERANCE, "candle {x} vs tract {y}");
-        }
-    }
+    agrees_with_tract(&model, &bytes, &images[..64], "squeeze-excite");
 }
 
 /// A tied convolution (`weights_of`: the spec of `tests/fixtures/weights-of.json`, a plain and a
@@ -203,14 +212,7 @@ fn tied_weights_export_as_one_initializer_read_twice() {
         readers("block4.conv.pointwise.weight"),
         ["block4.conv.pointwise", "block5.conv.pointwise"]
     );
-    let n = 64;
-    let theirs = tract_logits(&bytes, &images[..n], "weights-of");
-    let ours = model.logits(&images[..n]).unwrap();
-    for (a, b) in ours.iter().zip(&theirs) {
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= TOLERANCE, "candle {x} vs tract {y}");
-        }
-    }
+    agrees_with_tract(&model, &bytes, &images[..64], "weights-of");
 }
 
 /// SiLU exports as `Mul(x, Sigmoid(x))` (opset 13 has no SiLU operator) wherever it goes (the spec of
@@ -240,14 +242,7 @@ fn silu_exports_as_the_input_times_its_sigmoid() {
         (6, 6, 0),
         "{ops:?}"
     );
-    let n = 64;
-    let theirs = tract_logits(&bytes, &images[..n], "silu");
-    let ours = model.logits(&images[..n]).unwrap();
-    for (a, b) in ours.iter().zip(&theirs) {
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= TOLERANCE, "candle {x} vs tract {y}");
-        }
-    }
+    agrees_with_tract(&model, &bytes, &images[..64], "silu");
 }
 
 /// The exported file's input and output, as tract reads them.
@@ -356,13 +351,7 @@ fn export_command_exports_trained_weights_from_their_run_folder() {
         serde_json::from_value(config["model"].clone()).unwrap();
     let model = Classifier::load(model_config, &weights, &candle_core::Device::Cpu).unwrap();
     let bytes = std::fs::read(&out).unwrap();
-    let ours = model.logits(&images[..50]).unwrap();
-    let theirs = tract_logits(&bytes, &images[..50], "trained inception");
-    for (a, b) in ours.iter().zip(&theirs) {
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= TOLERANCE, "{x} vs {y}");
-        }
-    }
+    agrees_with_tract(&model, &bytes, &images[..50], "trained inception");
 }
 
 /// Runs `export` with `args`; it must fail with `code`, print an error that contains each of `needles`,
