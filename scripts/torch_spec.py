@@ -85,7 +85,7 @@ class Tied(nn.Module):
 
     def forward(self, x):
         c = self.conv
-        return nn.functional.conv2d(x, c.weight, c.bias, self.stride, groups=c.groups)
+        return F.conv2d(x, c.weight, c.bias, self.stride, groups=c.groups)
 
 
 def layers(specs, c, bn):

@@ -181,14 +181,14 @@ impl Net {
         if ghost == 0 {
             candle_core::bail!("ghost BatchNorm: the ghost batch size must be at least 1");
         }
-        let parts = b.div_ceil(ghost).max(1);
+        let parts = b.div_ceil(ghost);
+        if parts <= 1 {
+            return match keep_statistics {
+                true => self.forward_train_keeping_statistics(xs),
+                false => self.run(xs, true),
+            };
+        }
         let pass = || -> Result<Tensor> {
-            if parts == 1 {
-                if keep_statistics {
-                    self.bn_stats.freeze();
-                }
-                return self.run(xs, true);
-            }
             let mut ys = Vec::with_capacity(parts);
             for i in 0..parts {
                 if keep_statistics {
@@ -220,23 +220,18 @@ impl Net {
         let mut ys = xs.clone();
         let mut rest = &self.stages[..];
         while let Some((stage, after)) = rest.split_first() {
-            if !train {
-                let blocks = leading_blocks(rest);
-                if !blocks.is_empty() {
-                    // Each image through the whole run of blocks in cache.
-                    ys = mnist_layers::infer_stack(&blocks, &ys)?;
-                    rest = &rest[blocks.len()..];
-                    continue;
-                }
+            let blocks = leading_blocks(rest);
+            if !blocks.is_empty() {
+                // One block, or blocks off the fast kernels, run one by one inside; in inference each
+                // image goes through the whole run in cache.
+                ys = match train {
+                    true => mnist_layers::train_stack(&blocks, &ys)?,
+                    false => mnist_layers::infer_stack(&blocks, &ys)?,
+                };
+                rest = &rest[blocks.len()..];
+                continue;
             }
             if train {
-                let blocks = leading_blocks(rest);
-                if !blocks.is_empty() {
-                    // One block, or blocks off the fast kernels, run one by one inside.
-                    ys = mnist_layers::train_stack(&blocks, &ys)?;
-                    rest = &rest[blocks.len()..];
-                    continue;
-                }
                 if let [Stage {
                     layer: Layer::Inception(m),
                     ..

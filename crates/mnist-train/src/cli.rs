@@ -616,12 +616,8 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
         cfg.lookahead = Some(la);
     }
     if let Some(g) = args.ghost_batch {
-        if g < 2 || g >= cfg.batch_size {
-            return Err(UsageError(format!(
-                "--ghost-batch {g}: must be at least 2 and smaller than the batch size {}",
-                cfg.batch_size
-            ))
-            .into());
+        if let Some(problem) = cfg.ghost_batch_problem(g) {
+            return Err(UsageError(format!("--ghost-batch {g}: {problem}")).into());
         }
         cfg.ghost_batch = Some(g);
     }

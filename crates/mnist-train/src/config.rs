@@ -177,6 +177,17 @@ impl TrainConfig {
         self.ghost_batch.unwrap_or(self.batch_size)
     }
 
+    /// What is wrong with ghost batches of `g` images in this config's batches, if anything (one rule for
+    /// the `--ghost-batch` flag and for [`Self::validate`]).
+    pub fn ghost_batch_problem(&self, g: usize) -> Option<String> {
+        (g < 2 || g >= self.batch_size).then(|| {
+            format!(
+                "must be at least 2 and smaller than the batch size {}",
+                self.batch_size
+            )
+        })
+    }
+
     /// Rejects invalid settings once, before any work starts.
     pub fn validate(&self) -> Result<(), TrainError> {
         if self.epochs == 0 {
@@ -206,11 +217,9 @@ impl TrainConfig {
                 .map_err(|e| TrainError::Config(e.to_string()))?;
         }
         if let Some(g) = self.ghost_batch {
-            if g < 2 || g >= self.batch_size {
+            if let Some(problem) = self.ghost_batch_problem(g) {
                 return Err(TrainError::Config(format!(
-                    "invalid ghost_batch = {g} (--ghost-batch): must be at least 2 and smaller than \
-                     the batch size {}",
-                    self.batch_size
+                    "invalid ghost_batch = {g} (--ghost-batch): {problem}"
                 )));
             }
         }

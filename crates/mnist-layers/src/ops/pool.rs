@@ -53,10 +53,16 @@ impl PoolGeom {
         })
     }
 
+    /// True for the 2x2 / stride-2 pool without padding, which every pooled model uses and which has
+    /// its own loops (and AVX-512 kernels).
+    pub(crate) fn is_unpadded_2x2(&self) -> bool {
+        self.k == 2 && self.stride == 2 && self.pt == 0 && self.pl == 0
+    }
+
     /// One plane: output values and argmax (index in the plane).
     pub(crate) fn plane_fwd(&self, x: &[f32], out: &mut [f32], arg: &mut [u32]) {
         let (k, s, w) = (self.k, self.stride, self.w);
-        if k == 2 && s == 2 && self.pt == 0 && self.pl == 0 {
+        if self.is_unpadded_2x2() {
             if !super::stream_k512::pool2x2(w, (self.oh, self.ow), x, out, arg) {
                 pool2x2_portable(w, self.oh, self.ow, x, out, arg);
             }
@@ -101,8 +107,8 @@ impl PoolGeom {
 impl PoolGeom {
     /// Inference: `out [oh, ow]` = the window maxima of the plane `x` (`h` rows `rs` apart), no argmax.
     pub(crate) fn plane_max(&self, x: &[f32], rs: usize, out: &mut [f32]) {
-        let unpadded_2x2 = self.k == 2 && self.stride == 2 && self.pt == 0 && self.pl == 0;
-        if unpadded_2x2 && super::stream_k512::pool2x2_max(rs, (self.oh, self.ow), x, out) {
+        if self.is_unpadded_2x2() && super::stream_k512::pool2x2_max(rs, (self.oh, self.ow), x, out)
+        {
             return;
         }
         pool_max(self, x, rs, out)
@@ -115,7 +121,7 @@ multiversion! {
     pub(crate) fn pool_max(g: &PoolGeom, x: &[f32], rs: usize, out: &mut [f32]) {
         let (k, s, ow) = (g.k, g.stride, g.ow);
         let max = |a: f32, b: f32| if b > a { b } else { a };
-        if k == 2 && s == 2 && g.pt == 0 && g.pl == 0 {
+        if g.is_unpadded_2x2() {
             for (oy, orow) in out.chunks_exact_mut(ow).take(g.oh).enumerate() {
                 let top = &x[2 * oy * rs..][..2 * ow];
                 let bot = &x[(2 * oy + 1) * rs..][..2 * ow];

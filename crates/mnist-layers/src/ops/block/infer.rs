@@ -276,7 +276,7 @@ pub fn block_stack_infer(x: &Tensor, blocks: &[InferStackBlock]) -> Result<Tenso
         .map(|(blk, next)| blk.out_len().max(next.in_len()))
         .max()
         .unwrap_or(0);
-    let (b, chw) = (dims4(x, OP_STACK)?.0, plan[0].conv.chw());
+    let (b, chw) = (dims.0, plan[0].conv.chw());
     cpu_data!(x, xg, xs, OP_STACK);
     // SAFETY: the last block's `run_image` returns `Ok` only after writing every value of `oimg`.
     let out = unsafe {
