@@ -88,12 +88,39 @@ class Tied(nn.Module):
         return F.conv2d(x, c.weight, c.bias, self.stride, groups=c.groups)
 
 
+class Keep(nn.Module):
+    """Keeps its input, the input of layer `n`, in `store` for a residual shortcut; passes it on."""
+
+    def __init__(self, store, n):
+        super().__init__()
+        self.store, self.n = store, n
+
+    def forward(self, x):
+        self.store[self.n] = x
+        return x
+
+
+class AddKept(nn.Module):
+    """Adds the input kept for layer `n` (a spec's "shortcut")."""
+
+    def __init__(self, store, n):
+        super().__init__()
+        self.store, self.n = store, n
+
+    def forward(self, x):
+        return x + self.store[self.n]
+
+
 def layers(specs, c, bn):
     """The torch layers of a list of layer specs on `c` input channels, and the channels they output."""
     out = []
     convs = {}  # the convolution modules of each conv layer, by index, for "weights_of" (weight tying)
+    store = {}  # the inputs kept for residual shortcuts, by layer index
+    kept = {s["shortcut"] for s in specs if "shortcut" in s}
     for i, s in enumerate(specs):
         t = s["type"]
+        if i in kept:
+            out.append(Keep(store, i))
         if t in ("conv", "separable_conv"):
             k, stride, bias = s["kernel"], s.get("stride", 1), s.get("bias", True)
             if s.get("padding") == "same":
@@ -114,6 +141,8 @@ def layers(specs, c, bn):
             out += ([bn(c)] + act) if place == "before" else (act + [bn(c)]) if place == "after" else act
             if s.get("pool"):
                 out += pool(s["pool"])
+            if "shortcut" in s:
+                out.append(AddKept(store, s["shortcut"]))
         elif t == "max_pool":
             out += pool(s)
         elif t == "batch_norm":

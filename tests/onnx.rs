@@ -215,6 +215,49 @@ fn tied_weights_export_as_one_initializer_read_twice() {
     agrees_with_tract(&model, &bytes, &images[..64], "weights-of");
 }
 
+/// Residual shortcuts (`tests/fixtures/shortcut.json`: one over a plain convolution, one over a separable
+/// and a plain one with its BatchNorm before the activation; seeded random weights) export as `Add` nodes
+/// of the block's output and the input of the layer the shortcut starts at; tract computes the logits
+/// candle does.
+#[test]
+fn shortcuts_export_as_add_nodes() {
+    let Some((images, _)) = test_images() else {
+        return;
+    };
+    let model = seeded_model(include_str!("fixtures/shortcut.json"));
+    let bytes = mnist_onnx::export(model.config(), model.vars()).unwrap();
+    let proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut &bytes[..])
+        .unwrap();
+    let graph = proto.graph.as_ref().unwrap();
+    let adds: Vec<(&str, Vec<&str>)> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Add")
+        .map(|n| {
+            (
+                n.name.as_str(),
+                n.input.iter().map(|i| i.as_str()).collect(),
+            )
+        })
+        .collect();
+    let output_of = |name: &str| {
+        graph
+            .node
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| n.output[0].as_str())
+            .unwrap()
+    };
+    assert_eq!(adds.len(), 2, "{adds:?}");
+    // block2 adds its own input (block1's BatchNorm after its pool), block4 the input of block3.
+    assert_eq!(adds[0].0, "block2.add");
+    assert_eq!(adds[0].1[1], output_of("block1.pool"));
+    assert_eq!(adds[1].0, "block4.add");
+    assert_eq!(adds[1].1[1], output_of("block2.add"));
+    agrees_with_tract(&model, &bytes, &images[..64], "shortcut");
+}
+
 /// SiLU exports as `Mul(x, Sigmoid(x))` (opset 13 has no SiLU operator) wherever it goes (the spec of
 /// `tests/fixtures/silu.json`, seeded random weights), and tract computes the logits candle does.
 #[test]

@@ -88,7 +88,8 @@ const HAND_WRITTEN: &str = r#"{
       "pool": { "kernel": 2 } },
     { "type": "separable_conv", "filters": 8, "kernel": 3, "batch_norm": "after", "pool": { "kernel": 2 } },
     { "type": "conv", "filters": 8, "kernel": 3, "padding": "same", "batch_norm": "after" },
-    { "type": "conv", "filters": 8, "kernel": 3, "padding": "same", "batch_norm": "after", "weights_of": 2 },
+    { "type": "conv", "filters": 8, "kernel": 3, "padding": "same", "batch_norm": "after", "weights_of": 2,
+      "shortcut": 2 },
     { "type": "squeeze_excite", "units": 2 },
     { "type": "dropout", "rate": 0.1 },
     { "type": "global_avg_pool" },
@@ -482,6 +483,60 @@ fn weight_ties_that_do_not_fit() {
                 format!(r#"{{ "type": "inception", "branches": [[{}]] }}"#, tie(0)),
             ]),
             vec!["branches[0][0] (conv)", "weights_of ties top-level layers only"],
+        ),
+    ];
+    for (name, body, needles) in cases {
+        refused(tmp.path(), name, &layers(&body), &needles);
+    }
+}
+
+#[test]
+fn shortcuts_that_do_not_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conv = |extra: &str| {
+        format!(r#"{{ "type": "conv", "filters": 4, "kernel": 3, "padding": "same"{extra} }}"#)
+    };
+    let from = |n: usize| conv(&format!(r#", "shortcut": {n}"#));
+    let model = |parts: &[String]| format!("{}, {GAP_DENSE}", parts.join(", "));
+    let cases = [
+        (
+            "shortcut-forward",
+            model(&[conv(""), from(2), conv("")]),
+            vec![
+                "layers[1] (conv)",
+                "shortcut 2",
+                "not this layer or an earlier one",
+            ],
+        ),
+        (
+            // layers[0] takes the 1-channel image.
+            "shortcut-channels",
+            model(&[conv(""), from(0)]),
+            vec!["layers[1] (conv)", "shortcut 0", "1x28x28", "4x28x28"],
+        ),
+        (
+            "shortcut-size",
+            model(&[conv(""), conv(r#", "padding": "valid", "shortcut": 1"#)]),
+            vec!["layers[1] (conv)", "4x28x28", "4x26x26"],
+        ),
+        (
+            "shortcut-pool",
+            model(&[
+                conv(""),
+                conv(r#", "pool": { "kernel": 2 }, "shortcut": 1"#),
+            ]),
+            vec!["layers[1] (conv)", "4x28x28", "4x14x14"],
+        ),
+        (
+            "shortcut-branch",
+            model(&[
+                conv(""),
+                format!(r#"{{ "type": "inception", "branches": [[{}]] }}"#, from(0)),
+            ]),
+            vec![
+                "branches[0][0] (conv)",
+                "a shortcut joins top-level layers only",
+            ],
         ),
     ];
     for (name, body, needles) in cases {

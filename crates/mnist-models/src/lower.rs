@@ -59,7 +59,16 @@ pub fn build(
         init: spec.init,
     };
     let mut stages = Vec::new();
-    for layer in &plan.layers {
+    // The layers whose input a residual shortcut adds later keep it (a stage of no work).
+    let kept: Vec<usize> = plan
+        .layers
+        .iter()
+        .filter_map(|l| l.spec.shortcut())
+        .collect();
+    for (i, layer) in plan.layers.iter().enumerate() {
+        if kept.contains(&i) {
+            stages.push(Stage::keep_input(i));
+        }
         lower.layer(layer, &mut stages)?;
     }
     Ok(Net::new(spec.clone(), stages, lower.bn_stats))
@@ -100,6 +109,9 @@ impl Lower<'_> {
                     candle_core::Error::msg(format!("{}: a conv block without part names", l.name))
                 })?;
                 self.conv_block(c, separable, c_in.unwrap_or(0), names, stages)?;
+                if let Some(n) = c.shortcut {
+                    stages.push(Stage::add_input_of(&names.add, n));
+                }
             }
             LayerSpec::MaxPool(p) => stages.push(Stage::plain(
                 &l.name,

@@ -16,6 +16,10 @@ pub(crate) enum Layer {
     Inception(InceptionModule),
     /// A BatchNorm stage.
     Norm(BatchNorm),
+    /// Keeps its input, the input of top-level layer `n`, for a residual shortcut; passes it on.
+    KeepInput(usize),
+    /// Adds the input kept for top-level layer `n` (a residual shortcut).
+    AddInputOf(usize),
 }
 
 /// One named stage of a [`Net`]: its variables live under `prefix.` for each of its prefixes (one, or
@@ -59,6 +63,21 @@ impl Stage {
         Self::with_layer(name, "BatchNormalization", &[name], Layer::Norm(bn))
     }
 
+    /// Keeps the input of top-level layer `n` for a shortcut (no output of its own in traces).
+    pub(crate) fn keep_input(n: usize) -> Self {
+        Self::with_layer(
+            &format!("layers[{n}].input"),
+            "Input",
+            &[],
+            Layer::KeepInput(n),
+        )
+    }
+
+    /// Adds the input of top-level layer `n` to its input (a residual shortcut).
+    pub(crate) fn add_input_of(name: &str, n: usize) -> Self {
+        Self::with_layer(name, "Add", &[], Layer::AddInputOf(n))
+    }
+
     fn with_layer(name: &str, kind: &'static str, prefixes: &[&str], layer: Layer) -> Self {
         Self {
             name: name.to_string(),
@@ -68,13 +87,27 @@ impl Stage {
         }
     }
 
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+    /// The stage over `xs`; `kept` holds the inputs kept for shortcuts so far, by layer.
+    fn forward_t(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        kept: &mut Vec<(usize, Tensor)>,
+    ) -> Result<Tensor> {
         match &self.layer {
             Layer::Plain(m) => m.forward(xs),
             Layer::Train(m) => m.forward_t(xs, train),
             Layer::Block(b) => b.forward_t(xs, train),
             Layer::Inception(m) => m.forward_t(xs, train),
             Layer::Norm(bn) => bn.forward_t(xs, train),
+            Layer::KeepInput(n) => {
+                kept.push((*n, xs.clone()));
+                Ok(xs.clone())
+            }
+            Layer::AddInputOf(n) => match kept.iter().find(|(k, _)| k == n) {
+                Some((_, from)) => xs + from,
+                None => candle_core::bail!("{}: the input of layers[{n}] was not kept", self.name),
+            },
         }
     }
 }
@@ -218,6 +251,7 @@ impl Net {
     /// image through all of them in cache ([`mnist_layers::infer_stack`]), bit for bit the same.
     fn run(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut ys = xs.clone();
+        let mut kept = Vec::new();
         let mut rest = &self.stages[..];
         while let Some((stage, after)) = rest.split_first() {
             let blocks = leading_blocks(rest);
@@ -247,7 +281,7 @@ impl Net {
                     continue;
                 }
             }
-            ys = stage.forward_t(&ys, train)?;
+            ys = stage.forward_t(&ys, train, &mut kept)?;
             rest = after;
         }
         Ok(ys)
@@ -257,8 +291,12 @@ impl Net {
     pub fn trace_shapes(&self, xs: &Tensor) -> Result<Vec<StageTrace>> {
         let mut shapes = Vec::with_capacity(self.stages.len());
         let mut ys = xs.clone();
+        let mut kept = Vec::new();
         for stage in &self.stages {
-            ys = stage.forward_t(&ys, false)?;
+            ys = stage.forward_t(&ys, false, &mut kept)?;
+            if matches!(stage.layer, Layer::KeepInput(_)) {
+                continue;
+            }
             shapes.push(StageTrace {
                 name: stage.name.clone(),
                 kind: stage.kind,
@@ -451,7 +489,7 @@ mod tests {
 
     /// In inference, each run of fused blocks goes image by image through all of them
     /// (`mnist_layers::infer_stack`): the same logits, bit for bit, as the stages one by one, for every
-    /// built-in model and a spec with padded, strided, separable and pooled blocks, on batches whose
+    /// built-in model and a spec with padded, strided, separable and pooled blocks and a shortcut, on batches whose
     /// last image has nothing after it to read as padding.
     #[test]
     fn inference_stacks_give_the_blocks_one_by_one_bit_for_bit() {
@@ -462,7 +500,7 @@ mod tests {
                 { "type": "separable_conv", "filters": 12, "kernel": 3, "batch_norm": "after" },
                 { "type": "conv", "filters": 12, "kernel": 3, "stride": 2, "batch_norm": "after" },
                 { "type": "separable_conv", "filters": 10, "kernel": 3, "padding": "same", "batch_norm": "after", "pool": { "kernel": 2 } },
-                { "type": "conv", "filters": 10, "kernel": 1, "batch_norm": "after" },
+                { "type": "conv", "filters": 10, "kernel": 1, "batch_norm": "after", "shortcut": 5 },
                 { "type": "global_avg_pool" },
                 { "type": "dense", "units": 10 }
             ] }"#,
@@ -482,10 +520,11 @@ mod tests {
             n.forward_t(&images(6), true).unwrap();
             for x in [images(7), images(8).narrow(0, 0, 1).unwrap()] {
                 let stacked = n.forward_t(&x, false).unwrap();
+                let mut kept = Vec::new();
                 let one_by_one = n
                     .stages
                     .iter()
-                    .try_fold(x.clone(), |ys, s| s.forward_t(&ys, false))
+                    .try_fold(x.clone(), |ys, s| s.forward_t(&ys, false, &mut kept))
                     .unwrap();
                 assert_eq!(flat(&stacked), flat(&one_by_one), "{}", spec.name);
             }
@@ -647,6 +686,91 @@ mod tests {
                     want.iter_mut().zip(other).for_each(|(a, b)| *a += b);
                 }
                 close(name, got, want);
+            }
+        }
+    }
+
+    /// A residual shortcut (`"shortcut": k` on the last conv layer) adds the input of `layers[k]`: as
+    /// global average pooling and the dense layer are linear, the logits are those of the model without
+    /// it plus those of the model cut before `layers[k]` (less the dense bias, counted once), and so are
+    /// the gradients of a loss linear in the logits; one-layer and two-layer shortcuts, plain and
+    /// separable convolutions, training mode, on the fused and the reference kernels.
+    #[test]
+    fn a_shortcut_adds_the_input_of_its_layer_with_its_gradients() {
+        let x = images(7);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let convs = [
+            r#"{ "type": "conv", "filters": 6, "kernel": 3, "bias": false, "batch_norm": "after", "pool": { "kernel": 2 } }"#,
+            r#"{ "type": "separable_conv", "filters": 6, "kernel": 3, "padding": "same", "batch_norm": "after" }"#,
+            r#"{ "type": "conv", "filters": 6, "kernel": 3, "padding": "same", "batch_norm": "after" }"#,
+        ];
+        let spec = |layers: &[&str], shortcut: Option<usize>| {
+            let mut layers: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
+            if let Some(k) = shortcut {
+                let last = layers.last_mut().unwrap();
+                last.insert_str(last.len() - 2, &format!(r#", "shortcut": {k}"#));
+            }
+            ArchSpec::from_json(&format!(
+                r#"{{ "batch_norm": {{ "momentum": 0.9 }}, "layers": [ {},
+                {{ "type": "global_avg_pool" }}, {{ "type": "dense", "units": 10 }} ] }}"#,
+                layers.join(", ")
+            ))
+            .unwrap()
+        };
+        let r = Tensor::from_vec(
+            (0..60)
+                .map(|i| ((i * 7) % 11) as f32 - 5.0)
+                .collect::<Vec<_>>(),
+            (6, 10),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for k in [1, 2] {
+            for kernels in [Kernels::Auto, Kernels::Reference] {
+                let what = format!("shortcut {k}, {kernels:?}");
+                let (with, svars) = net(&spec(&convs, Some(k)), kernels);
+                let (without, wvars) = net(&spec(&convs, None), kernels);
+                let (cut, cvars) = net(&spec(&convs[..k], None), kernels);
+                let sd = svars.var_map().data().lock().unwrap();
+                for other in [&wvars, &cvars] {
+                    for (name, v) in other.var_map().data().lock().unwrap().iter() {
+                        v.set(sd[name].as_tensor()).unwrap();
+                    }
+                }
+                let ys = with.forward_t(&x, true).unwrap();
+                let yw = without.forward_t(&x, true).unwrap();
+                let yc = cut.forward_t(&x, true).unwrap();
+                let bias = sd["dense.bias"].as_tensor().unsqueeze(0).unwrap();
+                let want = (&yw + yc.broadcast_sub(&bias).unwrap()).unwrap();
+                // Within float rounding of the largest value (the sums go in other orders).
+                let close = |what: &str, a: Vec<f32>, b: Vec<f32>| {
+                    assert_eq!(a.len(), b.len(), "{what}");
+                    let scale = b.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
+                    let worst = a
+                        .iter()
+                        .zip(&b)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(worst <= 3e-4 * scale, "{what}: {a:?} vs {b:?}");
+                };
+                close(&format!("{what}: logits"), flat(&ys), flat(&want));
+                let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let (gs, gw, gc) = (grads(&ys), grads(&yw), grads(&yc));
+                let (wd, cd) = (
+                    wvars.var_map().data().lock().unwrap(),
+                    cvars.var_map().data().lock().unwrap(),
+                );
+                for (name, v) in sd.iter().filter(|(name, _)| is_trainable(name)) {
+                    let mut want = flat(gw.get(wd[name].as_tensor()).expect(name));
+                    if let (Some(c), false) = (cd.get(name), name.as_str() == "dense.bias") {
+                        let more = flat(gc.get(c.as_tensor()).expect(name));
+                        want.iter_mut().zip(more).for_each(|(a, b)| *a += b);
+                    }
+                    close(
+                        &format!("{what}: gradient of {name}"),
+                        flat(gs.get(v.as_tensor()).expect(name)),
+                        want,
+                    );
+                }
             }
         }
     }

@@ -92,6 +92,8 @@ pub struct BlockNames {
     pub act: String,
     /// The pool (`block1.pool`, `pool1`).
     pub pool: String,
+    /// The addition of a residual shortcut (`block1.add`, `add1`).
+    pub add: String,
 }
 
 /// One top-level layer as planned: its spec, input and output, names and summary rows.
@@ -260,6 +262,9 @@ fn part_kinds(spec: &ArchSpec) -> Vec<Vec<&'static str>> {
                 if c.pool.is_some() {
                     parts.push("pool");
                 }
+                if c.shortcut.is_some() {
+                    parts.push("add");
+                }
                 parts
             }
             LayerSpec::MaxPool(_) => vec!["pool"],
@@ -347,6 +352,32 @@ fn tied_weights(
         .unwrap_or_default())
 }
 
+/// Checks the residual shortcut of the layer planned after `earlier` (with `input`, giving `out`) from
+/// the input of `layers[n]`: `n` must be this layer or an earlier one, and that input the shape of `out`.
+fn shortcut_from(
+    at: &At,
+    n: usize,
+    input: Dims,
+    out: Dims,
+    earlier: &[Planned],
+) -> Result<(), SpecError> {
+    let from = match earlier.get(n) {
+        Some(l) => l.input,
+        None if n == earlier.len() => input,
+        None => {
+            return Err(at.err(format!(
+                "shortcut {n}: layers[{n}] is not this layer or an earlier one (a shortcut adds the input of a layer at or before the one it ends at)"
+            )))
+        }
+    };
+    if from != out {
+        return Err(at.err(format!(
+            "shortcut {n}: the input of layers[{n}] is {from}, but this layer's output is {out}; a shortcut adds maps of the same shape (the same channels; pad 'same', stride 1 and no pool in between)"
+        )));
+    }
+    Ok(())
+}
+
 /// Plans (and so checks) a model: every layer's input and output, names and parameters; the model must
 /// end in 10 outputs.
 pub fn plan(spec: &ArchSpec) -> Result<Plan<'_>, SpecError> {
@@ -415,6 +446,7 @@ fn plan_layer<'a>(
                     bn: format!("{first}.bn"),
                     act: format!("{first}.{}", c.activation.name()),
                     pool: format!("{first}.pool"),
+                    add: format!("{first}.add"),
                 },
                 Naming::Keras => {
                     let mut it = names.iter().skip(1);
@@ -434,12 +466,18 @@ fn plan_layer<'a>(
                     } else {
                         String::new()
                     };
+                    let add = if c.shortcut.is_some() {
+                        next()
+                    } else {
+                        String::new()
+                    };
                     BlockNames {
                         conv: first.clone(),
                         weights: first.clone(),
                         bn,
                         act,
                         pool,
+                        add,
                     }
                 }
             };
@@ -470,6 +508,10 @@ fn plan_layer<'a>(
                     w: ow,
                 };
                 rows.push(row(&parts.pool, "MaxPooling2D", out, 0, 0));
+            }
+            if let Some(n) = c.shortcut {
+                shortcut_from(at, n, input, out, earlier)?;
+                rows.push(row(&parts.add, "Add", out, 0, 0));
             }
             block = Some(parts);
             out
@@ -584,6 +626,11 @@ fn plan_inception(
                     }
                     if c.weights_of.is_some() {
                         return Err(bat.err("weights_of ties top-level layers only, not a branch's"));
+                    }
+                    if c.shortcut.is_some() {
+                        return Err(bat.err(
+                            "a shortcut joins top-level layers only, not a branch's layers",
+                        ));
                     }
                     let separable = matches!(layer, LayerSpec::SeparableConv(_));
                     let (out, params) = conv_shape(&bat, c, separable, dims)?;

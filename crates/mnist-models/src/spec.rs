@@ -139,6 +139,11 @@ pub struct ConvSpec {
     /// BatchNorm, stride, padding and pool (none of its own weights; their gradients add up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_of: Option<usize>,
+    /// A residual (identity) shortcut, as in ResNet (He et al. 2016): the input of the top-level layer
+    /// `layers[N]` (this layer or an earlier one) is added to this block's output, after its pool if
+    /// any; the two must have the same shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shortcut: Option<usize>,
 }
 
 impl ConvSpec {
@@ -322,6 +327,14 @@ impl LayerSpec {
             LayerSpec::Dense(_) => "dense",
             LayerSpec::Inception(_) => "inception",
             LayerSpec::SqueezeExcite(_) => "squeeze_excite",
+        }
+    }
+
+    /// The layer whose input a residual shortcut adds to this one's output ([`ConvSpec::shortcut`]).
+    pub fn shortcut(&self) -> Option<usize> {
+        match self {
+            LayerSpec::Conv(c) | LayerSpec::SeparableConv(c) => c.shortcut,
+            _ => None,
         }
     }
 

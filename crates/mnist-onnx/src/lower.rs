@@ -14,6 +14,8 @@
 //! - flatten: `Flatten` (axis 1: `[N, c, h, w] -> [N, c*h*w]`, NCHW order as candle's).
 //! - global_avg_pool: `GlobalAveragePool` then `Flatten`.
 //! - dense: `Gemm` with `transB = 1` (weight `[out, in]`, bias `[out]`), then its activation if any.
+//! - a residual shortcut (conv, separable_conv): `Add` of the block's output and the input of the layer
+//!   it starts at.
 //! - inception: each branch from the module's input, then `Concat` on the channels (axis 1), then the
 //!   module's BatchNorm if any.
 
@@ -43,7 +45,10 @@ pub(crate) fn lower(
     };
     let mut x = INPUT_NAME.to_string(); // [N, 1, 28, 28]
     let mut dims = plan::INPUT;
+    // Each top-level layer's input, for residual shortcuts.
+    let mut inputs: Vec<String> = Vec::with_capacity(planned.layers.len());
     for (i, layer) in planned.layers.iter().enumerate() {
+        inputs.push(x.clone());
         emit.at = format!("layers[{i}] ({})", layer.spec.type_name());
         if dims != layer.input {
             return Err(emit.unsupported(format!(
@@ -52,6 +57,12 @@ pub(crate) fn lower(
             )));
         }
         (x, dims) = emit.layer(layer, x, dims)?;
+        if let (Some(n), Some(names)) = (layer.spec.shortcut(), &layer.block) {
+            let from = inputs.get(n).cloned().ok_or_else(|| {
+                emit.unsupported(format!("a shortcut from layers[{n}], not yet lowered"))
+            })?;
+            x = emit.graph.node("Add", &names.add, vec![x, from], vec![]); // [N, c, h, w]
+        }
         if dims != layer.output {
             return Err(emit.unsupported(format!(
                 "it gives {dims} here, but {} in the plan",
