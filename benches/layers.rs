@@ -387,6 +387,11 @@ fn main() -> Result<()> {
         rayon::current_num_threads(),
         std::any::type_name::<layers::Kernels>()
     );
+    // As the solution binaries run: on a worker thread of the pool the kernels use.
+    layers::on_pool(run)
+}
+
+fn run() -> Result<()> {
     let only = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
     if only.as_deref().is_none_or(|a| a == "ops") {
         op_benches()?;

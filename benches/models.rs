@@ -67,6 +67,11 @@ fn train_step_ms(cfg: &ModelConfig, batch: usize, opts: &Opts) -> f64 {
 
 fn main() {
     mnist_challenge::layers::init_runtime();
+    // As the solution binaries run: on a worker thread of the pool the kernels use.
+    mnist_challenge::layers::on_pool(run);
+}
+
+fn run() {
     let args: Vec<String> = std::env::args().collect();
     let opts = Opts {
         quick: args.iter().any(|a| a == "--quick"),

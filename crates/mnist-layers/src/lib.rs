@@ -220,6 +220,55 @@ pub fn tune_allocator() -> bool {
     }
 }
 
+/// Runs `f` on a worker thread of rayon's global pool and returns its result; the calling thread waits.
+///
+/// Every parallel loop of the kernels started from a worker thread runs part of its work on that
+/// thread and hands the rest to the other workers through their queues. Started from any other thread
+/// (such as `main`), each loop is injected into the pool, the calling thread sleeps until it is done,
+/// and is woken again: a futex sleep and wake-up, two context switches, for each of the few dozen
+/// parallel loops of a training step.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
+/// While it lives, rayon's other workers keep looking for work instead of going to sleep between the
+/// parallel loops: see [`keep_workers_awake`].
+#[must_use = "the workers stay awake only while the guard lives"]
+pub struct Awake {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Awake {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Keeps the pool's other workers awake until the guard drops: each runs a job that takes any work
+/// the pool has (`rayon::yield_now`) and otherwise yields its core, instead of falling asleep after a
+/// few idle rounds as rayon's workers do. A training step's parallel loops are short (tens of
+/// microseconds to a millisecond) and separated by serial work, so an asleep worker is woken for each
+/// (a futex wake and a context switch), and the loop's first chunks wait for it. Call it on a worker
+/// thread ([`on_pool`]); elsewhere it does nothing.
+pub fn keep_workers_awake() -> Awake {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    if let Some(me) = rayon::current_thread_index() {
+        let flag = stop.clone();
+        rayon::spawn_broadcast(move |ctx| {
+            if ctx.index() == me {
+                return; // the caller's own copy: it has its work
+            }
+            while !flag.load(Ordering::Acquire) {
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::thread::yield_now();
+                }
+            }
+        });
+    }
+    Awake { stop }
+}
+
 /// Prepares the process for CPU training with the fast kernels; call it first thing in `main`, before
 /// any other thread exists.
 ///
@@ -240,6 +289,40 @@ pub fn init_runtime() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_pool_runs_on_a_worker_thread() {
+        assert_eq!(rayon::current_thread_index(), None);
+        assert!(on_pool(rayon::current_thread_index).is_some());
+    }
+
+    /// Awake workers still take the parallel work (a parallel sum on a pool of 3 gives its value), and
+    /// once the guard drops they leave their loop: a job that needs every worker of the pool finishes.
+    #[test]
+    fn awake_workers_take_work_and_stop_with_the_guard() {
+        use rayon::prelude::*;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap();
+            let sum = pool.install(|| {
+                let _awake = keep_workers_awake();
+                (0..100_000u64).into_par_iter().map(|v| v * 2).sum::<u64>()
+            });
+            let everyone = pool.broadcast(|ctx| ctx.index());
+            tx.send((sum, everyone)).unwrap();
+        });
+        let (sum, mut everyone) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the workers never went back to the pool");
+        assert_eq!(sum, 99_999 * 100_000);
+        everyone.sort();
+        assert_eq!(everyone, [0, 1, 2]);
+        // Off the pool it does nothing.
+        drop(keep_workers_awake());
+    }
 
     #[test]
     fn same_padding_matches_tensorflow() {

@@ -402,11 +402,19 @@ pub fn main(solution: Solution) -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    if !matches!(cli.command, Some(Command::Serve(_))) {
+    let serve = matches!(cli.command, Some(Command::Serve(_)));
+    if !serve {
         quiet_on_closed_pipe();
     }
     init_logging();
-    match run(solution, cli) {
+    // Training and evaluation start their parallel loops from a worker thread of the pool (cheaper:
+    // `mnist_layers::on_pool`). Not the server: it runs for good, and its requests' inference loops
+    // need every worker.
+    let result = match serve {
+        true => run(solution, cli),
+        false => mnist_layers::on_pool(|| run(solution, cli)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));

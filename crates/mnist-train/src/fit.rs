@@ -352,6 +352,7 @@ pub fn fit_with(
     // The last epoch's recalibrated BatchNorm statistics (`precise_bn`), for the model at the end.
     let mut precise_stats = None;
 
+    let _awake = mnist_layers::keep_workers_awake();
     for epoch0 in first_epoch0..cfg.epochs {
         let epoch = epoch0 + 1;
         batcher.augment = if epoch0 + cfg.clean_epochs >= cfg.epochs {

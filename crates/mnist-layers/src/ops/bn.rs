@@ -116,12 +116,13 @@ pub(crate) struct BnBatch {
     pub invstd: Vec<f32>,
 }
 
-/// BatchNorm's training statistics over `y [b, c, hw]`, channel by channel: right after a channel's
-/// variance is summed over its `b` planes, `per_plane(p, plane, scale, shift)` gets each of them (`p = i *
-/// c + ch`) while they are still in cache, to normalise (and pool) it: one pass over `y` from memory
-/// instead of two. The same bits as the two passes (`channel_stats_with`, then `scale = gamma * invstd`,
-/// `shift = beta - mean * scale` and [`affine`]): the same sums in the same order. Channels run in
-/// parallel; `per_plane` is called once for every plane.
+/// BatchNorm's training statistics over `y [b, c, hw]`, then `per_plane(p, plane, scale, shift)` for
+/// every plane (`p = i * c + ch`) to normalise (and pool) it. Images run in parallel in both passes (each
+/// plane's squared deviations from its channel's mean, then the planes), so each thread reads the
+/// images it has just written, from its own cache: about 5% off a 2-thread epoch of the improved conv
+/// against channels in parallel, which moved every image between the cores. The same bits as the two
+/// passes (`channel_stats_with`, then `scale = gamma * invstd`, `shift = beta - mean * scale` and
+/// [`affine`]): the same sums in the same order. `per_plane` is called once for every plane.
 pub(crate) fn stats_then_planes(
     y: &[f32],
     (b, c, hw): (usize, usize, usize),
@@ -131,25 +132,34 @@ pub(crate) fn stats_then_planes(
     eps: f64,
     per_plane: impl Fn(usize, &[f32], f32, f32) + Sync,
 ) -> BnBatch {
-    let per: Vec<[f32; 3]> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let plane = |i: usize| &y[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-            let (mean, var) = channel_mean_var(y, (b, c, hw), ch, &plane_sum);
-            let invstd = inv_std(var, eps);
-            let (scale, shift) = norm_affine(gamma[ch], beta[ch], mean, invstd);
-            for i in 0..b {
-                per_plane(i * c + ch, plane(i), scale, shift);
-            }
-            [mean, var, invstd]
-        })
+    let n = (b * hw) as f64;
+    let plane = |i: usize, ch: usize| &y[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+    let mean: Vec<f32> = (0..c)
+        .map(|ch| ((0..b).map(|i| plane_sum(i, ch)).sum::<f64>() / n) as f32)
         .collect();
-    let col = |k: usize| per.iter().map(|v| v[k]).collect::<Vec<f32>>();
-    BnBatch {
-        mean: col(0),
-        var: col(1),
-        invstd: col(2),
+    // Each image's squared deviations, images in parallel (each thread on the images it wrote).
+    let mut ssd = vec![0f64; b * c]; // [b, c]
+    ssd.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, s)| {
+        for (ch, v) in s.iter_mut().enumerate() {
+            *v = sum_sq_dev(plane(i, ch), mean[ch]);
+        }
+    });
+    let mut var = Vec::with_capacity(c);
+    let mut invstd = Vec::with_capacity(c);
+    let mut affine = Vec::with_capacity(c);
+    for ch in 0..c {
+        let v = ((0..b).map(|i| ssd[i * c + ch]).sum::<f64>() / n) as f32;
+        let is = inv_std(v, eps);
+        var.push(v);
+        invstd.push(is);
+        affine.push(norm_affine(gamma[ch], beta[ch], mean[ch], is));
     }
+    (0..b).into_par_iter().for_each(|i| {
+        for (ch, &(scale, shift)) in affine.iter().enumerate() {
+            per_plane(i * c + ch, plane(i, ch), scale, shift);
+        }
+    });
+    BnBatch { mean, var, invstd }
 }
 
 /// [`stats_then_planes`] normalising every plane into a new `[b, c, hw]`.
@@ -217,11 +227,18 @@ pub(crate) fn channel_sums(
     b: usize,
     plane: impl Fn(usize, usize) -> (f64, f64) + Sync,
 ) -> Vec<(f64, f64)> {
+    // Each image's planes in parallel (each thread on the images it has in cache), then the sums of
+    // each channel in image order.
+    let mut per = vec![(0f64, 0f64); b * c]; // [b, c]
+    per.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, s)| {
+        for (ch, v) in s.iter_mut().enumerate() {
+            *v = plane(i, ch);
+        }
+    });
     (0..c)
-        .into_par_iter()
         .map(|ch| {
             (0..b).fold((0f64, 0f64), |(s0, s1), i| {
-                let (a, d) = plane(i, ch);
+                let (a, d) = per[i * c + ch];
                 (s0 + a, s1 + d)
             })
         })
