@@ -221,6 +221,10 @@ pub struct FitControl<'a> {
 }
 
 /// Trains `trained` for the epochs of `cfg` on `data.train`, validating on `data.val` after each epoch.
+///
+/// Call it on a rayon worker thread (`mnist_layers::on_pool(|| fit(..))`, as the solution binaries do):
+/// the step's parallel loops then start without putting the caller to sleep, and the other workers stay
+/// awake between them (`mnist_layers::keep_workers_awake`). The results are the same either way.
 pub fn fit(
     cfg: &TrainConfig,
     trained: &Trained,
