@@ -427,14 +427,21 @@ fn malformed_json() {
     );
 }
 
+/// A 4-filter 3x3 `same`-padded conv layer with the fields `extra` (`, "shortcut": 1`).
+fn same_conv(extra: &str) -> String {
+    format!(r#"{{ "type": "conv", "filters": 4, "kernel": 3, "padding": "same"{extra} }}"#)
+}
+
+/// The layers `parts`, then global average pooling and the dense head.
+fn with_head(parts: &[String]) -> String {
+    format!("{}, {GAP_DENSE}", parts.join(", "))
+}
+
 #[test]
 fn weight_ties_that_do_not_fit() {
     let tmp = tempfile::tempdir().unwrap();
-    let conv = |extra: &str| {
-        format!(r#"{{ "type": "conv", "filters": 4, "kernel": 3, "padding": "same"{extra} }}"#)
-    };
+    let (conv, model) = (same_conv, with_head);
     let tie = |n: usize| conv(&format!(r#", "weights_of": {n}"#));
-    let model = |parts: &[String]| format!("{}, {GAP_DENSE}", parts.join(", "));
     let cases = [
         (
             "tie-forward",
@@ -493,11 +500,8 @@ fn weight_ties_that_do_not_fit() {
 #[test]
 fn shortcuts_that_do_not_fit() {
     let tmp = tempfile::tempdir().unwrap();
-    let conv = |extra: &str| {
-        format!(r#"{{ "type": "conv", "filters": 4, "kernel": 3, "padding": "same"{extra} }}"#)
-    };
+    let (conv, model) = (same_conv, with_head);
     let from = |n: usize| conv(&format!(r#", "shortcut": {n}"#));
-    let model = |parts: &[String]| format!("{}, {GAP_DENSE}", parts.join(", "));
     let cases = [
         (
             "shortcut-forward",
