@@ -324,9 +324,15 @@ fn leading_blocks(stages: &[Stage]) -> Vec<&FusedBlock> {
 /// 1,000 images writes tens of MB, which would go to memory and back). Images are independent in
 /// inference (BatchNorm uses its running statistics), so each image's logits are those of one pass, up
 /// to float rounding in the dense layers (candle's matmul sums in an order that depends on the number of
-/// rows; the convolution kernels work image by image and give the same bits). 32 and 64 were the
-/// fastest of 4 to 128 at batch 1,000 (`cargo bench --bench models`, 2 threads).
-pub const EVAL_CHUNK: usize = 32;
+/// rows; the convolution kernels work image by image and give the same bits). Since runs of fused blocks
+/// take each image through all of them in cache ([`mnist_layers::infer_stack`], itself parallel over the
+/// images), a chunk only has to keep the stages between such runs in cache, and each chunk prepares every
+/// block's kernels again: 128 against 32, `cargo bench --bench models -- --no-reference --filter
+/// "improved fwd b1000"`, 2 threads, three alternations (2026-12-06): conv 81,903-84,672 against
+/// 76,449-78,411 images/s, separable 72,828-81,137 against 66,184-72,646, inception 50,221-51,538 against
+/// 49,288-50,792; 256 was level with 128, one chunk of 1,000 halved the inception (its module runs stage by
+/// stage).
+pub const EVAL_CHUNK: usize = 128;
 
 impl ModuleT for Net {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
