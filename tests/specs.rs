@@ -294,7 +294,24 @@ fn zero_and_negative_sizes() {
         &layers(&format!(
             r#"{{ "type": "conv", "filters": 4, "kernel": -3 }}, {GAP_DENSE}"#
         )),
-        &["layers[0] (conv)", "-3"],
+        &["layers[0] (conv)", "kernel: invalid value", "-3"],
+    );
+    // A wrong value is named by its field, nested ones by their path.
+    refused(
+        tmp.path(),
+        "negative-pool-kernel",
+        &layers(&format!(
+            r#"{{ "type": "conv", "filters": 4, "kernel": 3, "pool": {{ "kernel": -2 }} }}, {GAP_DENSE}"#
+        )),
+        &["layers[0] (conv)", "pool.kernel: invalid value", "-2"],
+    );
+    refused(
+        tmp.path(),
+        "shortcut-type",
+        &layers(&format!(
+            r#"{{ "type": "conv", "filters": 4, "kernel": 3, "shortcut": "a" }}, {GAP_DENSE}"#
+        )),
+        &["layers[0] (conv)", "shortcut: invalid type: string \"a\""],
     );
     refused(
         tmp.path(),

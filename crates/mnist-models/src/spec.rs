@@ -360,7 +360,14 @@ impl LayerSpec {
         let mut rest = map.clone();
         rest.remove("type");
         let fields = |rest: Map<String, Value>| Value::Object(rest);
-        let err = |e: serde_json::Error| invalid(format!("{at} ({kind}): {e}"));
+        // Errors name the field (`layers[1] (conv): shortcut: invalid value: integer `-1`, expected usize`).
+        let err = |e: serde_path_to_error::Error<serde_json::Error>| {
+            let path = e.path().to_string();
+            match path.as_str() {
+                "." | "" => invalid(format!("{at} ({kind}): {}", e.inner())),
+                _ => invalid(format!("{at} ({kind}): {path}: {}", e.inner())),
+            }
+        };
         let no_fields = |rest: &Map<String, Value>| match rest.keys().next() {
             Some(k) => Err(invalid(format!(
                 "{at} ({kind}): unknown field `{k}` ({kind} takes no fields)"
@@ -368,16 +375,22 @@ impl LayerSpec {
             None => Ok(()),
         };
         Ok(match kind {
-            "conv" => LayerSpec::Conv(serde_json::from_value(fields(rest)).map_err(err)?),
-            "separable_conv" => {
-                LayerSpec::SeparableConv(serde_json::from_value(fields(rest)).map_err(err)?)
+            "conv" => LayerSpec::Conv(serde_path_to_error::deserialize(fields(rest)).map_err(err)?),
+            "separable_conv" => LayerSpec::SeparableConv(
+                serde_path_to_error::deserialize(fields(rest)).map_err(err)?,
+            ),
+            "max_pool" => {
+                LayerSpec::MaxPool(serde_path_to_error::deserialize(fields(rest)).map_err(err)?)
             }
-            "max_pool" => LayerSpec::MaxPool(serde_json::from_value(fields(rest)).map_err(err)?),
-            "dropout" => LayerSpec::Dropout(serde_json::from_value(fields(rest)).map_err(err)?),
-            "dense" => LayerSpec::Dense(serde_json::from_value(fields(rest)).map_err(err)?),
-            "squeeze_excite" => {
-                LayerSpec::SqueezeExcite(serde_json::from_value(fields(rest)).map_err(err)?)
+            "dropout" => {
+                LayerSpec::Dropout(serde_path_to_error::deserialize(fields(rest)).map_err(err)?)
             }
+            "dense" => {
+                LayerSpec::Dense(serde_path_to_error::deserialize(fields(rest)).map_err(err)?)
+            }
+            "squeeze_excite" => LayerSpec::SqueezeExcite(
+                serde_path_to_error::deserialize(fields(rest)).map_err(err)?,
+            ),
             "batch_norm" => {
                 no_fields(&rest)?;
                 LayerSpec::BatchNorm
@@ -400,7 +413,8 @@ impl LayerSpec {
                     }
                     None => return Err(invalid(format!("{at} (inception): missing field `branches`"))),
                 };
-                let rest: InceptionRest = serde_json::from_value(fields(rest)).map_err(err)?;
+                let rest: InceptionRest =
+                    serde_path_to_error::deserialize(fields(rest)).map_err(err)?;
                 let mut out = Vec::with_capacity(branches.len());
                 for (i, branch) in branches.iter().enumerate() {
                     let Value::Array(layers) = branch else {
