@@ -449,28 +449,16 @@ fn plan_layer<'a>(
                     add: format!("{first}.add"),
                 },
                 Naming::Keras => {
+                    // The block's parts in `part_kinds`'s order, each named only where it exists.
                     let mut it = names.iter().skip(1);
-                    let mut next = || it.next().cloned().unwrap_or_default();
-                    let bn = if c.batch_norm != BnPlace::None {
-                        next()
-                    } else {
-                        String::new()
+                    let mut part = |present: bool| match present {
+                        true => it.next().cloned().unwrap_or_default(),
+                        false => String::new(),
                     };
-                    let act = if c.activation_after_bn().is_some() {
-                        next()
-                    } else {
-                        String::new()
-                    };
-                    let pool = if c.pool.is_some() {
-                        next()
-                    } else {
-                        String::new()
-                    };
-                    let add = if c.shortcut.is_some() {
-                        next()
-                    } else {
-                        String::new()
-                    };
+                    let bn = part(c.batch_norm != BnPlace::None);
+                    let act = part(c.activation_after_bn().is_some());
+                    let pool = part(c.pool.is_some());
+                    let add = part(c.shortcut.is_some());
                     BlockNames {
                         conv: first.clone(),
                         weights: first.clone(),

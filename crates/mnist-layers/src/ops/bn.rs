@@ -63,7 +63,9 @@ pub(crate) fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f3
 }
 
 /// [`channel_stats`] with the first pass done: `plane_sum(i, ch)` is `sum_f32` of image `i`'s plane of
-/// channel `ch` (taken by the kernel that wrote it, while it was in cache). The same bits.
+/// channel `ch` (taken by the kernel that wrote it, while it was in cache). The same bits. Each channel's
+/// mean is its planes' sums added in f64 in image order; then each plane's squared deviations from it
+/// (images in parallel, so each thread reads the images it wrote), added in f64 in image order.
 pub(crate) fn channel_stats_with(
     x: &[f32],
     b: usize,
@@ -71,27 +73,21 @@ pub(crate) fn channel_stats_with(
     hw: usize,
     plane_sum: impl Fn(usize, usize) -> f64 + Sync,
 ) -> (Vec<f32>, Vec<f32>) {
-    let stats: Vec<(f32, f32)> = (0..c)
-        .into_par_iter()
-        .map(|ch| channel_mean_var(x, (b, c, hw), ch, &plane_sum))
-        .collect();
-    stats.into_iter().unzip()
-}
-
-/// Channel `ch`'s `(mean, biased variance)` over its `b` planes of `x [b, c, hw]`: the mean from the
-/// planes' sums `plane_sum(i, ch)` added in f64, then the squared deviations from it, in f64 across
-/// planes.
-fn channel_mean_var(
-    x: &[f32],
-    (b, c, hw): (usize, usize, usize),
-    ch: usize,
-    plane_sum: &impl Fn(usize, usize) -> f64,
-) -> (f32, f32) {
     let n = (b * hw) as f64;
-    let plane = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-    let mean = ((0..b).map(|i| plane_sum(i, ch)).sum::<f64>() / n) as f32;
-    let var = (0..b).map(|i| sum_sq_dev(plane(i), mean)).sum::<f64>() / n;
-    (mean, var as f32)
+    let plane = |i: usize, ch: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+    let mean: Vec<f32> = (0..c)
+        .map(|ch| ((0..b).map(|i| plane_sum(i, ch)).sum::<f64>() / n) as f32)
+        .collect();
+    let mut ssd = vec![0f64; b * c]; // [b, c]
+    ssd.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, s)| {
+        for (ch, v) in s.iter_mut().enumerate() {
+            *v = sum_sq_dev(plane(i, ch), mean[ch]);
+        }
+    });
+    let var = (0..c)
+        .map(|ch| ((0..b).map(|i| ssd[i * c + ch]).sum::<f64>() / n) as f32)
+        .collect();
+    (mean, var)
 }
 
 /// `1 / sqrt(var + eps)`, taken in f64.
@@ -121,8 +117,8 @@ pub(crate) struct BnBatch {
 /// plane's squared deviations from its channel's mean, then the planes), so each thread reads the
 /// images it has just written, from its own cache: about 5% off a 2-thread epoch of the improved conv
 /// against channels in parallel, which moved every image between the cores. The same bits as the two
-/// passes (`channel_stats_with`, then `scale = gamma * invstd`, `shift = beta - mean * scale` and
-/// [`affine`]): the same sums in the same order. `per_plane` is called once for every plane.
+/// passes (`channel_stats_with`, which it calls, then `scale = gamma * invstd`, `shift = beta - mean *
+/// scale` and [`affine`]). `per_plane` is called once for every plane.
 pub(crate) fn stats_then_planes(
     y: &[f32],
     (b, c, hw): (usize, usize, usize),
@@ -132,28 +128,12 @@ pub(crate) fn stats_then_planes(
     eps: f64,
     per_plane: impl Fn(usize, &[f32], f32, f32) + Sync,
 ) -> BnBatch {
-    let n = (b * hw) as f64;
     let plane = |i: usize, ch: usize| &y[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-    let mean: Vec<f32> = (0..c)
-        .map(|ch| ((0..b).map(|i| plane_sum(i, ch)).sum::<f64>() / n) as f32)
+    let (mean, var) = channel_stats_with(y, b, c, hw, plane_sum);
+    let invstd: Vec<f32> = var.iter().map(|&v| inv_std(v, eps)).collect();
+    let affine: Vec<(f32, f32)> = (0..c)
+        .map(|ch| norm_affine(gamma[ch], beta[ch], mean[ch], invstd[ch]))
         .collect();
-    // Each image's squared deviations, images in parallel (each thread on the images it wrote).
-    let mut ssd = vec![0f64; b * c]; // [b, c]
-    ssd.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, s)| {
-        for (ch, v) in s.iter_mut().enumerate() {
-            *v = sum_sq_dev(plane(i, ch), mean[ch]);
-        }
-    });
-    let mut var = Vec::with_capacity(c);
-    let mut invstd = Vec::with_capacity(c);
-    let mut affine = Vec::with_capacity(c);
-    for ch in 0..c {
-        let v = ((0..b).map(|i| ssd[i * c + ch]).sum::<f64>() / n) as f32;
-        let is = inv_std(v, eps);
-        var.push(v);
-        invstd.push(is);
-        affine.push(norm_affine(gamma[ch], beta[ch], mean[ch], is));
-    }
     (0..b).into_par_iter().for_each(|i| {
         for (ch, &(scale, shift)) in affine.iter().enumerate() {
             per_plane(i * c + ch, plane(i, ch), scale, shift);
