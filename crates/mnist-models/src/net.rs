@@ -524,7 +524,9 @@ mod tests {
             let (n, _) = net(spec, Kernels::Auto);
             // Train a step so the running statistics are not the initial ones.
             n.forward_t(&images(6), true).unwrap();
-            for x in [images(7), images(8).narrow(0, 0, 1).unwrap()] {
+            // Batches under and over the 16 images that inference runs across vector lanes.
+            let many = Tensor::cat(&[images(9), images(10), images(11), images(12)], 0).unwrap();
+            for x in [images(7), images(8).narrow(0, 0, 1).unwrap(), many] {
                 let stacked = n.forward_t(&x, false).unwrap();
                 let mut kept = Vec::new();
                 let one_by_one = n

@@ -31,6 +31,7 @@ use super::{
 use crate::error::shape_err;
 
 mod infer;
+mod lanes;
 mod stack;
 
 use infer::infer_with;

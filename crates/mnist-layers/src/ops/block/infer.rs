@@ -9,6 +9,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{Result, Shape, Tensor};
 
+use super::lanes::{LaneBlock, LaneEpilogue, LaneStack, LANES};
 use super::{
     check_vec, conv_bn_pool_eval, with_scratch, with_thread_buf, write_row, BlockConv, BlockSpec,
     DirectConv, Epilogue, PoolGeom, Prepared, Weights, Winograd, OP_INFER, POOL_BUF,
@@ -216,6 +217,35 @@ impl InferBlock {
     }
 }
 
+/// True where dense blocks run across vector lanes on a batch of `b` images: at least [`LANES`] of
+/// them, on a CPU with AVX-512.
+fn lanes_for(b: usize) -> bool {
+    b >= LANES && crate::ops::has_avx512()
+}
+
+/// The blocks `plan` across the lanes of vectors, [`LANES`] images at a time ([`super::lanes`]), where
+/// every one is a dense stride-1 convolution, the batch `b` has at least [`LANES`] images and the CPU
+/// has AVX-512; `None` where the per-image kernels run.
+fn lane_stack(plan: &[&InferBlock], b: usize) -> Result<Option<LaneStack>> {
+    if !lanes_for(b) {
+        return Ok(None);
+    }
+    let mut blocks = Vec::with_capacity(plan.len());
+    for ib in plan {
+        let Prepared::Dense(Some(dc)) = &ib.prep else {
+            return Ok(None);
+        };
+        let epi = LaneEpilogue {
+            bias: ib.bias.as_deref(),
+            scale: &ib.scale,
+            shift: &ib.shift,
+            relu: ib.relu,
+        };
+        blocks.push(LaneBlock::new(dc, &ib.wv, &epi, ib.pool, true)?);
+    }
+    LaneStack::new(blocks).map(Some)
+}
+
 /// The inference-mode block of any convolution over a batch, image by image (see
 /// [`super::conv_bn_pool_infer`]).
 pub(super) fn infer_with(
@@ -235,6 +265,10 @@ pub(super) fn infer_with(
     };
     let (b, chw) = (dims.0, block.conv.chw());
     cpu_data!(x, xg, xs, OP_INFER);
+    let (o, h, w) = block.out_dims();
+    if let Some(lanes) = lane_stack(&[&block], b)? {
+        return Tensor::from_vec(lanes.run(xs, b)?, (b, o, h, w), x.device());
+    }
     // The direct kernel may read the next images as its padding (`DirectConv::padded`).
     // SAFETY: `run_image` returns `Ok` only after writing every value of its `oimg`.
     let out = unsafe {
@@ -242,7 +276,6 @@ pub(super) fn infer_with(
             block.run_image(&xs[i * chw..], oimg)
         })
     }?;
-    let (o, h, w) = block.out_dims();
     Tensor::from_vec(out, Shape::from((b, o, h, w)), x.device())
 }
 
@@ -264,6 +297,20 @@ pub fn block_stack_infer(x: &Tensor, blocks: &[InferStackBlock]) -> Result<Tenso
         let (o, h, w) = ib.out_dims();
         dims = (dims.0, o, h, w);
         plan.push(ib);
+    }
+    // Where dense blocks run across lanes, a stack that mixes them with separable ones runs as its
+    // stretches of each kind, so that its result is still that of its blocks one by one.
+    if lanes_for(dims.0) {
+        let dense = |ib: &InferBlock| matches!(ib.prep, Prepared::Dense(Some(_)));
+        if let Some(k) = (1..plan.len()).find(|&k| dense(&plan[k]) != dense(&plan[k - 1])) {
+            let head = block_stack_infer(x, &blocks[..k])?;
+            return block_stack_infer(&head, &blocks[k..]);
+        }
+    }
+    if let Some(lanes) = lane_stack(&plan.iter().collect::<Vec<_>>(), dims.0)? {
+        cpu_data!(x, xg, xs, OP_STACK);
+        let (b, o, h, w) = dims;
+        return Tensor::from_vec(lanes.run(xs, b)?, (b, o, h, w), x.device());
     }
     let (last, between) = match plan.split_last() {
         Some(split) => split,

@@ -1,0 +1,1176 @@
+//! Inference of dense convolution blocks across images: sixteen images at a time, one in each lane of
+//! a vector, so every vector operation does the same work for sixteen images and no lane is ever
+//! wasted on a row's edge (the per-image kernels of [`super::infer`] run along a row's columns, and the
+//! 12x12 to 6x6 planes of the improved conv fill their 16-lane vectors badly).
+//!
+//! A group's activations are `[c, h, w, 16]`: each pixel is one vector holding it in sixteen images.
+//! Per block: the convolution, its epilogue (bias, ReLU, the BatchNorm affine: that of the per-image
+//! kernels, [`crate::ops::direct`]) and the max pool, each a loop of whole vectors. The convolution is
+//! either the direct one (a register tile of output channels x pixels along a row, accumulated over the
+//! taps `(ci, ky, kx)` in the per-image kernel's order, so the same bits as the per-image AVX-512
+//! kernel) or, for 3x3 convolutions where it does fewer operations, Winograd's F(4x4, 3x3) (Lavin and
+//! Gray 2016): per 4x4 output tile, 36 products per input and output channel instead of 144, its input
+//! and output transforms plain adds of vectors (the lanes are images, so no shuffles), which the
+//! per-image layout could not have without shuffles (`docs/kernels.md`). Its results differ from the
+//! direct convolution's by rounding.
+//!
+//! Every kernel is written once over [`Lane`]; the AVX-512 instance and the portable `[f32; 16]` one do
+//! the same operations in the same order in each lane (fused multiply-adds as `f32::mul_add`), so they
+//! give the same bits, and an image's result does not depend on its lane, its group or the thread
+//! count. Used for batches of at least [`LANES`] images on AVX-512 CPUs ([`super::infer`]); smaller
+//! batches keep the per-image kernels.
+
+use candle_core::Result;
+use rayon::prelude::*;
+
+use crate::ops::direct::{pick_ob, DirectConv};
+use crate::ops::{with_scratch, PoolGeom};
+
+/// Images per group: the lanes of an AVX-512 vector.
+pub(super) const LANES: usize = 16;
+const L: usize = LANES;
+
+/// Tiles of F(4x4, 3x3) whose products run together (the register tile is `ob` channels x `NT` tiles).
+const NT: usize = 4;
+
+/// F(4x4, 3x3)'s filter transform `G` (6 x 3) of Lavin and Gray (points 0, ±1, ±2, infinity), exact in
+/// `f64`; the weights are transformed once per call and rounded once. Its `B^T` and `A^T` are spelled
+/// out with shared sums in [`in6`] and [`out4`].
+const G: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// One vector of [`LANES`] floats, an image in each lane.
+///
+/// # Safety
+/// The AVX-512 instance may only be used where the CPU has AVX-512F (inside [`k512::group`]); the
+/// pointers of `load` / `store` must address `LANES` floats.
+trait Lane: Copy {
+    unsafe fn zero() -> Self;
+    unsafe fn splat(v: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    unsafe fn add(self, b: Self) -> Self;
+    unsafe fn sub(self, b: Self) -> Self;
+    /// `self * b + c`, rounded once.
+    unsafe fn fma(self, b: Self, c: Self) -> Self;
+    /// `b` where `b > self`, else `self` (the pools' maximum).
+    unsafe fn max(self, b: Self) -> Self;
+    /// `self` where `self > 0`, else `+0` (a NaN gives 0, as the per-image kernels' `max(y, 0)`).
+    unsafe fn relu(self) -> Self;
+}
+
+/// The portable instance: the same operations lane by lane.
+#[derive(Clone, Copy)]
+struct Port([f32; L]);
+
+impl Port {
+    #[inline(always)]
+    fn map2(self, b: Self, f: impl Fn(f32, f32) -> f32) -> Self {
+        Port(std::array::from_fn(|i| f(self.0[i], b.0[i])))
+    }
+}
+
+impl Lane for Port {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Port([0.0; L])
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Port([v; L])
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: `p` addresses `L` floats (the trait's contract).
+        Port(unsafe { p.cast::<[f32; L]>().read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: as `load`.
+        unsafe { p.cast::<[f32; L]>().write_unaligned(self.0) }
+    }
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        self.map2(b, |x, y| x + y)
+    }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        self.map2(b, |x, y| x - y)
+    }
+    #[inline(always)]
+    unsafe fn fma(self, b: Self, c: Self) -> Self {
+        Port(std::array::from_fn(|i| self.0[i].mul_add(b.0[i], c.0[i])))
+    }
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        self.map2(b, |x, y| if y > x { y } else { x })
+    }
+    #[inline(always)]
+    unsafe fn relu(self) -> Self {
+        Port(self.0.map(|x| if x > 0.0 { x } else { 0.0 }))
+    }
+}
+
+/// `B^T d` of F(4, 3) for six values along one axis, with the sums and differences the rows share
+/// (the per-image kernel's `in_rows`: `4d0 - 5d2 + d4`, `(d3 + d4) - 4(d1 + d2)`, `(d4 - d3) + 4(d1 -
+/// d2)`, `(d4 - d2) +- 2(d3 - d1)`, `4d1 - 5d3 + d5`).
+#[inline(always)]
+unsafe fn in6<V: Lane>(d: [V; 6]) -> [V; 6] {
+    // SAFETY: the caller's (the trait's contract).
+    unsafe {
+        let c = V::splat;
+        let (s12, s34) = (d[1].add(d[2]), d[3].add(d[4]));
+        let (d12, e43) = (d[1].sub(d[2]), d[4].sub(d[3]));
+        let (f31, e42) = (d[3].sub(d[1]), d[4].sub(d[2]));
+        [
+            d[0].fma(c(4.0), d[2].fma(c(-5.0), d[4])),
+            s12.fma(c(-4.0), s34),
+            d12.fma(c(4.0), e43),
+            f31.fma(c(2.0), e42),
+            f31.fma(c(-2.0), e42),
+            d[1].fma(c(4.0), d[3].fma(c(-5.0), d[5])),
+        ]
+    }
+}
+
+/// `A^T m` of F(4, 3) for the six points along one axis (the per-image kernel's `out_rows`).
+#[inline(always)]
+unsafe fn out4<V: Lane>(m: [V; 6]) -> [V; 4] {
+    // SAFETY: the caller's.
+    unsafe {
+        let (s12, d12) = (m[1].add(m[2]), m[1].sub(m[2]));
+        let (s34, d34) = (m[3].add(m[4]), m[3].sub(m[4]));
+        [
+            m[0].add(s12).add(s34),
+            d34.fma(V::splat(2.0), d12),
+            s34.fma(V::splat(4.0), s12),
+            d34.fma(V::splat(8.0), d12).add(m[5]),
+        ]
+    }
+}
+
+/// How a block's convolution runs.
+#[derive(Debug, Clone)]
+enum Kernel {
+    /// Direct: weights `[c*k*k, o_pad]` (tap-major, the padding channels zero).
+    Direct(Vec<f32>),
+    /// F(4x4, 3x3): transformed weights `[36, c, o_pad]` and the `th x tw` output tiles.
+    Winograd { u: Vec<f32>, th: usize, tw: usize },
+}
+
+/// A dense stride-1 convolution block (`relu?(conv + bias)`, the BatchNorm affine, an optional max
+/// pool) prepared for groups of [`LANES`] images.
+#[derive(Debug, Clone)]
+pub(super) struct LaneBlock {
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    pt: usize,
+    pl: usize,
+    hp: usize,
+    wp: usize,
+    oh: usize,
+    ow: usize,
+    ob: usize,
+    o_pad: usize,
+    kernel: Kernel,
+    /// Bias (zeros without one: the per-image kernels add 0 then too), scale and shift, `o_pad` long.
+    bias: Vec<f32>,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    relu: bool,
+    pool: Option<PoolGeom>,
+}
+
+/// The per-channel epilogue of one block, `o_pad` long each.
+pub(super) struct LaneEpilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub scale: &'a [f32],
+    pub shift: &'a [f32],
+    pub relu: bool,
+}
+
+impl LaneBlock {
+    /// The block of `dc`'s geometry with weights `w [o, c, k, k]`, the epilogue `epi` and `pool`;
+    /// F(4x4, 3x3) where it needs fewer operations and `winograd` allows it.
+    pub(super) fn new(
+        dc: &DirectConv,
+        w: &[f32],
+        epi: &LaneEpilogue,
+        pool: Option<PoolGeom>,
+        winograd: bool,
+    ) -> Result<Self> {
+        let (c, o, k) = (dc.c, dc.o, dc.k());
+        let ob = pick_ob(o);
+        let op = o.div_ceil(ob) * ob;
+        let pad_to = |v: &[f32], what: &str| -> Result<Vec<f32>> {
+            if v.len() != o {
+                candle_core::bail!("lane block: {what} of {} values for {o} channels", v.len())
+            }
+            Ok(v.iter()
+                .copied()
+                .chain(std::iter::repeat(0.0))
+                .take(op)
+                .collect())
+        };
+        if w.len() != o * c * k * k {
+            candle_core::bail!("lane block: {} weights for [{o}, {c}, {k}, {k}]", w.len())
+        }
+        if pool.is_some_and(|p| (p.h, p.w) != (dc.oh, dc.ow)) {
+            candle_core::bail!(
+                "lane block: a pool of another plane than [{}, {}]",
+                dc.oh,
+                dc.ow
+            )
+        }
+        let (th, tw) = (dc.oh.div_ceil(4), dc.ow.div_ceil(4));
+        // Vector operations per group, roughly: the direct kernel's multiply-adds; F(4x4, 3x3)'s 36
+        // products per tile and channel pair, about 170 per tile and input channel for its input
+        // transform and 140 per tile and output channel for its output transform and epilogue.
+        // Winograd only under 4/5 of the direct count.
+        let direct = op * dc.oh * dc.ow * c * k * k;
+        let wino = th * tw * (c * 170 + 36 * c * op + o * 140);
+        let kernel = if winograd && k == 3 && 5 * wino < 4 * direct {
+            Kernel::Winograd {
+                u: winograd_weights(w, c, o, op),
+                th,
+                tw,
+            }
+        } else {
+            let taps = c * k * k;
+            let mut wt = vec![0f32; taps * op];
+            for oc in 0..o {
+                for t in 0..taps {
+                    wt[t * op + oc] = w[oc * taps + t];
+                }
+            }
+            Kernel::Direct(wt)
+        };
+        Ok(Self {
+            c,
+            h: dc.h,
+            w: dc.w,
+            o,
+            k,
+            pt: dc.pt,
+            pl: dc.pl,
+            hp: dc.hp,
+            wp: dc.wp,
+            oh: dc.oh,
+            ow: dc.ow,
+            ob,
+            o_pad: op,
+            kernel,
+            bias: match epi.bias {
+                Some(b) => pad_to(b, "bias")?,
+                None => vec![0.0; op],
+            },
+            scale: pad_to(epi.scale, "scale")?,
+            shift: pad_to(epi.shift, "shift")?,
+            relu: epi.relu,
+            pool,
+        })
+    }
+
+    /// True where the convolution runs as F(4x4, 3x3).
+    #[cfg(test)]
+    pub(super) fn is_winograd(&self) -> bool {
+        matches!(self.kernel, Kernel::Winograd { .. })
+    }
+
+    /// Floats per lane of the input image.
+    fn in_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// Floats per lane of the convolution's output.
+    fn conv_len(&self) -> usize {
+        self.o * self.oh * self.ow
+    }
+
+    /// Floats per lane of the block's output (pooled where it pools).
+    pub(super) fn out_len(&self) -> usize {
+        match self.pool {
+            Some(p) => self.o * p.oh * p.ow,
+            None => self.conv_len(),
+        }
+    }
+
+    /// Floats per lane of the padded input the direct kernel reads (0 where it reads the input itself).
+    fn pad_len(&self) -> usize {
+        let padded = (self.hp, self.wp) != (self.h, self.w);
+        match self.kernel {
+            Kernel::Direct(_) if padded => self.c * self.hp * self.wp,
+            _ => 0,
+        }
+    }
+
+    /// Floats of the Winograd buffers: the transformed inputs and the products of one channel block.
+    fn wino_lens(&self) -> (usize, usize) {
+        match self.kernel {
+            Kernel::Winograd { .. } => (36 * self.c * NT * L, 36 * self.ob * NT * L),
+            Kernel::Direct(_) => (0, 0),
+        }
+    }
+}
+
+/// `U = G g G^T` for every filter `g = w[oc, ci]`: `[36, c, o_pad]`, point `6*xi + eta`, computed in
+/// `f64` (`g G^T` first) and rounded once.
+fn winograd_weights(w: &[f32], c: usize, o: usize, op: usize) -> Vec<f32> {
+    let mut u = vec![0f32; 36 * c * op];
+    for oc in 0..o {
+        for ci in 0..c {
+            let g = &w[(oc * c + ci) * 9..][..9];
+            let ggt: [[f64; 6]; 3] = std::array::from_fn(|ky| {
+                std::array::from_fn(|eta| {
+                    (0..3)
+                        .map(|kx| f64::from(g[ky * 3 + kx]) * G[eta][kx])
+                        .sum()
+                })
+            });
+            for xi in 0..6 {
+                for eta in 0..6 {
+                    let s: f64 = (0..3).map(|ky| G[xi][ky] * ggt[ky][eta]).sum();
+                    u[((xi * 6 + eta) * c + ci) * op + oc] = s as f32;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// Blocks that run one after the other on groups of [`LANES`] images.
+#[derive(Debug, Clone)]
+pub(super) struct LaneStack {
+    blocks: Vec<LaneBlock>,
+    /// The portable kernels even where the CPU has AVX-512 (tests).
+    portable: bool,
+}
+
+impl LaneStack {
+    /// The blocks `blocks` (each reading the previous one's output), on AVX-512 where the CPU has it.
+    pub(super) fn new(blocks: Vec<LaneBlock>) -> Result<Self> {
+        for pair in blocks.windows(2) {
+            if pair[0].out_len() != pair[1].in_len() {
+                candle_core::bail!(
+                    "lane stack: a block of {} values per image feeds one of {}",
+                    pair[0].out_len(),
+                    pair[1].in_len()
+                )
+            }
+        }
+        Ok(Self {
+            blocks,
+            portable: false,
+        })
+    }
+
+    /// This stack on the portable kernels.
+    #[cfg(test)]
+    pub(super) fn portable(mut self) -> Self {
+        self.portable = true;
+        self
+    }
+
+    /// Floats per image of the input and of the output.
+    pub(super) fn lens(&self) -> (usize, usize) {
+        match (self.blocks.first(), self.blocks.last()) {
+            (Some(a), Some(z)) => (a.in_len(), z.out_len()),
+            _ => (0, 0),
+        }
+    }
+
+    /// The stack on `b` images `xs [b, in_len]`: `[b, out_len]`, groups of [`LANES`] images in parallel
+    /// (the last group's missing lanes are zeros, their results dropped).
+    pub(super) fn run(&self, xs: &[f32], b: usize) -> Result<Vec<f32>> {
+        let (inl, outl) = self.lens();
+        if xs.len() < b * inl {
+            candle_core::bail!("lane stack: {} values for {b} images of {inl}", xs.len())
+        }
+        let mut out = vec![0f32; b * outl];
+        if b == 0 || outl == 0 {
+            return Ok(out);
+        }
+        let act = self
+            .blocks
+            .iter()
+            .map(|blk| blk.in_len().max(blk.out_len()))
+            .max()
+            .unwrap_or(0)
+            * L;
+        let pad = self
+            .blocks
+            .iter()
+            .map(LaneBlock::pad_len)
+            .max()
+            .unwrap_or(0)
+            * L;
+        let conv = self
+            .blocks
+            .iter()
+            .filter(|blk| blk.pool.is_some())
+            .map(LaneBlock::conv_len)
+            .max()
+            .unwrap_or(0)
+            * L;
+        let (vl, ml) = self
+            .blocks
+            .iter()
+            .map(LaneBlock::wino_lens)
+            .fold((0, 0), |(a, b), (c, d)| (a.max(c), b.max(d)));
+        let use_k512 = !self.portable && crate::ops::has_avx512();
+        out.par_chunks_mut(L * outl)
+            .zip(xs[..b * inl].par_chunks(L * inl))
+            .for_each(|(dst, src)| {
+                let lens = [act, act, pad, conv, vl, ml].map(|n| n + L);
+                with_scratch(lens, |bufs| {
+                    // Every vector one cache line: the buffers start on a 64-byte boundary.
+                    let [a, z, p, y, v, m] = bufs.map(aligned);
+                    let n = src.len() / inl;
+                    for (lane, img) in src.chunks_exact(inl).enumerate() {
+                        for (i, &val) in img.iter().enumerate() {
+                            a[i * L + lane] = val;
+                        }
+                    }
+                    for i in 0..inl {
+                        a[i * L + n..(i + 1) * L].fill(0.0);
+                    }
+                    let mut bufs = Bufs { p, y, v, m };
+                    let mut flip = false;
+                    for blk in &self.blocks {
+                        let (s, d): (&[f32], &mut [f32]) =
+                            if flip { (&*z, &mut *a) } else { (&*a, &mut *z) };
+                        #[cfg(target_arch = "x86_64")]
+                        if use_k512 {
+                            // SAFETY: AVX-512F, AVX2 and FMA present; the buffers hold what the
+                            // block reads and writes (sized above for every block).
+                            unsafe { k512::block(blk, s, d, &mut bufs) };
+                            flip = !flip;
+                            continue;
+                        }
+                        let _ = use_k512;
+                        // SAFETY: as above.
+                        unsafe { run_block::<Port>(blk, s, d, &mut bufs) };
+                        flip = !flip;
+                    }
+                    let last: &[f32] = if flip { z } else { a };
+                    for (lane, img) in dst.chunks_exact_mut(outl).enumerate() {
+                        for (i, o) in img.iter_mut().enumerate() {
+                            *o = last[i * L + lane];
+                        }
+                    }
+                })
+            });
+        Ok(out)
+    }
+}
+
+/// `buf` from its first 64-byte boundary on (it holds [`L`] floats more than is used).
+fn aligned(buf: &mut [f32]) -> &mut [f32] {
+    let off = buf.as_ptr().align_offset(64).min(buf.len());
+    &mut buf[off..]
+}
+
+/// A group's scratch: the padded input, the unpooled convolution output, the Winograd buffers.
+struct Bufs<'a> {
+    p: &'a mut [f32],
+    y: &'a mut [f32],
+    v: &'a mut [f32],
+    m: &'a mut [f32],
+}
+
+/// One block on a group: `dst [out_len, L]` from `src [in_len, L]`.
+///
+/// # Safety
+/// The [`Lane`] contract; `src` holds the block's input, `dst` its output, `bufs` what
+/// [`LaneStack::run`] sizes for it.
+#[inline(always)]
+unsafe fn run_block<V: Lane>(b: &LaneBlock, src: &[f32], dst: &mut [f32], bufs: &mut Bufs) {
+    debug_assert!(src.len() >= b.in_len() * L && dst.len() >= b.out_len() * L);
+    let conv_out: &mut [f32] = if b.pool.is_some() {
+        &mut *bufs.y
+    } else {
+        &mut *dst
+    };
+    debug_assert!(conv_out.len() >= b.conv_len() * L);
+    // SAFETY (of the kernels): the buffers' sizes (the caller's contract).
+    unsafe {
+        match &b.kernel {
+            Kernel::Direct(wt) => {
+                let xp: &[f32] = if b.pad_len() > 0 {
+                    pad_group(b, src, bufs.p);
+                    &*bufs.p
+                } else {
+                    src
+                };
+                direct::<V>(b, wt, xp, conv_out);
+            }
+            Kernel::Winograd { u, th, tw } => {
+                winograd::<V>(b, u, (*th, *tw), src, conv_out, bufs.v, bufs.m);
+            }
+        }
+        if let Some(pg) = b.pool {
+            pool::<V>(b.o, &pg, bufs.y, dst);
+        }
+    }
+}
+
+/// `xp [c, hp, wp, L]`: the group's images zero-padded.
+fn pad_group(b: &LaneBlock, src: &[f32], xp: &mut [f32]) {
+    let xp = &mut xp[..b.c * b.hp * b.wp * L];
+    xp.fill(0.0);
+    for ci in 0..b.c {
+        for y in 0..b.h {
+            let from = ((ci * b.h + y) * b.w) * L;
+            let to = ((ci * b.hp + y + b.pt) * b.wp + b.pl) * L;
+            xp[to..to + b.w * L].copy_from_slice(&src[from..from + b.w * L]);
+        }
+    }
+}
+
+/// The direct convolution with its epilogue: `y [o, oh, ow, L]` from `xp [c, hp, wp, L]`.
+#[inline(always)]
+unsafe fn direct<V: Lane>(b: &LaneBlock, wt: &[f32], xp: &[f32], y: &mut [f32]) {
+    // SAFETY: forwarded.
+    unsafe {
+        match b.ob {
+            5 => direct_ob::<V, 5, 5>(b, wt, xp, y),
+            4 => direct_ob::<V, 4, 6>(b, wt, xp, y),
+            2 => direct_ob::<V, 2, 8>(b, wt, xp, y),
+            _ => direct_ob::<V, 1, 12>(b, wt, xp, y),
+        }
+    }
+}
+
+/// Every tile of `OB` channels: runs of `NP` pixels along each output row, the rest in runs of 4, 2, 1.
+#[inline(always)]
+unsafe fn direct_ob<V: Lane, const OB: usize, const NP: usize>(
+    b: &LaneBlock,
+    wt: &[f32],
+    xp: &[f32],
+    y: &mut [f32],
+) {
+    for o0 in (0..b.o_pad).step_by(OB) {
+        for oy in 0..b.oh {
+            let mut ox = 0;
+            // SAFETY: every tile lies inside the output row (the caller's sizes).
+            unsafe {
+                while ox + NP <= b.ow {
+                    direct_tile::<V, OB, NP>(b, wt, xp, y, o0, oy, ox);
+                    ox += NP;
+                }
+                while ox < b.ow {
+                    let left = b.ow - ox;
+                    if left >= 4 && NP > 4 {
+                        direct_tile::<V, OB, 4>(b, wt, xp, y, o0, oy, ox);
+                        ox += 4;
+                    } else if left >= 2 {
+                        direct_tile::<V, OB, 2>(b, wt, xp, y, o0, oy, ox);
+                        ox += 2;
+                    } else {
+                        direct_tile::<V, OB, 1>(b, wt, xp, y, o0, oy, ox);
+                        ox += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Channels `o0..o0+OB`, pixels `ox..ox+NP` of output row `oy`: the taps in the per-image kernel's
+/// order `(ci, ky, kx)`, one fused multiply-add each, then its epilogue `affine(relu?(acc + bias))`.
+#[inline(always)]
+unsafe fn direct_tile<V: Lane, const OB: usize, const NP: usize>(
+    b: &LaneBlock,
+    wt: &[f32],
+    xp: &[f32],
+    y: &mut [f32],
+    o0: usize,
+    oy: usize,
+    ox: usize,
+) {
+    let (k, op) = (b.k, b.o_pad);
+    debug_assert!(ox + NP <= b.ow && o0 + OB <= op);
+    // SAFETY: the reads stay inside `xp [c, hp, wp, L]` (`oy + ky < hp`, `ox + kx + NP <= wp`) and
+    // `wt [c*k*k, o_pad]`; the stores inside `y [o, oh, ow, L]`; the trait's contract.
+    unsafe {
+        let mut acc = [[V::zero(); NP]; OB];
+        let (xptr, wptr) = (xp.as_ptr(), wt.as_ptr());
+        for ci in 0..b.c {
+            for ky in 0..k {
+                let row = xptr.add(((ci * b.hp + oy + ky) * b.wp + ox) * L);
+                let wrow = wptr.add((ci * k + ky) * k * op + o0);
+                for kx in 0..k {
+                    let xv: [V; NP] = std::array::from_fn(|i| V::load(row.add((kx + i) * L)));
+                    for (j, accj) in acc.iter_mut().enumerate() {
+                        let wv = V::splat(*wrow.add(kx * op + j));
+                        for (a, &x) in accj.iter_mut().zip(&xv) {
+                            *a = x.fma(wv, *a);
+                        }
+                    }
+                }
+            }
+        }
+        for (j, accj) in acc.iter().enumerate() {
+            let oc = o0 + j;
+            if oc >= b.o {
+                break;
+            }
+            let dst = y.as_mut_ptr().add(((oc * b.oh + oy) * b.ow + ox) * L);
+            let ep = Epi::<V>::of(b, oc);
+            for (i, &a) in accj.iter().enumerate() {
+                ep.apply(a).store(dst.add(i * L));
+            }
+        }
+    }
+}
+
+/// The epilogue of one output channel: `affine(relu?(v + bias))`, as the per-image kernels.
+struct Epi<V> {
+    bias: V,
+    scale: V,
+    shift: V,
+    relu: bool,
+}
+
+impl<V: Lane> Epi<V> {
+    #[inline(always)]
+    unsafe fn of(b: &LaneBlock, oc: usize) -> Self {
+        // SAFETY: the trait's contract.
+        unsafe {
+            Self {
+                bias: V::splat(b.bias[oc]),
+                scale: V::splat(b.scale[oc]),
+                shift: V::splat(b.shift[oc]),
+                relu: b.relu,
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn apply(&self, v: V) -> V {
+        // SAFETY: the trait's contract.
+        unsafe {
+            let mut y = v.add(self.bias);
+            if self.relu {
+                y = y.relu();
+            }
+            y.fma(self.scale, self.shift)
+        }
+    }
+}
+
+/// F(4x4, 3x3) with its epilogue: `y [o, oh, ow, L]` from the unpadded `x [c, h, w, L]` (the padding
+/// and the tiles past the input's edge read as zeros), `NT` tiles at a time: their input transforms
+/// into `vb [36, c, NT, L]`, then per block of `ob` output channels the products into `mb [36, ob, NT,
+/// L]` and the output transforms.
+#[inline(always)]
+unsafe fn winograd<V: Lane>(
+    b: &LaneBlock,
+    u: &[f32],
+    (th, tw): (usize, usize),
+    x: &[f32],
+    y: &mut [f32],
+    vb: &mut [f32],
+    mb: &mut [f32],
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        match b.ob {
+            5 => wino_ob::<V, 5>(b, u, (th, tw), x, y, vb, mb),
+            4 => wino_ob::<V, 4>(b, u, (th, tw), x, y, vb, mb),
+            2 => wino_ob::<V, 2>(b, u, (th, tw), x, y, vb, mb),
+            _ => wino_ob::<V, 1>(b, u, (th, tw), x, y, vb, mb),
+        }
+    }
+}
+
+#[inline(always)]
+// The transforms go down one axis of a tile and store along the other.
+#[allow(clippy::needless_range_loop)]
+unsafe fn wino_ob<V: Lane, const OB: usize>(
+    b: &LaneBlock,
+    u: &[f32],
+    (th, tw): (usize, usize),
+    x: &[f32],
+    y: &mut [f32],
+    vb: &mut [f32],
+    mb: &mut [f32],
+) {
+    let (c, op) = (b.c, b.o_pad);
+    let tiles = th * tw;
+    debug_assert!(vb.len() >= 36 * c * NT * L && mb.len() >= 36 * OB * NT * L);
+    // SAFETY: every read and write below stays inside the buffers (the caller's sizes; loads of the
+    // input only at in-bounds pixels); the trait's contract.
+    unsafe {
+        let (vp, mp, xptr) = (vb.as_mut_ptr(), mb.as_mut_ptr(), x.as_ptr());
+        for q0 in (0..tiles).step_by(NT) {
+            // The input transforms of tiles q0.. (tiles past the last are zeros).
+            for t in 0..NT {
+                let q = q0 + t;
+                let (y0, x0) = ((q / tw) * 4, (q % tw) * 4);
+                // A tile whose 6x6 input lies inside the image reads it without bounds checks.
+                let inside = q < tiles
+                    && y0 >= b.pt
+                    && x0 >= b.pl
+                    && y0 + 6 <= b.h + b.pt
+                    && x0 + 6 <= b.w + b.pl;
+                for ci in 0..c {
+                    // Down the columns, then along the rows.
+                    let mut tcol = [[V::zero(); 6]; 6];
+                    if inside {
+                        let at = xptr.add(((ci * b.h + y0 - b.pt) * b.w + x0 - b.pl) * L);
+                        for col in 0..6 {
+                            let v = in6(std::array::from_fn(|r| {
+                                V::load(at.add((r * b.w + col) * L))
+                            }));
+                            for xi in 0..6 {
+                                tcol[xi][col] = v[xi];
+                            }
+                        }
+                    } else {
+                        let mut d = [[V::zero(); 6]; 6];
+                        if q < tiles {
+                            for (r, dr) in d.iter_mut().enumerate() {
+                                let Some(iy) = (y0 + r).checked_sub(b.pt).filter(|&iy| iy < b.h)
+                                else {
+                                    continue;
+                                };
+                                let row = xptr.add((ci * b.h + iy) * b.w * L);
+                                for (col, dv) in dr.iter_mut().enumerate() {
+                                    if let Some(ix) =
+                                        (x0 + col).checked_sub(b.pl).filter(|&ix| ix < b.w)
+                                    {
+                                        *dv = V::load(row.add(ix * L));
+                                    }
+                                }
+                            }
+                        }
+                        for col in 0..6 {
+                            let v = in6(std::array::from_fn(|r| d[r][col]));
+                            for xi in 0..6 {
+                                tcol[xi][col] = v[xi];
+                            }
+                        }
+                    }
+                    for (xi, tr) in tcol.iter().enumerate() {
+                        let v = in6(*tr);
+                        for (eta, &val) in v.iter().enumerate() {
+                            val.store(vp.add((((xi * 6 + eta) * c + ci) * NT + t) * L));
+                        }
+                    }
+                }
+            }
+            for o0 in (0..op).step_by(OB) {
+                // The products: for each point, channels o0.. x the NT tiles over the input channels.
+                for p in 0..36 {
+                    let mut acc = [[V::zero(); NT]; OB];
+                    let up = u.as_ptr().add(p * c * op + o0);
+                    for ci in 0..c {
+                        let vv: [V; NT] =
+                            std::array::from_fn(|t| V::load(vp.add(((p * c + ci) * NT + t) * L)));
+                        for (j, accj) in acc.iter_mut().enumerate() {
+                            let wv = V::splat(*up.add(ci * op + j));
+                            for (a, &v) in accj.iter_mut().zip(&vv) {
+                                *a = v.fma(wv, *a);
+                            }
+                        }
+                    }
+                    for (j, accj) in acc.iter().enumerate() {
+                        for (t, a) in accj.iter().enumerate() {
+                            a.store(mp.add(((p * OB + j) * NT + t) * L));
+                        }
+                    }
+                }
+                // The output transforms, the epilogue and the stores of the pixels inside the plane.
+                for j in 0..OB {
+                    let oc = o0 + j;
+                    if oc >= b.o {
+                        break;
+                    }
+                    let ep = Epi::<V>::of(b, oc);
+                    for t in 0..NT.min(tiles - q0) {
+                        let q = q0 + t;
+                        let (y0, x0) = ((q / tw) * 4, (q % tw) * 4);
+                        let m = |p: usize| V::load(mp.add(((p * OB + j) * NT + t) * L));
+                        let mut rows = [[V::zero(); 6]; 4];
+                        for eta in 0..6 {
+                            let v = out4(std::array::from_fn(|xi| m(xi * 6 + eta)));
+                            for r in 0..4 {
+                                rows[r][eta] = v[r];
+                            }
+                        }
+                        for (r, row) in rows.iter().enumerate() {
+                            let oy = y0 + r;
+                            if oy >= b.oh {
+                                break;
+                            }
+                            let out = out4(*row);
+                            let dst = y.as_mut_ptr().add(((oc * b.oh + oy) * b.ow) * L);
+                            for (cx, &v) in out.iter().enumerate() {
+                                let ox = x0 + cx;
+                                if ox < b.ow {
+                                    ep.apply(v).store(dst.add(ox * L));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The max pool of every channel: `dst [o, ph, pw, L]` from `y [o, oh, ow, L]`; the window's values in
+/// order, `-inf` for one entirely in the padding; the 2x2 / stride-2 pool as the per-image
+/// `max(max(a, b), max(c, d))`.
+#[inline(always)]
+unsafe fn pool<V: Lane>(o: usize, g: &PoolGeom, y: &[f32], dst: &mut [f32]) {
+    let (yp, dp) = (y.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: the windows stay inside the plane (`PoolGeom::window`); the trait's contract.
+    unsafe {
+        for oc in 0..o {
+            let plane = yp.add(oc * g.h * g.w * L);
+            let at = |iy: usize, ix: usize| V::load(plane.add((iy * g.w + ix) * L));
+            for py in 0..g.oh {
+                for px in 0..g.ow {
+                    let v = if g.is_unpadded_2x2() {
+                        let (iy, ix) = (2 * py, 2 * px);
+                        let top = at(iy, ix).max(at(iy, ix + 1));
+                        top.max(at(iy + 1, ix).max(at(iy + 1, ix + 1)))
+                    } else {
+                        let (ylo, yhi) = PoolGeom::window(py, g.stride, g.pt, g.k, g.h);
+                        let (xlo, xhi) = PoolGeom::window(px, g.stride, g.pl, g.k, g.w);
+                        let mut m = V::splat(f32::NEG_INFINITY);
+                        for ky in ylo..yhi {
+                            for kx in xlo..xhi {
+                                m = m.max(at(py * g.stride + ky - g.pt, px * g.stride + kx - g.pl));
+                            }
+                        }
+                        m
+                    };
+                    v.store(dp.add(((oc * g.oh + py) * g.ow + px) * L));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod k512 {
+    use super::{run_block, Bufs, Lane, LaneBlock};
+    use std::arch::x86_64::*;
+
+    /// The AVX-512 instance of [`Lane`].
+    #[derive(Clone, Copy)]
+    pub(super) struct K512(__m512);
+
+    // SAFETY (of every method): only used inside `block`, which requires AVX-512F.
+    impl Lane for K512 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { K512(_mm512_setzero_ps()) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            unsafe { K512(_mm512_set1_ps(v)) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { K512(_mm512_loadu_ps(p)) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm512_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            unsafe { K512(_mm512_add_ps(self.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn sub(self, b: Self) -> Self {
+            unsafe { K512(_mm512_sub_ps(self.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn fma(self, b: Self, c: Self) -> Self {
+            unsafe { K512(_mm512_fmadd_ps(self.0, b.0, c.0)) }
+        }
+        #[inline(always)]
+        unsafe fn max(self, b: Self) -> Self {
+            // `vmaxps(b, self)`: `b` where `b > self`, else `self`.
+            unsafe { K512(_mm512_max_ps(b.0, self.0)) }
+        }
+        #[inline(always)]
+        unsafe fn relu(self) -> Self {
+            // `vmaxps(self, 0)`: `self` where `self > 0`, else 0 (NaN too).
+            unsafe { K512(_mm512_max_ps(self.0, _mm512_setzero_ps())) }
+        }
+    }
+
+    /// [`run_block`] on AVX-512.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX2 and FMA present; the buffers as [`run_block`] needs them.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn block(b: &LaneBlock, src: &[f32], dst: &mut [f32], bufs: &mut Bufs) {
+        // SAFETY: forwarded.
+        unsafe { run_block::<K512>(b, src, dst, bufs) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Tensor;
+
+    use super::{LaneBlock, LaneEpilogue, LaneStack, LANES};
+    use crate::ops::block::{conv_bn_pool_eval_reference, conv_bn_pool_infer, BlockSpec, PoolSpec};
+    use crate::ops::test_util::{assert_close, rand_t};
+    use crate::ops::winograd::Winograd;
+    use crate::ops::{DirectConv, PoolGeom};
+
+    /// One block's case: input `[c, h, w]`, `o` channels of `k x k`, padding, bias, ReLU, pool.
+    struct Case {
+        c: usize,
+        hw: (usize, usize),
+        o: usize,
+        k: usize,
+        pad: (usize, usize, usize, usize),
+        bias: bool,
+        relu: bool,
+        pool: Option<PoolSpec>,
+    }
+
+    fn spec(case: &Case) -> BlockSpec {
+        BlockSpec {
+            pad: case.pad,
+            relu: case.relu,
+            pool: case.pool,
+            ..BlockSpec::default()
+        }
+    }
+
+    /// The case's weights, bias, scale and shift (seeded).
+    fn params(case: &Case, seed: u64) -> (Tensor, Option<Tensor>, Tensor, Tensor) {
+        let w = rand_t(&[case.o, case.c, case.k, case.k], seed);
+        let bias = case.bias.then(|| rand_t(&[case.o], seed + 1));
+        let scale = (rand_t(&[case.o], seed + 2) + 1.5).unwrap();
+        let shift = rand_t(&[case.o], seed + 3);
+        (w, bias, scale, shift)
+    }
+
+    fn vec1(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// The case as a lane block (`winograd` allowed or not) on its input geometry.
+    fn block(case: &Case, seed: u64, winograd: bool) -> LaneBlock {
+        let (w, bias, scale, shift) = params(case, seed);
+        let dc = DirectConv::new(case.hw_c(), &vec1(&w), (case.o, case.k), case.pad).unwrap();
+        let pool = case
+            .pool
+            .map(|p| PoolGeom::new(dc.oh, dc.ow, p.kernel, p.stride, p.pad).unwrap());
+        let bias = bias.as_ref().map(vec1);
+        let epi = LaneEpilogue {
+            bias: bias.as_deref(),
+            scale: &vec1(&scale),
+            shift: &vec1(&shift),
+            relu: case.relu,
+        };
+        LaneBlock::new(&dc, &vec1(&w), &epi, pool, winograd).unwrap()
+    }
+
+    impl Case {
+        fn hw_c(&self) -> (usize, usize, usize) {
+            (self.c, self.hw.0, self.hw.1)
+        }
+    }
+
+    fn cases() -> Vec<Case> {
+        let p2 = Some(PoolSpec::default());
+        let odd_pool = Some(PoolSpec {
+            kernel: 3,
+            stride: 2,
+            pad: (1, 1, 0, 1),
+        });
+        let case = |c, hw, o, k, pad, bias, relu, pool| Case {
+            c,
+            hw,
+            o,
+            k,
+            pad,
+            bias,
+            relu,
+            pool,
+        };
+        vec![
+            // The improved conv's six layers.
+            case(1, (28, 28), 10, 3, (0, 0, 0, 0), false, true, None),
+            case(10, (26, 26), 20, 3, (0, 0, 0, 0), false, true, None),
+            case(20, (24, 24), 10, 1, (0, 0, 0, 0), false, true, p2),
+            case(10, (12, 12), 14, 3, (0, 0, 0, 0), false, true, None),
+            case(14, (10, 10), 16, 3, (0, 0, 0, 0), false, true, None),
+            case(16, (8, 8), 16, 3, (0, 0, 0, 0), false, true, None),
+            // The seed conv's big kernels, padded; odd sizes, asymmetric padding, odd pools, every
+            // channel block (1, 2, 4, 5) and ragged Winograd tiles.
+            case(1, (28, 28), 8, 7, (3, 3, 3, 3), true, true, p2),
+            case(8, (14, 14), 7, 5, (0, 0, 0, 0), true, true, odd_pool),
+            case(6, (9, 7), 7, 3, (1, 0, 2, 1), true, false, None),
+            case(9, (13, 11), 9, 3, (1, 1, 1, 1), false, true, odd_pool),
+            case(12, (7, 10), 2, 3, (0, 0, 0, 0), true, true, p2),
+            case(5, (6, 6), 1, 3, (2, 2, 2, 2), false, false, None),
+        ]
+    }
+
+    /// `n` images of the case's input, one after the other.
+    fn images(case: &Case, n: usize, seed: u64) -> Tensor {
+        rand_t(&[n, case.c, case.hw.0, case.hw.1], seed)
+    }
+
+    /// Every case across lanes (the batch not a multiple of [`LANES`]): within rounding of candle's
+    /// reference, with and without F(4x4, 3x3); where no Winograd runs, bit for bit the per-image
+    /// AVX-512 kernels (on CPUs with AVX-512), whose summation order it keeps.
+    #[test]
+    fn lanes_match_the_reference_and_the_per_image_kernels() {
+        let b = LANES + 3;
+        for (i, case) in cases().iter().enumerate() {
+            let seed = 100 + 10 * i as u64;
+            let x = images(case, b, seed + 7);
+            let (w, bias, scale, shift) = params(case, seed);
+            let reference =
+                conv_bn_pool_eval_reference(&x, &w, bias.as_ref(), &scale, &shift, &spec(case))
+                    .unwrap();
+            for winograd in [false, true] {
+                let stack = LaneStack::new(vec![block(case, seed, winograd)]).unwrap();
+                let out = stack.clone().portable().run(&vec1(&x), b).unwrap();
+                let got = Tensor::from_vec(out.clone(), reference.dims(), x.device()).unwrap();
+                let what = format!("case {i}, winograd allowed {winograd}");
+                assert_close(&got, &reference, 1e-4, &what);
+                if crate::ops::has_avx512() {
+                    let fast = stack.run(&vec1(&x), b).unwrap();
+                    assert!(fast == out, "{what}: AVX-512 != portable");
+                    let dc = DirectConv::new(case.hw_c(), &vec1(&w), (case.o, case.k), case.pad)
+                        .unwrap();
+                    let per_image_winograd = Winograd::for_conv(&dc, &vec1(&w), false).is_some();
+                    if !stack.blocks[0].is_winograd() && !per_image_winograd {
+                        // The per-image kernels run on batches under LANES images.
+                        let per_image: Vec<f32> = (0..b)
+                            .step_by(LANES - 1)
+                            .flat_map(|s| {
+                                let part = x.narrow(0, s, (LANES - 1).min(b - s)).unwrap();
+                                let y = conv_bn_pool_infer(
+                                    &part,
+                                    &w,
+                                    bias.as_ref(),
+                                    &scale,
+                                    &shift,
+                                    &spec(case),
+                                )
+                                .unwrap();
+                                vec1(&y)
+                            })
+                            .collect();
+                        let first = out
+                            .iter()
+                            .zip(&per_image)
+                            .position(|(a, b)| a.to_bits() != b.to_bits());
+                        assert_eq!(first, None, "{what}: per-image kernels differ");
+                        assert_eq!(out.len(), per_image.len());
+                    }
+                }
+            }
+        }
+    }
+
+    /// F(4x4, 3x3) is chosen for the improved conv's 3x3 layers but its first (one input channel).
+    #[test]
+    fn winograd_is_chosen_where_it_saves_work() {
+        let chosen: Vec<bool> = cases()[..6]
+            .iter()
+            .map(|c| block(c, 1, true).is_winograd())
+            .collect();
+        assert_eq!(chosen, [false, true, false, true, true, true]);
+        assert!(!block(&cases()[1], 1, false).is_winograd());
+    }
+
+    /// An image's result does not depend on its lane or group, nor on the batch around it: each image
+    /// alone (padded to a group with zeros) gives the bits it gets in a batch of three groups.
+    #[test]
+    fn an_image_gets_the_same_bits_in_any_lane() {
+        let c1 = &cases()[1];
+        let first = block(c1, 3, true);
+        let mut second = block(&cases()[3], 4, true);
+        second.pool = None;
+        let stack = LaneStack::new(vec![first, block(&cases()[2], 5, true), second]);
+        let stack = stack.unwrap().portable();
+        let b = 2 * LANES + 5;
+        let x = vec1(&images(c1, b, 9));
+        let (inl, outl) = stack.lens();
+        let all = stack.run(&x, b).unwrap();
+        for i in [0, 7, LANES, 2 * LANES + 4] {
+            let one = stack.run(&x[i * inl..(i + 1) * inl], 1).unwrap();
+            assert!(one == all[i * outl..(i + 1) * outl], "image {i}");
+        }
+    }
+
+    /// Blocks that do not chain are refused.
+    #[test]
+    fn blocks_that_do_not_chain_are_refused() {
+        let err = LaneStack::new(vec![
+            block(&cases()[0], 1, true),
+            block(&cases()[3], 2, true),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("feeds one of"), "{err}");
+    }
+
+    /// Time per group of each improved-conv layer (not a test: `--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn probe_layer_times() {
+        use super::{Bufs, L};
+        let only: Option<usize> = std::env::var("PROBE_LAYER")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        for (i, case) in cases()[..6].iter().enumerate() {
+            if only.is_some_and(|o| o != i) {
+                continue;
+            }
+            let blk = block(case, 1, true);
+            let mut xv = vec1(&images(case, L, 2));
+            xv.extend([0.0; L]);
+            let mut xa = vec![0f32; xv.len() + L];
+            let xa = super::aligned(&mut xa);
+            xa[..xv.len()].copy_from_slice(&xv);
+            let x = &*xa;
+            let mut y = vec![0f32; blk.conv_len().max(blk.out_len()) * L + L];
+            let y = super::aligned(&mut y);
+            let (mut p, mut c) = (
+                vec![0f32; blk.pad_len() * L + L],
+                vec![0f32; blk.conv_len() * L + L],
+            );
+            let (vl, ml) = blk.wino_lens();
+            let (mut v, mut m) = (vec![0f32; vl + L], vec![0f32; ml + L]);
+            let mut bufs = Bufs {
+                p: super::aligned(&mut p),
+                y: super::aligned(&mut c),
+                v: super::aligned(&mut v),
+                m: super::aligned(&mut m),
+            };
+            let reps = if only.is_some() { 20000 } else { 2000 };
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                unsafe { super::k512::block(&blk, x, y, &mut bufs) };
+            }
+            let us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+            println!("layer {i}: {us:.1} us per group of {L}");
+        }
+    }
+}
