@@ -63,6 +63,10 @@ trait Lane: Copy {
     unsafe fn max(self, b: Self) -> Self;
     /// `self` where `self > 0`, else `+0` (a NaN gives 0, as the per-image kernels' `max(y, 0)`).
     unsafe fn relu(self) -> Self;
+    /// Lane `i` from `*p.add(i * stride)` for `i < n`, zero for the others.
+    unsafe fn gather(p: *const f32, stride: usize, n: usize) -> Self;
+    /// Lane `i` to `*p.add(i * stride)` for `i < n`.
+    unsafe fn scatter(self, p: *mut f32, stride: usize, n: usize);
 }
 
 /// The portable instance: the same operations lane by lane.
@@ -114,6 +118,24 @@ impl Lane for Port {
     #[inline(always)]
     unsafe fn relu(self) -> Self {
         Port(self.0.map(|x| if x > 0.0 { x } else { 0.0 }))
+    }
+    #[inline(always)]
+    unsafe fn gather(p: *const f32, stride: usize, n: usize) -> Self {
+        // SAFETY: the trait's contract.
+        Port(std::array::from_fn(|i| {
+            if i < n {
+                unsafe { *p.add(i * stride) }
+            } else {
+                0.0
+            }
+        }))
+    }
+    #[inline(always)]
+    unsafe fn scatter(self, p: *mut f32, stride: usize, n: usize) {
+        for (i, &v) in self.0.iter().enumerate().take(n) {
+            // SAFETY: the trait's contract.
+            unsafe { *p.add(i * stride) = v };
+        }
     }
 }
 
@@ -434,39 +456,17 @@ impl LaneStack {
                 with_scratch(lens, |bufs| {
                     // Every vector one cache line: the buffers start on a 64-byte boundary.
                     let [a, z, p, y, v, m] = bufs.map(aligned);
-                    let n = src.len() / inl;
-                    for (lane, img) in src.chunks_exact(inl).enumerate() {
-                        for (i, &val) in img.iter().enumerate() {
-                            a[i * L + lane] = val;
-                        }
-                    }
-                    for i in 0..inl {
-                        a[i * L + n..(i + 1) * L].fill(0.0);
-                    }
                     let mut bufs = Bufs { p, y, v, m };
-                    let mut flip = false;
-                    for blk in &self.blocks {
-                        let (s, d): (&[f32], &mut [f32]) =
-                            if flip { (&*z, &mut *a) } else { (&*a, &mut *z) };
-                        #[cfg(target_arch = "x86_64")]
-                        if use_k512 {
-                            // SAFETY: AVX-512F, AVX2 and FMA present; the buffers hold what the
-                            // block reads and writes (sized above for every block).
-                            unsafe { k512::block(blk, s, d, &mut bufs) };
-                            flip = !flip;
-                            continue;
-                        }
-                        let _ = use_k512;
-                        // SAFETY: as above.
-                        unsafe { run_block::<Port>(blk, s, d, &mut bufs) };
-                        flip = !flip;
+                    #[cfg(target_arch = "x86_64")]
+                    if use_k512 {
+                        // SAFETY: AVX-512F, AVX2 and FMA present; the buffers hold what every
+                        // block reads and writes (sized above).
+                        unsafe { k512::group(&self.blocks, src, dst, a, z, &mut bufs) };
+                        return;
                     }
-                    let last: &[f32] = if flip { z } else { a };
-                    for (lane, img) in dst.chunks_exact_mut(outl).enumerate() {
-                        for (i, o) in img.iter_mut().enumerate() {
-                            *o = last[i * L + lane];
-                        }
-                    }
+                    let _ = use_k512;
+                    // SAFETY: as above.
+                    unsafe { group::<Port>(&self.blocks, src, dst, a, z, &mut bufs) };
                 })
             });
         Ok(out)
@@ -485,6 +485,45 @@ struct Bufs<'a> {
     y: &'a mut [f32],
     v: &'a mut [f32],
     m: &'a mut [f32],
+}
+
+/// One group: `dst [n, out_len]` from its `n <= L` images `src [n, in_len]`, through the blocks, with
+/// the activations in `a` and `z` (`[len, L]`, turn about) and the blocks' scratch in `bufs`.
+///
+/// # Safety
+/// The [`Lane`] contract; `a` and `z` hold every block's input and output, `bufs` its scratch.
+#[inline(always)]
+unsafe fn group<V: Lane>(
+    blocks: &[LaneBlock],
+    src: &[f32],
+    dst: &mut [f32],
+    a: &mut [f32],
+    z: &mut [f32],
+    bufs: &mut Bufs,
+) {
+    let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
+        return;
+    };
+    let (inl, outl) = (first.in_len(), last.out_len());
+    let n = src.len() / inl;
+    debug_assert!(n <= L && dst.len() == n * outl && a.len() >= inl * L);
+    // SAFETY: value `i` of image `lane < n` is `src[lane * inl + i]`; the vectors of `a` and of the
+    // last block's output hold `inl` and `outl` values; the trait's contract.
+    unsafe {
+        for i in 0..inl {
+            V::gather(src.as_ptr().add(i), inl, n).store(a.as_mut_ptr().add(i * L));
+        }
+        let mut flip = false;
+        for blk in blocks {
+            let (s, d): (&[f32], &mut [f32]) = if flip { (&*z, &mut *a) } else { (&*a, &mut *z) };
+            run_block::<V>(blk, s, d, bufs);
+            flip = !flip;
+        }
+        let out: &[f32] = if flip { z } else { a };
+        for i in 0..outl {
+            V::load(out.as_ptr().add(i * L)).scatter(dst.as_mut_ptr().add(i), outl, n);
+        }
+    }
 }
 
 /// One block on a group: `dst [out_len, L]` from `src [in_len, L]`.
@@ -558,8 +597,8 @@ unsafe fn direct_ob<V: Lane, const OB: usize, const NP: usize>(
     xp: &[f32],
     y: &mut [f32],
 ) {
-    for o0 in (0..b.o_pad).step_by(OB) {
-        for oy in 0..b.oh {
+    for oy in 0..b.oh {
+        for o0 in (0..b.o_pad).step_by(OB) {
             let mut ox = 0;
             // SAFETY: every tile lies inside the output row (the caller's sizes).
             unsafe {
@@ -866,7 +905,7 @@ unsafe fn pool<V: Lane>(o: usize, g: &PoolGeom, y: &[f32], dst: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod k512 {
-    use super::{run_block, Bufs, Lane, LaneBlock};
+    use super::{Bufs, Lane, LaneBlock};
     use std::arch::x86_64::*;
 
     /// The AVX-512 instance of [`Lane`].
@@ -913,16 +952,61 @@ mod k512 {
             // `vmaxps(self, 0)`: `self` where `self > 0`, else 0 (NaN too).
             unsafe { K512(_mm512_max_ps(self.0, _mm512_setzero_ps())) }
         }
+        #[inline(always)]
+        unsafe fn gather(p: *const f32, stride: usize, n: usize) -> Self {
+            unsafe {
+                let idx = _mm512_mullo_epi32(lane_ids(), _mm512_set1_epi32(stride as i32));
+                let mask = ((1u32 << n) - 1) as __mmask16;
+                K512(_mm512_mask_i32gather_ps::<4>(
+                    _mm512_setzero_ps(),
+                    mask,
+                    idx,
+                    p,
+                ))
+            }
+        }
+        #[inline(always)]
+        unsafe fn scatter(self, p: *mut f32, stride: usize, n: usize) {
+            unsafe {
+                let idx = _mm512_mullo_epi32(lane_ids(), _mm512_set1_epi32(stride as i32));
+                let mask = ((1u32 << n) - 1) as __mmask16;
+                _mm512_mask_i32scatter_ps::<4>(p, mask, idx, self.0)
+            }
+        }
+    }
+
+    /// `[0, 1, .., 15]`.
+    #[inline(always)]
+    unsafe fn lane_ids() -> __m512i {
+        unsafe { _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) }
     }
 
     /// [`run_block`] on AVX-512.
     ///
     /// # Safety
     /// AVX-512F, AVX2 and FMA present; the buffers as [`run_block`] needs them.
+    #[cfg(test)]
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn block(b: &LaneBlock, src: &[f32], dst: &mut [f32], bufs: &mut Bufs) {
         // SAFETY: forwarded.
-        unsafe { run_block::<K512>(b, src, dst, bufs) }
+        unsafe { super::run_block::<K512>(b, src, dst, bufs) }
+    }
+
+    /// [`group`] on AVX-512.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX2 and FMA present; the buffers as [`group`] needs them.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn group(
+        blocks: &[LaneBlock],
+        src: &[f32],
+        dst: &mut [f32],
+        a: &mut [f32],
+        z: &mut [f32],
+        bufs: &mut Bufs,
+    ) {
+        // SAFETY: forwarded.
+        unsafe { super::group::<K512>(blocks, src, dst, a, z, bufs) }
     }
 }
 
@@ -1172,5 +1256,27 @@ mod tests {
             let us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
             println!("layer {i}: {us:.1} us per group of {L}");
         }
+    }
+
+    /// Time per group of the improved conv's six layers as one stack (not a test).
+    #[test]
+    #[ignore]
+    fn probe_stack_time() {
+        let blocks: Vec<LaneBlock> = cases()[..6]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| block(c, i as u64, true))
+            .collect();
+        let stack = LaneStack::new(blocks).unwrap();
+        let groups = 64;
+        let b = groups * LANES;
+        let x = vec1(&images(&cases()[0], b, 2));
+        stack.run(&x, b).unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..10 {
+            stack.run(&x, b).unwrap();
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6 / (10.0 * groups as f64);
+        println!("stack: {us:.1} us per group of {LANES}");
     }
 }
