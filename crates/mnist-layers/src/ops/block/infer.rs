@@ -127,6 +127,16 @@ impl InferBlock {
         }))
     }
 
+    /// True for a block that runs across vector lanes ([`super::lanes`]): a dense or separable
+    /// convolution of stride 1.
+    fn runs_in_lanes(&self) -> bool {
+        match (&self.conv, &self.prep) {
+            (BlockConv::Dense(_), Prepared::Dense(Some(_))) => true,
+            (BlockConv::Separable(sg), Prepared::Separable(_)) => sg.dw.stride == 1,
+            _ => false,
+        }
+    }
+
     /// `(o, h, w)` of one image's output.
     fn out_dims(&self) -> (usize, usize, usize) {
         let (o, oh, ow) = self.conv.output();
@@ -224,7 +234,7 @@ fn lanes_for(b: usize) -> bool {
 }
 
 /// The blocks `plan` across the lanes of vectors, [`LANES`] images at a time ([`super::lanes`]), where
-/// every one is a dense stride-1 convolution, the batch `b` has at least [`LANES`] images and the CPU
+/// every one is a dense or separable stride-1 convolution, the batch `b` has at least [`LANES`] images and the CPU
 /// has AVX-512; `None` where the per-image kernels run.
 fn lane_stack(plan: &[&InferBlock], b: usize) -> Result<Option<LaneStack>> {
     if !lanes_for(b) {
@@ -232,16 +242,32 @@ fn lane_stack(plan: &[&InferBlock], b: usize) -> Result<Option<LaneStack>> {
     }
     let mut blocks = Vec::with_capacity(plan.len());
     for ib in plan {
-        let Prepared::Dense(Some(dc)) = &ib.prep else {
-            return Ok(None);
-        };
         let epi = LaneEpilogue {
             bias: ib.bias.as_deref(),
             scale: &ib.scale,
             shift: &ib.shift,
             relu: ib.relu,
         };
-        blocks.push(LaneBlock::new(dc, &ib.wv, &epi, ib.pool, true)?);
+        let block = match (&ib.conv, &ib.prep) {
+            (BlockConv::Dense(_), Prepared::Dense(Some(dc))) => {
+                LaneBlock::new(dc, &ib.wv, &epi, ib.pool, true)?
+            }
+            (BlockConv::Separable(sg), Prepared::Separable(_)) if sg.dw.stride == 1 => {
+                let g = &sg.dw;
+                LaneBlock::separable(
+                    (g.c, g.h, g.w),
+                    g.k,
+                    (g.pt, g.pl),
+                    (g.oh, g.ow),
+                    sg.o,
+                    &ib.wv,
+                    &epi,
+                    ib.pool,
+                )?
+            }
+            _ => return Ok(None),
+        };
+        blocks.push(block);
     }
     LaneStack::new(blocks).map(Some)
 }
@@ -298,11 +324,12 @@ pub fn block_stack_infer(x: &Tensor, blocks: &[InferStackBlock]) -> Result<Tenso
         dims = (dims.0, o, h, w);
         plan.push(ib);
     }
-    // Where dense blocks run across lanes, a stack that mixes them with separable ones runs as its
-    // stretches of each kind, so that its result is still that of its blocks one by one.
+    // Where blocks run across lanes, a stack that mixes them with blocks that cannot (strided
+    // separable ones) runs as its stretches of each kind, so that its result is still that of its
+    // blocks one by one.
     if lanes_for(dims.0) {
-        let dense = |ib: &InferBlock| matches!(ib.prep, Prepared::Dense(Some(_)));
-        if let Some(k) = (1..plan.len()).find(|&k| dense(&plan[k]) != dense(&plan[k - 1])) {
+        let lanes = |ib: &InferBlock| ib.runs_in_lanes();
+        if let Some(k) = (1..plan.len()).find(|&k| lanes(&plan[k]) != lanes(&plan[k - 1])) {
             let head = block_stack_infer(x, &blocks[..k])?;
             return block_stack_infer(&head, &blocks[k..]);
         }

@@ -1,18 +1,19 @@
-//! Inference of dense convolution blocks across images: sixteen images at a time, one in each lane of
-//! a vector, so every vector operation does the same work for sixteen images and no lane is ever
-//! wasted on a row's edge (the per-image kernels of [`super::infer`] run along a row's columns, and the
-//! 12x12 to 6x6 planes of the improved conv fill their 16-lane vectors badly).
+//! Inference of convolution blocks across images: sixteen images at a time, one in each lane of a
+//! vector, so every vector operation does the same work for sixteen images and no lane is ever wasted
+//! on a row's edge (the per-image kernels of [`super::infer`] run along a row's columns, and the 12x12
+//! to 6x6 planes of the improved models fill their 16-lane vectors badly).
 //!
 //! A group's activations are `[c, h, w, 16]`: each pixel is one vector holding it in sixteen images.
 //! Per block: the convolution, its epilogue (bias, ReLU, the BatchNorm affine: that of the per-image
-//! kernels, [`crate::ops::direct`]) and the max pool, each a loop of whole vectors. The convolution is
-//! either the direct one (a register tile of output channels x pixels along a row, accumulated over the
-//! taps `(ci, ky, kx)` in the per-image kernel's order, so the same bits as the per-image AVX-512
+//! kernels, [`crate::ops::direct`]) and the max pool, each a loop of whole vectors. A dense convolution
+//! is either the direct one (a register tile of output channels x pixels along a row, accumulated over
+//! the taps `(ci, ky, kx)` in the per-image kernel's order, so the same bits as the per-image AVX-512
 //! kernel) or, for 3x3 convolutions where it does fewer operations, Winograd's F(4x4, 3x3) (Lavin and
 //! Gray 2016): per 4x4 output tile, 36 products per input and output channel instead of 144, its input
 //! and output transforms plain adds of vectors (the lanes are images, so no shuffles), which the
-//! per-image layout could not have without shuffles (`docs/kernels.md`). Its results differ from the
-//! direct convolution's by rounding.
+//! per-image layout could not have without shuffles (`docs/kernels.md`). A separable convolution (stride
+//! 1) is its depthwise convolution into a group buffer, then the pointwise one as a direct 1x1. Winograd's
+//! and the depthwise's results differ from the per-image kernels' by rounding.
 //!
 //! Every kernel is written once over [`Lane`]; the AVX-512 instance and the portable `[f32; 16]` one do
 //! the same operations in the same order in each lane (fused multiply-adds as `f32::mul_add`), so they
@@ -184,10 +185,25 @@ enum Kernel {
     Direct(Vec<f32>),
     /// F(4x4, 3x3): transformed weights `[36, c, o_pad]` and the `th x tw` output tiles.
     Winograd { u: Vec<f32>, th: usize, tw: usize },
+    /// Separable: the depthwise `k x k` weights `[c, k*k]` (stride 1), then the pointwise `[c, o_pad]`.
+    Separable { dw: Vec<f32>, pw: Vec<f32> },
 }
 
-/// A dense stride-1 convolution block (`relu?(conv + bias)`, the BatchNorm affine, an optional max
-/// pool) prepared for groups of [`LANES`] images.
+/// What the direct kernel loops over: `c` input planes `[hp, wp]` (padded), `k x k` taps, `[oh, ow]`
+/// outputs of `o_pad` channels.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    c: usize,
+    k: usize,
+    hp: usize,
+    wp: usize,
+    oh: usize,
+    ow: usize,
+    o_pad: usize,
+}
+
+/// A stride-1 convolution block, dense or separable (`relu?(conv + bias)`, the BatchNorm affine, an
+/// optional max pool), prepared for groups of [`LANES`] images.
 #[derive(Debug, Clone)]
 pub(super) struct LaneBlock {
     c: usize,
@@ -231,28 +247,10 @@ impl LaneBlock {
         winograd: bool,
     ) -> Result<Self> {
         let (c, o, k) = (dc.c, dc.o, dc.k());
-        let ob = pick_ob(o);
-        let op = o.div_ceil(ob) * ob;
-        let pad_to = |v: &[f32], what: &str| -> Result<Vec<f32>> {
-            if v.len() != o {
-                candle_core::bail!("lane block: {what} of {} values for {o} channels", v.len())
-            }
-            Ok(v.iter()
-                .copied()
-                .chain(std::iter::repeat(0.0))
-                .take(op)
-                .collect())
-        };
         if w.len() != o * c * k * k {
             candle_core::bail!("lane block: {} weights for [{o}, {c}, {k}, {k}]", w.len())
         }
-        if pool.is_some_and(|p| (p.h, p.w) != (dc.oh, dc.ow)) {
-            candle_core::bail!(
-                "lane block: a pool of another plane than [{}, {}]",
-                dc.oh,
-                dc.ow
-            )
-        }
+        let op = o_pad(o);
         let (th, tw) = (dc.oh.div_ceil(4), dc.ow.div_ceil(4));
         // Vector operations per group, roughly: the direct kernel's multiply-adds; F(4x4, 3x3)'s 36
         // products per tile and channel pair, about 170 per tile and input channel for its input
@@ -267,28 +265,78 @@ impl LaneBlock {
                 tw,
             }
         } else {
-            let taps = c * k * k;
-            let mut wt = vec![0f32; taps * op];
-            for oc in 0..o {
-                for t in 0..taps {
-                    wt[t * op + oc] = w[oc * taps + t];
-                }
-            }
-            Kernel::Direct(wt)
+            Kernel::Direct(transposed(w, o, c * k * k, op))
         };
+        let geom = (dc.h, dc.w, dc.pt, dc.pl, dc.hp, dc.wp, dc.oh, dc.ow);
+        Self::with(c, o, k, geom, kernel, epi, pool)
+    }
+
+    /// The separable block (a `k x k` depthwise convolution of stride 1 over `[c, h, w]` padded by
+    /// `pad`, then the pointwise one to `o` channels) with weights `w` (the depthwise `[c, 1, k, k]`
+    /// then the pointwise `[o, c, 1, 1]`), the epilogue `epi` and `pool`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn separable(
+        (c, h, w): (usize, usize, usize),
+        k: usize,
+        (pt, pl): (usize, usize),
+        (oh, ow): (usize, usize),
+        o: usize,
+        wv: &[f32],
+        epi: &LaneEpilogue,
+        pool: Option<PoolGeom>,
+    ) -> Result<Self> {
+        if wv.len() != c * k * k + o * c || oh + k - 1 < h + pt || ow + k - 1 < w + pl {
+            candle_core::bail!(
+                "lane block: {} weights or [{oh}, {ow}] outputs for a separable {k}x{k} on [{c}, {h}, {w}]",
+                wv.len()
+            )
+        }
+        let (dw, pw) = wv.split_at(c * k * k);
+        let kernel = Kernel::Separable {
+            dw: dw.to_vec(),
+            pw: transposed(pw, o, c, o_pad(o)),
+        };
+        let geom = (h, w, pt, pl, oh + k - 1, ow + k - 1, oh, ow);
+        Self::with(c, o, k, geom, kernel, epi, pool)
+    }
+
+    /// The block from its parts; `geom` is `(h, w, pt, pl, hp, wp, oh, ow)`.
+    fn with(
+        c: usize,
+        o: usize,
+        k: usize,
+        (h, w, pt, pl, hp, wp, oh, ow): (usize, usize, usize, usize, usize, usize, usize, usize),
+        kernel: Kernel,
+        epi: &LaneEpilogue,
+        pool: Option<PoolGeom>,
+    ) -> Result<Self> {
+        let op = o_pad(o);
+        let pad_to = |v: &[f32], what: &str| -> Result<Vec<f32>> {
+            if v.len() != o {
+                candle_core::bail!("lane block: {what} of {} values for {o} channels", v.len())
+            }
+            Ok(v.iter()
+                .copied()
+                .chain(std::iter::repeat(0.0))
+                .take(op)
+                .collect())
+        };
+        if pool.is_some_and(|p| (p.h, p.w) != (oh, ow)) {
+            candle_core::bail!("lane block: a pool of another plane than [{oh}, {ow}]")
+        }
         Ok(Self {
             c,
-            h: dc.h,
-            w: dc.w,
+            h,
+            w,
             o,
             k,
-            pt: dc.pt,
-            pl: dc.pl,
-            hp: dc.hp,
-            wp: dc.wp,
-            oh: dc.oh,
-            ow: dc.ow,
-            ob,
+            pt,
+            pl,
+            hp,
+            wp,
+            oh,
+            ow,
+            ob: pick_ob(o),
             o_pad: op,
             kernel,
             bias: match epi.bias {
@@ -300,6 +348,31 @@ impl LaneBlock {
             relu: epi.relu,
             pool,
         })
+    }
+
+    /// The direct kernel's loops: the convolution's, or the pointwise one's of a separable block.
+    fn geom(&self) -> Geom {
+        let (c, oh, ow, o_pad) = (self.c, self.oh, self.ow, self.o_pad);
+        match self.kernel {
+            Kernel::Separable { .. } => Geom {
+                c,
+                k: 1,
+                hp: oh,
+                wp: ow,
+                oh,
+                ow,
+                o_pad,
+            },
+            _ => Geom {
+                c,
+                k: self.k,
+                hp: self.hp,
+                wp: self.wp,
+                oh,
+                ow,
+                o_pad,
+            },
+        }
     }
 
     /// True where the convolution runs as F(4x4, 3x3).
@@ -330,7 +403,7 @@ impl LaneBlock {
     fn pad_len(&self) -> usize {
         let padded = (self.hp, self.wp) != (self.h, self.w);
         match self.kernel {
-            Kernel::Direct(_) if padded => self.c * self.hp * self.wp,
+            Kernel::Direct(_) | Kernel::Separable { .. } if padded => self.c * self.hp * self.wp,
             _ => 0,
         }
     }
@@ -339,9 +412,34 @@ impl LaneBlock {
     fn wino_lens(&self) -> (usize, usize) {
         match self.kernel {
             Kernel::Winograd { .. } => (36 * self.c * NT * L, 36 * self.ob * NT * L),
-            Kernel::Direct(_) => (0, 0),
+            _ => (0, 0),
         }
     }
+
+    /// Floats per lane of a separable block's depthwise output (0 for the others).
+    fn dw_len(&self) -> usize {
+        match self.kernel {
+            Kernel::Separable { .. } => self.c * self.oh * self.ow,
+            _ => 0,
+        }
+    }
+}
+
+/// `o` rounded up to its output-channel block ([`pick_ob`]).
+fn o_pad(o: usize) -> usize {
+    let ob = pick_ob(o);
+    o.div_ceil(ob) * ob
+}
+
+/// `w [o, taps]` as `[taps, op]` (tap-major, the padding channels zero).
+fn transposed(w: &[f32], o: usize, taps: usize, op: usize) -> Vec<f32> {
+    let mut wt = vec![0f32; taps * op];
+    for oc in 0..o {
+        for t in 0..taps {
+            wt[t * op + oc] = w[oc * taps + t];
+        }
+    }
+    wt
 }
 
 /// `U = G g G^T` for every filter `g = w[oc, ci]`: `[36, c, o_pad]`, point `6*xi + eta`, computed in
@@ -448,15 +546,16 @@ impl LaneStack {
             .iter()
             .map(LaneBlock::wino_lens)
             .fold((0, 0), |(a, b), (c, d)| (a.max(c), b.max(d)));
+        let dwl = self.blocks.iter().map(LaneBlock::dw_len).max().unwrap_or(0) * L;
         let use_k512 = !self.portable && crate::ops::has_avx512();
         out.par_chunks_mut(L * outl)
             .zip(xs[..b * inl].par_chunks(L * inl))
             .for_each(|(dst, src)| {
-                let lens = [act, act, pad, conv, vl, ml].map(|n| n + L);
+                let lens = [act, act, pad, conv, vl, ml, dwl].map(|n| n + L);
                 with_scratch(lens, |bufs| {
                     // Every vector one cache line: the buffers start on a 64-byte boundary.
-                    let [a, z, p, y, v, m] = bufs.map(aligned);
-                    let mut bufs = Bufs { p, y, v, m };
+                    let [a, z, p, y, v, m, d] = bufs.map(aligned);
+                    let mut bufs = Bufs { p, y, v, m, d };
                     #[cfg(target_arch = "x86_64")]
                     if use_k512 {
                         // SAFETY: AVX-512F, AVX2 and FMA present; the buffers hold what every
@@ -485,6 +584,8 @@ struct Bufs<'a> {
     y: &'a mut [f32],
     v: &'a mut [f32],
     m: &'a mut [f32],
+    /// A separable block's depthwise output.
+    d: &'a mut [f32],
 }
 
 /// One group: `dst [n, out_len]` from its `n <= L` images `src [n, in_len]`, through the blocks, with
@@ -542,24 +643,86 @@ unsafe fn run_block<V: Lane>(b: &LaneBlock, src: &[f32], dst: &mut [f32], bufs: 
     debug_assert!(conv_out.len() >= b.conv_len() * L);
     // SAFETY (of the kernels): the buffers' sizes (the caller's contract).
     unsafe {
+        let xp: &[f32] = if b.pad_len() > 0 {
+            pad_group(b, src, bufs.p);
+            &*bufs.p
+        } else {
+            src
+        };
         match &b.kernel {
-            Kernel::Direct(wt) => {
-                let xp: &[f32] = if b.pad_len() > 0 {
-                    pad_group(b, src, bufs.p);
-                    &*bufs.p
-                } else {
-                    src
-                };
-                direct::<V>(b, wt, xp, conv_out);
-            }
+            Kernel::Direct(wt) => direct::<V>(b, &b.geom(), wt, xp, conv_out),
             Kernel::Winograd { u, th, tw } => {
                 winograd::<V>(b, u, (*th, *tw), src, conv_out, bufs.v, bufs.m);
+            }
+            Kernel::Separable { dw, pw } => {
+                depthwise::<V>(b, dw, xp, bufs.d);
+                direct::<V>(b, &b.geom(), pw, bufs.d, conv_out);
             }
         }
         if let Some(pg) = b.pool {
             pool::<V>(b.o, &pg, bufs.y, dst);
         }
     }
+}
+
+/// A separable block's depthwise convolution (stride 1): `d [c, oh, ow, L]` from the padded `xp [c, hp,
+/// wp, L]`, runs of 8 pixels along each row (then 4, 2, 1), the taps `(ky, kx)` in order.
+#[inline(always)]
+unsafe fn depthwise<V: Lane>(b: &LaneBlock, dw: &[f32], xp: &[f32], d: &mut [f32]) {
+    // SAFETY: every run lies inside its output row (the caller's sizes).
+    unsafe {
+        for ci in 0..b.c {
+            for oy in 0..b.oh {
+                let mut ox = 0;
+                while ox < b.ow {
+                    let left = b.ow - ox;
+                    ox += if left >= 8 {
+                        dw_run::<V, 8>(b, dw, xp, d, ci, oy, ox)
+                    } else if left >= 4 {
+                        dw_run::<V, 4>(b, dw, xp, d, ci, oy, ox)
+                    } else if left >= 2 {
+                        dw_run::<V, 2>(b, dw, xp, d, ci, oy, ox)
+                    } else {
+                        dw_run::<V, 1>(b, dw, xp, d, ci, oy, ox)
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Pixels `ox..ox+NP` of row `oy`, channel `ci`, of the depthwise convolution; returns `NP`.
+#[inline(always)]
+unsafe fn dw_run<V: Lane, const NP: usize>(
+    b: &LaneBlock,
+    dw: &[f32],
+    xp: &[f32],
+    d: &mut [f32],
+    ci: usize,
+    oy: usize,
+    ox: usize,
+) -> usize {
+    let k = b.k;
+    debug_assert!(ox + NP <= b.ow && oy + k <= b.hp);
+    // SAFETY: the reads stay inside `xp [c, hp, wp, L]` and `dw [c, k*k]`, the stores inside `d [c, oh,
+    // ow, L]`; the trait's contract.
+    unsafe {
+        let mut acc = [V::zero(); NP];
+        for ky in 0..k {
+            let row = xp.as_ptr().add(((ci * b.hp + oy + ky) * b.wp + ox) * L);
+            for kx in 0..k {
+                let w = V::splat(*dw.get_unchecked((ci * k + ky) * k + kx));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = V::load(row.add((kx + i) * L)).fma(w, *a);
+                }
+            }
+        }
+        let dst = d.as_mut_ptr().add(((ci * b.oh + oy) * b.ow + ox) * L);
+        for (i, a) in acc.iter().enumerate() {
+            a.store(dst.add(i * L));
+        }
+    }
+    NP
 }
 
 /// `xp [c, hp, wp, L]`: the group's images zero-padded.
@@ -577,14 +740,14 @@ fn pad_group(b: &LaneBlock, src: &[f32], xp: &mut [f32]) {
 
 /// The direct convolution with its epilogue: `y [o, oh, ow, L]` from `xp [c, hp, wp, L]`.
 #[inline(always)]
-unsafe fn direct<V: Lane>(b: &LaneBlock, wt: &[f32], xp: &[f32], y: &mut [f32]) {
+unsafe fn direct<V: Lane>(b: &LaneBlock, g: &Geom, wt: &[f32], xp: &[f32], y: &mut [f32]) {
     // SAFETY: forwarded.
     unsafe {
         match b.ob {
-            5 => direct_ob::<V, 5, 5>(b, wt, xp, y),
-            4 => direct_ob::<V, 4, 6>(b, wt, xp, y),
-            2 => direct_ob::<V, 2, 8>(b, wt, xp, y),
-            _ => direct_ob::<V, 1, 12>(b, wt, xp, y),
+            5 => direct_ob::<V, 5, 5>(b, g, wt, xp, y),
+            4 => direct_ob::<V, 4, 6>(b, g, wt, xp, y),
+            2 => direct_ob::<V, 2, 8>(b, g, wt, xp, y),
+            _ => direct_ob::<V, 1, 12>(b, g, wt, xp, y),
         }
     }
 }
@@ -593,29 +756,30 @@ unsafe fn direct<V: Lane>(b: &LaneBlock, wt: &[f32], xp: &[f32], y: &mut [f32]) 
 #[inline(always)]
 unsafe fn direct_ob<V: Lane, const OB: usize, const NP: usize>(
     b: &LaneBlock,
+    g: &Geom,
     wt: &[f32],
     xp: &[f32],
     y: &mut [f32],
 ) {
-    for oy in 0..b.oh {
-        for o0 in (0..b.o_pad).step_by(OB) {
+    for oy in 0..g.oh {
+        for o0 in (0..g.o_pad).step_by(OB) {
             let mut ox = 0;
             // SAFETY: every tile lies inside the output row (the caller's sizes).
             unsafe {
-                while ox + NP <= b.ow {
-                    direct_tile::<V, OB, NP>(b, wt, xp, y, o0, oy, ox);
+                while ox + NP <= g.ow {
+                    direct_tile::<V, OB, NP>(b, g, wt, xp, y, (o0, oy, ox));
                     ox += NP;
                 }
-                while ox < b.ow {
-                    let left = b.ow - ox;
+                while ox < g.ow {
+                    let left = g.ow - ox;
                     if left >= 4 && NP > 4 {
-                        direct_tile::<V, OB, 4>(b, wt, xp, y, o0, oy, ox);
+                        direct_tile::<V, OB, 4>(b, g, wt, xp, y, (o0, oy, ox));
                         ox += 4;
                     } else if left >= 2 {
-                        direct_tile::<V, OB, 2>(b, wt, xp, y, o0, oy, ox);
+                        direct_tile::<V, OB, 2>(b, g, wt, xp, y, (o0, oy, ox));
                         ox += 2;
                     } else {
-                        direct_tile::<V, OB, 1>(b, wt, xp, y, o0, oy, ox);
+                        direct_tile::<V, OB, 1>(b, g, wt, xp, y, (o0, oy, ox));
                         ox += 1;
                     }
                 }
@@ -629,23 +793,22 @@ unsafe fn direct_ob<V: Lane, const OB: usize, const NP: usize>(
 #[inline(always)]
 unsafe fn direct_tile<V: Lane, const OB: usize, const NP: usize>(
     b: &LaneBlock,
+    g: &Geom,
     wt: &[f32],
     xp: &[f32],
     y: &mut [f32],
-    o0: usize,
-    oy: usize,
-    ox: usize,
+    (o0, oy, ox): (usize, usize, usize),
 ) {
-    let (k, op) = (b.k, b.o_pad);
-    debug_assert!(ox + NP <= b.ow && o0 + OB <= op);
+    let (k, op) = (g.k, g.o_pad);
+    debug_assert!(ox + NP <= g.ow && o0 + OB <= op);
     // SAFETY: the reads stay inside `xp [c, hp, wp, L]` (`oy + ky < hp`, `ox + kx + NP <= wp`) and
     // `wt [c*k*k, o_pad]`; the stores inside `y [o, oh, ow, L]`; the trait's contract.
     unsafe {
         let mut acc = [[V::zero(); NP]; OB];
         let (xptr, wptr) = (xp.as_ptr(), wt.as_ptr());
-        for ci in 0..b.c {
+        for ci in 0..g.c {
             for ky in 0..k {
-                let row = xptr.add(((ci * b.hp + oy + ky) * b.wp + ox) * L);
+                let row = xptr.add(((ci * g.hp + oy + ky) * g.wp + ox) * L);
                 let wrow = wptr.add((ci * k + ky) * k * op + o0);
                 for kx in 0..k {
                     let xv: [V; NP] = std::array::from_fn(|i| V::load(row.add((kx + i) * L)));
@@ -663,7 +826,7 @@ unsafe fn direct_tile<V: Lane, const OB: usize, const NP: usize>(
             if oc >= b.o {
                 break;
             }
-            let dst = y.as_mut_ptr().add(((oc * b.oh + oy) * b.ow + ox) * L);
+            let dst = y.as_mut_ptr().add(((oc * g.oh + oy) * g.ow + ox) * L);
             let ep = Epi::<V>::of(b, oc);
             for (i, &a) in accj.iter().enumerate() {
                 ep.apply(a).store(dst.add(i * L));
@@ -1015,7 +1178,10 @@ mod tests {
     use candle_core::Tensor;
 
     use super::{LaneBlock, LaneEpilogue, LaneStack, LANES};
-    use crate::ops::block::{conv_bn_pool_eval_reference, conv_bn_pool_infer, BlockSpec, PoolSpec};
+    use crate::ops::block::{
+        conv_bn_pool_eval_reference, conv_bn_pool_infer, separable_bn_pool_eval_reference,
+        separable_bn_pool_infer, BlockSpec, PoolSpec,
+    };
     use crate::ops::test_util::{assert_close, rand_t};
     use crate::ops::winograd::Winograd;
     use crate::ops::{DirectConv, PoolGeom};
@@ -1173,6 +1339,95 @@ mod tests {
         }
     }
 
+    /// Separable blocks across lanes (the separable's layers, padding, odd pools, bias or not): within
+    /// rounding of candle's reference and of the per-image kernels; AVX-512 and portable bit for bit.
+    #[test]
+    fn separable_lanes_match_the_reference() {
+        let b = LANES + 5;
+        let p2 = Some(PoolSpec::default());
+        let odd_pool = Some(PoolSpec {
+            kernel: 3,
+            stride: 2,
+            pad: (1, 0, 1, 1),
+        });
+        // (c, (h, w), o, k, pad, bias, relu, pool)
+        let cases = [
+            (1, (28, 28), 16, 3, (0, 0, 0, 0), false, true, None),
+            (16, (26, 26), 28, 3, (0, 0, 0, 0), false, true, p2),
+            (28, (10, 10), 32, 3, (1, 1, 1, 1), true, true, None),
+            (7, (9, 11), 5, 5, (2, 1, 0, 2), true, false, odd_pool),
+            (3, (6, 5), 9, 3, (0, 0, 0, 0), false, true, p2),
+        ];
+        for (i, &(c, (h, w), o, k, pad, bias, relu, pool)) in cases.iter().enumerate() {
+            let seed = 500 + 10 * i as u64;
+            let x = rand_t(&[b, c, h, w], seed);
+            let dw = rand_t(&[c, 1, k, k], seed + 1);
+            let pw = rand_t(&[o, c, 1, 1], seed + 2);
+            let bias_t = bias.then(|| rand_t(&[o], seed + 3));
+            let scale = (rand_t(&[o], seed + 4) + 1.5).unwrap();
+            let shift = rand_t(&[o], seed + 5);
+            let spec = BlockSpec {
+                pad,
+                relu,
+                pool,
+                ..BlockSpec::default()
+            };
+            let reference = separable_bn_pool_eval_reference(
+                &x,
+                &dw,
+                &pw,
+                bias_t.as_ref(),
+                &scale,
+                &shift,
+                &spec,
+            )
+            .unwrap();
+            let (oh, ow) = (h + pad.0 + pad.2 + 1 - k, w + pad.1 + pad.3 + 1 - k);
+            let pool_geom = pool.map(|p| PoolGeom::new(oh, ow, p.kernel, p.stride, p.pad).unwrap());
+            let wv: Vec<f32> = vec1(&dw).into_iter().chain(vec1(&pw)).collect();
+            let bias_v = bias_t.as_ref().map(vec1);
+            let epi = LaneEpilogue {
+                bias: bias_v.as_deref(),
+                scale: &vec1(&scale),
+                shift: &vec1(&shift),
+                relu,
+            };
+            let blk = LaneBlock::separable(
+                (c, h, w),
+                k,
+                (pad.0, pad.1),
+                (oh, ow),
+                o,
+                &wv,
+                &epi,
+                pool_geom,
+            )
+            .unwrap();
+            let stack = LaneStack::new(vec![blk]).unwrap();
+            let out = stack.clone().portable().run(&vec1(&x), b).unwrap();
+            let got = Tensor::from_vec(out.clone(), reference.dims(), x.device()).unwrap();
+            let what = format!("separable case {i}");
+            assert_close(&got, &reference, 1e-4, &what);
+            // The per-image kernels (batches under LANES images).
+            let part = x.narrow(0, 0, LANES - 1).unwrap();
+            let per_image =
+                separable_bn_pool_infer(&part, &dw, &pw, bias_t.as_ref(), &scale, &shift, &spec)
+                    .unwrap();
+            assert_close(
+                &got.narrow(0, 0, LANES - 1).unwrap(),
+                &per_image,
+                1e-5,
+                &what,
+            );
+            if crate::ops::has_avx512() {
+                assert!(
+                    stack.run(&vec1(&x), b).unwrap() == out,
+                    "{what}: AVX-512 != portable"
+                );
+            }
+        }
+    }
+
     /// F(4x4, 3x3) is chosen for the improved conv's 3x3 layers but its first (one input channel).
     #[test]
     fn winograd_is_chosen_where_it_saves_work() {
@@ -1242,11 +1497,13 @@ mod tests {
             );
             let (vl, ml) = blk.wino_lens();
             let (mut v, mut m) = (vec![0f32; vl + L], vec![0f32; ml + L]);
+            let mut d = vec![0f32; blk.dw_len() * L + L];
             let mut bufs = Bufs {
                 p: super::aligned(&mut p),
                 y: super::aligned(&mut c),
                 v: super::aligned(&mut v),
                 m: super::aligned(&mut m),
+                d: super::aligned(&mut d),
             };
             let reps = if only.is_some() { 20000 } else { 2000 };
             let t = std::time::Instant::now();
