@@ -46,6 +46,7 @@ mod direct;
 mod direct_grad;
 mod inception;
 mod inception_train;
+mod lane;
 mod pool;
 mod separable;
 mod stream_k512;

@@ -20,6 +20,7 @@
 use candle_core::Result;
 
 use super::direct::{pick_ob, DirectConv, Epilogue};
+use super::lane;
 
 /// Lanes of a vector (AVX-512).
 const L: usize = 16;
@@ -33,22 +34,11 @@ const G2: [[f32; 3]; 4] = [
     [0.0, 0.0, 1.0],
 ];
 
-/// F(4, 3): `B^T` (6 x 6) and `G` (6 x 3) of Lavin and Gray (points 0, ±1, ±2, infinity); their `A^T`
-/// (4 x 6: `[1, 1, 1, 1, 1, 0]`, `[0, 1, -1, 2, -2, 0]`, `[0, 1, 1, 4, 4, 0]`, `[0, 1, -1, 8, -8, 1]`) is
-/// spelled out with shared sums in [`out_rows_portable`] and `k512::out_rows`.
-const G4: [[f32; 3]; 6] = [
-    [1.0 / 4.0, 0.0, 0.0],
-    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-    [0.0, 0.0, 1.0],
-];
-
-/// `G` row `xi` of F(m, 3).
+/// `G` row `xi` of F(m, 3); F(4, 3)'s is [`lane::G`] (Lavin and Gray's, points 0, ±1, ±2, infinity),
+/// rounded to `f32`.
 fn g_row(m: usize, xi: usize) -> [f32; 3] {
     if m == 4 {
-        G4[xi]
+        lane::G[xi].map(|v| v as f32)
     } else {
         G2[xi]
     }
@@ -56,37 +46,24 @@ fn g_row(m: usize, xi: usize) -> [f32; 3] {
 
 /// `B^T d`: the `m + 2` transformed rows of a group from its `m + 2` input rows, with the sums and
 /// differences the rows share (the AVX-512 kernel's `in_rows` does the same operations in the same
-/// order). F(4, 3): rows `4d0 - 5d2 + d4`, `(d3 + d4) - 4(d1 + d2)`, `(d4 - d3) + 4(d1 - d2)`,
-/// `(d4 - d2) +- 2(d3 - d1)`, `4d1 - 5d3 + d5`; F(2, 3): `d0 - d2`, `d1 + d2`, `d2 - d1`, `d1 - d3`.
+/// order): F(4, 3)'s is [`lane::in6`]; F(2, 3): `d0 - d2`, `d1 + d2`, `d2 - d1`, `d1 - d3`.
 fn in_rows_portable(m: usize, d: &[f32; 6]) -> [f32; 6] {
     if m == 4 {
-        let (s12, s34) = (d[1] + d[2], d[3] + d[4]);
-        let (d12, e43, f31, e42) = (d[1] - d[2], d[4] - d[3], d[3] - d[1], d[4] - d[2]);
-        [
-            d[0].mul_add(4.0, d[2].mul_add(-5.0, d[4])),
-            s12.mul_add(-4.0, s34),
-            d12.mul_add(4.0, e43),
-            f31.mul_add(2.0, e42),
-            f31.mul_add(-2.0, e42),
-            d[1].mul_add(4.0, d[3].mul_add(-5.0, d[5])),
-        ]
+        // SAFETY: the one-lane instance has no requirement.
+        unsafe { lane::in6(*d) }
     } else {
         [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3], 0.0, 0.0]
     }
 }
 
 /// `A^T mm`: the `m` output rows of a group from its `m + 2` points, with the sums and differences the
-/// rows share (the AVX-512 kernel's `out_rows` does the same operations in the same order).
+/// rows share (the AVX-512 kernel's `out_rows` does the same operations in the same order): F(4, 3)'s
+/// is [`lane::out4`] (`A^T` rows `[1, 1, 1, 1, 1, 0]`, `[0, 1, -1, 2, -2, 0]`, `[0, 1, 1, 4, 4, 0]`,
+/// `[0, 1, -1, 8, -8, 1]`).
 fn out_rows_portable(m: usize, mm: &[f32; 6]) -> [f32; 4] {
     if m == 4 {
-        let (s12, d12) = (mm[1] + mm[2], mm[1] - mm[2]);
-        let (s34, d34) = (mm[3] + mm[4], mm[3] - mm[4]);
-        [
-            (mm[0] + s12) + s34,
-            d34.mul_add(2.0, d12),
-            s34.mul_add(4.0, s12),
-            d34.mul_add(8.0, d12) + mm[5],
-        ]
+        // SAFETY: the one-lane instance has no requirement.
+        unsafe { lane::out4(*mm) }
     } else {
         [(mm[0] + mm[1]) + mm[2], (mm[1] - mm[2]) - mm[3], 0.0, 0.0]
     }
@@ -396,27 +373,18 @@ impl Winograd {
 
 #[cfg(target_arch = "x86_64")]
 mod k512 {
-    use super::{Epilogue, Winograd, L};
+    use super::{lane, Epilogue, Winograd, L};
+    use crate::ops::lane::K512;
     use std::arch::x86_64::*;
 
     /// [`super::in_rows_portable`] on vectors: the same operations in the same order.
     #[inline(always)]
     fn in_rows<const M: usize>(d: &[__m512; 6]) -> [__m512; 6] {
-        // SAFETY (of every intrinsic below): only called from the `avx512f` kernels of this module.
+        // SAFETY (of every intrinsic and of `K512`): only called from the `avx512f` kernels of this
+        // module.
         unsafe {
-            let c = _mm512_set1_ps;
             if M == 4 {
-                let (s12, s34) = (_mm512_add_ps(d[1], d[2]), _mm512_add_ps(d[3], d[4]));
-                let (d12, e43) = (_mm512_sub_ps(d[1], d[2]), _mm512_sub_ps(d[4], d[3]));
-                let (f31, e42) = (_mm512_sub_ps(d[3], d[1]), _mm512_sub_ps(d[4], d[2]));
-                [
-                    _mm512_fmadd_ps(d[0], c(4.0), _mm512_fmadd_ps(d[2], c(-5.0), d[4])),
-                    _mm512_fmadd_ps(s12, c(-4.0), s34),
-                    _mm512_fmadd_ps(d12, c(4.0), e43),
-                    _mm512_fmadd_ps(f31, c(2.0), e42),
-                    _mm512_fmadd_ps(f31, c(-2.0), e42),
-                    _mm512_fmadd_ps(d[1], c(4.0), _mm512_fmadd_ps(d[3], c(-5.0), d[5])),
-                ]
+                lane::in6(d.map(K512)).map(|v| v.0)
             } else {
                 let z = _mm512_setzero_ps();
                 [
@@ -434,17 +402,11 @@ mod k512 {
     /// [`super::out_rows_portable`] on vectors: the same operations in the same order.
     #[inline(always)]
     fn out_rows<const M: usize>(mm: &[__m512; 6]) -> [__m512; 4] {
-        // SAFETY (of every intrinsic below): only called from the `avx512f` kernels of this module.
+        // SAFETY (of every intrinsic and of `K512`): only called from the `avx512f` kernels of this
+        // module.
         unsafe {
             if M == 4 {
-                let (s12, d12) = (_mm512_add_ps(mm[1], mm[2]), _mm512_sub_ps(mm[1], mm[2]));
-                let (s34, d34) = (_mm512_add_ps(mm[3], mm[4]), _mm512_sub_ps(mm[3], mm[4]));
-                [
-                    _mm512_add_ps(_mm512_add_ps(mm[0], s12), s34),
-                    _mm512_fmadd_ps(d34, _mm512_set1_ps(2.0), d12),
-                    _mm512_fmadd_ps(s34, _mm512_set1_ps(4.0), s12),
-                    _mm512_add_ps(_mm512_fmadd_ps(d34, _mm512_set1_ps(8.0), d12), mm[5]),
-                ]
+                lane::out4(mm.map(K512)).map(|v| v.0)
             } else {
                 let z = _mm512_setzero_ps();
                 [
@@ -772,6 +734,23 @@ mod tests {
         [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
         [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
     ];
+
+    /// F(4, 3)'s filter transform in `f32` is the `f32` matrix of Lavin and Gray (the shared `f64` one
+    /// rounded once).
+    #[test]
+    fn the_filter_transform_is_the_f32_matrix() {
+        let g4: [[f32; 3]; 6] = [
+            [1.0 / 4.0, 0.0, 0.0],
+            [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+            [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+            [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+            [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+            [0.0, 0.0, 1.0],
+        ];
+        for (xi, row) in g4.iter().enumerate() {
+            assert_eq!(&g_row(4, xi), row);
+        }
+    }
 
     /// The transforms with shared sums are the matrices, and F(m, 3) is the 3-tap correlation.
     #[test]
