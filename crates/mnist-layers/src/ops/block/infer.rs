@@ -269,7 +269,8 @@ fn lane_stack(plan: &[&InferBlock], b: usize) -> Result<Option<LaneStack>> {
         };
         blocks.push(block);
     }
-    LaneStack::new(blocks).map(Some)
+    let lanes = LaneStack::new(blocks)?;
+    Ok(lanes.fits_gathers().then_some(lanes))
 }
 
 /// The inference-mode block of any convolution over a batch, image by image (see

@@ -357,6 +357,13 @@ impl LaneStack {
         self
     }
 
+    /// True where a group's images are small enough for the gathers' and scatters' 32-bit offsets
+    /// (`15 * len` values); larger ones run image by image instead.
+    pub(super) fn fits_gathers(&self) -> bool {
+        let (inl, outl) = self.lens();
+        (L - 1).saturating_mul(inl.max(outl)) <= i32::MAX as usize
+    }
+
     /// Floats per image of the input and of the output.
     pub(super) fn lens(&self) -> (usize, usize) {
         match (self.blocks.first(), self.blocks.last()) {
@@ -1241,6 +1248,16 @@ mod tests {
             let one = stack.run(&x[i * inl..(i + 1) * inl], 1).unwrap();
             assert!(one == all[i * outl..(i + 1) * outl], "image {i}");
         }
+    }
+
+    /// Stacks whose images are too large for 32-bit gather offsets say so (they run image by image).
+    #[test]
+    fn images_too_large_for_the_gathers_are_left_to_the_per_image_kernels() {
+        let small = LaneStack::new(vec![block(&cases()[0], 1, true)]).unwrap();
+        assert!(small.fits_gathers());
+        let mut huge = small.clone();
+        huge.blocks[0].c = (i32::MAX as usize) / (28 * 28 * 15) + 1;
+        assert!(!huge.fits_gathers());
     }
 
     /// Blocks that do not chain are refused.
