@@ -1274,7 +1274,11 @@ mod tests {
     /// Time per group of each improved-conv layer (not a test: `--ignored --nocapture`).
     #[test]
     #[ignore]
+    #[cfg(target_arch = "x86_64")]
     fn probe_layer_times() {
+        if !crate::ops::has_avx512() {
+            return;
+        }
         use super::{Bufs, L};
         let only: Option<usize> = std::env::var("PROBE_LAYER")
             .ok()
