@@ -359,7 +359,12 @@ impl LayerSpec {
         };
         let mut rest = map.clone();
         rest.remove("type");
-        let fields = |rest: Map<String, Value>| Value::Object(rest);
+        // A layer's fields as `T`, a wrong value named by its path.
+        fn fields<T: serde::de::DeserializeOwned>(
+            rest: Map<String, Value>,
+        ) -> Result<T, serde_path_to_error::Error<serde_json::Error>> {
+            serde_path_to_error::deserialize(Value::Object(rest))
+        }
         // Errors name the field (`layers[1] (conv): shortcut: invalid value: integer `-1`, expected usize`).
         let err = |e: serde_path_to_error::Error<serde_json::Error>| {
             let path = e.path().to_string();
@@ -375,22 +380,12 @@ impl LayerSpec {
             None => Ok(()),
         };
         Ok(match kind {
-            "conv" => LayerSpec::Conv(serde_path_to_error::deserialize(fields(rest)).map_err(err)?),
-            "separable_conv" => LayerSpec::SeparableConv(
-                serde_path_to_error::deserialize(fields(rest)).map_err(err)?,
-            ),
-            "max_pool" => {
-                LayerSpec::MaxPool(serde_path_to_error::deserialize(fields(rest)).map_err(err)?)
-            }
-            "dropout" => {
-                LayerSpec::Dropout(serde_path_to_error::deserialize(fields(rest)).map_err(err)?)
-            }
-            "dense" => {
-                LayerSpec::Dense(serde_path_to_error::deserialize(fields(rest)).map_err(err)?)
-            }
-            "squeeze_excite" => LayerSpec::SqueezeExcite(
-                serde_path_to_error::deserialize(fields(rest)).map_err(err)?,
-            ),
+            "conv" => LayerSpec::Conv(fields(rest).map_err(err)?),
+            "separable_conv" => LayerSpec::SeparableConv(fields(rest).map_err(err)?),
+            "max_pool" => LayerSpec::MaxPool(fields(rest).map_err(err)?),
+            "dropout" => LayerSpec::Dropout(fields(rest).map_err(err)?),
+            "dense" => LayerSpec::Dense(fields(rest).map_err(err)?),
+            "squeeze_excite" => LayerSpec::SqueezeExcite(fields(rest).map_err(err)?),
             "batch_norm" => {
                 no_fields(&rest)?;
                 LayerSpec::BatchNorm
@@ -413,8 +408,7 @@ impl LayerSpec {
                     }
                     None => return Err(invalid(format!("{at} (inception): missing field `branches`"))),
                 };
-                let rest: InceptionRest =
-                    serde_path_to_error::deserialize(fields(rest)).map_err(err)?;
+                let rest: InceptionRest = fields(rest).map_err(err)?;
                 let mut out = Vec::with_capacity(branches.len());
                 for (i, branch) in branches.iter().enumerate() {
                     let Value::Array(layers) = branch else {

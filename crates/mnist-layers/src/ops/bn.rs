@@ -78,15 +78,8 @@ pub(crate) fn channel_stats_with(
     let mean: Vec<f32> = (0..c)
         .map(|ch| ((0..b).map(|i| plane_sum(i, ch)).sum::<f64>() / n) as f32)
         .collect();
-    let mut ssd = vec![0f64; b * c]; // [b, c]
-    ssd.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, s)| {
-        for (ch, v) in s.iter_mut().enumerate() {
-            *v = sum_sq_dev(plane(i, ch), mean[ch]);
-        }
-    });
-    let var = (0..c)
-        .map(|ch| ((0..b).map(|i| ssd[i * c + ch]).sum::<f64>() / n) as f32)
-        .collect();
+    let ssd = channel_sums(c, b, |i, ch| (sum_sq_dev(plane(i, ch), mean[ch]), 0.0));
+    let var = ssd.iter().map(|&(s, _)| (s / n) as f32).collect();
     (mean, var)
 }
 
@@ -200,8 +193,9 @@ pub(crate) fn affine(x: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usiz
     unsafe { y.assume_init() }
 }
 
-/// Per channel `(sum(dz), sum(dz * (y - mean)))` from `plane(i, ch)`, the sums of image `i`'s plane of
-/// channel `ch`, added in image order (thread-count independent).
+/// Per channel the sums of `plane(i, ch)` over the images, added in image order from +0 (thread-count
+/// independent): for BatchNorm's backward pass `(sum(dz), sum(dz * (y - mean)))` of image `i`'s plane
+/// of channel `ch`, for its variance the plane's squared deviations (and 0).
 pub(crate) fn channel_sums(
     c: usize,
     b: usize,
