@@ -1,7 +1,8 @@
 //! The recipe options of issue 14 Part B end to end: weight averaging (`--ema`), SGD with Nesterov
 //! momentum (`--optimizer sgd`), elastic distortion (`--elastic`), precise BatchNorm (`--precise-bn`),
 //! sharpness-aware minimisation (`--sam`), gradient centralization (`--grad-centralization`), Lookahead
-//! (`--lookahead`), ghost BatchNorm (`--ghost-batch`) and test-time
+//! (`--lookahead`), ghost BatchNorm (`--ghost-batch`), random erasing (`--erase`), mixup and CutMix
+//! (`--mixup`, `--cutmix`) and test-time
 //! augmentation (`evaluate --tta`). Each flag is accepted, lands in config.json, survives `train --resume` bit for bit,
 //! and bad values are refused with exit code 2 naming the flag.
 
@@ -312,6 +313,42 @@ fn elastic_is_stored_and_resumes_bit_for_bit() {
 }
 
 #[test]
+fn erasing_and_mixing_are_stored_and_resume_bit_for_bit() {
+    if mnist_dir_if_present().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = straight_and_resumed_agree(
+        tmp.path(),
+        "erase-cutmix",
+        &["--erase", "0.5", "--erase-max-area", "0.2", "--cutmix", "1"],
+    );
+    // Like --elastic, they turn augmentation on: the improved recipe's affine ranges plus them.
+    let aug = &config["augment"];
+    assert_eq!(aug["max_rotation_deg"], 10.0);
+    assert_eq!(aug["erase"]["probability"], 0.5);
+    assert_eq!(aug["erase"]["area"][0], 0.02);
+    assert_eq!(aug["erase"]["area"][1], 0.2);
+    assert_eq!(aug["mix"]["kind"], "cutmix");
+    assert_eq!(aug["mix"]["alpha"], 1.0);
+    let config = straight_and_resumed_agree(tmp.path(), "mixup", &["--mixup", "0.4"]);
+    assert_eq!(config["augment"]["mix"]["kind"], "mixup");
+    assert_eq!(config["augment"]["mix"]["alpha"], 0.4);
+    // Zero probability erases nothing: nothing is stored.
+    let dir = tmp.path().join("zero");
+    ok(
+        &run_owned(
+            BIN,
+            &train_args("improved", "1", "200", &dir, &["--erase", "0"]),
+        ),
+        "erase 0",
+    );
+    let config = read_json(&dir.join("config.json"));
+    assert!(config["augment"].get("erase").is_none(), "{config}");
+    assert!(config["augment"].get("mix").is_none(), "{config}");
+}
+
+#[test]
 fn bad_values_are_refused_with_exit_2_naming_the_flag() {
     let Some(data) = mnist_dir_if_present() else {
         return;
@@ -366,6 +403,25 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         ),
         (&["--ghost-batch", "-16"], "--ghost-batch"),
         (&["--ghost-batch", "many"], "--ghost-batch"),
+        (&["--erase", "1.5"], "--erase"),
+        (&["--erase", "-0.1"], "--erase"),
+        (&["--erase", "nan"], "--erase"),
+        (&["--erase", "0.5", "--no-augment"], "--erase"),
+        (&["--erase-max-area", "0.2"], "--erase"),
+        (
+            &["--erase", "0.5", "--erase-max-area", "0.01"],
+            "--erase-max-area",
+        ),
+        (
+            &["--erase", "0.5", "--erase-max-area", "1.5"],
+            "--erase-max-area",
+        ),
+        (&["--mixup", "0"], "--mixup"),
+        (&["--mixup", "-1"], "--mixup"),
+        (&["--mixup", "inf"], "--mixup"),
+        (&["--mixup", "0.2", "--cutmix", "1"], "--mixup"),
+        (&["--cutmix", "0"], "--cutmix"),
+        (&["--cutmix", "1", "--no-augment"], "--cutmix"),
     ] {
         let out = run_owned(BIN, &train_args("improved", "1", "100", &out_dir, args));
         let err = String::from_utf8_lossy(&out.stderr);
@@ -379,6 +435,9 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         &["--ema", "0.99"][..],
         &["--optimizer", "sgd"],
         &["--elastic", "2"],
+        &["--erase", "0.5"],
+        &["--mixup", "0.2"],
+        &["--cutmix", "1"],
         &["--precise-bn"],
         &["--sam", "0.05"],
         &["--grad-centralization"],

@@ -1,12 +1,14 @@
 //! Random affine augmentation of 28x28 images: rotation, scale and shift about the image centre, applied
 //! as one inverse map with bilinear or nearest-neighbour sampling (zero outside the image), written
 //! straight to `f32 / 255`; optionally composed with an elastic distortion ([`crate::ElasticConfig`]) in
-//! the same sampling pass.
+//! the same sampling pass. The batcher may then erase a rectangle of each image or mix the batch's images
+//! in pairs ([`crate::EraseConfig`], [`crate::MixConfig`]).
 
 use rand::Rng;
 
 use crate::elastic::{Displacement, ElasticConfig};
 use crate::error::{DataError, Result};
+use crate::mix::{EraseConfig, MixConfig};
 use crate::{IMAGE_PIXELS, IMAGE_SIDE};
 
 /// How much to perturb each training image. `Default` is off: no rotation, no shift, scale 1.
@@ -25,6 +27,12 @@ pub struct AugmentConfig {
     /// An elastic distortion after the affine map (`None`, the default, = off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub elastic: Option<ElasticConfig>,
+    /// Random erasing of a rectangle of each warped image (`None`, the default, = off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub erase: Option<EraseConfig>,
+    /// Mixup or CutMix of the images of each batch in pairs (`None`, the default, = off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mix: Option<MixConfig>,
 }
 
 /// How [`warp_into_with`] samples the source image.
@@ -57,14 +65,21 @@ impl Default for AugmentConfig {
             scale_range: (1.0, 1.0),
             interpolation: Interpolation::Bilinear,
             elastic: None,
+            erase: None,
+            mix: None,
         }
     }
 }
 
 impl AugmentConfig {
-    /// True when every draw is the identity map (the default).
+    /// True when every draw leaves the images as they are (the default): no warp, erasing or mixing.
     pub fn is_identity(&self) -> bool {
-        self.is_affine_identity() && self.elastic.is_none_or(|e| e.is_identity())
+        !self.warps() && self.erase.is_none_or(|e| e.is_identity()) && self.mix.is_none()
+    }
+
+    /// True when images are warped (an affine map or an elastic distortion that moves something).
+    pub fn warps(&self) -> bool {
+        !(self.is_affine_identity() && self.elastic.is_none_or(|e| e.is_identity()))
     }
 
     fn is_affine_identity(&self) -> bool {
@@ -79,9 +94,17 @@ impl AugmentConfig {
             scale_range: (s0, s1),
             interpolation: _,
             elastic,
+            erase,
+            mix,
         } = *self;
         if let Some(e) = elastic {
             e.validate()?;
+        }
+        if let Some(e) = erase {
+            e.validate()?;
+        }
+        if let Some(m) = mix {
+            m.validate()?;
         }
         let ok = r.is_finite()
             && r >= 0.0
@@ -390,11 +413,12 @@ mod warp512 {
 
 /// Augments one 28x28 `u8` image into `dst` as `f32 / 255`, drawing a transform from `cfg` with `rng`.
 ///
-/// With an identity config (the default) nothing is drawn and `dst[i] == src[i] as f32 / 255.0` exactly;
+/// Without a warp (the default) nothing is drawn and `dst[i] == src[i] as f32 / 255.0` exactly;
 /// otherwise four uniforms are drawn per image (then, with an elastic distortion, its `2 * 784`), so the
-/// result depends only on `cfg` and the rng state.
+/// result depends only on `cfg` and the rng state. Erasing and mixing are the batcher's
+/// ([`crate::Batcher`]), from rngs of their own.
 pub fn augment_into(src: &[u8], dst: &mut [f32], cfg: &AugmentConfig, rng: &mut impl Rng) {
-    if cfg.is_identity() {
+    if !cfg.warps() {
         for (d, &s) in dst.iter_mut().zip(src.iter().take(IMAGE_PIXELS)) {
             *d = s as f32 / 255.0;
         }

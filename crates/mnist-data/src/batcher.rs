@@ -8,6 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::augment::{augment_into, AugmentConfig};
 use crate::dataset::Split;
 use crate::error::{DataError, Result};
+use crate::mix::BatchMix;
 use crate::{IMAGE_PIXELS, IMAGE_SIDE};
 
 /// A deterministic rng for one purpose (`stream`) in one epoch of a run seeded with `seed`.
@@ -93,6 +94,26 @@ pub struct Batch {
     pub labels: Tensor,
     /// The same labels on the host.
     pub labels_u8: Vec<u8>,
+    /// How the images were mixed in pairs, when the augmentation mixes ([`crate::MixConfig`]): the loss
+    /// then weighs each image's own label by `lam` and its partner's by `1 - lam`.
+    pub mix: Option<BatchMix>,
+}
+
+impl Batch {
+    /// The labels of the images mixed into this batch's images (`u32 [b]`, `labels[partner[i]]`), when
+    /// it was mixed.
+    pub fn partner_labels(&self) -> candle_core::Result<Option<Tensor>> {
+        let Some(mix) = &self.mix else {
+            return Ok(None);
+        };
+        let labels: Vec<u32> = mix
+            .partner
+            .iter()
+            .map(|&j| self.labels_u8[j] as u32)
+            .collect();
+        let n = labels.len();
+        Tensor::from_vec(labels, n, self.labels.device()).map(Some)
+    }
 }
 
 impl Batch {
@@ -114,14 +135,23 @@ pub struct Batcher<'a> {
     pos: usize,
     end: usize,
     batch_size: usize,
-    augment: Option<(AugmentConfig, ChaCha8Rng)>,
+    augment: Option<Augment>,
     device: Device,
+}
+
+/// An epoch's augmentation and its rngs: one for the warps, and one each for erasing and mixing when
+/// they are on (so turning either on leaves the warps' draws as they were).
+struct Augment {
+    cfg: AugmentConfig,
+    warp: ChaCha8Rng,
+    erase: Option<ChaCha8Rng>,
+    mix: Option<ChaCha8Rng>,
 }
 
 impl<'a> Batcher<'a> {
     /// Prepares one epoch. When `cfg.shuffle` the order is drawn from `rng` now; when augmenting, a child
-    /// rng for the per-image transforms is also seeded from `rng`. Either needs `rng` (error otherwise),
-    /// as does an invalid config.
+    /// rng for the per-image transforms is also seeded from `rng`, then one for erasing and one for
+    /// mixing when those are on. Either needs `rng` (error otherwise), as does an invalid config.
     pub fn new(
         split: &'a Split,
         cfg: &BatcherConfig,
@@ -144,7 +174,20 @@ impl<'a> Batcher<'a> {
                     (0..split.len()).collect()
                 };
                 let augment = match cfg.augment {
-                    Some(a) if !a.is_identity() => Some((a, ChaCha8Rng::from_rng(rng))),
+                    Some(a) if !a.is_identity() => {
+                        let warp = ChaCha8Rng::from_rng(rng);
+                        let erase = a
+                            .erase
+                            .filter(|e| !e.is_identity())
+                            .map(|_| ChaCha8Rng::from_rng(rng));
+                        let mix = a.mix.map(|_| ChaCha8Rng::from_rng(rng));
+                        Some(Augment {
+                            cfg: a,
+                            warp,
+                            erase,
+                            mix,
+                        })
+                    }
                     _ => None,
                 };
                 (order, augment)
@@ -183,7 +226,12 @@ impl<'a> Batcher<'a> {
         for (dst, &i) in pixels.chunks_exact_mut(IMAGE_PIXELS).zip(idx) {
             let src = self.split.image(i);
             match &mut self.augment {
-                Some((cfg, rng)) => augment_into(src, dst, cfg, rng),
+                Some(a) => {
+                    augment_into(src, dst, &a.cfg, &mut a.warp);
+                    if let (Some(e), Some(rng)) = (&a.cfg.erase, &mut a.erase) {
+                        e.apply(dst, rng);
+                    }
+                }
                 None => {
                     for (d, &s) in dst.iter_mut().zip(src) {
                         *d = s as f32 / 255.0;
@@ -192,6 +240,17 @@ impl<'a> Batcher<'a> {
             }
             labels_u8.push(self.split.label(i));
         }
+        let mix = match &mut self.augment {
+            Some(Augment {
+                cfg: AugmentConfig { mix: Some(m), .. },
+                mix: Some(rng),
+                ..
+            }) => Some(
+                m.apply(&mut pixels, rng)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            ),
+            _ => None,
+        };
         let images = Tensor::from_vec(pixels, (b, 1, IMAGE_SIDE, IMAGE_SIDE), &self.device)?; // [b, 1, 28, 28]
         let labels: Vec<u32> = labels_u8.iter().map(|&l| l as u32).collect();
         let labels = Tensor::from_vec(labels, b, &self.device)?; // [b]
@@ -199,6 +258,7 @@ impl<'a> Batcher<'a> {
             images,
             labels,
             labels_u8,
+            mix,
         })
     }
 }
@@ -488,5 +548,85 @@ mod tests {
         assert!(to_tensor(&[0; 700], 1, &Device::Cpu).is_err());
         let l = labels_to_tensor(&[3, 4], &Device::Cpu).unwrap();
         assert_eq!(l.to_vec1::<u32>().unwrap(), vec![3, 4]);
+    }
+
+    /// Erasing and mixing draw from rngs of their own: the shuffle and the warps of an epoch stay those
+    /// of the same seed without them, so a candidate with either is paired image for image.
+    #[test]
+    fn erasing_and_mixing_keep_the_shuffle_and_the_warps_of_the_seed() {
+        // Images with structure, so warps and erasing show.
+        let n = 40;
+        let images: Vec<u8> = (0..n * 784)
+            .map(|k| ((k * 37 + k / 784 * 11) % 256) as u8)
+            .collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let s = Split::from_parts(images, labels).unwrap();
+        let warp = AugmentConfig {
+            max_rotation_deg: 10.0,
+            max_shift_px: 2.0,
+            ..AugmentConfig::default()
+        };
+        let epoch = |aug: AugmentConfig| -> Vec<Batch> {
+            let cfg = BatcherConfig {
+                batch_size: 16,
+                augment: Some(aug),
+                ..BatcherConfig::default()
+            };
+            let mut rng = epoch_rng(7, 1, 0);
+            Batcher::new(&s, &cfg, Some(&mut rng), &Device::Cpu)
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect()
+        };
+        let pixels = |b: &Batch| b.images.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+        let base = epoch(warp);
+        assert!(base
+            .iter()
+            .all(|b| b.mix.is_none() && b.partner_labels().unwrap().is_none()));
+
+        let erased = epoch(AugmentConfig {
+            erase: Some(crate::EraseConfig::new(1.0)),
+            ..warp
+        });
+        let mut changed = 0;
+        for (e, b) in erased.iter().zip(&base) {
+            assert_eq!(e.labels_u8, b.labels_u8, "same shuffle");
+            for (img, want) in pixels(e).iter().zip(pixels(b)) {
+                // Every pixel is the warped one or erased to 0.
+                assert!(img.iter().zip(&want).all(|(&v, &w)| v == w || v == 0.0));
+                changed += (img != &want) as usize;
+            }
+        }
+        assert!(changed > n / 2, "{changed} of {n} images erased");
+
+        let mixed = epoch(AugmentConfig {
+            mix: Some(crate::MixConfig {
+                kind: crate::MixKind::Mixup,
+                alpha: 0.4,
+            }),
+            ..warp
+        });
+        for (m, b) in mixed.iter().zip(&base) {
+            assert_eq!(m.labels_u8, b.labels_u8, "same shuffle");
+            let mix = m.mix.as_ref().expect("mixed");
+            let partner_labels = m
+                .partner_labels()
+                .unwrap()
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            let (got, want) = (pixels(m), pixels(b));
+            for (i, img) in got.iter().enumerate() {
+                let j = mix.partner[i];
+                assert_eq!(partner_labels[i], b.labels_u8[j] as u32);
+                for ((&v, &x), &y) in img.iter().zip(&want[i]).zip(&want[j]) {
+                    assert_eq!(
+                        v,
+                        mix.lam * x + (1.0 - mix.lam) * y,
+                        "the warped images, blended"
+                    );
+                }
+            }
+        }
     }
 }

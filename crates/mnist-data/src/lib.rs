@@ -19,6 +19,7 @@ mod dataset;
 mod elastic;
 mod error;
 mod idx;
+mod mix;
 pub mod preprocess;
 mod source;
 
@@ -39,6 +40,7 @@ pub use idx::{
     parse_idx_images, parse_idx_labels, read_idx_images, read_idx_labels, write_idx_images,
     write_idx_labels, IMAGES_MAGIC, LABELS_MAGIC,
 };
+pub use mix::{BatchMix, EraseConfig, MixConfig, MixKind, Rect};
 pub use preprocess::{decode_mnist_image, load_mnist_image, to_mnist, ImageError, FIT_SIDE};
 pub use source::{save_tensors, DataSource, DEBIAN_FASHION_DIR};
 

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use mnist_data::{DataSource, Dataset, ElasticConfig, Interpolation, DEFAULT_ELASTIC_SIGMA};
+use mnist_data::{
+    DataSource, Dataset, ElasticConfig, EraseConfig, Interpolation, MixConfig, MixKind,
+    DEFAULT_ELASTIC_SIGMA,
+};
 use mnist_layers::Kernels;
 use mnist_models::{thousands, ArchSpec, Classifier, ModelConfig, Solution, Variant};
 use mnist_optim::{
@@ -90,6 +93,18 @@ fn up_to_one_f64(s: &str) -> std::result::Result<f64, String> {
 
 fn open_unit_f64(s: &str) -> std::result::Result<f64, String> {
     f64_where(s, |v| v > 0.0 && v < 1.0, "above 0 and below 1")
+}
+
+fn probability_f64(s: &str) -> std::result::Result<f64, String> {
+    f64_where(s, |v| (0.0..=1.0).contains(&v), "a probability in [0, 1]")
+}
+
+fn erase_area_f64(s: &str) -> std::result::Result<f64, String> {
+    f64_where(
+        s,
+        |v| v > 0.02 && v <= 1.0,
+        "a share of the image in (0.02, 1]",
+    )
 }
 
 fn positive_usize(s: &str) -> std::result::Result<usize, String> {
@@ -238,6 +253,24 @@ struct TrainArgs {
     /// Augmentation: smoothing of the elastic displacement field, a Gaussian of S pixels [default: 4].
     #[arg(long, value_name = "S", requires = "elastic", allow_negative_numbers = true, value_parser = positive_f64)]
     elastic_sigma: Option<f64>,
+    /// Augmentation: random erasing (Zhong et al. 2020): with probability P a rectangle of each training
+    /// image set to the background, 0 = off (turns augmentation on) [recipe: off].
+    #[arg(long, value_name = "P", conflicts_with = "no_augment", allow_negative_numbers = true, value_parser = probability_f64)]
+    erase: Option<f64>,
+    /// Augmentation: the largest share of the image one erased rectangle covers (the smallest is 0.02)
+    /// [default: 0.33].
+    #[arg(long, value_name = "A", requires = "erase", allow_negative_numbers = true, value_parser = erase_area_f64)]
+    erase_max_area: Option<f64>,
+    /// Augmentation: mixup (Zhang et al. 2018): each training image blended with another of its batch,
+    /// the share drawn from Beta(ALPHA, ALPHA) once a batch, the loss weighing both labels by it (turns
+    /// augmentation on) [recipe: off].
+    #[arg(long, value_name = "ALPHA", conflicts_with_all = ["no_augment", "cutmix"], allow_negative_numbers = true, value_parser = positive_f64)]
+    mixup: Option<f64>,
+    /// Augmentation: CutMix (Yun et al. 2019): a rectangle of another image of the batch pasted into each
+    /// training image, its area's share drawn as for --mixup, the labels weighed by the areas (turns
+    /// augmentation on) [recipe: off].
+    #[arg(long, value_name = "ALPHA", conflicts_with = "no_augment", allow_negative_numbers = true, value_parser = positive_f64)]
+    cutmix: Option<f64>,
     /// Train the last N epochs without augmentation [improved recipe: 1 for separable and inception, 0 for conv].
     #[arg(long, value_name = "N")]
     clean_epochs: Option<usize>,
@@ -303,6 +336,7 @@ struct TrainArgs {
             "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "warmup_fraction", "cycle_momentum", "augment", "no_augment",
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
             "optimizer", "momentum", "no_nesterov", "beta2", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
+            "erase", "erase_max_area", "mixup", "cutmix",
             "teacher", "distill_temperature", "distill_weight", "precise_bn", "sam", "sam_adaptive",
             "grad_centralization", "lookahead", "lookahead_alpha", "ghost_batch",
         ]
@@ -576,7 +610,10 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
         || args.shift.is_some()
         || args.scale.is_some()
         || args.interpolation.is_some()
-        || args.elastic.is_some();
+        || args.elastic.is_some()
+        || args.erase.is_some()
+        || args.mixup.is_some()
+        || args.cutmix.is_some();
     if (args.augment || custom_augment) && cfg.augment.is_none() {
         cfg.augment = TrainConfig::recipe(solution, Variant::Improved).augment;
     }
@@ -599,6 +636,26 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
                 alpha: alpha as f32,
                 sigma: args.elastic_sigma.unwrap_or(DEFAULT_ELASTIC_SIGMA as f64) as f32,
             });
+        }
+        if let Some(p) = args.erase {
+            // Zero probability erases nothing: the same run as no erasing.
+            aug.erase = (p > 0.0).then(|| {
+                let mut e = EraseConfig::new(p as f32);
+                if let Some(a) = args.erase_max_area {
+                    e.area.1 = a as f32;
+                }
+                e
+            });
+        }
+        let mix = |kind, alpha: f64| MixConfig {
+            kind,
+            alpha: alpha as f32,
+        };
+        if let Some(alpha) = args.mixup {
+            aug.mix = Some(mix(MixKind::Mixup, alpha));
+        }
+        if let Some(alpha) = args.cutmix {
+            aug.mix = Some(mix(MixKind::Cutmix, alpha));
         }
     }
     if let Some(n) = args.clean_epochs {

@@ -137,7 +137,7 @@ impl TrainConfig {
                         max_shift_px: 2.0,
                         scale_range: (0.9, 1.1),
                         interpolation: Interpolation::Bilinear,
-                        elastic: None,
+                        ..AugmentConfig::default()
                     }),
                     // Chosen on the validation split (README, "Improved variants"): the separable
                     // and inception models gained from a last epoch on plain images; conv did not.

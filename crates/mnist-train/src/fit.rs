@@ -400,8 +400,16 @@ pub fn fit_with(
             if let Some(m) = scheduler.momentum_at(epoch0, step) {
                 opt.set_momentum(m);
             }
+            // A mixed batch's target is `lam` of each image's own label and `1 - lam` of its partner's.
+            let mixed = batch
+                .partner_labels()?
+                .zip(batch.mix.as_ref().map(|m| m.lam as f64));
             let loss_of = |logits: &Tensor| -> candle_core::Result<Tensor> {
                 let mut loss = smoothed_cross_entropy(logits, &batch.labels, cfg.label_smoothing)?;
+                if let Some((partner, lam)) = &mixed {
+                    let other = smoothed_cross_entropy(logits, partner, cfg.label_smoothing)?;
+                    loss = ((loss * *lam)? + (other * (1.0 - lam))?)?;
+                }
                 if let (Some(soft), Some((_, d))) = (&soft, &teachers) {
                     let distill = soft_kl_divergence(logits, soft, d.temperature)?;
                     loss = ((loss * (1.0 - d.weight))? + (distill * d.weight)?)?;
@@ -691,6 +699,31 @@ mod tests {
             aug.elastic = Some(mnist_data::ElasticConfig::new(4.0));
         }
         assert_resume_matches_uninterrupted(&all);
+    }
+
+    /// Random erasing and mixup / CutMix draw from per-epoch generators of their own: each changes
+    /// training and resumes bit for bit.
+    #[test]
+    fn erasing_and_mixing_change_training_and_resume_bit_for_bit() {
+        let data = tiny_data(48);
+        let (plain, _) = train(&cfg(2), &data);
+        let with = |erase: Option<f32>, mix: Option<(mnist_data::MixKind, f32)>| {
+            let mut c = cfg(3);
+            let aug = c.augment.as_mut().expect("the improved recipe augments");
+            aug.erase = erase.map(mnist_data::EraseConfig::new);
+            aug.mix = mix.map(|(kind, alpha)| mnist_data::MixConfig { kind, alpha });
+            c
+        };
+        for c in [
+            with(Some(0.5), None),
+            with(None, Some((mnist_data::MixKind::Mixup, 0.4))),
+            with(Some(0.5), Some((mnist_data::MixKind::Cutmix, 1.0))),
+        ] {
+            let mut two = c.clone();
+            two.epochs = 2;
+            assert_ne!(train(&two, &data).0, plain, "{:?}", c.augment);
+            assert_resume_matches_uninterrupted(&c);
+        }
     }
 
     /// Ghost BatchNorm changes training, runs alone and under sharpness-aware minimisation (whose second
