@@ -100,6 +100,17 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The label each image holds the larger share of: its own, or, in a batch mixed with `lam < 0.5`,
+    /// its partner's (what the training accuracy of a mixed batch counts).
+    pub fn majority_labels(&self) -> std::borrow::Cow<'_, [u8]> {
+        match &self.mix {
+            Some(mix) if mix.lam < 0.5 => {
+                std::borrow::Cow::Owned(mix.partner.iter().map(|&j| self.labels_u8[j]).collect())
+            }
+            _ => std::borrow::Cow::Borrowed(&self.labels_u8),
+        }
+    }
+
     /// The labels of the images mixed into this batch's images (`u32 [b]`, `labels[partner[i]]`), when
     /// it was mixed.
     pub fn partner_labels(&self) -> candle_core::Result<Option<Tensor>> {
@@ -114,9 +125,7 @@ impl Batch {
         let n = labels.len();
         Tensor::from_vec(labels, n, self.labels.device()).map(Some)
     }
-}
 
-impl Batch {
     /// Number of examples in the batch.
     pub fn len(&self) -> usize {
         self.labels_u8.len()
@@ -615,6 +624,16 @@ mod tests {
                 .unwrap()
                 .to_vec1::<u32>()
                 .unwrap();
+            let majority: Vec<u32> = m.majority_labels().iter().map(|&l| l as u32).collect();
+            let own: Vec<u32> = m.labels_u8.iter().map(|&l| l as u32).collect();
+            assert_eq!(
+                majority,
+                if mix.lam < 0.5 {
+                    partner_labels.clone()
+                } else {
+                    own
+                }
+            );
             let (got, want) = (pixels(m), pixels(b));
             for (i, img) in got.iter().enumerate() {
                 let j = mix.partner[i];

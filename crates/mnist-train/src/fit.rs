@@ -450,7 +450,7 @@ pub fn fit_with(
             }
             let n = batch.labels_u8.len();
             loss_sum.update(loss_value, n);
-            acc.update(&logits, &batch.labels_u8)?;
+            acc.update(&logits, &batch.majority_labels())?;
             reporter.step(step + 1, loss_sum.value(), acc.value());
             Ok(())
         });
