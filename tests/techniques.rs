@@ -348,6 +348,58 @@ fn erasing_and_mixing_are_stored_and_resume_bit_for_bit() {
     assert!(config["augment"].get("mix").is_none(), "{config}");
 }
 
+/// Distillation runs the teacher's forward pass on the prefetch thread while training runs on the rayon
+/// pool: with one thread (`RAYON_NUM_THREADS=1`, what `sweep --jobs` gives each run on a machine with as
+/// many cores as jobs) the teacher's parallel loops need the training thread's worker, which must not
+/// sit blocked waiting for the teacher's batch (a run once hung there for good).
+#[test]
+fn distillation_finishes_on_one_thread() {
+    if mnist_dir_if_present().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    ok(
+        &run_owned(
+            BIN,
+            &train_args("improved", "1", "300", &teacher, &["--no-test"]),
+        ),
+        "teacher",
+    );
+    let student = tmp.path().join("student");
+    let weights = teacher.join("model.safetensors");
+    let args = train_args(
+        "improved",
+        "1",
+        "300",
+        &student,
+        &["--no-test", "--teacher", weights.to_str().unwrap()],
+    );
+    let mut child = std::process::Command::new(common::bin(BIN))
+        .args(&args)
+        .env("RAYON_NUM_THREADS", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(240) {
+            child.kill().unwrap();
+            panic!("a distilled run on one thread did not finish in 240 s (deadlocked)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(student.join("model.safetensors").is_file());
+}
+
 #[test]
 fn bad_values_are_refused_with_exit_2_naming_the_flag() {
     let Some(data) = mnist_dir_if_present() else {

@@ -299,6 +299,11 @@ impl ExactSizeIterator for Batcher<'_> {}
 /// order, so that preparing the next batch (shuffling, augmentation, conversion) overlaps with the work
 /// on the current one. The items and their order are exactly those of `batches`: prefetching changes no
 /// result. The first error of `consume` stops both sides and is returned.
+///
+/// The producer may run rayon parallel loops of its own (a distillation teacher's forward pass does).
+/// When the consumer runs on a rayon worker (training runs on the pool, `mnist_layers::on_pool`), it
+/// waits for the next item without blocking that worker: it runs the pool's pending jobs meanwhile
+/// ([`recv_on_pool`]), so the producer's loops finish even on a pool of one thread.
 pub fn with_prefetch<T: Send, E>(
     batches: impl Iterator<Item = T> + Send,
     depth: usize,
@@ -315,11 +320,38 @@ pub fn with_prefetch<T: Send, E>(
             }
         });
         // `rx` is dropped on return, which ends the producer before the scope joins it.
-        for item in rx {
+        while let Some(item) = recv_on_pool(&rx) {
             consume(item)?;
         }
         Ok(())
     })
+}
+
+/// The next item of `rx` (`None` once the sender is gone). Off the rayon pool, a plain blocking
+/// receive. On a pool worker, a blocking receive could idle the one worker that the sender's own
+/// parallel loops wait for (a deadlock on a pool of one thread), so while nothing has arrived the
+/// worker runs any pending job of the pool (`rayon::yield_now`) and otherwise waits at most 100 us
+/// for the item before looking again.
+fn recv_on_pool<T>(rx: &std::sync::mpsc::Receiver<T>) -> Option<T> {
+    use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+    if rayon::current_thread_index().is_none() {
+        return rx.recv().ok();
+    }
+    loop {
+        match rx.try_recv() {
+            Ok(item) => return Some(item),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) => {}
+        }
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            continue;
+        }
+        match rx.recv_timeout(std::time::Duration::from_micros(100)) {
+            Ok(item) => return Some(item),
+            Err(RecvTimeoutError::Disconnected) => return None,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
 }
 
 /// Shorthand for [`Batcher::new`].
@@ -647,5 +679,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A producer whose items need rayon loops, consumed on the only worker of a one-thread pool (as a
+    /// distillation teacher's forward pass is, in a training run with one thread): the consumer must
+    /// lend its worker to the producer's loops, or both wait for each other for ever.
+    #[test]
+    fn a_producer_using_the_pool_finishes_on_a_pool_of_one_thread() {
+        use rayon::prelude::*;
+        // The producer's loops go to the consumer's pool, as the global pool's loops do in a run.
+        let pool = std::sync::Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap(),
+        );
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let producer_pool = pool.clone();
+            let sums = pool.install(|| {
+                let produced = (0..20u64).map(move |i| {
+                    producer_pool.install(|| (0..10_000u64).into_par_iter().map(|x| x * i).sum())
+                });
+                let mut got: Vec<u64> = Vec::new();
+                with_prefetch(produced, 2, |s| {
+                    got.push(s);
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+                got
+            });
+            done_tx.send(sums).unwrap();
+        });
+        let sums = done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("with_prefetch deadlocked on a one-thread pool");
+        let want: Vec<u64> = (0..20u64)
+            .map(|i| i * (0..10_000u64).sum::<u64>())
+            .collect();
+        assert_eq!(sums, want, "every item, in order");
     }
 }
