@@ -16,6 +16,7 @@
 mod augment;
 mod batcher;
 mod dataset;
+mod deskew;
 mod elastic;
 mod error;
 mod idx;
@@ -34,6 +35,7 @@ pub use dataset::{
     load_dir, load_dir_without_test, Dataset, Mnist, Split, FILE_NAMES, TEST_IMAGES, TEST_LABELS,
     TRAIN_FILE_NAMES, TRAIN_IMAGES, TRAIN_LABELS,
 };
+pub use deskew::{deskew_into, slant, MAX_SLANT};
 pub use elastic::{Displacement, ElasticConfig, DEFAULT_ELASTIC_SIGMA};
 pub use error::{DataError, Result};
 pub use idx::{

@@ -250,7 +250,10 @@ impl Net {
     /// without candle's gradient store between them. In inference, each run of fused blocks image by
     /// image through all of them in cache ([`mnist_layers::infer_stack`]), bit for bit the same.
     fn run(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut ys = xs.clone();
+        let mut ys = match self.spec.deskew {
+            true => deskew(xs)?,
+            false => xs.clone(),
+        };
         let mut kept = Vec::new();
         let mut rest = &self.stages[..];
         while let Some((stage, after)) = rest.split_first() {
@@ -306,6 +309,24 @@ impl Net {
         }
         Ok(shapes)
     }
+}
+
+/// Every image of `xs` (`[b, 1, 28, 28]`) deskewed ([`mnist_data::deskew_into`]); an input transform
+/// with no parameters, so no gradient flows through it.
+fn deskew(xs: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
+    if (c, h * w) != (1, mnist_data::IMAGE_PIXELS) {
+        candle_core::bail!("deskew: images must be [b, 1, 28, 28], got {:?}", xs.dims());
+    }
+    let src = xs.flatten_all()?.to_vec1::<f32>()?;
+    let mut dst = vec![0f32; src.len()];
+    for (s, d) in src
+        .chunks_exact(mnist_data::IMAGE_PIXELS)
+        .zip(dst.chunks_exact_mut(mnist_data::IMAGE_PIXELS))
+    {
+        mnist_data::deskew_into(s, d);
+    }
+    Tensor::from_vec(dst, (b, c, h, w), xs.device())
 }
 
 /// The fused blocks at the start of `stages`, up to the first other stage.
@@ -781,6 +802,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `"deskew": true` is the same model run on deskewed images, in training and inference alike, with
+    /// the same variables; the deskewing passes no gradient to the (parameter-free) input.
+    #[test]
+    fn a_deskewing_model_is_the_plain_model_on_deskewed_images() {
+        let plain = builtin(Solution::Conv, Variant::Improved).clone();
+        let spec = ArchSpec {
+            deskew: true,
+            ..plain.clone()
+        };
+        let xs = images(3);
+        let mut flat = xs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let src = flat.clone();
+        for (s, d) in src.chunks_exact(784).zip(flat.chunks_exact_mut(784)) {
+            mnist_data::deskew_into(s, d);
+        }
+        let deskewed = Tensor::from_vec(flat, xs.dims(), xs.device()).unwrap();
+        assert_ne!(
+            deskewed.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            xs.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        for train in [false, true] {
+            let ((a, _), (b, _)) = (net(&spec, Kernels::Auto), net(&plain, Kernels::Auto));
+            let got = a.forward_t(&xs, train).unwrap().to_vec2::<f32>().unwrap();
+            let want = b
+                .forward_t(&deskewed, train)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert_eq!(got, want, "train = {train}");
+        }
+        // It round-trips through JSON, and only as a boolean.
+        assert_eq!(ArchSpec::from_json(&spec.to_json()).unwrap(), spec);
+        let text = spec.to_json().replace("\"deskew\": true", "\"deskew\": 1");
+        let err = ArchSpec::from_json(&text).unwrap_err().to_string();
+        assert!(err.contains("deskew") || err.contains("boolean"), "{err}");
     }
 
     /// A spec's `"init"` scales the same draws: every convolution and dense weight of a built-in model

@@ -45,6 +45,11 @@ pub struct ArchSpec {
     /// biases start at zero.
     #[serde(default, skip_serializing_if = "is_default")]
     pub init: WeightInit,
+    /// Deskew every input image before the first layer (`mnist_data::deskew_into`: sheared upright by
+    /// its second moments and centred by its centre of mass), in training, evaluation and prediction
+    /// alike. Off by default.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub deskew: bool,
     /// The layers, input first.
     pub layers: Vec<LayerSpec>,
 }
@@ -259,6 +264,8 @@ struct ArchHead {
     batch_norm: BatchNormSpec,
     #[serde(default)]
     init: WeightInit,
+    #[serde(default)]
+    deskew: bool,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -476,6 +483,7 @@ impl ArchSpec {
             names: head.names,
             batch_norm: head.batch_norm,
             init: head.init,
+            deskew: head.deskew,
             layers,
         })
     }

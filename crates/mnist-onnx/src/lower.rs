@@ -43,6 +43,12 @@ pub(crate) fn lower(
         at: String::new(),
         emitted: HashMap::new(),
     };
+    if arch.deskew {
+        return Err(OnnxError::Unsupported {
+            at: "the model's \"deskew\"".into(),
+            reason: "deskewing the input has no ONNX form here yet".into(),
+        });
+    }
     let mut x = INPUT_NAME.to_string(); // [N, 1, 28, 28]
     let mut dims = plan::INPUT;
     // Each top-level layer's input, for residual shortcuts.
