@@ -834,6 +834,17 @@ mod tests {
                 .unwrap();
             assert_eq!(got, want, "train = {train}");
         }
+        // The summary shows it as a row without parameters; the counts are the plain model's.
+        let (a, b) = (
+            crate::summary(&spec).unwrap(),
+            crate::summary(&plain).unwrap(),
+        );
+        assert_eq!(
+            (a.layers[0].kind.as_str(), a.layers[0].params),
+            ("Deskew", 0)
+        );
+        assert_eq!(a.layers.len(), b.layers.len() + 1);
+        assert_eq!(a.params_total, b.params_total);
         // It round-trips through JSON, and only as a boolean.
         assert_eq!(ArchSpec::from_json(&spec.to_json()).unwrap(), spec);
         let text = spec.to_json().replace("\"deskew\": true", "\"deskew\": 1");

@@ -26,7 +26,16 @@ pub struct Summary {
 /// The summary of `spec` (an error when the spec does not describe a model).
 pub fn summary(spec: &ArchSpec) -> Result<Summary, SpecError> {
     let plan = plan(spec)?;
-    let layers: Vec<LayerSummary> = plan.rows().cloned().collect();
+    // A deskewing model's input transform is a row of its own, without parameters.
+    let deskew = spec.deskew.then(|| LayerSummary {
+        name: "deskew".into(),
+        kind: "Deskew".into(),
+        output_shape: vec![1, 28, 28],
+        params: 0,
+        non_trainable: 0,
+        weights_of: None,
+    });
+    let layers: Vec<LayerSummary> = deskew.into_iter().chain(plan.rows().cloned()).collect();
     let params_total = layers.iter().map(|l| l.params).sum();
     let params_non_trainable = layers.iter().map(|l| l.non_trainable).sum();
     Ok(Summary {
