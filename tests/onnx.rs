@@ -173,6 +173,29 @@ fn squeeze_excite_exports_as_gated_channels() {
     agrees_with_tract(&model, &bytes, &images[..64], "squeeze-excite");
 }
 
+/// A deskewing model (`tests/fixtures/deskew.json`: the input deskewed, then two convolutions and a
+/// dense layer read every pixel's position; seeded random weights) exports its deskewing as moments,
+/// a clamped slant and two hat-weighted `MatMul`s, and tract computes the logits candle does, on real
+/// test digits and on a blank image (no mass: nothing moves) alike.
+#[test]
+fn deskewing_exports_as_moments_and_a_sheared_resampling() {
+    let Some((images, _)) = test_images() else {
+        return;
+    };
+    let model = seeded_model(include_str!("fixtures/deskew.json"));
+    let bytes = mnist_onnx::export(model.config(), model.vars()).unwrap();
+    agrees_with_tract(&model, &bytes, &images[..64], "deskew");
+    agrees_with_tract(&model, &bytes, &[vec![0u8; 784]], "deskew, blank");
+    // The same weights without deskewing give other logits: the test sees the transform.
+    let plain = include_str!("fixtures/deskew.json").replace("\"deskew\": true,", "");
+    let plain = seeded_model(&plain);
+    let (a, b) = (
+        model.logits(&images[..8]).unwrap(),
+        plain.logits(&images[..8]).unwrap(),
+    );
+    assert_ne!(a, b);
+}
+
 /// A tied convolution (`weights_of`: the spec of `tests/fixtures/weights-of.json`, a plain and a
 /// separable one, seeded random weights) exports its weights once: one initializer per variable, read
 /// by both `Conv` nodes; and tract computes the logits candle does.

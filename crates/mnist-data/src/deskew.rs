@@ -13,7 +13,7 @@ use crate::{IMAGE_PIXELS, IMAGE_SIDE};
 pub const MAX_SLANT: f32 = 1.0;
 
 /// The slant and centre of mass of a 28x28 image (`alpha`, `mx`, `my`); `None` for an image without
-/// mass.
+/// mass. The slant is `cov(x, y) / max(var(y), 1e-9 * mass)`, clamped to [`MAX_SLANT`].
 pub fn slant(image: &[f32]) -> Option<(f32, f32, f32)> {
     let image = &image[..IMAGE_PIXELS];
     let (mut m, mut sx, mut sy) = (0f64, 0f64, 0f64);
@@ -33,7 +33,8 @@ pub fn slant(image: &[f32]) -> Option<(f32, f32, f32)> {
         cxy += dx * dy * v as f64;
         cyy += dy * dy * v as f64;
     }
-    let alpha = if cyy > 1e-9 * m { cxy / cyy } else { 0.0 };
+    // A shape with (almost) no height has no slant to speak of: its estimate is clamped below.
+    let alpha = cxy / cyy.max(1e-9 * m);
     Some((
         (alpha as f32).clamp(-MAX_SLANT, MAX_SLANT),
         mx as f32,

@@ -16,6 +16,7 @@
 //! - dense: `Gemm` with `transB = 1` (weight `[out, in]`, bias `[out]`), then its activation if any.
 //! - a residual shortcut (conv, separable_conv): `Add` of the block's output and the input of the layer
 //!   it starts at.
+//! - deskew (the spec's `"deskew": true`): see [`Emit::deskew`], before the first layer.
 //! - inception: each branch from the module's input, then `Concat` on the channels (axis 1), then the
 //!   module's BatchNorm if any.
 
@@ -43,13 +44,10 @@ pub(crate) fn lower(
         at: String::new(),
         emitted: HashMap::new(),
     };
-    if arch.deskew {
-        return Err(OnnxError::Unsupported {
-            at: "the model's \"deskew\"".into(),
-            reason: "deskewing the input has no ONNX form here yet".into(),
-        });
-    }
     let mut x = INPUT_NAME.to_string(); // [N, 1, 28, 28]
+    if arch.deskew {
+        x = emit.deskew(x); // [N, 1, 28, 28]
+    }
     let mut dims = plan::INPUT;
     // Each top-level layer's input, for residual shortcuts.
     let mut inputs: Vec<String> = Vec::with_capacity(planned.layers.len());
@@ -188,6 +186,85 @@ impl Emit<'_> {
             ],
             out,
         ))
+    }
+
+    /// The deskewed images (`mnist_data::deskew_into`) of `x` `[N, 1, 28, 28]`: the moments as
+    /// `ReduceMean`s (ratios of means are ratios of sums), the slant `Clip`ped, and the bilinear shear as
+    /// two `MatMul`s with hat-function weights `Relu(1 - |target - source|)`: rows first (`V [N, 1, 28,
+    /// 28]`, each output row from the source rows about `row + my - c`), then each row's columns (`H [N,
+    /// 28, 28, 28]`, output column `x` from the columns about `x + alpha (row - c) + mx - c`); samples
+    /// outside the image get no weight, as zero padding.
+    fn deskew(&mut self, x: String) -> String {
+        let n = mnist_data::IMAGE_SIDE;
+        let c = (n as f32 - 1.0) / 2.0;
+        let idx: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let g = &mut self.graph;
+        let col = g.initializer("deskew.col", vec![1, 1, 1, n], idx.clone()); // [1, 1, 1, 28]
+        let row = g.initializer("deskew.row", vec![1, 1, n, 1], idx.clone()); // [1, 1, 28, 1]
+        let row_c = g.initializer(
+            "deskew.row_centred",
+            vec![1, 1, n, 1],
+            idx.iter().map(|i| i - c).collect(),
+        );
+        let scalar = |g: &mut Graph, name: &str, v: f32| g.initializer(name, vec![1], vec![v]);
+        let centre = scalar(g, "deskew.centre", c);
+        let one = scalar(g, "deskew.one", 1.0);
+        let tiny = scalar(g, "deskew.tiny", 1e-12);
+        let flat = scalar(g, "deskew.flat", 1e-9);
+        let (lo, hi) = (
+            scalar(g, "deskew.min_slant", -mnist_data::MAX_SLANT),
+            scalar(g, "deskew.max_slant", mnist_data::MAX_SLANT),
+        );
+        let mean = |g: &mut Graph, name: &str, v: String| {
+            let attrs = vec![("axes", ints(&[2, 3])), ("keepdims", Attr::Int(1))];
+            g.node("ReduceMean", name, vec![v], attrs) // [N, 1, 1, 1]
+        };
+        let op = |g: &mut Graph, op: &'static str, name: &str, a: &str, b: &str| {
+            g.node(op, name, vec![a.to_string(), b.to_string()], vec![])
+        };
+        // Mass and centre of mass.
+        let m = mean(g, "deskew.mass", x.clone());
+        let m = op(g, "Max", "deskew.mass_or_tiny", &m, &tiny);
+        let xc = op(g, "Mul", "deskew.x_col", &x, &col);
+        let mx = mean(g, "deskew.mean_x_col", xc);
+        let mx = op(g, "Div", "deskew.mx", &mx, &m);
+        let xr = op(g, "Mul", "deskew.x_row", &x, &row);
+        let my = mean(g, "deskew.mean_x_row", xr);
+        let my = op(g, "Div", "deskew.my", &my, &m);
+        // Slant: cov(x, y) / var(y), clamped.
+        let dx = op(g, "Sub", "deskew.dx", &col, &mx); // [N, 1, 1, 28]
+        let dy = op(g, "Sub", "deskew.dy", &row, &my); // [N, 1, 28, 1]
+        let wdy = op(g, "Mul", "deskew.x_dy", &x, &dy);
+        let cxy = op(g, "Mul", "deskew.x_dx_dy", &wdy, &dx);
+        let cxy = mean(g, "deskew.cxy", cxy);
+        let cyy = op(g, "Mul", "deskew.x_dy_dy", &wdy, &dy);
+        let cyy = mean(g, "deskew.cyy", cyy);
+        let floor = op(g, "Mul", "deskew.flat_floor", &m, &flat);
+        let cyy = op(g, "Max", "deskew.cyy_or_floor", &cyy, &floor);
+        let alpha = op(g, "Div", "deskew.slant", &cxy, &cyy);
+        let alpha = g.node("Clip", "deskew.slant_clamped", vec![alpha, lo, hi], vec![]); // [N, 1, 1, 1]
+                                                                                         // Rows: output row i reads the source rows about i + (my - c).
+        let dyo = op(g, "Sub", "deskew.row_shift", &my, &centre);
+        let src_row = op(g, "Add", "deskew.source_row", &row, &dyo); // [N, 1, 28, 1]
+        let hat = |g: &mut Graph, name: &str, target: &str, source: &str| {
+            let d = op(g, "Sub", &format!("{name}.offset"), target, source);
+            let d = g.node("Abs", &format!("{name}.distance"), vec![d], vec![]);
+            let w = op(g, "Sub", &format!("{name}.hat"), &one, &d);
+            g.node("Relu", name, vec![w], vec![])
+        };
+        let v = hat(g, "deskew.rows", &col, &src_row); // [N, 1, 28 out, 28 source]
+        let t = op(g, "MatMul", "deskew.rows_sampled", &v, &x); // [N, 1, 28, 28]
+                                                                // Columns: output column x of row y reads the source columns about x + s[y].
+        let shear = op(g, "Mul", "deskew.shear", &alpha, &row_c);
+        let dxo = op(g, "Sub", "deskew.col_shift", &mx, &centre);
+        let s = op(g, "Add", "deskew.source_shift", &shear, &dxo); // [N, 1, 28, 1]
+        let perm = || vec![("perm", ints(&[0, 2, 1, 3]))];
+        let s = g.node("Transpose", "deskew.shift_by_row", vec![s], perm()); // [N, 28, 1, 1]
+        let src_col = op(g, "Add", "deskew.source_col", &col, &s); // [N, 28, 1, 28 out]
+        let h = hat(g, "deskew.cols", &src_col, &row); // [N, 28, 28 source, 28 out]
+        let t = g.node("Transpose", "deskew.by_row", vec![t], perm()); // [N, 28, 1, 28]
+        let o = op(g, "MatMul", "deskew.cols_sampled", &t, &h); // [N, 28, 1, 28]
+        g.node("Transpose", "deskew", vec![o], perm()) // [N, 1, 28, 28]
     }
 
     /// `act` on `x`: nothing, `Relu`, or SiLU as `Mul(x, Sigmoid(x))` (opset 13 has no SiLU operator).
