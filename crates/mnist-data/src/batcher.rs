@@ -103,10 +103,8 @@ impl Batch {
     /// The label each image holds the larger share of: its own, or, in a batch mixed with `lam < 0.5`,
     /// its partner's (what the training accuracy of a mixed batch counts).
     pub fn majority_labels(&self) -> std::borrow::Cow<'_, [u8]> {
-        match &self.mix {
-            Some(mix) if mix.lam < 0.5 => {
-                std::borrow::Cow::Owned(mix.partner.iter().map(|&j| self.labels_u8[j]).collect())
-            }
+        match (&self.mix, self.partner_labels_u8()) {
+            (Some(mix), Some(partners)) if mix.lam < 0.5 => std::borrow::Cow::Owned(partners),
             _ => std::borrow::Cow::Borrowed(&self.labels_u8),
         }
     }
@@ -114,16 +112,15 @@ impl Batch {
     /// The labels of the images mixed into this batch's images (`u32 [b]`, `labels[partner[i]]`), when
     /// it was mixed.
     pub fn partner_labels(&self) -> candle_core::Result<Option<Tensor>> {
-        let Some(mix) = &self.mix else {
-            return Ok(None);
-        };
-        let labels: Vec<u32> = mix
-            .partner
-            .iter()
-            .map(|&j| self.labels_u8[j] as u32)
-            .collect();
-        let n = labels.len();
-        Tensor::from_vec(labels, n, self.labels.device()).map(Some)
+        self.partner_labels_u8()
+            .map(|l| labels_to_tensor(&l, self.labels.device()))
+            .transpose()
+    }
+
+    /// `labels[partner[i]]` on the host, when the batch was mixed.
+    fn partner_labels_u8(&self) -> Option<Vec<u8>> {
+        let mix = self.mix.as_ref()?;
+        Some(mix.partner.iter().map(|&j| self.labels_u8[j]).collect())
     }
 
     /// Number of examples in the batch.
@@ -261,8 +258,7 @@ impl<'a> Batcher<'a> {
             _ => None,
         };
         let images = Tensor::from_vec(pixels, (b, 1, IMAGE_SIDE, IMAGE_SIDE), &self.device)?; // [b, 1, 28, 28]
-        let labels: Vec<u32> = labels_u8.iter().map(|&l| l as u32).collect();
-        let labels = Tensor::from_vec(labels, b, &self.device)?; // [b]
+        let labels = labels_to_tensor(&labels_u8, &self.device)?; // [b]
         Ok(Batch {
             images,
             labels,

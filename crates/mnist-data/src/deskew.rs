@@ -8,12 +8,19 @@
 
 use crate::{IMAGE_PIXELS, IMAGE_SIDE};
 
+/// Where the centre of mass is moved to: the image centre, between pixels 13 and 14 of each axis.
+pub const DESKEW_CENTRE: f32 = (IMAGE_SIDE as f32 - 1.0) / 2.0;
+
+/// A shape whose variance along y is under this share of its mass counts as flat: its slant is
+/// `cov(x, y)` over this floor instead (then clamped to [`MAX_SLANT`]).
+pub const FLAT_SHAPE: f64 = 1e-9;
+
 /// The largest slant corrected (in pixels of x per pixel of y); a steeper estimate comes from a shape
 /// with almost no height (a dash) and is clamped rather than smeared across the image.
 pub const MAX_SLANT: f32 = 1.0;
 
 /// The slant and centre of mass of a 28x28 image (`alpha`, `mx`, `my`); `None` for an image without
-/// mass. The slant is `cov(x, y) / max(var(y), 1e-9 * mass)`, clamped to [`MAX_SLANT`].
+/// mass. The slant is `cov(x, y) / max(var(y), FLAT_SHAPE * mass)`, clamped to [`MAX_SLANT`].
 pub fn slant(image: &[f32]) -> Option<(f32, f32, f32)> {
     let image = &image[..IMAGE_PIXELS];
     let (mut m, mut sx, mut sy) = (0f64, 0f64, 0f64);
@@ -34,7 +41,7 @@ pub fn slant(image: &[f32]) -> Option<(f32, f32, f32)> {
         cyy += dy * dy * v as f64;
     }
     // A shape with (almost) no height has no slant to speak of: its estimate is clamped below.
-    let alpha = cxy / cyy.max(1e-9 * m);
+    let alpha = cxy / cyy.max(FLAT_SHAPE * m);
     Some((
         (alpha as f32).clamp(-MAX_SLANT, MAX_SLANT),
         mx as f32,
@@ -50,7 +57,7 @@ pub fn deskew_into(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
         return;
     };
-    let c = (IMAGE_SIDE as f32 - 1.0) / 2.0;
+    let c = DESKEW_CENTRE;
     let n = IMAGE_SIDE as i32;
     let at = |x: i32, y: i32| -> f32 {
         if (0..n).contains(&x) && (0..n).contains(&y) {

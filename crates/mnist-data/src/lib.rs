@@ -35,14 +35,14 @@ pub use dataset::{
     load_dir, load_dir_without_test, Dataset, Mnist, Split, FILE_NAMES, TEST_IMAGES, TEST_LABELS,
     TRAIN_FILE_NAMES, TRAIN_IMAGES, TRAIN_LABELS,
 };
-pub use deskew::{deskew_into, slant, MAX_SLANT};
+pub use deskew::{deskew_into, slant, DESKEW_CENTRE, FLAT_SHAPE, MAX_SLANT};
 pub use elastic::{Displacement, ElasticConfig, DEFAULT_ELASTIC_SIGMA};
 pub use error::{DataError, Result};
 pub use idx::{
     parse_idx_images, parse_idx_labels, read_idx_images, read_idx_labels, write_idx_images,
     write_idx_labels, IMAGES_MAGIC, LABELS_MAGIC,
 };
-pub use mix::{BatchMix, EraseConfig, MixConfig, MixKind, Rect};
+pub use mix::{BatchMix, EraseConfig, MixConfig, MixKind, Rect, ERASE_AREA};
 pub use preprocess::{decode_mnist_image, load_mnist_image, to_mnist, ImageError, FIT_SIDE};
 pub use source::{save_tensors, DataSource, DEBIAN_FASHION_DIR};
 

@@ -21,8 +21,12 @@ use rand_distr::{Beta, Distribution};
 use crate::error::{DataError, Result};
 use crate::{IMAGE_PIXELS, IMAGE_SIDE};
 
+/// The erased rectangle's default share of the image (torchvision's); the smallest share is also the
+/// least `--erase-max-area` may set.
+pub const ERASE_AREA: (f32, f32) = (0.02, 0.33);
+
 fn default_area() -> (f32, f32) {
-    (0.02, 0.33)
+    ERASE_AREA
 }
 
 fn default_aspect() -> (f32, f32) {

@@ -30,7 +30,7 @@ pub fn summary(spec: &ArchSpec) -> Result<Summary, SpecError> {
     let deskew = spec.deskew.then(|| LayerSummary {
         name: "deskew".into(),
         kind: "Deskew".into(),
-        output_shape: vec![1, 28, 28],
+        output_shape: crate::plan::INPUT.to_vec(),
         params: 0,
         non_trainable: 0,
         weights_of: None,

@@ -196,7 +196,7 @@ impl Emit<'_> {
     /// outside the image get no weight, as zero padding.
     fn deskew(&mut self, x: String) -> String {
         let n = mnist_data::IMAGE_SIDE;
-        let c = (n as f32 - 1.0) / 2.0;
+        let c = mnist_data::DESKEW_CENTRE;
         let idx: Vec<f32> = (0..n).map(|i| i as f32).collect();
         let g = &mut self.graph;
         let col = g.initializer("deskew.col", vec![1, 1, 1, n], idx.clone()); // [1, 1, 1, 28]
@@ -210,7 +210,7 @@ impl Emit<'_> {
         let centre = scalar(g, "deskew.centre", c);
         let one = scalar(g, "deskew.one", 1.0);
         let tiny = scalar(g, "deskew.tiny", 1e-12);
-        let flat = scalar(g, "deskew.flat", 1e-9);
+        let flat = scalar(g, "deskew.flat", mnist_data::FLAT_SHAPE as f32);
         let (lo, hi) = (
             scalar(g, "deskew.min_slant", -mnist_data::MAX_SLANT),
             scalar(g, "deskew.max_slant", mnist_data::MAX_SLANT),

@@ -8,7 +8,7 @@ use candle_core::Device;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mnist_data::{
     DataSource, Dataset, ElasticConfig, EraseConfig, Interpolation, MixConfig, MixKind,
-    DEFAULT_ELASTIC_SIGMA,
+    DEFAULT_ELASTIC_SIGMA, ERASE_AREA,
 };
 use mnist_layers::Kernels;
 use mnist_models::{thousands, ArchSpec, Classifier, ModelConfig, Solution, Variant};
@@ -100,11 +100,8 @@ fn probability_f64(s: &str) -> std::result::Result<f64, String> {
 }
 
 fn erase_area_f64(s: &str) -> std::result::Result<f64, String> {
-    f64_where(
-        s,
-        |v| v > 0.02 && v <= 1.0,
-        "a share of the image in (0.02, 1]",
-    )
+    let want = format!("a share of the image in ({}, 1]", ERASE_AREA.0);
+    f64_where(s, |v| v > ERASE_AREA.0 as f64 && v <= 1.0, &want)
 }
 
 fn positive_usize(s: &str) -> std::result::Result<usize, String> {
