@@ -9,6 +9,7 @@ use rand::Rng;
 use crate::elastic::{Displacement, ElasticConfig};
 use crate::error::{DataError, Result};
 use crate::mix::{EraseConfig, MixConfig};
+use crate::stroke::ThicknessConfig;
 use crate::{IMAGE_PIXELS, IMAGE_SIDE};
 
 /// How much to perturb each training image. `Default` is off: no rotation, no shift, scale 1.
@@ -33,6 +34,9 @@ pub struct AugmentConfig {
     /// Mixup or CutMix of the images of each batch in pairs (`None`, the default, = off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mix: Option<MixConfig>,
+    /// Stroke thickness changed after the warp, before erasing (`None`, the default, = off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thickness: Option<ThicknessConfig>,
 }
 
 /// How [`warp_into_with`] samples the source image.
@@ -67,14 +71,19 @@ impl Default for AugmentConfig {
             elastic: None,
             erase: None,
             mix: None,
+            thickness: None,
         }
     }
 }
 
 impl AugmentConfig {
-    /// True when every draw leaves the images as they are (the default): no warp, erasing or mixing.
+    /// True when every draw leaves the images as they are (the default): no warp, thickness change,
+    /// erasing or mixing.
     pub fn is_identity(&self) -> bool {
-        !self.warps() && self.erase.is_none_or(|e| e.is_identity()) && self.mix.is_none()
+        !self.warps()
+            && self.thickness.is_none_or(|t| t.is_identity())
+            && self.erase.is_none_or(|e| e.is_identity())
+            && self.mix.is_none()
     }
 
     /// True when images are warped (an affine map or an elastic distortion that moves something).
@@ -96,7 +105,11 @@ impl AugmentConfig {
             elastic,
             erase,
             mix,
+            thickness,
         } = *self;
+        if let Some(t) = thickness {
+            t.validate()?;
+        }
         if let Some(e) = elastic {
             e.validate()?;
         }

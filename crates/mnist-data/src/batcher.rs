@@ -145,13 +145,14 @@ pub struct Batcher<'a> {
     device: Device,
 }
 
-/// An epoch's augmentation and its rngs: one for the warps, and one each for erasing and mixing when
-/// they are on (so turning either on leaves the warps' draws as they were).
+/// An epoch's augmentation and its rngs: one for the warps, and one each for erasing, mixing and the
+/// stroke thickness when they are on (so turning any on leaves the others' draws as they were).
 struct Augment {
     cfg: AugmentConfig,
     warp: ChaCha8Rng,
     erase: Option<ChaCha8Rng>,
     mix: Option<ChaCha8Rng>,
+    thickness: Option<ChaCha8Rng>,
 }
 
 impl<'a> Batcher<'a> {
@@ -187,11 +188,16 @@ impl<'a> Batcher<'a> {
                             .filter(|e| !e.is_identity())
                             .map(|_| ChaCha8Rng::from_rng(rng));
                         let mix = a.mix.map(|_| ChaCha8Rng::from_rng(rng));
+                        let thickness = a
+                            .thickness
+                            .filter(|t| !t.is_identity())
+                            .map(|_| ChaCha8Rng::from_rng(rng));
                         Some(Augment {
                             cfg: a,
                             warp,
                             erase,
                             mix,
+                            thickness,
                         })
                     }
                     _ => None,
@@ -234,6 +240,9 @@ impl<'a> Batcher<'a> {
             match &mut self.augment {
                 Some(a) => {
                     augment_into(src, dst, &a.cfg, &mut a.warp);
+                    if let (Some(t), Some(rng)) = (&a.cfg.thickness, &mut a.thickness) {
+                        t.apply(dst, rng);
+                    }
                     if let (Some(e), Some(rng)) = (&a.cfg.erase, &mut a.erase) {
                         e.apply(dst, rng);
                     }
@@ -587,10 +596,11 @@ mod tests {
         assert_eq!(l.to_vec1::<u32>().unwrap(), vec![3, 4]);
     }
 
-    /// Erasing and mixing draw from rngs of their own: the shuffle and the warps of an epoch stay those
-    /// of the same seed without them, so a candidate with either is paired image for image.
+    /// Erasing, mixing and the stroke thickness draw from rngs of their own: the shuffle and the warps of
+    /// an epoch stay those of the same seed without them, so a candidate with any is paired image for
+    /// image.
     #[test]
-    fn erasing_and_mixing_keep_the_shuffle_and_the_warps_of_the_seed() {
+    fn erasing_mixing_and_thickness_keep_the_shuffle_and_the_warps_of_the_seed() {
         // Images with structure, so warps and erasing show.
         let n = 40;
         let images: Vec<u8> = (0..n * 784)
@@ -635,6 +645,29 @@ mod tests {
             }
         }
         assert!(changed > n / 2, "{changed} of {n} images erased");
+
+        let thick = epoch(AugmentConfig {
+            thickness: Some(crate::ThicknessConfig::new(1.0)),
+            ..warp
+        });
+        let mut changed = 0;
+        for (t, b) in thick.iter().zip(&base) {
+            assert_eq!(t.labels_u8, b.labels_u8, "same shuffle");
+            for (img, want) in pixels(t).iter().zip(pixels(b)) {
+                // Every pixel lies between the warped image's erosion and its dilation.
+                let (mut lo, mut hi) = (want.clone(), want.clone());
+                crate::thicken(&mut lo, -1.0);
+                crate::thicken(&mut hi, 1.0);
+                for ((&v, &l), &h) in img.iter().zip(&lo).zip(&hi) {
+                    assert!(l - 1e-6 <= v && v <= h + 1e-6, "{l} <= {v} <= {h}");
+                }
+                changed += (img != &want) as usize;
+            }
+        }
+        assert!(
+            changed > n / 2,
+            "{changed} of {n} images thickened or thinned"
+        );
 
         let mixed = epoch(AugmentConfig {
             mix: Some(crate::MixConfig {

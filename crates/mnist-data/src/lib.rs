@@ -23,6 +23,7 @@ mod idx;
 mod mix;
 pub mod preprocess;
 mod source;
+mod stroke;
 
 pub use augment::{
     augment_into, warp_field_into, warp_into, warp_into_with, Affine, AugmentConfig, Interpolation,
@@ -45,6 +46,7 @@ pub use idx::{
 pub use mix::{BatchMix, EraseConfig, MixConfig, MixKind, Rect, ERASE_AREA};
 pub use preprocess::{decode_mnist_image, load_mnist_image, to_mnist, ImageError, FIT_SIDE};
 pub use source::{save_tensors, DataSource, DEBIAN_FASHION_DIR};
+pub use stroke::{thicken, ThicknessConfig};
 
 /// Side of an MNIST image, in pixels.
 pub const IMAGE_SIDE: usize = 28;

@@ -8,7 +8,7 @@ use candle_core::Device;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mnist_data::{
     DataSource, Dataset, ElasticConfig, EraseConfig, Interpolation, MixConfig, MixKind,
-    DEFAULT_ELASTIC_SIGMA, ERASE_AREA,
+    ThicknessConfig, DEFAULT_ELASTIC_SIGMA, ERASE_AREA,
 };
 use mnist_layers::Kernels;
 use mnist_models::{thousands, ArchSpec, Classifier, ModelConfig, Solution, Variant};
@@ -97,6 +97,10 @@ fn open_unit_f64(s: &str) -> std::result::Result<f64, String> {
 
 fn probability_f64(s: &str) -> std::result::Result<f64, String> {
     f64_where(s, |v| (0.0..=1.0).contains(&v), "a probability in [0, 1]")
+}
+
+fn share_f64(s: &str) -> std::result::Result<f64, String> {
+    f64_where(s, |v| (0.0..=1.0).contains(&v), "a share in [0, 1]")
 }
 
 fn erase_area_f64(s: &str) -> std::result::Result<f64, String> {
@@ -258,6 +262,11 @@ struct TrainArgs {
     /// [default: 0.33].
     #[arg(long, value_name = "A", requires = "erase", allow_negative_numbers = true, value_parser = erase_area_f64)]
     erase_max_area: Option<f64>,
+    /// Augmentation: stroke thickness (Bengio et al. 2011): each training image blended with its
+    /// dilation or erosion by one pixel, by a share drawn uniformly in [-T, T], T in [0, 1], 0 = off
+    /// (turns augmentation on) [recipe: off].
+    #[arg(long, value_name = "T", conflicts_with = "no_augment", allow_negative_numbers = true, value_parser = share_f64)]
+    thickness: Option<f64>,
     /// Augmentation: mixup (Zhang et al. 2018): each training image blended with another of its batch,
     /// the share drawn from Beta(ALPHA, ALPHA) once a batch, the loss weighing both labels by it (turns
     /// augmentation on) [recipe: off].
@@ -333,7 +342,7 @@ struct TrainArgs {
             "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "warmup_fraction", "cycle_momentum", "augment", "no_augment",
             "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
             "optimizer", "momentum", "no_nesterov", "beta2", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
-            "erase", "erase_max_area", "mixup", "cutmix",
+            "erase", "erase_max_area", "mixup", "cutmix", "thickness",
             "teacher", "distill_temperature", "distill_weight", "precise_bn", "sam", "sam_adaptive",
             "grad_centralization", "lookahead", "lookahead_alpha", "ghost_batch",
         ]
@@ -609,6 +618,7 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
         || args.interpolation.is_some()
         || args.elastic.is_some()
         || args.erase.is_some()
+        || args.thickness.is_some()
         || args.mixup.is_some()
         || args.cutmix.is_some();
     if (args.augment || custom_augment) && cfg.augment.is_none() {
@@ -643,6 +653,10 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
                 }
                 e
             });
+        }
+        if let Some(t) = args.thickness {
+            // Zero changes nothing: the same run as no thickness change.
+            aug.thickness = (t > 0.0).then(|| ThicknessConfig::new(t as f32));
         }
         let mix = |kind, alpha: f64| MixConfig {
             kind,
