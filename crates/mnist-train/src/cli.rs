@@ -99,6 +99,10 @@ fn probability_f64(s: &str) -> std::result::Result<f64, String> {
     f64_where(s, |v| (0.0..=1.0).contains(&v), "a probability in [0, 1]")
 }
 
+fn poly_f64(s: &str) -> std::result::Result<f64, String> {
+    f64_where(s, |v| v.is_finite() && v >= -1.0, "a number of at least -1")
+}
+
 fn share_f64(s: &str) -> std::result::Result<f64, String> {
     f64_where(s, |v| (0.0..=1.0).contains(&v), "a share in [0, 1]")
 }
@@ -308,6 +312,10 @@ struct TrainArgs {
     /// Label smoothing of the training loss, in [0, 1) [recipe: 0].
     #[arg(long, value_name = "EPS", allow_negative_numbers = true, value_parser = smoothing_f64)]
     label_smoothing: Option<f64>,
+    /// Poly-1 loss (Leng et al. 2022): the training loss adds EPS * (1 - p_label), EPS at least -1
+    /// [recipe: 0].
+    #[arg(long, value_name = "EPS", allow_negative_numbers = true, value_parser = poly_f64)]
+    poly_loss: Option<f64>,
     /// Seed of every random draw (weights, dropout, shuffles, augmentation).
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -340,7 +348,7 @@ struct TrainArgs {
         value_name = "DIR",
         conflicts_with_all = [
             "variant", "arch", "batch_size", "lr", "weight_decay", "schedule", "plateau_factor", "warmup_fraction", "cycle_momentum", "augment", "no_augment",
-            "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
+            "rotate", "shift", "scale", "interpolation", "clean_epochs", "label_smoothing", "poly_loss", "seed", "overwrite", "out", "limit_train", "kernels", "dataset", "no_test",
             "optimizer", "momentum", "no_nesterov", "beta2", "ema", "no_ema_warmup", "elastic", "elastic_sigma",
             "erase", "erase_max_area", "mixup", "cutmix", "thickness",
             "teacher", "distill_temperature", "distill_weight", "precise_bn", "sam", "sam_adaptive",
@@ -674,6 +682,9 @@ fn train_config(solution: Solution, args: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(eps) = args.label_smoothing {
         cfg.label_smoothing = eps;
+    }
+    if let Some(eps) = args.poly_loss {
+        cfg.poly_loss = eps;
     }
     if args.precise_bn {
         cfg.precise_bn = true;

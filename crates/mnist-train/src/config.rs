@@ -38,6 +38,11 @@ pub struct TrainConfig {
     /// Validation and test losses are always plain cross-entropy.
     #[serde(default)]
     pub label_smoothing: f64,
+    /// Poly-1 loss (Leng et al., "PolyLoss: A Polynomial Expansion Perspective of Classification Loss
+    /// Functions", ICLR 2022): the training loss adds `eps * (1 - p_label)`, the first term of
+    /// cross-entropy's expansion weighted up (`eps > 0`) or down (`eps < 0`, at least -1). 0 = off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub poly_loss: f64,
     /// An exponential moving average of every model variable (weights and BatchNorm statistics),
     /// updated after each optimizer step; when set, validation, the test and `model.safetensors` use the
     /// average (the checkpoint keeps the raw weights too). `None` (the default) = off.
@@ -100,6 +105,7 @@ impl TrainConfig {
                 augment: None,
                 clean_epochs: 0,
                 label_smoothing: 0.0,
+                poly_loss: 0.0,
                 ema: None,
                 precise_bn: false,
                 sam: None,
@@ -146,6 +152,7 @@ impl TrainConfig {
                         Solution::Conv => 0,
                     },
                     label_smoothing: 0.0,
+                    poly_loss: 0.0,
                     ema: None,
                     precise_bn: false,
                     sam: None,
@@ -238,6 +245,12 @@ impl TrainConfig {
                 self.label_smoothing
             )));
         }
+        if !(self.poly_loss.is_finite() && self.poly_loss >= -1.0) {
+            return Err(TrainError::Config(format!(
+                "--poly-loss {} must be a number of at least -1",
+                self.poly_loss
+            )));
+        }
         if let Some(distill) = &self.distill {
             distill.validate()?;
         }
@@ -247,6 +260,10 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// Where a run writes its outputs by default: `runs/<solution>-<variant>-seed<seed>`.

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::distill::{soft_kl_divergence, Teachers};
-use crate::loss::smoothed_cross_entropy;
+use crate::loss::training_loss;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::loss::cross_entropy;
 use mnist_data::{batches, epoch_rng, to_tensor, with_prefetch, BatcherConfig, Mnist, Split};
@@ -405,9 +405,10 @@ pub fn fit_with(
                 .partner_labels()?
                 .zip(batch.mix.as_ref().map(|m| m.lam as f64));
             let loss_of = |logits: &Tensor| -> candle_core::Result<Tensor> {
-                let mut loss = smoothed_cross_entropy(logits, &batch.labels, cfg.label_smoothing)?;
+                let of = |labels| training_loss(logits, labels, cfg.label_smoothing, cfg.poly_loss);
+                let mut loss = of(&batch.labels)?;
                 if let Some((partner, lam)) = &mixed {
-                    let other = smoothed_cross_entropy(logits, partner, cfg.label_smoothing)?;
+                    let other = of(partner)?;
                     loss = ((loss * *lam)? + (other * (1.0 - lam))?)?;
                 }
                 if let (Some(soft), Some((_, d))) = (&soft, &teachers) {
@@ -624,6 +625,22 @@ mod tests {
                 c.validate().is_err(),
                 "label smoothing {bad} must be rejected"
             );
+        }
+    }
+
+    #[test]
+    fn poly_loss_changes_training_and_is_validated() {
+        let data = tiny_data(48);
+        let mut poly = cfg(1);
+        poly.poly_loss = 1.0;
+        let (w_plain, _) = train(&cfg(1), &data);
+        let (w_poly, h_poly) = train(&poly, &data);
+        assert_ne!(w_plain, w_poly, "the Poly-1 term has a gradient");
+        assert!(h_poly[0].loss.is_finite());
+        for bad in [-1.5, f64::NAN, f64::INFINITY] {
+            let mut c = cfg(1);
+            c.poly_loss = bad;
+            assert!(c.validate().is_err(), "poly loss {bad} must be rejected");
         }
     }
 
