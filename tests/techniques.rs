@@ -2,8 +2,8 @@
 //! momentum (`--optimizer sgd`), elastic distortion (`--elastic`), precise BatchNorm (`--precise-bn`),
 //! sharpness-aware minimisation (`--sam`), gradient centralization (`--grad-centralization`), Lookahead
 //! (`--lookahead`), ghost BatchNorm (`--ghost-batch`), random erasing (`--erase`), mixup and CutMix
-//! (`--mixup`, `--cutmix`) and test-time
-//! augmentation (`evaluate --tta`). Each flag is accepted, lands in config.json, survives `train --resume` bit for bit,
+//! (`--mixup`, `--cutmix`), stroke thickness (`--thickness`), the Poly-1 loss (`--poly-loss`) and
+//! test-time augmentation (`evaluate --tta`). Each flag is accepted, lands in config.json, survives `train --resume` bit for bit,
 //! and bad values are refused with exit code 2 naming the flag.
 
 mod common;
@@ -348,6 +348,38 @@ fn erasing_and_mixing_are_stored_and_resume_bit_for_bit() {
     assert!(config["augment"].get("mix").is_none(), "{config}");
 }
 
+#[test]
+fn thickness_and_poly_loss_are_stored_change_training_and_resume_bit_for_bit() {
+    if mnist_dir_if_present().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = straight_and_resumed_agree(tmp.path(), "thick", &["--thickness", "0.5"]);
+    // Like --erase, it turns augmentation on: the improved recipe's affine ranges plus it.
+    assert_eq!(config["augment"]["max_rotation_deg"], 10.0);
+    assert_eq!(config["augment"]["thickness"]["max"], 0.5);
+    let config = straight_and_resumed_agree(tmp.path(), "poly", &["--poly-loss", "1"]);
+    assert_eq!(config["poly_loss"], 1.0);
+    let plain = plain_run_trains_otherwise(tmp.path(), "poly");
+    assert!(plain.get("poly_loss").is_none(), "{plain}");
+    let (a, b) = (
+        tensors(&tmp.path().join("plain/model.safetensors")),
+        tensors(&tmp.path().join("thick-2/model.safetensors")),
+    );
+    assert!(
+        a.iter().any(|(t, bits)| bits != &b[t]),
+        "thickness trains otherwise"
+    );
+    // Zero changes nothing: nothing is stored.
+    let config = short_run(
+        tmp.path(),
+        "zero",
+        &["--thickness", "0", "--poly-loss", "0"],
+    );
+    assert!(config["augment"].get("thickness").is_none(), "{config}");
+    assert!(config.get("poly_loss").is_none(), "{config}");
+}
+
 /// Distillation runs the teacher's forward pass on the prefetch thread while training runs on the rayon
 /// pool: with one thread (`RAYON_NUM_THREADS=1`, what `sweep --jobs` gives each run on a machine with as
 /// many cores as jobs) the teacher's parallel loops need the training thread's worker, which must not
@@ -474,6 +506,13 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         (&["--mixup", "0.2", "--cutmix", "1"], "--mixup"),
         (&["--cutmix", "0"], "--cutmix"),
         (&["--cutmix", "1", "--no-augment"], "--cutmix"),
+        (&["--thickness", "1.5"], "--thickness"),
+        (&["--thickness", "-0.5"], "--thickness"),
+        (&["--thickness", "nan"], "--thickness"),
+        (&["--thickness", "0.5", "--no-augment"], "--thickness"),
+        (&["--poly-loss", "-2"], "--poly-loss"),
+        (&["--poly-loss", "inf"], "--poly-loss"),
+        (&["--poly-loss", "much"], "--poly-loss"),
     ] {
         let out = run_owned(BIN, &train_args("improved", "1", "100", &out_dir, args));
         let err = String::from_utf8_lossy(&out.stderr);
@@ -490,6 +529,8 @@ fn bad_values_are_refused_with_exit_2_naming_the_flag() {
         &["--erase", "0.5"],
         &["--mixup", "0.2"],
         &["--cutmix", "1"],
+        &["--thickness", "0.5"],
+        &["--poly-loss", "1"],
         &["--precise-bn"],
         &["--sam", "0.05"],
         &["--grad-centralization"],
