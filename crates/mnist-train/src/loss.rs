@@ -73,32 +73,49 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn smoothed_loss_and_gradient_match_the_closed_form() -> Result<()> {
+    /// Checks `loss` of `inputs()` and its gradient against `want`, which maps one row's softmax `p`
+    /// and label `t` to that row's loss and its gradient by the row's logits (both before the mean over
+    /// the batch).
+    fn matches_closed_form(
+        loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        want: impl Fn(&[f64], usize) -> (f64, Vec<f64>),
+    ) -> Result<()> {
         let (logits, labels) = inputs()?;
-        let eps = 0.1;
-        let loss = smoothed_cross_entropy(&logits, &labels, eps)?;
+        let loss = loss(&logits, &labels)?;
         let grad = loss.backward()?;
         let g = grad.get(&logits).expect("gradient").to_vec2::<f32>()?;
         let x = logits.as_tensor().to_vec2::<f32>()?;
         let y = labels.to_vec1::<u32>()?;
-        let (b, k) = (x.len(), x[0].len());
+        let b = x.len() as f64;
         let mut want_loss = 0.0f64;
-        for i in 0..b {
-            let m = x[i].iter().cloned().fold(f32::MIN, f32::max) as f64;
-            let z: f64 = x[i].iter().map(|&v| (v as f64 - m).exp()).sum();
-            for j in 0..k {
-                let log_p = x[i][j] as f64 - m - z.ln();
-                let target = eps / k as f64 + if j == y[i] as usize { 1.0 - eps } else { 0.0 };
-                want_loss -= target * log_p / b as f64;
-                // d loss / d logit = (softmax - target) / b
-                let want_g = (log_p.exp() - target) / b as f64;
-                assert!((g[i][j] as f64 - want_g).abs() < 1e-6, "grad[{i}][{j}]");
+        for (i, row) in x.iter().enumerate() {
+            let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+            let p: Vec<f64> = row.iter().map(|&v| (v as f64 - m).exp() / z).collect();
+            let (l, dx) = want(&p, y[i] as usize);
+            want_loss += l / b;
+            for (j, d) in dx.iter().enumerate() {
+                assert!((g[i][j] as f64 - d / b).abs() < 1e-6, "grad[{i}][{j}]");
             }
         }
         let got = loss.to_scalar::<f32>()? as f64;
         assert!((got - want_loss).abs() < 1e-6, "{got} vs {want_loss}");
         Ok(())
+    }
+
+    #[test]
+    fn smoothed_loss_and_gradient_match_the_closed_form() -> Result<()> {
+        let eps = 0.1;
+        matches_closed_form(
+            |x, y| smoothed_cross_entropy(x, y, eps),
+            |p, t| {
+                let k = p.len() as f64;
+                let target = |j: usize| eps / k + if j == t { 1.0 - eps } else { 0.0 };
+                let loss = -(0..p.len()).map(|j| target(j) * p[j].ln()).sum::<f64>();
+                // d loss / d logit = softmax - target
+                (loss, (0..p.len()).map(|j| p[j] - target(j)).collect())
+            },
+        )
     }
 
     #[test]
@@ -108,28 +125,17 @@ mod tests {
         let b = cross_entropy(&logits, &labels)?.to_scalar::<f32>()?;
         assert_eq!(a, b, "no Poly-1 term: plain cross-entropy");
         let eps = 2.0;
-        let loss = training_loss(&logits, &labels, 0.0, eps)?;
-        let grad = loss.backward()?;
-        let g = grad.get(&logits).expect("gradient").to_vec2::<f32>()?;
-        let x = logits.as_tensor().to_vec2::<f32>()?;
-        let y = labels.to_vec1::<u32>()?;
-        let (b, k) = (x.len(), x[0].len());
-        let mut want_loss = 0.0f64;
-        for i in 0..b {
-            let m = x[i].iter().cloned().fold(f32::MIN, f32::max) as f64;
-            let z: f64 = x[i].iter().map(|&v| (v as f64 - m).exp()).sum();
-            let p: Vec<f64> = x[i].iter().map(|&v| (v as f64 - m).exp() / z).collect();
-            let t = y[i] as usize;
-            want_loss += (-p[t].ln() + eps * (1.0 - p[t])) / b as f64;
-            for j in 0..k {
-                let onehot = if j == t { 1.0 } else { 0.0 };
+        matches_closed_form(
+            |x, y| training_loss(x, y, 0.0, eps),
+            |p, t| {
+                let onehot = |j: usize| if j == t { 1.0 } else { 0.0 };
+                let loss = -p[t].ln() + eps * (1.0 - p[t]);
                 // d CE / d x_j = p_j - 1[j = t]; d (1 - p_t) / d x_j = -p_t (1[j = t] - p_j)
-                let want_g = ((p[j] - onehot) - eps * p[t] * (onehot - p[j])) / b as f64;
-                assert!((g[i][j] as f64 - want_g).abs() < 1e-6, "grad[{i}][{j}]");
-            }
-        }
-        let got = loss.to_scalar::<f32>()? as f64;
-        assert!((got - want_loss).abs() < 1e-6, "{got} vs {want_loss}");
-        Ok(())
+                let dx = (0..p.len())
+                    .map(|j| (p[j] - onehot(j)) - eps * p[t] * (onehot(j) - p[j]))
+                    .collect();
+                (loss, dx)
+            },
+        )
     }
 }
