@@ -139,6 +139,7 @@ const TABLE: [Pinned; 6] = [
         Variant::Improved,
         (3066, 2842, 224),
         &[
+            ("deskew", &[1, 28, 28], 0),
             ("inception.branch0.0", &[4, 28, 28], 8),
             ("inception.branch1.0", &[6, 28, 28], 60),
             ("inception.branch2.0", &[4, 28, 28], 104),
