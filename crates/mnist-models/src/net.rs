@@ -549,10 +549,16 @@ mod tests {
             for x in [images(7), images(8).narrow(0, 0, 1).unwrap(), many] {
                 let stacked = n.forward_t(&x, false).unwrap();
                 let mut kept = Vec::new();
+                // The deskewing is the net's input transform, before its stages.
+                let input = if spec.deskew {
+                    deskew(&x).unwrap()
+                } else {
+                    x.clone()
+                };
                 let one_by_one = n
                     .stages
                     .iter()
-                    .try_fold(x.clone(), |ys, s| s.forward_t(&ys, false, &mut kept))
+                    .try_fold(input, |ys, s| s.forward_t(&ys, false, &mut kept))
                     .unwrap();
                 assert_eq!(flat(&stacked), flat(&one_by_one), "{}", spec.name);
             }
