@@ -631,39 +631,43 @@ mod tests {
             .iter()
             .all(|b| b.mix.is_none() && b.partner_labels().unwrap().is_none()));
 
+        // Each image of `got` against the same image of the base epoch (same shuffle): `check` of
+        // (image, warped image); how many images changed.
+        let changed_images = |got: &[Batch], check: &dyn Fn(&[f32], &[f32])| -> usize {
+            let mut changed = 0;
+            for (g, b) in got.iter().zip(&base) {
+                assert_eq!(g.labels_u8, b.labels_u8, "same shuffle");
+                for (img, want) in pixels(g).iter().zip(pixels(b)) {
+                    check(img, &want);
+                    changed += (img != &want) as usize;
+                }
+            }
+            changed
+        };
+
         let erased = epoch(AugmentConfig {
             erase: Some(crate::EraseConfig::new(1.0)),
             ..warp
         });
-        let mut changed = 0;
-        for (e, b) in erased.iter().zip(&base) {
-            assert_eq!(e.labels_u8, b.labels_u8, "same shuffle");
-            for (img, want) in pixels(e).iter().zip(pixels(b)) {
-                // Every pixel is the warped one or erased to 0.
-                assert!(img.iter().zip(&want).all(|(&v, &w)| v == w || v == 0.0));
-                changed += (img != &want) as usize;
-            }
-        }
+        let changed = changed_images(&erased, &|img, want| {
+            // Every pixel is the warped one or erased to 0.
+            assert!(img.iter().zip(want).all(|(&v, &w)| v == w || v == 0.0));
+        });
         assert!(changed > n / 2, "{changed} of {n} images erased");
 
         let thick = epoch(AugmentConfig {
             thickness: Some(crate::ThicknessConfig::new(1.0)),
             ..warp
         });
-        let mut changed = 0;
-        for (t, b) in thick.iter().zip(&base) {
-            assert_eq!(t.labels_u8, b.labels_u8, "same shuffle");
-            for (img, want) in pixels(t).iter().zip(pixels(b)) {
-                // Every pixel lies between the warped image's erosion and its dilation.
-                let (mut lo, mut hi) = (want.clone(), want.clone());
-                crate::thicken(&mut lo, -1.0);
-                crate::thicken(&mut hi, 1.0);
-                for ((&v, &l), &h) in img.iter().zip(&lo).zip(&hi) {
-                    assert!(l - 1e-6 <= v && v <= h + 1e-6, "{l} <= {v} <= {h}");
-                }
-                changed += (img != &want) as usize;
+        let changed = changed_images(&thick, &|img, want| {
+            // Every pixel lies between the warped image's erosion and its dilation.
+            let (mut lo, mut hi) = (want.to_vec(), want.to_vec());
+            crate::thicken(&mut lo, -1.0);
+            crate::thicken(&mut hi, 1.0);
+            for ((&v, &l), &h) in img.iter().zip(&lo).zip(&hi) {
+                assert!(l - 1e-6 <= v && v <= h + 1e-6, "{l} <= {v} <= {h}");
             }
-        }
+        });
         assert!(
             changed > n / 2,
             "{changed} of {n} images thickened or thinned"

@@ -6,7 +6,7 @@
 //! makes the digit upright and moves its centre of mass `(mx, my)` to the image centre `c` (bilinear,
 //! zero outside).
 
-use crate::{IMAGE_PIXELS, IMAGE_SIDE};
+use crate::{pixel_or_zero, IMAGE_PIXELS, IMAGE_SIDE};
 
 /// Where the centre of mass is moved to: the image centre, between pixels 13 and 14 of each axis.
 pub const DESKEW_CENTRE: f32 = (IMAGE_SIDE as f32 - 1.0) / 2.0;
@@ -58,14 +58,7 @@ pub fn deskew_into(src: &[f32], dst: &mut [f32]) {
         return;
     };
     let c = DESKEW_CENTRE;
-    let n = IMAGE_SIDE as i32;
-    let at = |x: i32, y: i32| -> f32 {
-        if (0..n).contains(&x) && (0..n).contains(&y) {
-            src[y as usize * IMAGE_SIDE + x as usize]
-        } else {
-            0.0
-        }
-    };
+    let at = |x: i32, y: i32| pixel_or_zero(src, x, y);
     for (i, d) in dst.iter_mut().enumerate() {
         let (xo, yo) = ((i % IMAGE_SIDE) as f32, (i / IMAGE_SIDE) as f32);
         let xi = xo + alpha * (yo - c) + (mx - c);

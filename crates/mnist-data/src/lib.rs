@@ -52,6 +52,16 @@ pub use stroke::{thicken, ThicknessConfig};
 pub const IMAGE_SIDE: usize = 28;
 /// Pixels per image (28 * 28).
 pub const IMAGE_PIXELS: usize = IMAGE_SIDE * IMAGE_SIDE;
+
+/// Pixel `(x, y)` of a 28x28 image, or the background (0) outside it.
+pub(crate) fn pixel_or_zero(image: &[f32], x: i32, y: i32) -> f32 {
+    let n = IMAGE_SIDE as i32;
+    if (0..n).contains(&x) && (0..n).contains(&y) {
+        image[y as usize * IMAGE_SIDE + x as usize]
+    } else {
+        0.0
+    }
+}
 /// Number of classes.
 pub const NUM_CLASSES: usize = 10;
 /// Examples held out from the end of the 60,000-example training file for validation.

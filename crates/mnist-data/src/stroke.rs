@@ -8,7 +8,7 @@
 use rand::Rng;
 
 use crate::error::{DataError, Result};
-use crate::{IMAGE_PIXELS, IMAGE_SIDE};
+use crate::{pixel_or_zero, IMAGE_PIXELS, IMAGE_SIDE};
 
 /// Stroke thickness: each image is blended with its dilation or erosion by a share `t` drawn uniformly in
 /// `[-max, max]` (`t > 0` thickens, `t < 0` thins; `|t| = 1` is the whole dilation or erosion by one
@@ -57,29 +57,19 @@ pub fn thicken(image: &mut [f32], t: f32) {
         return;
     }
     let src: [f32; IMAGE_PIXELS] = image.try_into().expect("a 28x28 image");
-    let n = IMAGE_SIDE;
     let share = t.abs();
     let grow = t > 0.0;
-    for y in 0..n {
-        for x in 0..n {
-            let at = |yy: Option<usize>, xx: Option<usize>| match (yy, xx) {
-                (Some(yy), Some(xx)) if yy < n && xx < n => src[yy * n + xx],
-                _ => 0.0,
-            };
-            let c = src[y * n + x];
-            let ring = [
-                at(y.checked_sub(1), Some(x)),
-                at(Some(y + 1), Some(x)),
-                at(Some(y), x.checked_sub(1)),
-                at(Some(y), Some(x + 1)),
-            ];
-            let m = if grow {
-                ring.iter().fold(c, |a, &b| a.max(b))
-            } else {
-                ring.iter().fold(c, |a, &b| a.min(b))
-            };
-            image[y * n + x] = c + share * (m - c);
-        }
+    for (i, out) in image.iter_mut().enumerate() {
+        let (x, y) = ((i % IMAGE_SIDE) as i32, (i / IMAGE_SIDE) as i32);
+        let ring =
+            [(0, -1), (0, 1), (-1, 0), (1, 0)].map(|(dx, dy)| pixel_or_zero(&src, x + dx, y + dy));
+        let c = src[i];
+        let m = if grow {
+            ring.iter().fold(c, |a, &b| a.max(b))
+        } else {
+            ring.iter().fold(c, |a, &b| a.min(b))
+        };
+        *out = c + share * (m - c);
     }
 }
 

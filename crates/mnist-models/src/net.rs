@@ -315,7 +315,8 @@ impl Net {
 /// with no parameters, so no gradient flows through it.
 fn deskew(xs: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = xs.dims4()?;
-    if (c, h * w) != (1, mnist_data::IMAGE_PIXELS) {
+    let side = mnist_data::IMAGE_SIDE;
+    if (c, h, w) != (1, side, side) {
         candle_core::bail!("deskew: images must be [b, 1, 28, 28], got {:?}", xs.dims());
     }
     use rayon::prelude::*;

@@ -243,7 +243,8 @@ impl Emit<'_> {
         let cyy = op(g, "Max", "deskew.cyy_or_floor", &cyy, &floor);
         let alpha = op(g, "Div", "deskew.slant", &cxy, &cyy);
         let alpha = g.node("Clip", "deskew.slant_clamped", vec![alpha, lo, hi], vec![]); // [N, 1, 1, 1]
-                                                                                         // Rows: output row i reads the source rows about i + (my - c).
+
+        // Rows: output row i reads the source rows about i + (my - c).
         let dyo = op(g, "Sub", "deskew.row_shift", &my, &centre);
         let src_row = op(g, "Add", "deskew.source_row", &row, &dyo); // [N, 1, 28, 1]
         let hat = |g: &mut Graph, name: &str, target: &str, source: &str| {
@@ -254,7 +255,8 @@ impl Emit<'_> {
         };
         let v = hat(g, "deskew.rows", &col, &src_row); // [N, 1, 28 out, 28 source]
         let t = op(g, "MatMul", "deskew.rows_sampled", &v, &x); // [N, 1, 28, 28]
-                                                                // Columns: output column x of row y reads the source columns about x + s[y].
+
+        // Columns: output column x of row y reads the source columns about x + s[y].
         let shear = op(g, "Mul", "deskew.shear", &alpha, &row_c);
         let dxo = op(g, "Sub", "deskew.col_shift", &mx, &centre);
         let s = op(g, "Add", "deskew.source_shift", &shear, &dxo); // [N, 1, 28, 1]

@@ -20,7 +20,8 @@ use mnist_optim::{
 use crate::{
     default_run_dir, evaluate, load_checkpoint, read_json, run_training_with, Checkpoint,
     DistillConfig, Interrupt, LogReporter, ProgressReporter, Reporter, RunOptions, TeacherRef,
-    TrainConfig, TrainError, CHECKPOINT_FILE, CONFIG_FILE, INTERRUPTED_EXIT_CODE, RESULTS_FILE,
+    TrainConfig, TrainError, CHECKPOINT_FILE, CONFIG_FILE, INTERRUPTED_EXIT_CODE, MIN_POLY_LOSS,
+    RESULTS_FILE,
 };
 
 #[derive(Parser, Debug)]
@@ -100,7 +101,8 @@ fn probability_f64(s: &str) -> std::result::Result<f64, String> {
 }
 
 fn poly_f64(s: &str) -> std::result::Result<f64, String> {
-    f64_where(s, |v| v.is_finite() && v >= -1.0, "a number of at least -1")
+    let want = format!("a number of at least {MIN_POLY_LOSS}");
+    f64_where(s, |v| v.is_finite() && v >= MIN_POLY_LOSS, &want)
 }
 
 fn share_f64(s: &str) -> std::result::Result<f64, String> {

@@ -245,9 +245,9 @@ impl TrainConfig {
                 self.label_smoothing
             )));
         }
-        if !(self.poly_loss.is_finite() && self.poly_loss >= -1.0) {
+        if !(self.poly_loss.is_finite() && self.poly_loss >= MIN_POLY_LOSS) {
             return Err(TrainError::Config(format!(
-                "--poly-loss {} must be a number of at least -1",
+                "--poly-loss {} must be a number of at least {MIN_POLY_LOSS}",
                 self.poly_loss
             )));
         }
@@ -261,6 +261,10 @@ impl TrainConfig {
         Ok(())
     }
 }
+
+/// The least Poly-1 weight (`--poly-loss`): at -1 the loss's first term cancels the linear term of
+/// cross-entropy's expansion, below it the loss is no longer bounded below by zero.
+pub const MIN_POLY_LOSS: f64 = -1.0;
 
 fn is_zero(v: &f64) -> bool {
     *v == 0.0

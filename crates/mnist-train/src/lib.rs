@@ -25,7 +25,7 @@ use mnist_data::Mnist;
 pub use checkpoint::{
     load_checkpoint, save_checkpoint, Checkpoint, RngState, RunOptions, CHECKPOINT_FILE,
 };
-pub use config::{default_run_dir, TrainConfig};
+pub use config::{default_run_dir, TrainConfig, MIN_POLY_LOSS};
 pub use distill::{DistillConfig, TeacherRef, Teachers};
 pub use fit::{
     evaluate, fit, fit_with, EpochEnd, EpochRecord, Evaluation, FitControl, OnEpoch, ResumeState,
