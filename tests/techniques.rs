@@ -95,15 +95,21 @@ fn plain_run_trains_otherwise(tmp: &Path, name: &str) -> serde_json::Value {
         &run_owned(BIN, &train_args("seed", "2", LIMIT, &plain, &[])),
         "plain",
     );
+    trained_otherwise(tmp, name);
+    read_json(&plain.join("config.json"))
+}
+
+/// Checks that the `{name}-2` run's weights differ from those of the plain run of
+/// [`plain_run_trains_otherwise`] in `tmp`.
+fn trained_otherwise(tmp: &Path, name: &str) {
     let (a, b) = (
-        tensors(&plain.join("model.safetensors")),
+        tensors(&tmp.join("plain").join("model.safetensors")),
         tensors(&tmp.join(format!("{name}-2")).join("model.safetensors")),
     );
     assert!(
         a.iter().any(|(tensor, bits)| bits != &b[tensor]),
         "{name} trains otherwise"
     );
-    read_json(&plain.join("config.json"))
 }
 
 #[test]
@@ -362,14 +368,7 @@ fn thickness_and_poly_loss_are_stored_change_training_and_resume_bit_for_bit() {
     assert_eq!(config["poly_loss"], 1.0);
     let plain = plain_run_trains_otherwise(tmp.path(), "poly");
     assert!(plain.get("poly_loss").is_none(), "{plain}");
-    let (a, b) = (
-        tensors(&tmp.path().join("plain/model.safetensors")),
-        tensors(&tmp.path().join("thick-2/model.safetensors")),
-    );
-    assert!(
-        a.iter().any(|(t, bits)| bits != &b[t]),
-        "thickness trains otherwise"
-    );
+    trained_otherwise(tmp.path(), "thick");
     // Zero changes nothing: nothing is stored.
     let config = short_run(
         tmp.path(),
